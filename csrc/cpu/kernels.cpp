@@ -1,0 +1,331 @@
+// CPU kernels of the fusedclip operators: one at::parallel_for over the chunks of a TensorTable,
+// vectorized with at::vec, float32 accumulation (float64 for float64 tensors) per segment, and
+// segment partials combined in a fixed order in float64.
+#include "vec_config.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "tensor_table.h"
+
+namespace fusedclip::cpu {
+namespace {
+
+using at::vec::Vectorized;
+
+// ---------------------------------------------------------------------------------------------
+// Loading and storing blocks of four accumulator-type vectors.
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// A block is four vectors of the accumulator type: four independent accumulators keep the FMA
+// and add pipelines busy. Half and BFloat16 load two vectors and widen each to two float vectors.
+template <typename scalar_t>
+struct Block {
+  using acc_t = acc_type<scalar_t>;
+  using AccVec = Vectorized<acc_t>;
+  static constexpr int64_t kSize = 4 * AccVec::size();
+
+  static void load(const scalar_t* p, AccVec (&v)[4]) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (int k = 0; k < 4; ++k) v[k] = AccVec::loadu(p + k * AccVec::size());
+    } else {
+      using LowVec = Vectorized<scalar_t>;
+      std::tie(v[0], v[1]) = at::vec::convert_to_float<scalar_t>(LowVec::loadu(p));
+      std::tie(v[2], v[3]) = at::vec::convert_to_float<scalar_t>(LowVec::loadu(p + LowVec::size()));
+    }
+  }
+
+  static void store(scalar_t* p, const AccVec (&v)[4]) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (int k = 0; k < 4; ++k) v[k].store(p + k * AccVec::size());
+    } else {
+      using LowVec = Vectorized<scalar_t>;
+      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p);
+      at::vec::convert_from_float<scalar_t>(v[2], v[3]).store(p + LowVec::size());
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Norm statistics. Each reduction gives the identity, the vector and scalar steps, and the
+// combination of two partials; max and min propagate nan (IEEE maximum/minimum), which plain
+// max/min instructions do not.
+// ---------------------------------------------------------------------------------------------
+
+enum class NormKind { kAbsSum, kSquareSum, kPowerSum, kMax, kMin, kCount };
+
+template <typename T>
+T nan_max(T a, T b) { return (std::isnan(b) || b > a) ? b : a; }
+template <typename T>
+T nan_min(T a, T b) { return (std::isnan(b) || b < a) ? b : a; }
+
+template <NormKind kind, typename T>
+T identity() {
+  return kind == NormKind::kMin ? std::numeric_limits<T>::infinity() : T(0);
+}
+
+template <NormKind kind, typename T>
+T combine(T a, T b) {
+  if constexpr (kind == NormKind::kMax) return nan_max(a, b);
+  else if constexpr (kind == NormKind::kMin) return nan_min(a, b);
+  else return a + b;
+}
+
+// The contribution of one element, already widened to the accumulator type.
+template <NormKind kind, typename T>
+T scalar_step(T acc, T x, T p) {
+  if constexpr (kind == NormKind::kAbsSum) return acc + std::abs(x);
+  else if constexpr (kind == NormKind::kSquareSum) return acc + x * x;
+  else if constexpr (kind == NormKind::kPowerSum) return acc + std::pow(std::abs(x), p);
+  else if constexpr (kind == NormKind::kMax) return nan_max(acc, std::abs(x));
+  else if constexpr (kind == NormKind::kMin) return nan_min(acc, std::abs(x));
+  else return acc + (x != T(0) ? T(1) : T(0));  // nan != 0: counted, as torch counts it
+}
+
+template <NormKind kind, typename T>
+Vectorized<T> vector_step(const Vectorized<T>& acc, const Vectorized<T>& x) {
+  if constexpr (kind == NormKind::kAbsSum) return acc + x.abs();
+  else if constexpr (kind == NormKind::kSquareSum) return at::vec::fmadd(x, x, acc);
+  else if constexpr (kind == NormKind::kMax) return at::vec::maximum(acc, x.abs());
+  else if constexpr (kind == NormKind::kMin) return at::vec::minimum(acc, x.abs());
+  else return acc + x.ne(Vectorized<T>(T(0)));  // ne gives 1 or 0 per lane; unordered counts
+}
+
+// The statistic of one segment. kPowerSum (any p other than 0, 1, 2, +-inf) runs a scalar loop:
+// std::pow has no at::vec form that links without Sleef.
+template <NormKind kind, typename scalar_t>
+acc_type<scalar_t> segment_statistic(const scalar_t* x, int64_t n, acc_type<scalar_t> p) {
+  using acc_t = acc_type<scalar_t>;
+  using B = Block<scalar_t>;
+  acc_t result = identity<kind, acc_t>();
+  int64_t i = 0;
+  if constexpr (kind != NormKind::kPowerSum) {
+    if (n >= B::kSize) {
+      typename B::AccVec acc[4], v[4];
+      for (int k = 0; k < 4; ++k) acc[k] = typename B::AccVec(identity<kind, acc_t>());
+      for (; i + B::kSize <= n; i += B::kSize) {
+        B::load(x + i, v);
+        for (int k = 0; k < 4; ++k) acc[k] = vector_step<kind>(acc[k], v[k]);
+      }
+      alignas(64) acc_t lanes[B::AccVec::size()];
+      for (int k = 0; k < 4; ++k) {
+        acc[k].store(lanes);
+        for (int64_t l = 0; l < B::AccVec::size(); ++l) result = combine<kind>(result, lanes[l]);
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    result = scalar_step<kind>(result, static_cast<acc_t>(x[i]), p);
+  }
+  return result;
+}
+
+template <NormKind kind>
+double dispatch_segment_statistic(const Segment& s, double p) {
+  switch (s.dtype) {
+    case at::kFloat:
+      return segment_statistic<kind>(static_cast<const float*>(s.data), s.numel, float(p));
+    case at::kDouble:
+      return segment_statistic<kind>(static_cast<const double*>(s.data), s.numel, p);
+    case at::kHalf:
+      return segment_statistic<kind>(static_cast<const at::Half*>(s.data), s.numel, float(p));
+    case at::kBFloat16:
+      return segment_statistic<kind>(static_cast<const at::BFloat16*>(s.data), s.numel, float(p));
+    default:
+      TORCH_CHECK(false, "fusedclip: unexpected dtype ", s.dtype);
+  }
+}
+
+// Fills the statistic of every segment (in parallel over chunks), then reduces them in segment
+// order into the total and, when asked, per tensor.
+template <NormKind kind>
+std::tuple<at::Tensor, at::Tensor> reduce_table(const TensorTable& table, double p,
+                                                bool per_tensor) {
+  const auto& segments = table.segments();
+  std::vector<double> partial(segments.size());
+  at::parallel_for(0, table.num_chunks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t s = table.chunk_begin(c); s < table.chunk_begin(c + 1); ++s) {
+        partial[s] = dispatch_segment_statistic<kind>(segments[s], p);
+      }
+    }
+  });
+
+  const auto options = at::TensorOptions().dtype(table.accumulate_dtype());
+  double total = identity<kind, double>();
+  for (double value : partial) total = combine<kind>(total, value);
+  at::Tensor total_tensor = at::scalar_tensor(total, options);
+
+  at::Tensor per_tensor_result = at::empty({per_tensor ? table.num_tensors() : 0}, options);
+  if (per_tensor) {
+    std::vector<double> per(table.num_tensors(), identity<kind, double>());
+    for (size_t s = 0; s < segments.size(); ++s) {
+      per[segments[s].tensor] = combine<kind>(per[segments[s].tensor], partial[s]);
+    }
+    at::Tensor as_double = at::from_blob(per.data(), {table.num_tensors()}, at::kDouble);
+    per_tensor_result.copy_(as_double);
+  }
+  return {total_tensor, per_tensor_result};
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_statistic(const TensorTable& table, double norm_type,
+                                                  bool per_tensor) {
+  if (norm_type == 2.0) return reduce_table<NormKind::kSquareSum>(table, norm_type, per_tensor);
+  if (norm_type == 1.0) return reduce_table<NormKind::kAbsSum>(table, norm_type, per_tensor);
+  if (norm_type == 0.0) return reduce_table<NormKind::kCount>(table, norm_type, per_tensor);
+  if (std::isinf(norm_type) && norm_type > 0) {
+    return reduce_table<NormKind::kMax>(table, norm_type, per_tensor);
+  }
+  if (std::isinf(norm_type)) return reduce_table<NormKind::kMin>(table, norm_type, per_tensor);
+  return reduce_table<NormKind::kPowerSum>(table, norm_type, per_tensor);
+}
+
+void check_norm_type(double norm_type) {
+  TORCH_CHECK(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise in-place kernels: scale and clamp.
+// ---------------------------------------------------------------------------------------------
+
+// Applies op in place to every element of a segment. op has vec() for accumulator-type vectors and
+// scalar() for the tail; Half and BFloat16 are widened to float and rounded once on the store.
+template <typename scalar_t, typename Op>
+void transform_segment(const Segment& s, const Op& op) {
+  using B = Block<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  scalar_t* x = static_cast<scalar_t*>(s.data);
+  typename B::AccVec v[4];
+  int64_t i = 0;
+  for (; i + B::kSize <= s.numel; i += B::kSize) {
+    B::load(x + i, v);
+    for (int k = 0; k < 4; ++k) v[k] = op.vec(v[k]);
+    B::store(x + i, v);
+  }
+  for (; i < s.numel; ++i) {
+    x[i] = static_cast<scalar_t>(op.scalar(static_cast<acc_t>(x[i])));
+  }
+}
+
+// Runs op over every segment of the table, in parallel over chunks.
+template <typename Op>
+void transform_table(const TensorTable& table, const Op& op) {
+  const auto& segments = table.segments();
+  at::parallel_for(0, table.num_chunks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = table.chunk_begin(begin); s < table.chunk_begin(end); ++s) {
+      const Segment& segment = segments[s];
+      switch (segment.dtype) {
+        case at::kFloat: transform_segment<float>(segment, op); break;
+        case at::kDouble: transform_segment<double>(segment, op); break;
+        case at::kHalf: transform_segment<at::Half>(segment, op); break;
+        case at::kBFloat16: transform_segment<at::BFloat16>(segment, op); break;
+        default: TORCH_CHECK(false, "fusedclip: unexpected dtype ", segment.dtype);
+      }
+    }
+  });
+}
+
+// x * coef, with coef in the accumulator type (float32 unless the tensor is float64).
+struct ScaleOp {
+  double coef;
+  template <typename T>
+  Vectorized<T> vec(const Vectorized<T>& v) const { return v * Vectorized<T>(static_cast<T>(coef)); }
+  template <typename T>
+  T scalar(T v) const { return v * static_cast<T>(coef); }
+};
+
+// min(max(x, lo), hi); nan stays nan (the vector form is ATen's clamp, which keeps nan too).
+struct ClampOp {
+  double lo, hi;
+  template <typename T>
+  Vectorized<T> vec(const Vectorized<T>& v) const {
+    return at::vec::clamp(v, Vectorized<T>(static_cast<T>(lo)), Vectorized<T>(static_cast<T>(hi)));
+  }
+  template <typename T>
+  T scalar(T v) const {
+    return std::isnan(v) ? v : std::min(std::max(v, static_cast<T>(lo)), static_cast<T>(hi));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Operators.
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(at::TensorList tensors, double norm_type,
+                                                     bool per_tensor) {
+  check_norm_type(norm_type);
+  const TensorTable table(tensors, Access::kRead);
+  return norm_statistic(table, norm_type, per_tensor);
+}
+
+void multi_tensor_scale_(at::TensorList tensors, const at::Tensor& coef) {
+  TORCH_CHECK(coef.numel() == 1 && coef.is_floating_point(),
+              "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, got ",
+              coef.sizes(), " ", coef.scalar_type());
+  check_writable(tensors, "multi_tensor_scale_");
+  const double c = coef.item<double>();  // a CPU tensor: reading it is no device sync
+  if (c >= 1.0) return;                  // multiplying by 1 changes nothing; nan coef still writes
+  TensorTable table(tensors, Access::kWrite);
+  transform_table(table, ScaleOp{c});
+  table.write_back();
+}
+
+void multi_tensor_clamp_(at::TensorList tensors, double lo, double hi) {
+  check_writable(tensors, "multi_tensor_clamp_");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(!tensors[i].is_complex(), "fusedclip.multi_tensor_clamp_: tensor ", i,
+                " is complex; clamping is not defined for complex values");
+  }
+  TensorTable table(tensors, Access::kWrite);
+  transform_table(table, ClampOp{lo, hi});
+  table.write_back();
+}
+
+// The total norm from its statistic: the p-th root for finite p other than 0 and 1. The same ATen
+// ops as fusedclip/_ops.py's total_norm_from_statistic, so both paths give the same bits.
+at::Tensor total_norm_from_statistic(const at::Tensor& statistic, double norm_type, bool empty) {
+  if (empty) return at::zeros_like(statistic);
+  if (norm_type == 2.0) return statistic.sqrt();
+  if (norm_type == 1.0 || norm_type == 0.0 || std::isinf(norm_type)) return statistic;
+  return statistic.pow(1.0 / norm_type);
+}
+
+at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_type) {
+  check_norm_type(norm_type);
+  check_writable(tensors, "clip_grad_norm_");
+  bool empty = true;
+  at::Tensor statistic;
+  {
+    const TensorTable table(tensors, Access::kRead);
+    empty = table.numel() == 0;
+    statistic = std::get<0>(norm_statistic(table, norm_type, false));
+  }
+  at::Tensor total = total_norm_from_statistic(statistic, norm_type, empty);
+  // torch's formula, in the norm's dtype: max_norm * (1 / (norm + 1e-6)), clamped to 1.
+  const at::Tensor coef = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+  multi_tensor_scale_(tensors, coef);
+  return total;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("multi_tensor_norm", &multi_tensor_norm);
+  m.impl("multi_tensor_scale_", &multi_tensor_scale_);
+  m.impl("multi_tensor_clamp_", &multi_tensor_clamp_);
+  m.impl("clip_grad_norm_", &clip_grad_norm_);
+}
+
+}  // namespace fusedclip::cpu

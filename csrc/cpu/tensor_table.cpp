@@ -1,0 +1,94 @@
+#include "tensor_table.h"
+
+#include <ATen/MemoryOverlap.h>
+
+#include <algorithm>
+
+namespace fusedclip::cpu {
+namespace {
+
+bool is_supported_real(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_input(const at::Tensor& t, int64_t index) {
+  TORCH_CHECK(t.defined(), "fusedclip: tensor ", index, " is undefined");
+  TORCH_CHECK(t.layout() == at::kStrided, "fusedclip: tensor ", index,
+              " has layout ", t.layout(), "; only dense (strided) tensors are supported");
+  TORCH_CHECK(t.device().is_cpu(), "fusedclip: the CPU kernels take CPU tensors, but tensor ",
+              index, " is on ", t.device());
+  TORCH_CHECK(is_supported_real(t.scalar_type()) || t.scalar_type() == at::kComplexFloat ||
+                  t.scalar_type() == at::kComplexDouble,
+              "fusedclip: tensor ", index, " has dtype ", t.scalar_type(),
+              "; expected float32, float64, float16, bfloat16 or complex");
+}
+
+}  // namespace
+
+TensorTable::TensorTable(at::TensorList tensors, Access access) {
+  num_tensors_ = static_cast<int64_t>(tensors.size());
+  for (int64_t i = 0; i < num_tensors_; ++i) {
+    check_input(tensors[i], i);
+  }
+  segments_.reserve(tensors.size() + 16);
+  chunk_begin_.reserve(tensors.size() + 16);
+  for (int64_t i = 0; i < num_tensors_; ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.scalar_type() == at::kDouble || t.scalar_type() == at::kComplexDouble) {
+      accumulate_dtype_ = at::kDouble;
+    }
+    if (t.numel() == 0) continue;
+    at::Tensor real = t;
+    if (t.is_complex()) {
+      // |z| for norms; (re, im) pairs for scaling, which multiplies both by the same real coef.
+      real = access == Access::kRead ? at::abs(t) : at::view_as_real(t);
+    }
+    if (real.is_non_overlapping_and_dense()) {
+      // Any dense layout (contiguous, transposed, channels-last) is one block of memory starting
+      // at data_ptr, since strides are never negative; element order does not matter here.
+      if (!real.is_same(t)) keep_alive_.push_back(real);
+      append(real, i);
+    } else {
+      at::Tensor dense = real.contiguous();
+      keep_alive_.push_back(dense);
+      if (access == Access::kWrite) write_back_.emplace_back(real, dense);
+      append(dense, i);
+    }
+  }
+  chunk_begin_.push_back(static_cast<int64_t>(segments_.size()));
+}
+
+void TensorTable::append(const at::Tensor& dense, int64_t tensor_index) {
+  char* data = static_cast<char*>(dense.data_ptr());
+  const int64_t element_size = dense.element_size();
+  const int64_t n = dense.numel();
+  int64_t offset = 0;
+  while (offset < n) {
+    if (numel_ % kChunkElements == 0) {
+      chunk_begin_.push_back(static_cast<int64_t>(segments_.size()));
+    }
+    const int64_t room = kChunkElements - numel_ % kChunkElements;
+    const int64_t len = std::min(n - offset, room);
+    segments_.push_back({data + offset * element_size, len, tensor_index, dense.scalar_type()});
+    offset += len;
+    numel_ += len;
+  }
+}
+
+void TensorTable::write_back() {
+  for (auto& [original, dense] : write_back_) {
+    original.copy_(dense);
+  }
+}
+
+void check_writable(at::TensorList tensors, const char* op_name) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_input(tensors[i], static_cast<int64_t>(i));
+    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, "fusedclip.",
+                op_name, ": tensor ", i,
+                " has internally overlapping memory (an expanded tensor) and cannot be modified "
+                "in place; clone it first");
+  }
+}
+
+}  // namespace fusedclip::cpu

@@ -1,0 +1,66 @@
+// A list of tensors laid out as one virtual flat vector, cut into fixed-size chunks.
+//
+// The CPU kernels run one at::parallel_for over chunks of this vector, so 10,000 small tensors
+// cost a few hundred tasks, not 10,000 dispatches. A chunk may hold pieces of several tensors and
+// a tensor may span several chunks: each piece is a Segment. Chunk boundaries depend only on the
+// tensors' sizes, never on the thread count, so partials reduced in segment order give bitwise
+// identical results run to run.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace fusedclip::cpu {
+
+// 32K elements: 128 KB of float32, large enough to amortise a task, small enough to balance two
+// to a hundred threads over a 100M-element model.
+constexpr int64_t kChunkElements = int64_t{1} << 15;
+
+struct Segment {
+  void* data;             // first element of this piece
+  int64_t numel;          // elements in this piece
+  int64_t tensor;         // index of its tensor in the caller's list
+  at::ScalarType dtype;   // Float, Double, Half or BFloat16
+};
+
+// How a table will be used: kRead makes a real view of complex tensors through their absolute
+// values (a temporary); kWrite views complex tensors as (re, im) pairs and copies non-dense
+// tensors to dense temporaries that write_back() copies into the originals.
+enum class Access { kRead, kWrite };
+
+class TensorTable {
+ public:
+  TensorTable(at::TensorList tensors, Access access);
+
+  const std::vector<Segment>& segments() const { return segments_; }
+  int64_t num_chunks() const { return static_cast<int64_t>(chunk_begin_.size()) - 1; }
+  // Segments of chunk c are [chunk_begin(c), chunk_begin(c + 1)).
+  int64_t chunk_begin(int64_t c) const { return chunk_begin_[c]; }
+  int64_t numel() const { return numel_; }
+  int64_t num_tensors() const { return num_tensors_; }
+  // float64 when any tensor is float64 (or complex128), else float32.
+  at::ScalarType accumulate_dtype() const { return accumulate_dtype_; }
+
+  // Copies the dense temporaries of non-dense tensors back into them (kWrite tables only).
+  void write_back();
+
+ private:
+  void append(const at::Tensor& dense, int64_t tensor_index);
+
+  std::vector<Segment> segments_;
+  std::vector<int64_t> chunk_begin_;
+  std::vector<at::Tensor> keep_alive_;                          // temporaries the segments point into
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;   // (original, dense copy)
+  int64_t numel_ = 0;
+  int64_t num_tensors_ = 0;
+  at::ScalarType accumulate_dtype_ = at::kFloat;
+};
+
+// Raises (before anything is written) if a tensor cannot be modified in place: internal overlap
+// (an expanded tensor) or a dtype the write kernels do not take.
+void check_writable(at::TensorList tensors, const char* op_name);
+
+}  // namespace fusedclip::cpu

@@ -1,0 +1,41 @@
+// Operator schemas of the fusedclip library and the Python module that loads them.
+//
+// Every backend registers kernels for these schemas (CPU here in csrc/cpu/, CUDA and Triton in
+// their own files); fake (meta) implementations live in fusedclip/_ops.py so torch.compile can
+// trace the ops.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/vec_config.h"
+
+TORCH_LIBRARY(fusedclip, m) {
+  // The statistic of the p-norm before its root, over the concatenation of all tensors:
+  // sum |x|^p (finite p != 0), max |x| (p = inf), min |x| (p = -inf), count of x != 0 (p = 0).
+  // Accumulated in float32 (float64 when any tensor is float64 or complex128), which is also the
+  // dtype of both results. The second result holds the per-tensor statistics when per_tensor is
+  // true and is empty otherwise. The statistic of no elements is the reduction's identity
+  // (0, or +inf for p = -inf), so statistics of disjoint shards combine exactly.
+  m.def("multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor=False) -> (Tensor, Tensor)");
+  // tensors *= coef in place, coef a 0-dim float tensor on the tensors' device, applied in float32
+  // (float64 for float64 tensors). Writes nothing when coef >= 1.
+  m.def("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()");
+  // tensors = min(max(tensors, min), max) in place, one pass; nan stays nan.
+  m.def("multi_tensor_clamp_(Tensor(a!)[] tensors, float min, float max) -> ()");
+  // Norm, coefficient min(max_norm / (norm + 1e-6), 1) and scale in one call; returns the norm.
+  m.def("clip_grad_norm_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor");
+}
+
+// A Python module, so that `import fusedclip._C` loads this library and runs the registrations.
+static PyModuleDef fusedclip_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&fusedclip_module);
+  if (module == nullptr) return nullptr;
+  PyModule_AddStringConstant(module, "cpu_capability", FUSEDCLIP_CPU_CAPABILITY_NAME);
+#ifdef _OPENMP
+  PyModule_AddIntConstant(module, "openmp", 1);
+#else
+  PyModule_AddIntConstant(module, "openmp", 0);
+#endif
+  return module;
+}

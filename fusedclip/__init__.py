@@ -1,0 +1,29 @@
+"""fusedclip: torch.nn.utils' gradient clipping, fused and sync-free.
+
+Switch by changing one import::
+
+    from fusedclip import clip_grad_norm_
+    total_norm = clip_grad_norm_(model.parameters(), max_norm=1.0)
+
+Importing fusedclip never initialises CUDA and never fails because the C++ library is missing:
+it logs once and uses the pure-PyTorch backend.
+"""
+
+from fusedclip._ops import BACKENDS, backend_status
+from fusedclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "clip_grad_norm_",
+    "get_total_norm",
+    "clip_grads_with_norm_",
+    "clip_grad_value_",
+    "available_backends",
+    "BACKENDS",
+]
+
+
+def available_backends() -> list[str]:
+    """The backends that can run here (besides "auto"), fastest first."""
+    return [name for name, reason in backend_status().items() if reason is None]

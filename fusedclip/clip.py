@@ -1,0 +1,342 @@
+"""The public API: torch.nn.utils' clipping functions, fused.
+
+Each function takes torch's arguments and keeps torch's semantics (a tensor, a list or a
+generator; ``None`` grads skipped; mixed dtypes and devices; the result on the first grad's
+device), with these deliberate differences:
+
+* Norms of fp16/bf16 grads accumulate in float32 and are returned as float32, so a norm above
+  65504 is not ``inf`` and does not zero every gradient.
+* ``norm_type=0`` counts nonzero elements (torch counts tensors that have a nonzero element).
+* Bad arguments (negative or nan ``max_norm``, nan ``norm_type``, negative or nan
+  ``clip_value``, sparse or non-float grads, non-tensor parameters) raise before anything is
+  modified.
+* Gradients are not written when the clip coefficient is 1.
+
+How a call runs: the grads of one device go to one backend (see fusedclip/_ops.py). When every
+grad is on one CPU device, the C++ operator gets the whole list at once and validates it in C++
+before writing anything (a Python loop over 10,000 grads would cost more than the kernel); if
+it refuses the list, the general path below groups the grads by device, validates each in
+Python and raises a precise error, or runs each device with its own backend.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import types
+import warnings
+from collections.abc import Iterable
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from fusedclip import _ops, reference
+
+__all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
+
+TensorOrTensors = Union[Tensor, Iterable[Tensor]]
+
+_GRAD_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.complex128,
+)
+_FOREACH_DEVICE_TYPES = ("cpu", "cuda", "xpu")
+
+
+# --- arguments ----------------------------------------------------------------------------------
+
+
+def _as_list(items: TensorOrTensors, warn_if_empty_generator: bool = False) -> list:
+    if isinstance(items, Tensor):
+        return [items]
+    is_generator = isinstance(items, types.GeneratorType)
+    items = list(items)
+    if warn_if_empty_generator and is_generator and not items:
+        warnings.warn(
+            "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3
+        )
+    return items
+
+
+def _grads_of(parameters: list) -> list[Tensor]:
+    try:
+        return [g for p in parameters if (g := p.grad) is not None]
+    except AttributeError:
+        for i, p in enumerate(parameters):
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    f"parameters[{i}] must be a torch.Tensor, got {type(p).__name__}"
+                ) from None
+        raise
+
+
+def _non_negative(value: Union[float, Tensor], name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if isinstance(value, Tensor) and (value.numel() != 1 or value.is_complex()):
+        raise TypeError(f"{name} must be a real number or a one-element real tensor")
+    value = float(value)  # a device tensor syncs here, as in torch
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value}")
+    return value
+
+
+def _norm_type(norm_type: Union[float, str]) -> float:
+    try:
+        value = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
+    if math.isnan(value):
+        raise ValueError("norm_type must not be nan")
+    return value
+
+
+def _check_foreach(foreach: Optional[bool], device: torch.device) -> None:
+    if foreach and device.type not in _FOREACH_DEVICE_TYPES:
+        raise RuntimeError(
+            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+        )
+
+
+def _group_by_device(
+    grads: list, foreach: Optional[bool], backend: str, writes: bool
+) -> list[tuple[torch.device, str, list[Tensor]]]:
+    """Validates every grad and groups them by device, in first-seen order, with a backend each."""
+    groups: dict[torch.device, list[Tensor]] = {}
+    for i, g in enumerate(grads):
+        if not isinstance(g, Tensor):
+            raise TypeError(f"gradient {i} must be a torch.Tensor, got {type(g).__name__}")
+        if g.layout != torch.strided:
+            raise TypeError(
+                f"gradient {i} has layout {g.layout}; fusedclip clips dense gradients only "
+                "(convert sparse gradients with .to_dense())"
+            )
+        if g.dtype not in _GRAD_DTYPES:
+            raise TypeError(
+                f"gradient {i} has dtype {g.dtype}; expected float32, float64, float16, "
+                "bfloat16 or complex"
+            )
+        if writes and torch._debug_has_internal_overlap(g) == 1:
+            raise ValueError(
+                f"gradient {i} has internally overlapping memory (an expanded tensor) and "
+                "cannot be modified in place"
+            )
+        groups.setdefault(g.device, []).append(g)
+    for device in groups:
+        _check_foreach(foreach, device)
+    return [(device, _ops.resolve_backend(backend, device), ts) for device, ts in groups.items()]
+
+
+def _fast_cpu_backend(grads: list[Tensor], foreach: Optional[bool], backend: str) -> bool:
+    """True when the whole list may go to the C++ CPU operator untouched by Python."""
+    if torch.compiler.is_compiling():
+        return False  # trace the general path: its checks cost nothing at run time there
+    device = grads[0].device
+    _check_foreach(foreach, device)
+    return _ops.resolve_backend(backend, device) == "cpu"
+
+
+# --- norms ----------------------------------------------------------------------------------------
+
+
+def _total_norm(
+    groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float
+) -> Tensor:
+    """The global norm over every group, on the first group's device."""
+    first_device = groups[0][0]
+    statistics = [_ops.multi_tensor_norm(backend, ts, norm_type)[0] for _, backend, ts in groups]
+    empty = not any(t.numel() for _, _, ts in groups for t in ts)
+    if len(statistics) == 1:
+        statistic = statistics[0]
+    else:
+        acc = torch.float64 if any(s.dtype == torch.float64 for s in statistics) else torch.float32
+        stacked = torch.stack([s.to(device=first_device, dtype=acc) for s in statistics])
+        statistic = reference.combine_statistics(stacked, norm_type)
+    return reference.total_norm_from_statistic(statistic, norm_type, empty)
+
+
+def _raise_if_nonfinite(total_norm: Tensor, norm_type: float) -> None:
+    if torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is "
+            "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
+            "by the non-finite norm anyway, set `error_if_nonfinite=False`"
+        )
+
+
+def _scale_groups(groups: list[tuple[torch.device, str, list[Tensor]]], coef: Tensor) -> None:
+    for device, backend, ts in groups:
+        _ops.multi_tensor_scale_(backend, ts, coef.to(device))
+
+
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: Union[float, str] = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""The norm of all ``tensors`` viewed as one vector (torch.nn.utils.get_total_norm).
+
+    .. math::
+        \|g\|_p = \Big(\sum_i |g_i|^p\Big)^{1/p}, \qquad
+        \|g\|_\infty = \max_i |g_i|, \qquad \|g\|_{-\infty} = \min_i |g_i|, \qquad
+        \|g\|_0 = \#\{i : g_i \neq 0\}
+
+    over every element of every tensor, accumulated in float32 (float64 for float64 input).
+
+    Args:
+        tensors: a tensor or an iterable of tensors (the gradients themselves).
+        norm_type: p, any number or ``'inf'``; not nan.
+        error_if_nonfinite: raise ``RuntimeError`` if the norm is nan or inf (a host sync).
+        foreach: accepted for compatibility; ``True`` on a device without foreach support
+            raises as in torch. fusedclip's kernels are always multi-tensor.
+        backend: "auto", "cpu" or "torch" (see :func:`fusedclip.available_backends`).
+
+    Returns:
+        A 0-dim tensor on the first tensor's device: float32 when every tensor is fp16, bf16 or
+        float32 (complex64), float64 when any is float64 (complex128). ``tensor(0.)`` when
+        there are no tensors.
+    """
+    with torch.no_grad():
+        norm_type = _norm_type(norm_type)
+        tensors = _as_list(tensors)
+        if not tensors:
+            return torch.tensor(0.0)
+        if _fast_cpu_backend(tensors, foreach, backend):
+            try:
+                statistic, _ = _ops.multi_tensor_norm("cpu", tensors, norm_type)
+                empty = not any(t.numel() for t in tensors)
+                total = reference.total_norm_from_statistic(statistic, norm_type, empty)
+            except (RuntimeError, TypeError):
+                total = None  # refused: the general path validates and says why, or regroups
+        else:
+            total = None
+        if total is None:
+            total = _total_norm(_group_by_device(tensors, foreach, backend, writes=False), norm_type)
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total, norm_type)
+        return total
+
+
+def clip_grads_with_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    total_norm: Tensor,
+    foreach: Optional[bool] = None,
+    *,
+    backend: str = "auto",
+) -> None:
+    r"""Scales the gradients by :math:`\min(\mathrm{max\_norm} / (\mathrm{total\_norm} + 10^{-6}), 1)`.
+
+    torch.nn.utils.clip_grads_with_norm_ with a precomputed ``total_norm`` (a tensor, read
+    without a host sync). Gradients are not written when the coefficient is 1.
+    """
+    with torch.no_grad():
+        max_norm = _non_negative(max_norm, "max_norm")
+        if not isinstance(total_norm, Tensor):
+            raise TypeError(f"total_norm must be a torch.Tensor, got {type(total_norm).__name__}")
+        grads = _grads_of(_as_list(parameters))
+        if not grads:
+            return
+        coef = reference.clip_coefficient(total_norm, max_norm)
+        if _fast_cpu_backend(grads, foreach, backend):
+            try:
+                _ops.multi_tensor_scale_("cpu", grads, coef.to(grads[0].device))
+                return
+            except (RuntimeError, TypeError):
+                pass  # refused before writing anything: the general path says why, or regroups
+        _scale_groups(_group_by_device(grads, foreach, backend, writes=True), coef)
+
+
+def clip_grad_norm_(
+    parameters: TensorOrTensors,
+    max_norm: float,
+    norm_type: Union[float, str] = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Clips the gradients of ``parameters`` to a global norm of at most ``max_norm``.
+
+    torch.nn.utils.clip_grad_norm_: computes :math:`N = \|g\|_p` over all gradients viewed as
+    one vector (see :func:`get_total_norm`), then scales every gradient in place by
+
+    .. math::
+        c = \min\Big(\frac{\mathrm{max\_norm}}{N + 10^{-6}},\ 1\Big)
+
+    computed in the norm's dtype, applied in float32 (float64 for float64 grads) and rounded
+    once. When :math:`c = 1` nothing is written. On one device the norm, the coefficient and the
+    scale run in one operator call with no host sync.
+
+    Args:
+        parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped (``None``
+            grads are skipped).
+        max_norm: the largest norm allowed; a non-negative number.
+        norm_type: p, any number or ``'inf'``; not nan. ``0`` counts nonzero elements.
+        error_if_nonfinite: raise ``RuntimeError``, before scaling, if the norm is nan or inf.
+        foreach: accepted for compatibility (see :func:`get_total_norm`).
+        backend: "auto", "cpu" or "torch".
+
+    Returns:
+        The total norm before clipping (see :func:`get_total_norm` for its dtype and device).
+    """
+    with torch.no_grad():
+        max_norm = _non_negative(max_norm, "max_norm")
+        norm_type = _norm_type(norm_type)
+        grads = _grads_of(_as_list(parameters, warn_if_empty_generator=True))
+        if not grads:
+            return torch.tensor(0.0)
+        if not error_if_nonfinite and _fast_cpu_backend(grads, foreach, backend):
+            try:
+                return _ops.clip_grad_norm_("cpu", grads, max_norm, norm_type)
+            except (RuntimeError, TypeError):
+                pass  # refused before writing anything: the general path says why, or regroups
+        groups = _group_by_device(grads, foreach, backend, writes=True)
+        if len(groups) == 1 and not error_if_nonfinite:
+            _, group_backend, ts = groups[0]
+            return _ops.clip_grad_norm_(group_backend, ts, max_norm, norm_type)
+        total = _total_norm(groups, norm_type)
+        if error_if_nonfinite:
+            _raise_if_nonfinite(total, norm_type)
+        _scale_groups(groups, reference.clip_coefficient(total, max_norm))
+        return total
+
+
+def clip_grad_value_(
+    parameters: TensorOrTensors,
+    clip_value: float,
+    foreach: Optional[bool] = None,
+    *,
+    backend: str = "auto",
+) -> None:
+    r"""Clamps every gradient element to :math:`[-\mathrm{clip\_value}, \mathrm{clip\_value}]`.
+
+    torch.nn.utils.clip_grad_value_, in one read-write pass (torch makes two); nan stays nan.
+    ``clip_value`` must be a non-negative number; complex gradients are refused (clamping is not
+    defined for them).
+    """
+    with torch.no_grad():
+        clip_value = _non_negative(clip_value, "clip_value")
+        grads = _grads_of(_as_list(parameters))
+        if not grads:
+            return
+        if _fast_cpu_backend(grads, foreach, backend):
+            try:
+                _ops.multi_tensor_clamp_("cpu", grads, -clip_value, clip_value)
+                return
+            except (RuntimeError, TypeError):
+                pass  # refused before writing anything: the general path says why, or regroups
+        groups = _group_by_device(grads, foreach, backend, writes=True)
+        for g in (g for _, _, ts in groups for g in ts):
+            if g.is_complex():
+                raise TypeError("clip_grad_value_ does not support complex gradients")
+        for _, group_backend, ts in groups:
+            _ops.multi_tensor_clamp_(group_backend, ts, -clip_value, clip_value)

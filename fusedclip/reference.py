@@ -1,0 +1,120 @@
+"""Backend "torch": the fusedclip primitives in pure PyTorch.
+
+The same operators as the C++ library (csrc/fusedclip.cpp) with the same numerics: per-tensor
+statistics accumulated in float32 (float64 for float64 input) by ``torch.linalg.vector_norm``,
+combined in float64 in list order, the coefficient applied in float32 and rounded once. It runs
+on any device PyTorch runs on and needs nothing compiled; it is the fallback where ``_C`` is
+missing and the path for devices that have no fused kernels yet.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "accumulate_dtype",
+    "multi_tensor_norm",
+    "multi_tensor_scale_",
+    "multi_tensor_clamp_",
+    "clip_grad_norm_",
+    "statistic_identity",
+    "combine_statistics",
+    "total_norm_from_statistic",
+    "clip_coefficient",
+]
+
+_FLOAT64_DTYPES = (torch.float64, torch.complex128)
+
+
+def accumulate_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """float64 when any tensor is float64 or complex128, else float32."""
+    return torch.float64 if any(t.dtype in _FLOAT64_DTYPES for t in tensors) else torch.float32
+
+
+def statistic_identity(norm_type: float) -> float:
+    """The statistic of no elements: +inf for the -inf norm (a min), 0 otherwise."""
+    return math.inf if norm_type == -math.inf else 0.0
+
+
+def combine_statistics(stats: Tensor, norm_type: float) -> Tensor:
+    """Reduces per-tensor statistics (in list order, float64 for sums) to one statistic."""
+    if norm_type == math.inf:
+        return stats.amax()  # amax propagates nan
+    if norm_type == -math.inf:
+        return stats.amin()
+    return stats.double().sum().to(stats.dtype)
+
+
+def _tensor_statistic(t: Tensor, norm_type: float, acc: torch.dtype) -> Tensor:
+    if t.numel() == 0:
+        return torch.full((), statistic_identity(norm_type), dtype=acc, device=t.device)
+    if t.is_complex():
+        t = t.abs()
+    norm = torch.linalg.vector_norm(t, norm_type, dtype=acc)
+    if norm_type in (0.0, 1.0) or math.isinf(norm_type):
+        return norm  # the statistic is the norm itself: a count, a sum, a max or a min
+    return norm.double().pow(norm_type).to(acc)
+
+
+def multi_tensor_norm(
+    tensors: list[Tensor], norm_type: float, per_tensor: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The norm statistic before the root; see the schema in csrc/fusedclip.cpp."""
+    acc = accumulate_dtype(tensors)
+    device = tensors[0].device
+    if all(t.numel() == 0 for t in tensors):
+        per = torch.full((len(tensors) if per_tensor else 0,), statistic_identity(norm_type), dtype=acc, device=device)
+        return torch.full((), statistic_identity(norm_type), dtype=acc, device=device), per
+    stats = torch.stack([_tensor_statistic(t, norm_type, acc) for t in tensors])
+    per = stats if per_tensor else stats.new_empty((0,))
+    return combine_statistics(stats, norm_type), per
+
+
+def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
+    """tensors *= coef in place, in float32 (float64 for float64 tensors), rounded once."""
+    if coef.device.type == "cpu" and bool(coef >= 1.0):
+        return  # reading a CPU tensor is no sync; elsewhere multiplying by 1 is exact anyway
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        real = torch.view_as_real(t) if t.is_complex() else t
+        # A 0-dim float32 coef: ATen computes fp16/bf16 products in float32 and rounds once.
+        coef_dtype = torch.float64 if real.dtype == torch.float64 else torch.float32
+        real.mul_(coef.to(device=real.device, dtype=coef_dtype))
+
+
+def multi_tensor_clamp_(tensors: list[Tensor], lo: float, hi: float) -> None:
+    """tensors = min(max(tensors, lo), hi) in place, one pass per tensor; nan stays nan."""
+    for t in tensors:
+        if t.numel() != 0:
+            t.clamp_(min=lo, max=hi)
+
+
+def total_norm_from_statistic(statistic: Tensor, norm_type: float, empty: bool) -> Tensor:
+    """The norm from its statistic: the p-th root for finite p other than 0 and 1.
+
+    The same ATen ops as the C++ fused op (csrc/cpu/kernels.cpp), so both give the same bits.
+    """
+    if empty:  # the norm of no elements is 0 whatever p, as for no tensors at all
+        return torch.zeros_like(statistic)
+    if norm_type == 2.0:
+        return statistic.sqrt()
+    if norm_type in (0.0, 1.0) or math.isinf(norm_type):
+        return statistic
+    return statistic.pow(1.0 / norm_type)
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
+    """min(max_norm / (total_norm + 1e-6), 1), computed as torch computes it (bitwise)."""
+    return ((total_norm + 1e-6).reciprocal() * max_norm).clamp(max=1.0)
+
+
+def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
+    """Norm, coefficient and scale of tensors on one device; returns the norm."""
+    statistic, _ = multi_tensor_norm(tensors, norm_type)
+    total = total_norm_from_statistic(statistic, norm_type, not any(t.numel() for t in tensors))
+    multi_tensor_scale_(tensors, clip_coefficient(total, max_norm))
+    return total
