@@ -65,7 +65,9 @@ def _as_list(items: TensorOrTensors, warn_if_empty_generator: bool = False) -> l
 
 def _grads_of(parameters: list) -> list[Tensor]:
     try:
-        return [g for p in parameters if (g := p.grad) is not None]
+        # Not `(g := p.grad)`: torch.compile (dynamo) cannot trace an assignment expression in
+        # a comprehension ("Read uninitialized cell"), which breaks fullgraph=True.
+        return [p.grad for p in parameters if p.grad is not None]
     except AttributeError:
         for i, p in enumerate(parameters):
             if not isinstance(p, Tensor):
@@ -103,6 +105,15 @@ def _check_foreach(foreach: Optional[bool], device: torch.device) -> None:
         )
 
 
+def _has_internal_overlap(g: Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        # torch._debug_has_internal_overlap returns an int, which dynamo cannot put in a graph
+        # (fullgraph=True fails); a zero stride on a dimension of size > 1 is the overlap of an
+        # expanded tensor, and the C++ operators check the general case again at run time.
+        return any(stride == 0 and size > 1 for size, stride in zip(g.shape, g.stride()))
+    return torch._debug_has_internal_overlap(g) == 1
+
+
 def _group_by_device(
     grads: list, foreach: Optional[bool], backend: str, writes: bool
 ) -> list[tuple[torch.device, str, list[Tensor]]]:
@@ -121,7 +132,7 @@ def _group_by_device(
                 f"gradient {i} has dtype {g.dtype}; expected float32, float64, float16, "
                 "bfloat16 or complex"
             )
-        if writes and torch._debug_has_internal_overlap(g) == 1:
+        if writes and _has_internal_overlap(g):
             raise ValueError(
                 f"gradient {i} has internally overlapping memory (an expanded tensor) and "
                 "cannot be modified in place"

@@ -34,26 +34,29 @@ TensorTable::TensorTable(at::TensorList tensors, Access access) {
   chunk_begin_.reserve(tensors.size() + 16);
   for (int64_t i = 0; i < num_tensors_; ++i) {
     const at::Tensor& t = tensors[i];
-    if (t.scalar_type() == at::kDouble || t.scalar_type() == at::kComplexDouble) {
-      accumulate_dtype_ = at::kDouble;
-    }
+    const at::ScalarType dtype = t.scalar_type();
+    if (dtype == at::kDouble || dtype == at::kComplexDouble) accumulate_dtype_ = at::kDouble;
     if (t.numel() == 0) continue;
+    if (!t.is_complex() && t.is_non_overlapping_and_dense()) {
+      // The common case, without a refcount touched. Any dense layout (contiguous, transposed,
+      // channels-last) is one block of memory starting at data_ptr, since strides are never
+      // negative; element order does not matter to these kernels.
+      append(t, i);
+      continue;
+    }
     at::Tensor real = t;
     if (t.is_complex()) {
       // |z| for norms; (re, im) pairs for scaling, which multiplies both by the same real coef.
       real = access == Access::kRead ? at::abs(t) : at::view_as_real(t);
+      keep_alive_.push_back(real);
     }
-    if (real.is_non_overlapping_and_dense()) {
-      // Any dense layout (contiguous, transposed, channels-last) is one block of memory starting
-      // at data_ptr, since strides are never negative; element order does not matter here.
-      if (!real.is_same(t)) keep_alive_.push_back(real);
-      append(real, i);
-    } else {
+    if (!real.is_non_overlapping_and_dense()) {
       at::Tensor dense = real.contiguous();
       keep_alive_.push_back(dense);
       if (access == Access::kWrite) write_back_.emplace_back(real, dense);
-      append(dense, i);
+      real = dense;
     }
+    append(real, i);
   }
   chunk_begin_.push_back(static_cast<int64_t>(segments_.size()));
 }

@@ -1,0 +1,50 @@
+"""Command line: ``python -m fusedclip info`` and ``python -m fusedclip bench``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+import fusedclip
+from fusedclip import _ops
+from fusedclip.bench import WORKLOADS
+
+
+def info() -> int:
+    """Prints versions, build flags and the backends available, with why any is not."""
+    print(f"fusedclip  {fusedclip.__version__}")
+    print(f"torch      {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    print(f"python     {platform.python_version()} on {platform.platform()}")
+    print(f"threads    {torch.get_num_threads()} (torch intra-op)")
+    if _ops._C is not None:
+        print(f"_C         CPU kernels built for {_ops._C.cpu_capability}, "
+              f"OpenMP {'on' if _ops._C.openmp else 'off'}")
+    print("backends:")
+    for name, reason in _ops.backend_status().items():
+        print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedclip", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, build flags and available backends")
+    bench = commands.add_parser("bench", help="time fusedclip against torch on this machine")
+    bench.add_argument("--device", help="cpu or cuda (default: the best device present)")
+    bench.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
+                       help="default: all")
+    bench.add_argument("--repeats", type=int, default=15, help="timed repetitions per mode")
+    bench.add_argument("--output", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    from fusedclip import bench as bench_module
+
+    return bench_module.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Benchmark: fusedclip against torch.nn.utils.clip_grad_norm_, interleaved in the same run.
+
+Each workload is a list of parameters with gradients, clipped in two modes: "clip" (max_norm far
+below the norm, so every gradient is scaled) and "noclip" (max_norm above it). For every
+repetition torch and fusedclip run back to back on the same tensors, in alternating order, and
+the memory bandwidth probes run between them, so drift in the machine's speed hits all alike.
+
+The bandwidth floor of a workload is the time the bytes it must move take at the bandwidth
+measured in the same run: a clipping step reads every gradient (the norm) and then reads and
+writes it (the scale); a step that does not clip only reads it. The probes are torch's own
+large-tensor kernels: ``sum`` for reading, in-place ``mul_`` for read-modify-write (and a
+device copy for reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+import fusedclip
+
+__all__ = ["WORKLOADS", "Workload", "make_parameters", "run", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    dtype: torch.dtype
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {str(self.dtype).replace('torch.', '')}"
+
+
+def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
+    """GPT-2 small (124M): 148 parameter tensors, 124,439,808 elements."""
+    d, vocab, ctx, layers = 768, 50257, 1024, 12
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,)]  # ln_1, attention
+        shapes += [(d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # ln_2, MLP
+    shapes += [(d,), (d,)]  # ln_f
+    return tuple(shapes)
+
+
+WORKLOADS: dict[str, Callable[[], list[Workload]]] = {
+    "gpt2-124m": lambda: [
+        Workload("gpt2-124m", torch.float32, gpt2_small_shapes()),
+        Workload("gpt2-124m", torch.bfloat16, gpt2_small_shapes()),
+    ],
+    "many-small": lambda: [
+        Workload("many-small", torch.float32, ((64, 64),) * 4096),
+        Workload("many-small", torch.float16, ((64, 64),) * 4096),
+    ],
+    "tiny-10k": lambda: [Workload("tiny-10k", torch.float32, ((1000,),) * 10_000)],
+}
+
+
+def make_parameters(workload: Workload, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Parameters (storage left untouched) whose .grad is random data of the workload's shapes."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for shape in workload.shapes:
+        p = torch.nn.Parameter(torch.empty(shape, dtype=workload.dtype, device=device))
+        p.grad = torch.randn(shape, generator=generator).to(device=device, dtype=workload.dtype)
+        params.append(p)
+    return params
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+class BandwidthProbe:
+    """Read, read-modify-write and copy bandwidth of large tensors, in bytes per second."""
+
+    def __init__(self, device: torch.device, megabytes: int = 512):
+        n = megabytes * 2**20 // 4
+        self.bytes = n * 4
+        self.device = device
+        self.a = torch.rand(n, device=device) + 0.5
+        self.b = torch.empty_like(self.a)
+        self.samples: dict[str, list[float]] = {"read": [], "rmw": [], "copy": []}
+
+    def sample(self) -> None:
+        self.samples["read"].append(self.bytes / _time(lambda: self.a.sum(), self.device))
+        self.samples["rmw"].append(2 * self.bytes / _time(lambda: self.a.mul_(1.0), self.device))
+        self.samples["copy"].append(2 * self.bytes / _time(lambda: self.b.copy_(self.a), self.device))
+
+    def median(self, kind: str) -> float:
+        return statistics.median(self.samples[kind])
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = float(a.double()), float(b.double())
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+def run(
+    device: torch.device,
+    workload_names: Optional[list[str]] = None,
+    repeats: int = 15,
+    warmup: int = 3,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Runs every workload in both modes; returns the results as a JSON-ready dict."""
+    names = workload_names or list(WORKLOADS)
+    probe = BandwidthProbe(device)
+    for _ in range(warmup):
+        probe.sample()
+    rows = []
+    for name in names:
+        for workload in WORKLOADS[name]():
+            params = make_parameters(workload, device)
+            grads = [p.grad for p in params]
+            norm = float(torch.nn.utils.get_total_norm(grads).float())
+            diff = _relative_difference(fusedclip.get_total_norm(grads), torch.nn.utils.get_total_norm(grads))
+            for mode, max_norm in (("clip", norm * 1e-3), ("noclip", norm * 1e3)):
+                # Before every timed call the gradients are rewritten, untimed, as backward would
+                # have just written them: doubled in "clip" mode (exact in every dtype), so each
+                # call scales them by about 1/2 instead of settling at a norm that no longer clips;
+                # multiplied by 1 in "noclip" mode, so both modes start from the same cache state.
+                refresh = 2.0 if mode == "clip" else 1.0
+                ours = lambda: fusedclip.clip_grad_norm_(params, max_norm)  # noqa: E731
+                theirs = lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)  # noqa: E731
+                t_ours, t_torch = [], []
+                for i in range(warmup + repeats):
+                    pair = [(ours, t_ours), (theirs, t_torch)]
+                    for fn, times in pair if i % 2 == 0 else reversed(pair):
+                        torch._foreach_mul_(grads, refresh)
+                        elapsed = _time(fn, device)
+                        if i >= warmup:
+                            times.append(elapsed)
+                    probe.sample()
+                element_bytes = torch.empty((), dtype=workload.dtype).element_size()
+                n_bytes = workload.numel * element_bytes
+                moved = 3 * n_bytes if mode == "clip" else n_bytes
+                ms_ours, ms_torch = statistics.median(t_ours) * 1e3, statistics.median(t_torch) * 1e3
+                floor_s = n_bytes / probe.median("read") + (
+                    2 * n_bytes / probe.median("rmw") if mode == "clip" else 0.0
+                )
+                row = {
+                    "workload": workload.label,
+                    "mode": mode,
+                    "tensors": len(workload.shapes),
+                    "elements": workload.numel,
+                    "bytes_moved": moved,
+                    "fusedclip_ms": ms_ours,
+                    "torch_ms": ms_torch,
+                    "speedup": ms_torch / ms_ours,
+                    "fusedclip_GBps": moved / ms_ours / 1e6,
+                    "torch_GBps": moved / ms_torch / 1e6,
+                    "floor_ms": floor_s * 1e3,
+                    "percent_of_floor": 100 * floor_s * 1e3 / ms_ours,
+                    "norm_relative_difference": diff,
+                }
+                rows.append(row)
+                log(_format_row(row))
+            del params, grads
+    return {
+        "device": device_name(device),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "fusedclip": fusedclip.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "bandwidth_GBps": {k: probe.median(k) / 1e9 for k in ("read", "rmw", "copy")},
+        "results": rows,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+HEADER = (
+    f"{'workload':<20} {'mode':<7} {'fusedclip ms':>12} {'torch ms':>10} {'ratio':>7} "
+    f"{'GB/s':>7} {'% floor':>8} {'norm diff':>10}"
+)
+
+
+def _format_row(row: dict) -> str:
+    return (
+        f"{row['workload']:<20} {row['mode']:<7} {row['fusedclip_ms']:>12.3f} "
+        f"{row['torch_ms']:>10.3f} {row['speedup']:>6.2f}x {row['fusedclip_GBps']:>7.1f} "
+        f"{row['percent_of_floor']:>7.0f}% {row['norm_relative_difference']:>10.1e}"
+    )
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        "| workload | mode | fusedclip ms | torch ms | ratio | GB/s | % of floor |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['workload']} | {r['mode']} | {r['fusedclip_ms']:.2f} | {r['torch_ms']:.2f} "
+            f"| {r['speedup']:.2f}x | {r['fusedclip_GBps']:.1f} | {r['percent_of_floor']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> bool:
+    """A bar chart of the ratios to torch; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["results"]
+    labels = [f"{r['workload']}\n{r['mode']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["speedup"] for r in rows], color="tab:blue")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("speed-up over torch.nn.utils.clip_grad_norm_")
+    ax.set_title(f"fusedclip {report['fusedclip']} vs torch {report['torch']}\n{report['device']}", fontsize=9)
+    for i, r in enumerate(rows):
+        ax.text(i, r["speedup"], f"{r['speedup']:.1f}x", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def best_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def main(args) -> int:
+    device = torch.device(args.device) if args.device else best_device()
+    print(f"fusedclip {fusedclip.__version__}, torch {torch.__version__}, {device_name(device)}, "
+          f"{torch.get_num_threads()} threads")
+    print(HEADER)
+    report = run(device, args.workloads, repeats=args.repeats)
+    bw = report["bandwidth_GBps"]
+    print(f"bandwidth measured in this run: read {bw['read']:.1f} GB/s, read-modify-write "
+          f"{bw['rmw']:.1f} GB/s, copy {bw['copy']:.1f} GB/s (bytes read + written)")
+    os.makedirs(args.output, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in report["device"].lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    stem = os.path.join(args.output, f"{report['date']}-{slug}")
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(f"{report['device']}, torch {report['torch']}, {report['threads']} threads, "
+                f"{report['date']}\n\n{markdown_table(report)}\n")
+    print(f"wrote {stem}.json and {stem}.md")
+    if plot(report, stem + ".png"):
+        print(f"wrote {stem}.png")
+    else:
+        print("matplotlib is not installed: no chart (pip install matplotlib)")
+    return 0

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what fusedclip needs on a fresh machine with Python 3.9+, then builds it in place.
+# Sourced by scripts/test.sh and scripts/bench.sh. TORCH_SPEC picks the torch to install when none
+# is present (default: torch==2.13.0); an installed torch >= 2.6 is kept.
+set -euo pipefail
+PYTHON="${PYTHON:-python3}"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  "$PYTHON" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+fi
+"$PYTHON" -m pip install -q "setuptools>=64" wheel
+# --no-build-isolation: build against the torch installed above instead of downloading another.
+"$PYTHON" -m pip install -q --no-build-isolation -e ".[test,bench]"
