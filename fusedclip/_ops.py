@@ -109,10 +109,26 @@ def clip_grad_norm_(backend: str, tensors: list[Tensor], max_norm: float, norm_t
 
 # --- fake kernels: shapes and dtypes only, for torch.compile and opcheck -----------------------
 
+
+def _check_one_device(tensors: list[Tensor], op: str) -> None:
+    """The operators take the tensors of one device. A list mixing CPU and meta tensors is
+    dispatched to the Meta kernel (these fake impls) by the dispatcher, which would otherwise
+    return an uninitialised norm and write nothing; refusing it sends clip.py to its per-device
+    path, which raises as torch does."""
+    device = tensors[0].device
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise RuntimeError(
+                f"fusedclip.{op}: all tensors must be on one device, but tensor 0 is on {device} "
+                f"and tensor {i} on {t.device}"
+            )
+
+
 if _C is not None:
 
     @torch.library.register_fake("fusedclip::multi_tensor_norm")
     def _multi_tensor_norm_fake(tensors, norm_type, per_tensor=False):
+        _check_one_device(tensors, "multi_tensor_norm")
         acc = reference.accumulate_dtype(tensors)
         device = tensors[0].device
         count = len(tensors) if per_tensor else 0
@@ -122,12 +138,15 @@ if _C is not None:
 
     @torch.library.register_fake("fusedclip::multi_tensor_scale_")
     def _multi_tensor_scale_fake(tensors, coef):
+        _check_one_device(tensors, "multi_tensor_scale_")
         return None
 
     @torch.library.register_fake("fusedclip::multi_tensor_clamp_")
     def _multi_tensor_clamp_fake(tensors, lo, hi):
+        _check_one_device(tensors, "multi_tensor_clamp_")
         return None
 
     @torch.library.register_fake("fusedclip::clip_grad_norm_")
     def _clip_grad_norm_fake(tensors, max_norm, norm_type):
+        _check_one_device(tensors, "clip_grad_norm_")
         return tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))

@@ -21,7 +21,6 @@ Python and raises a precise error, or runs each device with its own backend.
 
 from __future__ import annotations
 
-import math
 import numbers
 import types
 import warnings
@@ -83,7 +82,9 @@ def _non_negative(value: Union[float, Tensor], name: str) -> float:
     if isinstance(value, Tensor) and (value.numel() != 1 or value.is_complex()):
         raise TypeError(f"{name} must be a real number or a one-element real tensor")
     value = float(value)  # a device tensor syncs here, as in torch
-    if math.isnan(value) or value < 0:
+    # `not value >= 0` is true for nan and for negatives; unlike math.isnan it traces when
+    # torch.compile makes a float argument symbolic (a max_norm that changes between calls).
+    if not value >= 0:
         raise ValueError(f"{name} must be a non-negative number, got {value}")
     return value
 
@@ -93,7 +94,7 @@ def _norm_type(norm_type: Union[float, str]) -> float:
         value = float(norm_type)
     except (TypeError, ValueError):
         raise ValueError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
-    if math.isnan(value):
+    if value != value:  # nan; math.isnan does not trace when torch.compile makes it symbolic
         raise ValueError("norm_type must not be nan")
     return value
 

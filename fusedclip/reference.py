@@ -1,8 +1,9 @@
 """Backend "torch": the fusedclip primitives in pure PyTorch.
 
-The same operators as the C++ library (csrc/fusedclip.cpp) with the same numerics: per-tensor
-statistics accumulated in float32 (float64 for float64 input) by ``torch.linalg.vector_norm``,
-combined in float64 in list order, the coefficient applied in float32 and rounded once. It runs
+The same operators as the C++ library (csrc/fusedclip.cpp) with the same numerics: statistics
+of rows of 1024 elements accumulated in float32 (float64 for float64 input) by
+``torch.linalg.vector_norm``, combined in float64 in order, the coefficient applied in float32
+and rounded once. It runs
 on any device PyTorch runs on and needs nothing compiled; it is the fallback where ``_C`` is
 missing and the path for devices that have no fused kernels yet.
 """
@@ -48,15 +49,31 @@ def combine_statistics(stats: Tensor, norm_type: float) -> Tensor:
     return stats.double().sum().to(stats.dtype)
 
 
+# torch.linalg.vector_norm reduces a long float32 vector with few partial sums: 2**20 equal values
+# come out 0.3% off (p=1), 100,000 fp16 values of 300 7e-5 off (p=2). Reducing rows of this many
+# elements in float32 and combining the rows in float64, like the C++ kernels' chunks, keeps the
+# error near float32 rounding, and is no slower (the rows run in parallel).
+_ROW = 1024
+
+
 def _tensor_statistic(t: Tensor, norm_type: float, acc: torch.dtype) -> Tensor:
     if t.numel() == 0:
         return torch.full((), statistic_identity(norm_type), dtype=acc, device=t.device)
     if t.is_complex():
         t = t.abs()
-    norm = torch.linalg.vector_norm(t, norm_type, dtype=acc)
-    if norm_type in (0.0, 1.0) or math.isinf(norm_type):
-        return norm  # the statistic is the norm itself: a count, a sum, a max or a min
-    return norm.double().pow(norm_type).to(acc)
+    if math.isinf(norm_type):
+        return torch.linalg.vector_norm(t, norm_type, dtype=acc)  # a max or a min: exact
+    flat = t.reshape(-1)
+    whole = flat.numel() // _ROW * _ROW
+    rows = []
+    if whole:
+        rows.append(torch.linalg.vector_norm(flat[:whole].view(-1, _ROW), norm_type, dim=1, dtype=acc))
+    if whole < flat.numel():
+        rows.append(torch.linalg.vector_norm(flat[whole:], norm_type, dtype=acc).reshape(1))
+    norms = torch.cat(rows).double()
+    if norm_type in (0.0, 1.0):
+        return norms.sum().to(acc)  # the statistic is the norm itself: a count or a sum
+    return norms.pow(norm_type).sum().to(acc)
 
 
 def multi_tensor_norm(

@@ -88,7 +88,6 @@ template <NormKind kind, typename T>
 T scalar_step(T acc, T x, T p) {
   if constexpr (kind == NormKind::kAbsSum) return acc + std::abs(x);
   else if constexpr (kind == NormKind::kSquareSum) return acc + x * x;
-  else if constexpr (kind == NormKind::kPowerSum) return acc + std::pow(std::abs(x), p);
   else if constexpr (kind == NormKind::kMax) return nan_max(acc, std::abs(x));
   else if constexpr (kind == NormKind::kMin) return nan_min(acc, std::abs(x));
   else return acc + (x != T(0) ? T(1) : T(0));  // nan != 0: counted, as torch counts it
@@ -104,7 +103,8 @@ Vectorized<T> vector_step(const Vectorized<T>& acc, const Vectorized<T>& x) {
 }
 
 // The statistic of one segment. kPowerSum (any p other than 0, 1, 2, +-inf) runs a scalar loop:
-// std::pow has no at::vec form that links without Sleef.
+// std::pow has no at::vec form that links without Sleef. It returns in the accumulator type,
+// as the fast kinds do, so every kind's statistic has the same rounding.
 template <NormKind kind, typename scalar_t>
 acc_type<scalar_t> segment_statistic(const scalar_t* x, int64_t n, acc_type<scalar_t> p) {
   using acc_t = acc_type<scalar_t>;
@@ -125,6 +125,13 @@ acc_type<scalar_t> segment_statistic(const scalar_t* x, int64_t n, acc_type<scal
         for (int64_t l = 0; l < B::AccVec::size(); ++l) result = combine<kind>(result, lanes[l]);
       }
     }
+  }
+  if constexpr (kind == NormKind::kPowerSum) {
+    // One scalar running sum over a whole segment: float64, or 32K float32 additions would
+    // lose about 1e-5 relative.
+    double sum = 0;
+    for (; i < n; ++i) sum += std::pow(std::abs(static_cast<double>(x[i])), static_cast<double>(p));
+    return static_cast<acc_t>(sum);
   }
   for (; i < n; ++i) {
     result = scalar_step<kind>(result, static_cast<acc_t>(x[i]), p);
@@ -270,16 +277,25 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(at::TensorList tensors, dou
   return norm_statistic(table, norm_type, per_tensor);
 }
 
+// Scales tensors that check_writable accepted. A read table that points into the tensors
+// themselves (no complex or non-dense tensor needed a temporary) serves the writes too.
+void scale_writable(at::TensorList tensors, double coef, const TensorTable* read_table = nullptr) {
+  if (coef >= 1.0) return;  // multiplying by 1 changes nothing; a nan coef still writes
+  if (read_table != nullptr && read_table->direct()) {
+    transform_table(*read_table, ScaleOp{coef});
+    return;
+  }
+  TensorTable table(tensors, Access::kWrite);
+  transform_table(table, ScaleOp{coef});
+  table.write_back();
+}
+
 void multi_tensor_scale_(at::TensorList tensors, const at::Tensor& coef) {
   TORCH_CHECK(coef.numel() == 1 && coef.is_floating_point(),
               "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, got ",
               coef.sizes(), " ", coef.scalar_type());
   check_writable(tensors, "multi_tensor_scale_");
-  const double c = coef.item<double>();  // a CPU tensor: reading it is no device sync
-  if (c >= 1.0) return;                  // multiplying by 1 changes nothing; nan coef still writes
-  TensorTable table(tensors, Access::kWrite);
-  transform_table(table, ScaleOp{c});
-  table.write_back();
+  scale_writable(tensors, coef.item<double>());  // a CPU tensor: reading it is no device sync
 }
 
 void multi_tensor_clamp_(at::TensorList tensors, double lo, double hi) {
@@ -305,17 +321,12 @@ at::Tensor total_norm_from_statistic(const at::Tensor& statistic, double norm_ty
 at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_type) {
   check_norm_type(norm_type);
   check_writable(tensors, "clip_grad_norm_");
-  bool empty = true;
-  at::Tensor statistic;
-  {
-    const TensorTable table(tensors, Access::kRead);
-    empty = table.numel() == 0;
-    statistic = std::get<0>(norm_statistic(table, norm_type, false));
-  }
-  at::Tensor total = total_norm_from_statistic(statistic, norm_type, empty);
+  const TensorTable table(tensors, Access::kRead);
+  const at::Tensor statistic = std::get<0>(norm_statistic(table, norm_type, false));
+  at::Tensor total = total_norm_from_statistic(statistic, norm_type, table.numel() == 0);
   // torch's formula, in the norm's dtype: max_norm * (1 / (norm + 1e-6)), clamped to 1.
   const at::Tensor coef = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
-  multi_tensor_scale_(tensors, coef);
+  scale_writable(tensors, coef.item<double>(), &table);
   return total;
 }
 

@@ -44,6 +44,10 @@ class TensorTable {
   // float64 when any tensor is float64 (or complex128), else float32.
   at::ScalarType accumulate_dtype() const { return accumulate_dtype_; }
 
+  // True when every segment points into the tensors themselves (no temporaries), so a kRead
+  // table can also serve in-place writes.
+  bool direct() const { return keep_alive_.empty(); }
+
   // Copies the dense temporaries of non-dense tensors back into them (kWrite tables only).
   void write_back();
 

@@ -1,0 +1,72 @@
+"""torch.compile(fullgraph=True) traces fusedclip's clipping (the C++ operators through their fake
+kernels) and gives eager's results. Compiling is slow on a small CPU machine: few tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fusedclip
+from conftest import assert_bitwise_equal, clone_all, make_grads, params_with
+
+# torch.compile itself uses deprecated torch.jit helpers
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_clip_grad_norm_compiles_fullgraph():
+    def clip(params, max_norm, norm_type):
+        return fusedclip.clip_grad_norm_(params, max_norm, norm_type)
+
+    grads = make_grads([(64, 3), (0,), (1000,), (7,)],
+                       [torch.float32, torch.float32, torch.bfloat16, torch.float32], seed=60)
+    eager_params, compiled_params = params_with(clone_all(grads)), params_with(clone_all(grads))
+    compiled = torch.compile(clip, fullgraph=True)
+    # clips, does not, then other norm types: max_norm and norm_type change between calls, which
+    # makes them symbolic floats in the recompiled graph
+    for max_norm, norm_type in ((0.5, 2.0), (1e6, 2.0), (0.3, 1.0), (0.2, 3.0), (0.1, "inf")):
+        expected = clip(eager_params, max_norm, norm_type)
+        total = compiled(compiled_params, max_norm, norm_type)
+        assert total.dtype == expected.dtype and torch.equal(total, expected)
+        assert_bitwise_equal([p.grad for p in compiled_params], [p.grad for p in eager_params])
+
+
+def test_training_step_compiles_fullgraph():
+    """forward, backward, clip, optimizer step (plain SGD: torch.optim's step itself breaks the
+    graph on purpose); backward needs dynamo's trace_autograd_ops."""
+    torch.manual_seed(61)
+    eager = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    compiled_model = copy.deepcopy(eager)
+    x = torch.randn(5, 8)
+
+    def step(model, x):
+        loss = model(x).square().sum()
+        loss.backward()
+        total = fusedclip.clip_grad_norm_(model.parameters(), 0.5)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.1 * p.grad)
+        return loss.detach(), total
+
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = torch.compile(step, fullgraph=True)
+        for _ in range(2):
+            for model in (eager, compiled_model):
+                for p in model.parameters():
+                    p.grad = None
+            loss, total = step(eager, x)
+            c_loss, c_total = compiled(compiled_model, x)
+            assert float(total) > 0.5  # the step clipped
+            torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(c_total, total, rtol=1e-5, atol=0)
+            for p, q in zip(compiled_model.parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,239 @@
+"""Bad input: a clear Python exception, raised before any gradient is modified."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedclip
+from conftest import BACKENDS, assert_bitwise_equal, clone_all, make_grads, params_with
+
+AUTO_AND_BACKENDS = ("auto",) + BACKENDS
+
+
+def _grads(seed=30, dtype=torch.float32):
+    grads = make_grads([(200,), (0,), (9, 11), (70001,)], dtype, seed=seed, scale=5.0)
+    grads[0][3] = float("nan")  # nan positions must survive a refused call too
+    return grads
+
+
+def _refused(call, grads, exc, match):
+    """call() raises exc matching match, and every grad keeps its bits."""
+    originals = clone_all(grads)
+    with pytest.raises(exc, match=match):
+        call()
+    assert_bitwise_equal(grads, originals)
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, -1e-30, float("nan"), -math.inf, torch.tensor(-2.0)],
+                         ids=["-1", "-1e-30", "nan", "-inf", "tensor(-2)"])
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_bad_max_norm(backend, max_norm):
+    grads = _grads()
+    params = params_with(grads)
+    _refused(lambda: fusedclip.clip_grad_norm_(params, max_norm, backend=backend), grads,
+             ValueError, "max_norm must be a non-negative number")
+    _refused(lambda: fusedclip.clip_grads_with_norm_(params, max_norm, torch.tensor(1e6),
+                                                     backend=backend),
+             grads, ValueError, "max_norm must be a non-negative number")
+
+
+@pytest.mark.parametrize("max_norm", ["1.0", None, True, torch.ones(2)], ids=["str", "None", "bool", "2-elem"])
+def test_max_norm_not_a_number(max_norm):
+    grads = _grads()
+    _refused(lambda: fusedclip.clip_grad_norm_(params_with(grads), max_norm), grads,
+             TypeError, "max_norm must be a real number")
+
+
+@pytest.mark.parametrize("norm_type, match", [
+    (float("nan"), "norm_type must not be nan"),
+    ("nan", "norm_type must not be nan"),
+    ("fro", "norm_type must be a number or 'inf'"),
+    ("two", "norm_type must be a number or 'inf'"),
+    (None, "norm_type must be a number or 'inf'"),
+])
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_bad_norm_type(backend, norm_type, match):
+    grads = _grads()
+    _refused(lambda: fusedclip.clip_grad_norm_(params_with(grads), 1.0, norm_type, backend=backend),
+             grads, ValueError, match)
+    _refused(lambda: fusedclip.get_total_norm(grads, norm_type, backend=backend),
+             grads, ValueError, match)
+
+
+@pytest.mark.parametrize("clip_value", [-0.5, float("nan"), -math.inf], ids=["-0.5", "nan", "-inf"])
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_bad_clip_value(backend, clip_value):
+    grads = _grads()
+    _refused(lambda: fusedclip.clip_grad_value_(params_with(grads), clip_value, backend=backend),
+             grads, ValueError, "clip_value must be a non-negative number")
+
+
+@pytest.mark.parametrize("position", [0, 1, 3])
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_sparse_grads_refused_dense_unchanged(backend, position):
+    grads = _grads()
+    indices = torch.tensor([[0, 2, 5], [1, 1, 3]])
+    sparse = torch.sparse_coo_tensor(indices, torch.tensor([3.0, -4.0, 12.0]), (7, 4),
+                                     check_invariants=True)
+    grads.insert(position, sparse)
+    params = params_with(grads)
+    match = "layout torch.sparse_coo"
+    _refused(lambda: fusedclip.clip_grad_norm_(params, 0.01, backend=backend), grads, TypeError, match)
+    _refused(lambda: fusedclip.clip_grad_value_(params, 0.01, backend=backend), grads, TypeError, match)
+    _refused(lambda: fusedclip.clip_grads_with_norm_(params, 0.01, torch.tensor(100.0),
+                                                     backend=backend), grads, TypeError, match)
+    _refused(lambda: fusedclip.get_total_norm(grads, backend=backend), grads, TypeError, match)
+
+
+@pytest.mark.parametrize("bad", [3.0, "weight", None, [torch.ones(2)]], ids=["float", "str", "None", "list"])
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_non_tensor_parameters(backend, bad):
+    grads = _grads()
+    params = params_with(grads)
+    params.insert(2, bad)
+    match = r"parameters\[2\] must be a torch.Tensor"
+    _refused(lambda: fusedclip.clip_grad_norm_(params, 0.01, backend=backend), grads, TypeError, match)
+    _refused(lambda: fusedclip.clip_grad_value_(params, 0.01, backend=backend), grads, TypeError, match)
+    _refused(lambda: fusedclip.clip_grads_with_norm_(params, 0.01, torch.tensor(1e3), backend=backend),
+             grads, TypeError, match)
+
+
+@pytest.mark.parametrize("bad", [3.0, "g"], ids=["float", "str"])
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_non_tensor_in_get_total_norm(backend, bad):
+    grads = _grads()
+    _refused(lambda: fusedclip.get_total_norm(grads[:2] + [bad] + grads[2:], backend=backend),
+             grads, TypeError, r"gradient 2 must be a torch.Tensor")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool])
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_integer_tensors_refused(backend, dtype):
+    grads = _grads()
+    tensors = grads[:1] + [torch.arange(12).reshape(3, 4).to(dtype)] + grads[1:]
+    _refused(lambda: fusedclip.get_total_norm(tensors, backend=backend), grads, TypeError,
+             f"gradient 1 has dtype {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_complex_grads_refused_by_clip_grad_value(backend, dtype):
+    grads = _grads()
+    grads.insert(1, make_grads([(10,)], dtype, seed=31)[0])
+    _refused(lambda: fusedclip.clip_grad_value_(params_with(grads), 0.01, backend=backend), grads,
+             TypeError, "clip_grad_value_ does not support complex gradients")
+
+
+def test_unknown_backend():
+    grads = _grads()
+    match = "backend must be one of"
+    for call in (
+        lambda: fusedclip.clip_grad_norm_(params_with(grads), 0.01, backend="cuda-fast"),
+        lambda: fusedclip.get_total_norm(grads, backend="Torch"),
+        lambda: fusedclip.clip_grad_value_(params_with(grads), 0.01, backend=""),
+        lambda: fusedclip.clip_grads_with_norm_(params_with(grads), 0.01, torch.tensor(9.0),
+                                                backend="triton"),
+    ):
+        _refused(call, grads, ValueError, match)
+
+
+def test_cpu_backend_refuses_other_devices():
+    grads = [torch.empty(5, device="meta"), torch.empty(3, 2, device="meta")]
+    match = "backend 'cpu' runs CPU tensors only"
+    with pytest.raises(ValueError, match=match):
+        fusedclip.clip_grad_norm_(params_with(grads), 1.0, backend="cpu")
+    with pytest.raises(ValueError, match=match):
+        fusedclip.get_total_norm(grads, backend="cpu")
+    with pytest.raises(ValueError, match=match):
+        fusedclip.clip_grad_value_(params_with(grads), 1.0, backend="cpu")
+
+
+@pytest.mark.parametrize("op", ["clip_grad_norm_", "get_total_norm", "clip_grad_value_",
+                                "clip_grads_with_norm_"])
+def test_cpu_backend_refuses_a_mixed_list_before_writing(op):
+    grads = _grads()
+    params = params_with(grads) + params_with([torch.empty(4, device="meta")])
+    call = {
+        "clip_grad_norm_": lambda: fusedclip.clip_grad_norm_(params, 0.01, backend="cpu"),
+        "get_total_norm": lambda: fusedclip.get_total_norm([p.grad for p in params], backend="cpu"),
+        "clip_grad_value_": lambda: fusedclip.clip_grad_value_(params, 0.01, backend="cpu"),
+        "clip_grads_with_norm_": lambda: fusedclip.clip_grads_with_norm_(
+            params, 0.01, torch.tensor(1e3), backend="cpu"),
+    }[op]
+    _refused(call, grads, ValueError, "backend 'cpu' runs CPU tensors only")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cpu_then_meta_norm_raises_like_torch(backend):
+    """A norm of CPU and meta grads, CPU first, cannot be brought to the CPU: torch raises
+    NotImplementedError, and so must fusedclip -- never return an uninitialised norm from the
+    Meta kernel that the dispatcher picks for a mixed list."""
+    grads = _grads()
+    params = params_with(grads) + params_with([torch.empty(4, device="meta")])
+    with pytest.raises(NotImplementedError, match="meta"):
+        torch.nn.utils.clip_grad_norm_(params_with(clone_all(grads)) + params[-1:], 0.01)
+    _refused(lambda: fusedclip.clip_grad_norm_(params, 0.01, backend=backend), grads,
+             NotImplementedError, "meta")
+    _refused(lambda: fusedclip.get_total_norm([p.grad for p in params], backend=backend), grads,
+             NotImplementedError, "meta")
+
+
+@pytest.mark.parametrize("op", ["multi_tensor_norm", "multi_tensor_scale_", "multi_tensor_clamp_",
+                                "clip_grad_norm_"])
+def test_operators_refuse_mixed_devices(op):
+    grads = _grads()
+    tensors = grads + [torch.empty(4, device="meta")]
+    args = {
+        "multi_tensor_norm": (tensors, 2.0, True),
+        "multi_tensor_scale_": (tensors, torch.tensor(0.5)),
+        "multi_tensor_clamp_": (tensors, -0.1, 0.1),
+        "clip_grad_norm_": (tensors, 0.01, 2.0),
+    }[op]
+    _refused(lambda: getattr(torch.ops.fusedclip, op)(*args), grads, RuntimeError,
+             "all tensors must be on one device")
+
+
+def test_foreach_true_on_meta_raises_like_torch():
+    message = "foreach=True was passed, but can't use the foreach API on meta tensors"
+    grads = [torch.empty(5, device="meta")]
+    with pytest.raises(RuntimeError, match=message):
+        torch.nn.utils.clip_grad_norm_(params_with(grads), 1.0, foreach=True)
+    with pytest.raises(RuntimeError, match=message):
+        fusedclip.clip_grad_norm_(params_with(grads), 1.0, foreach=True)
+    with pytest.raises(RuntimeError, match=message):
+        fusedclip.get_total_norm(grads, foreach=True)
+    with pytest.raises(RuntimeError, match=message):
+        fusedclip.clip_grad_value_(params_with(grads), 1.0, foreach=True)
+    # foreach=False and None take any device, as in torch
+    fusedclip.get_total_norm(grads, foreach=False)
+    fusedclip.get_total_norm(grads, foreach=None)
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_foreach_is_accepted_on_cpu(backend, foreach):
+    grads = _grads()
+    grads[0][3] = 1.0
+    originals = clone_all(grads)
+    fusedclip.clip_grad_norm_(params_with(grads), 1e6, foreach=foreach, backend=backend)
+    assert_bitwise_equal(grads, originals)
+
+
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_expanded_grads_refused(backend):
+    grads = _grads()
+    grads[0][3] = 1.0
+    grads.insert(1, torch.randn(1, 5).expand(4, 5))
+    _refused(lambda: fusedclip.clip_grad_norm_(params_with(grads), 1e-3, backend=backend), grads,
+             ValueError, "internally overlapping memory")
+    # reading an expanded tensor is fine
+    fusedclip.get_total_norm(grads, backend=backend)
+
+
+def test_total_norm_must_be_a_tensor():
+    grads = _grads()
+    _refused(lambda: fusedclip.clip_grads_with_norm_(params_with(grads), 1.0, 5.0), grads,
+             TypeError, "total_norm must be a torch.Tensor")
