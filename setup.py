@@ -49,7 +49,7 @@ def _cpu_flags() -> tuple[list[str], list[str]]:
 
 def _extensions():
     compile_args, link_args = _cpu_flags()
-    sources = ["csrc/fusedclip.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/fusedclip.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     return [
         CppExtension(
             name="fusedclip._C",

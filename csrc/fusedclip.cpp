@@ -1,12 +1,8 @@
-// Operator schemas of the fusedclip library and the Python module that loads them.
+// Operator schemas of the fusedclip library.
 //
-// Every backend registers kernels for these schemas (CPU here in csrc/cpu/, CUDA and Triton in
-// their own files); fake (meta) implementations live in fusedclip/_ops.py so torch.compile can
-// trace the ops.
-#include <Python.h>
+// Every backend registers kernels for these schemas (CPU in csrc/cpu/); fake (meta)
+// implementations live in fusedclip/_ops.py so torch.compile can trace the ops.
 #include <torch/library.h>
-
-#include "cpu/vec_config.h"
 
 TORCH_LIBRARY(fusedclip, m) {
   // The statistic of the p-norm before its root, over the concatenation of all tensors:
@@ -23,19 +19,4 @@ TORCH_LIBRARY(fusedclip, m) {
   m.def("multi_tensor_clamp_(Tensor(a!)[] tensors, float min, float max) -> ()");
   // Norm, coefficient min(max_norm / (norm + 1e-6), 1) and scale in one call; returns the norm.
   m.def("clip_grad_norm_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor");
-}
-
-// A Python module, so that `import fusedclip._C` loads this library and runs the registrations.
-static PyModuleDef fusedclip_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-
-PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* module = PyModule_Create(&fusedclip_module);
-  if (module == nullptr) return nullptr;
-  PyModule_AddStringConstant(module, "cpu_capability", FUSEDCLIP_CPU_CAPABILITY_NAME);
-#ifdef _OPENMP
-  PyModule_AddIntConstant(module, "openmp", 1);
-#else
-  PyModule_AddIntConstant(module, "openmp", 0);
-#endif
-  return module;
 }

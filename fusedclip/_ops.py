@@ -107,6 +107,24 @@ def clip_grad_norm_(backend: str, tensors: list[Tensor], max_norm: float, norm_t
     return reference.clip_grad_norm_(tensors, max_norm, norm_type)
 
 
+# --- entry points that take parameters (backend "cpu") ----------------------------------------
+# They read the grads in C++ (see csrc/python_module.cpp); each returns None / False when it did
+# not run (a parameter that is not exactly a Tensor or Parameter, or no grads), and raises,
+# before anything is modified, where the operator refuses the grads (another device, a bad dtype).
+
+
+def clip_grad_norm_of_params(params: list, max_norm: float, norm_type: float) -> Optional[Tensor]:
+    return _C.clip_grad_norm_of(params, max_norm, norm_type)
+
+
+def scale_grads_of_params_(params: list, coef: Tensor) -> bool:
+    return _C.scale_grads_of(params, coef)
+
+
+def clamp_grads_of_params_(params: list, lo: float, hi: float) -> bool:
+    return _C.clamp_grads_of(params, lo, hi)
+
+
 # --- fake kernels: shapes and dtypes only, for torch.compile and opcheck -----------------------
 
 

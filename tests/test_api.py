@@ -466,3 +466,47 @@ def test_clip_grad_value_single_tensor_and_generator(backend):
     expected = [g.clone().clamp_(-1.0, 1.0) for g in grads]
     fusedclip.clip_grad_value_((p for p in params_with(grads)), 1.0, backend=backend)
     assert_bitwise_equal(grads, expected)
+
+
+# --- the C++ entry that reads grads of plain CPU parameters itself ------------------------------
+
+
+class _TaggedTensor(torch.Tensor):
+    """A Tensor subclass: the C++ entry must leave it to the Python path."""
+
+
+@pytest.mark.parametrize("entry", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
+def test_subclass_parameters_take_the_python_path(entry):
+    grads = make_grads([(7, 3), (11,)], torch.float32, seed=90)
+    originals = clone_all(grads)
+    params = params_with(grads)
+    tagged = torch.Tensor._make_subclass(_TaggedTensor, torch.empty(5), True)
+    tagged.grad = make_grads([(5,)], torch.float32, seed=91)[0]
+    params.append(tagged)
+    grads.append(tagged.grad)
+    originals.append(tagged.grad.clone())
+    torch_params = params_with(clone_all(originals))
+    truth = oracle_norm(originals, 2.0)
+    if entry == "clip_grad_norm_":
+        total = fusedclip.clip_grad_norm_(params, 0.25 * truth)
+        torch.nn.utils.clip_grad_norm_(torch_params, 0.25 * truth)
+        assert float(total) == pytest.approx(truth, rel=1e-5)
+    elif entry == "clip_grads_with_norm_":
+        fusedclip.clip_grads_with_norm_(params, 0.25 * truth, torch.tensor(truth))
+        torch.nn.utils.clip_grads_with_norm_(torch_params, 0.25 * truth, torch.tensor(truth))
+    else:
+        fusedclip.clip_grad_value_(params, 0.3)
+        torch.nn.utils.clip_grad_value_(torch_params, 0.3)
+    for ours, theirs in zip(grads, (p.grad for p in torch_params)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+
+
+def test_in_place_clip_bumps_version_counters():
+    # Autograd's view of an in-place write: a grad saved for backward elsewhere must see it.
+    grads = make_grads([(64,), (3, 5)], torch.float32, seed=92)
+    before = [g._version for g in grads]
+    fusedclip.clip_grad_norm_(params_with(grads), 1e-3)
+    assert all(g._version > v for g, v in zip(grads, before))
+    before = [g._version for g in grads]
+    fusedclip.clip_grad_value_(params_with(grads), 1e-4)
+    assert all(g._version > v for g, v in zip(grads, before))

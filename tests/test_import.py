@@ -135,7 +135,14 @@ def _spy_backend(monkeypatch):
         seen.append(backend)
         return real(backend, tensors, max_norm, norm_type)
 
+    real_of_params = _ops.clip_grad_norm_of_params
+
+    def spy_of_params(params, max_norm, norm_type):  # the C++ entry of backend "cpu"
+        seen.append("cpu")
+        return real_of_params(params, max_norm, norm_type)
+
     monkeypatch.setattr(_ops, "clip_grad_norm_", spy)
+    monkeypatch.setattr(_ops, "clip_grad_norm_of_params", spy_of_params)
     return seen
 
 

@@ -277,10 +277,19 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(at::TensorList tensors, dou
   return norm_statistic(table, norm_type, per_tensor);
 }
 
+// Marks tensors as modified in place, as autograd's ADInplaceOrView kernels do for ATen's own
+// in-place ops (a custom op gets no such kernel): a tensor saved for backward elsewhere then
+// errors instead of silently using new values. Before the write, so an inference tensor outside
+// inference mode is refused with nothing modified.
+void bump_versions(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+}
+
 // Scales tensors that check_writable accepted. A read table that points into the tensors
 // themselves (no complex or non-dense tensor needed a temporary) serves the writes too.
 void scale_writable(at::TensorList tensors, double coef, const TensorTable* read_table = nullptr) {
   if (coef >= 1.0) return;  // multiplying by 1 changes nothing; a nan coef still writes
+  bump_versions(tensors);
   if (read_table != nullptr && read_table->direct()) {
     transform_table(*read_table, ScaleOp{coef});
     return;
@@ -304,6 +313,7 @@ void multi_tensor_clamp_(at::TensorList tensors, double lo, double hi) {
     TORCH_CHECK(!tensors[i].is_complex(), "fusedclip.multi_tensor_clamp_: tensor ", i,
                 " is complex; clamping is not defined for complex values");
   }
+  bump_versions(tensors);
   TensorTable table(tensors, Access::kWrite);
   transform_table(table, ClampOp{lo, hi});
   table.write_back();
