@@ -110,8 +110,9 @@ class BandwidthProbe:
         self.samples["rmw"].append(2 * self.bytes / _time(lambda: self.a.mul_(1.0), self.device))
         self.samples["copy"].append(2 * self.bytes / _time(lambda: self.b.copy_(self.a), self.device))
 
-    def median(self, kind: str) -> float:
-        return statistics.median(self.samples[kind])
+    def median(self, kind: str, since: int = 0) -> float:
+        """The median of the samples of one kind, from sample number ``since`` on."""
+        return statistics.median(self.samples[kind][since:])
 
 
 def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -147,6 +148,7 @@ def run(
                 ours = lambda: fusedclip.clip_grad_norm_(params, max_norm)  # noqa: E731
                 theirs = lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)  # noqa: E731
                 t_ours, t_torch = [], []
+                first_sample = len(probe.samples["read"])
                 for i in range(warmup + repeats):
                     pair = [(ours, t_ours), (theirs, t_torch)]
                     for fn, times in pair if i % 2 == 0 else reversed(pair):
@@ -159,9 +161,10 @@ def run(
                 n_bytes = workload.numel * element_bytes
                 moved = 3 * n_bytes if mode == "clip" else n_bytes
                 ms_ours, ms_torch = statistics.median(t_ours) * 1e3, statistics.median(t_torch) * 1e3
-                floor_s = n_bytes / probe.median("read") + (
-                    2 * n_bytes / probe.median("rmw") if mode == "clip" else 0.0
-                )
+                # The floor at the bandwidth measured between this row's own timings.
+                read_bw = probe.median("read", first_sample)
+                rmw_bw = probe.median("rmw", first_sample)
+                floor_s = n_bytes / read_bw + (2 * n_bytes / rmw_bw if mode == "clip" else 0.0)
                 row = {
                     "workload": workload.label,
                     "mode": mode,
@@ -174,6 +177,8 @@ def run(
                     "fusedclip_GBps": moved / ms_ours / 1e6,
                     "torch_GBps": moved / ms_torch / 1e6,
                     "floor_ms": floor_s * 1e3,
+                    "read_GBps": read_bw / 1e9,
+                    "rmw_GBps": rmw_bw / 1e9,
                     "percent_of_floor": 100 * floor_s * 1e3 / ms_ours,
                     "norm_relative_difference": diff,
                 }

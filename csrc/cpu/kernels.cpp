@@ -102,6 +102,14 @@ Vectorized<T> vector_step(const Vectorized<T>& acc, const Vectorized<T>& x) {
   else return acc + x.ne(Vectorized<T>(T(0)));  // ne gives 1 or 0 per lane; unordered counts
 }
 
+// Two vector partials into one, lane by lane.
+template <NormKind kind, typename T>
+Vectorized<T> vector_combine(const Vectorized<T>& a, const Vectorized<T>& b) {
+  if constexpr (kind == NormKind::kMax) return at::vec::maximum(a, b);
+  else if constexpr (kind == NormKind::kMin) return at::vec::minimum(a, b);
+  else return a + b;
+}
+
 // The statistic of one segment. kPowerSum (any p other than 0, 1, 2, +-inf) runs a scalar loop:
 // std::pow has no at::vec form that links without Sleef. It returns in the accumulator type,
 // as the fast kinds do, so every kind's statistic has the same rounding.
@@ -119,11 +127,11 @@ acc_type<scalar_t> segment_statistic(const scalar_t* x, int64_t n, acc_type<scal
         B::load(x + i, v);
         for (int k = 0; k < 4; ++k) acc[k] = vector_step<kind>(acc[k], v[k]);
       }
+      const auto folded = vector_combine<kind>(vector_combine<kind>(acc[0], acc[1]),
+                                               vector_combine<kind>(acc[2], acc[3]));
       alignas(64) acc_t lanes[B::AccVec::size()];
-      for (int k = 0; k < 4; ++k) {
-        acc[k].store(lanes);
-        for (int64_t l = 0; l < B::AccVec::size(); ++l) result = combine<kind>(result, lanes[l]);
-      }
+      folded.store(lanes);
+      for (int64_t l = 0; l < B::AccVec::size(); ++l) result = combine<kind>(result, lanes[l]);
     }
   }
   if constexpr (kind == NormKind::kPowerSum) {
@@ -227,11 +235,15 @@ void transform_segment(const Segment& s, const Op& op) {
 }
 
 // Runs op over every segment of the table, in parallel over chunks.
+//
+// Each thread walks its chunks last to first. The norm pass before it walked them first to last
+// with the same split over threads, so the last few MB it read are still in the last-level cache
+// and are the first this pass touches.
 template <typename Op>
 void transform_table(const TensorTable& table, const Op& op) {
   const auto& segments = table.segments();
   at::parallel_for(0, table.num_chunks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = table.chunk_begin(begin); s < table.chunk_begin(end); ++s) {
+    for (int64_t s = table.chunk_begin(end) - 1; s >= table.chunk_begin(begin); --s) {
       const Segment& segment = segments[s];
       switch (segment.dtype) {
         case at::kFloat: transform_segment<float>(segment, op); break;
