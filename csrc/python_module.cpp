@@ -4,9 +4,12 @@
 // Why those entry points: at 10,000 parameters, reading p.grad in Python, then parsing the list of
 // grads back into C++ tensors, costs more than the kernels (about 1 us per parameter once backward
 // has evicted their metadata from cache). Here the grads are read in C++, no Python object is
-// made for them, and the operator is called through the C++ dispatcher, so autograd's and
-// in-place version counting stay as for any other call.
+// made for them, and the operator is called through the C++ dispatcher below the autograd keys
+// (as torch's own autograd kernels redispatch non-differentiable ops): the Python API calls these
+// under no_grad on plain CPU tensors, and the kernels bump the version counters themselves. That
+// skips autograd's boxed fallback, which would copy the 10,000 tensors into and out of a stack.
 #include <torch/extension.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
@@ -48,6 +51,7 @@ py::object clip_grad_norm_of(const py::list& params, double max_norm, double nor
   at::Tensor total;
   {
     py::gil_scoped_release no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     total = op.call(*grads, max_norm, norm_type);
   }
   return py::cast(total);
@@ -60,6 +64,7 @@ bool scale_grads_of(const py::list& params, const at::Tensor& coef) {
   if (!grads) return false;
   if (!grads->empty()) {
     py::gil_scoped_release no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     op.call(*grads, coef);
   }
   return true;
@@ -72,6 +77,7 @@ bool clamp_grads_of(const py::list& params, double lo, double hi) {
   if (!grads) return false;
   if (!grads->empty()) {
     py::gil_scoped_release no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     op.call(*grads, lo, hi);
   }
   return true;
