@@ -249,15 +249,21 @@ def plot(report: dict, path: str) -> bool:
     except ImportError:
         return False
     rows = report["results"]
-    labels = [f"{r['workload']}\n{r['mode']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["speedup"] for r in rows], color="tab:blue")
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylabel("speed-up over torch.nn.utils.clip_grad_norm_")
-    ax.set_title(f"fusedclip {report['fusedclip']} vs torch {report['torch']}\n{report['device']}", fontsize=9)
-    for i, r in enumerate(rows):
-        ax.text(i, r["speedup"], f"{r['speedup']:.1f}x", ha="center", va="bottom", fontsize=7)
+    labels = [f"{r['workload']} {r['mode']}" for r in rows]
+    y = list(range(len(rows)))[::-1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.5), sharey=True)
+    left.barh(y, [r["speedup"] for r in rows], color="tab:blue")
+    left.axvline(1.0, color="black", linewidth=0.8)
+    left.set_yticks(y, labels, fontsize=8)
+    left.set_xlabel("speed-up over torch.nn.utils.clip_grad_norm_")
+    right.barh(y, [r["percent_of_floor"] for r in rows], color="tab:green")
+    right.axvline(100.0, color="black", linewidth=0.8)
+    right.set_xlabel("% of the bandwidth floor (measured in the same run)")
+    for i, r in zip(y, rows):
+        left.text(r["speedup"], i, f" {r['speedup']:.2f}x", va="center", fontsize=7)
+        right.text(r["percent_of_floor"], i, f" {r['percent_of_floor']:.0f}%", va="center", fontsize=7)
+    fig.suptitle(f"fusedclip {report['fusedclip']} vs torch {report['torch']}, {report['device']}, "
+                 f"{report['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
