@@ -108,13 +108,30 @@ def _check_foreach(foreach: Optional[bool], device: torch.device) -> None:
         )
 
 
-def _has_internal_overlap(g: Tensor) -> bool:
+def _check_writable(i: int, g: Tensor) -> None:
+    """Raises if gradient i cannot be modified in place, before any gradient is."""
     if torch.compiler.is_compiling():
-        # torch._debug_has_internal_overlap returns an int, which dynamo cannot put in a graph
-        # (fullgraph=True fails); a zero stride on a dimension of size > 1 is the overlap of an
-        # expanded tensor, and the C++ operators check the general case again at run time.
-        return any(stride == 0 and size > 1 for size, stride in zip(g.shape, g.stride()))
-    return torch._debug_has_internal_overlap(g) == 1
+        # Dynamo cannot put these checks' Python bools in a graph; a zero stride on a dimension
+        # of size > 1 is the overlap of an expanded tensor, and the operators check again at run
+        # time, before writing.
+        if any(stride == 0 and size > 1 for size, stride in zip(g.shape, g.stride())):
+            raise ValueError(f"gradient {i} has internally overlapping memory (an expanded tensor)")
+        return
+    if torch._debug_has_internal_overlap(g) == 1:
+        raise ValueError(
+            f"gradient {i} has internally overlapping memory (an expanded tensor) and cannot be "
+            "modified in place"
+        )
+    if g.is_conj() or g.is_neg():
+        raise ValueError(
+            f"gradient {i} is a lazily conjugated or negated view and cannot be modified in "
+            "place; call .resolve_conj() / .resolve_neg() on it first"
+        )
+    if g.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"gradient {i} is an inference tensor, which cannot be modified in place outside "
+            "torch.inference_mode()"
+        )
 
 
 def _group_by_device(
@@ -135,11 +152,8 @@ def _group_by_device(
                 f"gradient {i} has dtype {g.dtype}; expected float32, float64, float16, "
                 "bfloat16 or complex"
             )
-        if writes and _has_internal_overlap(g):
-            raise ValueError(
-                f"gradient {i} has internally overlapping memory (an expanded tensor) and "
-                "cannot be modified in place"
-            )
+        if writes:
+            _check_writable(i, g)
         groups.setdefault(g.device, []).append(g)
     for device in groups:
         _check_foreach(foreach, device)
@@ -254,11 +268,16 @@ def clip_grads_with_norm_(
         max_norm = _non_negative(max_norm, "max_norm")
         if not isinstance(total_norm, Tensor):
             raise TypeError(f"total_norm must be a torch.Tensor, got {type(total_norm).__name__}")
+        if total_norm.numel() != 1 or not total_norm.is_floating_point():
+            raise TypeError(
+                "total_norm must be a one-element floating-point tensor, got shape "
+                f"{tuple(total_norm.shape)} and dtype {total_norm.dtype}"
+            )
         params = _as_list(parameters)
         coef = reference.clip_coefficient(total_norm, max_norm)
-        if _cpu_fast_path(backend):
+        if coef.device.type == "cpu" and _cpu_fast_path(backend):  # never copy a device scalar
             try:
-                if _ops.scale_grads_of_params_(params, coef.to("cpu")):
+                if _ops.scale_grads_of_params_(params, coef):
                     return
             except (RuntimeError, TypeError):
                 pass  # refused before writing anything: the general path says why

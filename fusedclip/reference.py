@@ -104,10 +104,20 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
 
 
 def multi_tensor_clamp_(tensors: list[Tensor], lo: float, hi: float) -> None:
-    """tensors = min(max(tensors, lo), hi) in place, one pass per tensor; nan stays nan."""
+    """tensors = min(max(tensors, lo), hi) in place, one pass per tensor; nan stays nan.
+
+    The bounds are rounded to each tensor's dtype first (through float32, saturating to inf), as
+    the C++ kernels compare in float32: 70000 clamps nothing in float16 instead of raising.
+    """
     for t in tensors:
         if t.numel() != 0:
-            t.clamp_(min=lo, max=hi)
+            t.clamp_(min=_bound_in(t.dtype, lo), max=_bound_in(t.dtype, hi))
+
+
+def _bound_in(dtype: torch.dtype, value: float) -> float:
+    if dtype == torch.float64:
+        return value
+    return float(torch.tensor(value, dtype=torch.float32).to(dtype))
 
 
 def total_norm_from_statistic(statistic: Tensor, norm_type: float, empty: bool) -> Tensor:

@@ -512,3 +512,42 @@ def test_in_place_clip_bumps_version_counters():
     before = [g._version for g in grads]
     fusedclip.clip_grad_value_(params_with(grads), 1e-4)
     assert all(g._version > v for g, v in zip(grads, before))
+
+
+# --- grads that share memory: scaled once per occurrence, in list order, as torch does -------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["same-grad-twice", "strided-view-of-another"])
+def test_grads_sharing_memory_match_torch(backend, layout):
+    def build():
+        base = torch.randn(64, 1024, generator=torch.Generator().manual_seed(7))
+        other = torch.randn(300, generator=torch.Generator().manual_seed(8))
+        second = base if layout == "same-grad-twice" else base[:, ::2]
+        grads = [base, other, second]
+        params = []
+        for g in grads:
+            p = torch.nn.Parameter(torch.empty(g.shape))
+            p.grad = g
+            params.append(p)
+        return base, other, params
+
+    ours_base, ours_other, ours = build()
+    theirs_base, theirs_other, theirs = build()
+    total = fusedclip.clip_grad_norm_(ours, 0.5, backend=backend)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
+    # the coefficient may differ in its last bit (norms differ in rounding): compare closely
+    torch.testing.assert_close(ours_base, theirs_base, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours_other, theirs_other, rtol=1e-5, atol=0)
+
+
+def test_torch_backend_clamps_float16_past_its_range_like_cpu():
+    grads = [torch.tensor([7e4, -7e4, 3.0]), torch.tensor([1e4, -65504.0, float("inf")]).half()]
+    results = {}
+    for backend in BACKENDS:
+        copies = [g.clone() for g in grads]
+        fusedclip.clip_grad_value_(params_with(copies), 7e4, backend=backend)
+        results[backend] = copies
+    assert_bitwise_equal(results["torch"], results["cpu"])
+    assert float(results["cpu"][1][2]) == math.inf  # 70000 rounds to inf in float16: no clamp

@@ -237,3 +237,46 @@ def test_total_norm_must_be_a_tensor():
     grads = _grads()
     _refused(lambda: fusedclip.clip_grads_with_norm_(params_with(grads), 1.0, 5.0), grads,
              TypeError, "total_norm must be a torch.Tensor")
+
+
+# --- found in review: each refused before any write ----------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_total_norm_must_have_one_element(backend):
+    grads = _grads(seed=40)
+    _refused(lambda: fusedclip.clip_grads_with_norm_(params_with(grads), 1.0, torch.ones(2),
+                                                     backend=backend),
+             grads, TypeError, "total_norm must be a one-element")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conjugated_grad_refused(backend):
+    grads = _grads(seed=41)
+    z = torch.randn(6, dtype=torch.complex64, generator=torch.Generator().manual_seed(4)).conj()
+    params = params_with(grads)
+    params.append(torch.nn.Parameter(torch.empty(6, dtype=torch.complex64)))
+    params[-1].grad = z
+    _refused(lambda: fusedclip.clip_grad_norm_(params, 1e-3, backend=backend), grads,
+             ValueError, "conjugated")
+
+
+@pytest.mark.parametrize("entry", ["norm", "value", "with_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_tensor_grad_refused_and_versions_untouched(backend, entry):
+    grads = _grads(seed=42)
+    with torch.inference_mode():
+        frozen = torch.randn(5)
+    params = params_with(grads)
+    params.append(torch.nn.Parameter(torch.empty(5)))
+    params[-1].grad = frozen
+    versions = [g._version for g in grads]
+    calls = {
+        "norm": lambda: fusedclip.clip_grad_norm_(params, 1e-3, backend=backend),
+        "value": lambda: fusedclip.clip_grad_value_(params, 1e-3, backend=backend),
+        "with_norm": lambda: fusedclip.clip_grads_with_norm_(params, 1e-3, torch.tensor(50.0),
+                                                             backend=backend),
+    }
+    _refused(calls[entry], grads, RuntimeError, "inference tensor")
+    if backend == "cpu":  # the C++ kernels check every tensor before bumping any version
+        assert [g._version for g in grads] == versions

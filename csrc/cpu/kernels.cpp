@@ -297,18 +297,32 @@ void bump_versions(at::TensorList tensors) {
   for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
 }
 
-// Scales tensors that check_writable accepted. A read table that points into the tensors
-// themselves (no complex or non-dense tensor needed a temporary) serves the writes too.
-void scale_writable(at::TensorList tensors, double coef, const TensorTable* read_table = nullptr) {
-  if (coef >= 1.0) return;  // multiplying by 1 changes nothing; a nan coef still writes
+// Runs op in place over tensors that check_writable accepted. A read table that points into the
+// tensors themselves (no temporaries) serves the writes too. Tensors that share memory run one at
+// a time in list order, so shared bytes are transformed once per tensor, as torch does.
+template <typename Op>
+void transform_writable(at::TensorList tensors, const Op& op, const TensorTable* read_table = nullptr) {
   bump_versions(tensors);
+  if (any_memory_shared(tensors)) {
+    for (const at::Tensor& t : tensors) {
+      TensorTable table(t, Access::kWrite);
+      transform_table(table, op);
+      table.write_back();
+    }
+    return;
+  }
   if (read_table != nullptr && read_table->direct()) {
-    transform_table(*read_table, ScaleOp{coef});
+    transform_table(*read_table, op);
     return;
   }
   TensorTable table(tensors, Access::kWrite);
-  transform_table(table, ScaleOp{coef});
+  transform_table(table, op);
   table.write_back();
+}
+
+void scale_writable(at::TensorList tensors, double coef, const TensorTable* read_table = nullptr) {
+  if (coef >= 1.0) return;  // multiplying by 1 changes nothing; a nan coef still writes
+  transform_writable(tensors, ScaleOp{coef}, read_table);
 }
 
 void multi_tensor_scale_(at::TensorList tensors, const at::Tensor& coef) {
@@ -325,10 +339,7 @@ void multi_tensor_clamp_(at::TensorList tensors, double lo, double hi) {
     TORCH_CHECK(!tensors[i].is_complex(), "fusedclip.multi_tensor_clamp_: tensor ", i,
                 " is complex; clamping is not defined for complex values");
   }
-  bump_versions(tensors);
-  TensorTable table(tensors, Access::kWrite);
-  transform_table(table, ClampOp{lo, hi});
-  table.write_back();
+  transform_writable(tensors, ClampOp{lo, hi});
 }
 
 // The total norm from its statistic: the p-th root for finite p other than 0 and 1. The same ATen

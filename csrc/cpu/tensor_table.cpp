@@ -3,6 +3,7 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
+#include <c10/core/InferenceMode.h>
 
 namespace fusedclip::cpu {
 namespace {
@@ -91,7 +92,37 @@ void check_writable(at::TensorList tensors, const char* op_name) {
                 op_name, ": tensor ", i,
                 " has internally overlapping memory (an expanded tensor) and cannot be modified "
                 "in place; clone it first");
+    TORCH_CHECK(!tensors[i].is_inference() || c10::InferenceMode::is_enabled(), "fusedclip.",
+                op_name, ": tensor ", i,
+                " is an inference tensor, which cannot be modified in place outside "
+                "torch.inference_mode()");
   }
+}
+
+bool any_memory_shared(at::TensorList tensors) {
+  // The byte range each tensor can touch: [first element, one past its farthest element].
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  ranges.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    if (t.numel() == 0) continue;
+    int64_t last = 0;  // offset of the farthest element, in elements
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    ranges.emplace_back(begin, begin + (last + 1) * t.element_size());
+  }
+  // Grads are usually allocated in (reverse) parameter order: check those orders in one pass
+  // before sorting.
+  bool ascending = true, descending = true;
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    ascending = ascending && ranges[i - 1].second <= ranges[i].first;
+    descending = descending && ranges[i].second <= ranges[i - 1].first;
+  }
+  if (ascending || descending) return false;
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i - 1].second > ranges[i].first) return true;
+  }
+  return false;
 }
 
 }  // namespace fusedclip::cpu

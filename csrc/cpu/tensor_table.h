@@ -64,7 +64,13 @@ class TensorTable {
 };
 
 // Raises (before anything is written) if a tensor cannot be modified in place: internal overlap
-// (an expanded tensor) or a dtype the write kernels do not take.
+// (an expanded tensor), an inference tensor outside inference mode, or a dtype the kernels do not
+// take.
 void check_writable(at::TensorList tensors, const char* op_name);
+
+// True when two tensors of the list may share memory (the same grad twice, a grad and its view).
+// In-place kernels then run tensor by tensor in list order, as torch's per-tensor ops do, instead
+// of in parallel, where two threads would read-modify-write the same bytes.
+bool any_memory_shared(at::TensorList tensors);
 
 }  // namespace fusedclip::cpu
