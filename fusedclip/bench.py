@@ -71,13 +71,18 @@ WORKLOADS: dict[str, Callable[[], list[Workload]]] = {
 
 
 def make_parameters(workload: Workload, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Parameters (storage left untouched) whose .grad is random data of the workload's shapes."""
+    """Parameters (storage left untouched) whose .grad is random data of the workload's shapes.
+
+    All parameters are allocated first and the gradients after them, last parameter first, as a
+    model's initialisation and then its backward allocate them.
+    """
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    params = []
-    for shape in workload.shapes:
-        p = torch.nn.Parameter(torch.empty(shape, dtype=workload.dtype, device=device))
-        p.grad = torch.randn(shape, generator=generator).to(device=device, dtype=workload.dtype)
-        params.append(p)
+    params = [
+        torch.nn.Parameter(torch.empty(shape, dtype=workload.dtype, device=device))
+        for shape in workload.shapes
+    ]
+    for p in reversed(params):
+        p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=workload.dtype)
     return params
 
 

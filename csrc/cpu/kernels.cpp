@@ -58,6 +58,19 @@ struct Block {
   }
 };
 
+// Calls fn(s) for the segments of chunks [begin, end), last to first when backwards. The order
+// never changes a result (each segment has its own partial); it decides the memory stream the
+// hardware prefetcher sees. Grads allocated by backward lie last parameter first, so the norm
+// pass walks such tables backwards to read memory upwards (a third faster on 10,000 small grads).
+template <typename Fn>
+void for_each_segment(const TensorTable& table, int64_t begin, int64_t end, bool backwards, const Fn& fn) {
+  if (backwards) {
+    for (int64_t s = table.chunk_begin(end) - 1; s >= table.chunk_begin(begin); --s) fn(s);
+  } else {
+    for (int64_t s = table.chunk_begin(begin); s < table.chunk_begin(end); ++s) fn(s);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Norm statistics. Each reduction gives the identity, the vector and scalar steps, and the
 // combination of two partials; max and min propagate nan (IEEE maximum/minimum), which plain
@@ -171,11 +184,9 @@ std::tuple<at::Tensor, at::Tensor> reduce_table(const TensorTable& table, double
   const auto& segments = table.segments();
   std::vector<double> partial(segments.size());
   at::parallel_for(0, table.num_chunks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      for (int64_t s = table.chunk_begin(c); s < table.chunk_begin(c + 1); ++s) {
-        partial[s] = dispatch_segment_statistic<kind>(segments[s], p);
-      }
-    }
+    for_each_segment(table, begin, end, table.memory_descending(), [&](int64_t s) {
+      partial[s] = dispatch_segment_statistic<kind>(segments[s], p);
+    });
   });
 
   const auto options = at::TensorOptions().dtype(table.accumulate_dtype());
@@ -236,14 +247,14 @@ void transform_segment(const Segment& s, const Op& op) {
 
 // Runs op over every segment of the table, in parallel over chunks.
 //
-// Each thread walks its chunks last to first. The norm pass before it walked them first to last
-// with the same split over threads, so the last few MB it read are still in the last-level cache
-// and are the first this pass touches.
+// Each thread walks its segments in the order opposite to the norm pass's (which had the same
+// split over threads), so the last few MB that pass read, still in the last-level cache, are the
+// first this pass touches.
 template <typename Op>
 void transform_table(const TensorTable& table, const Op& op) {
   const auto& segments = table.segments();
   at::parallel_for(0, table.num_chunks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = table.chunk_begin(end) - 1; s >= table.chunk_begin(begin); --s) {
+    for_each_segment(table, begin, end, !table.memory_descending(), [&](int64_t s) {
       const Segment& segment = segments[s];
       switch (segment.dtype) {
         case at::kFloat: transform_segment<float>(segment, op); break;
@@ -252,7 +263,7 @@ void transform_table(const TensorTable& table, const Op& op) {
         case at::kBFloat16: transform_segment<at::BFloat16>(segment, op); break;
         default: TORCH_CHECK(false, "fusedclip: unexpected dtype ", segment.dtype);
       }
-    }
+    });
   });
 }
 

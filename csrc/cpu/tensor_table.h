@@ -44,6 +44,12 @@ class TensorTable {
   // float64 when any tensor is float64 (or complex128), else float32.
   at::ScalarType accumulate_dtype() const { return accumulate_dtype_; }
 
+  // True when the last segment lies below the first in memory: tensors allocated in reverse list
+  // order, as backward allocates grads.
+  bool memory_descending() const {
+    return segments_.size() > 1 && segments_.back().data < segments_.front().data;
+  }
+
   // True when every segment points into the tensors themselves (no temporaries), so a kRead
   // table can also serve in-place writes.
   bool direct() const { return keep_alive_.empty(); }
