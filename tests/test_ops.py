@@ -261,3 +261,17 @@ def test_no_access_outside_each_tensor(backend, dtype):
     total = _ops.clip_grad_norm_(backend, tensors, 0.01, 2.0)
     assert not total.isnan()
     assert buffer[~in_tensor].isnan().all(), "clip_grad_norm_ wrote outside a tensor"
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
+def test_norm_bits_do_not_depend_on_memory_order(norm_type):
+    # The kernels walk tensors allocated last-first backwards; the partials and their order of
+    # combination are the same, so the bits are too.
+    values = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in (70001, 3, 40000, 999)]
+    forward = [v.clone() for v in values]
+    backward = [None] * len(values)
+    for i in reversed(range(len(values))):
+        backward[i] = values[i].clone()
+    a, _ = torch.ops.fusedclip.multi_tensor_norm(forward, norm_type)
+    b, _ = torch.ops.fusedclip.multi_tensor_norm(backward, norm_type)
+    assert torch.equal(a, b)
