@@ -8,8 +8,8 @@ the memory bandwidth probes run between them, so drift in the machine's speed hi
 The bandwidth floor of a workload is the time the bytes it must move take at the bandwidth
 measured in the same run: a clipping step reads every gradient (the norm) and then reads and
 writes it (the scale); a step that does not clip only reads it. The probes are torch's own
-large-tensor kernels: ``sum`` for reading, in-place ``mul_`` for read-modify-write (and a
-device copy for reference).
+kernels on one tensor of the same size as the gradients: ``sum`` for reading, in-place ``mul_``
+for read-modify-write (and a copy for reference).
 """
 
 from __future__ import annotations
@@ -100,10 +100,15 @@ def _time(fn: Callable[[], object], device: torch.device) -> float:
 
 
 class BandwidthProbe:
-    """Read, read-modify-write and copy bandwidth of large tensors, in bytes per second."""
+    """Read, read-modify-write and copy bandwidth of one float32 tensor, in bytes per second.
 
-    def __init__(self, device: torch.device, megabytes: int = 512):
-        n = megabytes * 2**20 // 4
+    Each workload gets its own probe of the same size as its gradients, allocated right after
+    them: the floor then reflects the same bytes in memory placed alike (and the same share of
+    them in cache), laid out as one tensor for torch's best kernels.
+    """
+
+    def __init__(self, device: torch.device, n_bytes: int):
+        n = max(n_bytes // 4, 1)
         self.bytes = n * 4
         self.device = device
         self.a = torch.rand(n, device=device) + 0.5
@@ -134,14 +139,16 @@ def run(
 ) -> dict:
     """Runs every workload in both modes; returns the results as a JSON-ready dict."""
     names = workload_names or list(WORKLOADS)
-    probe = BandwidthProbe(device)
-    for _ in range(warmup):
-        probe.sample()
     rows = []
     for name in names:
         for workload in WORKLOADS[name]():
             params = make_parameters(workload, device)
             grads = [p.grad for p in params]
+            element_bytes = torch.empty((), dtype=workload.dtype).element_size()
+            n_bytes = workload.numel * element_bytes
+            probe = BandwidthProbe(device, n_bytes)
+            for _ in range(warmup):
+                probe.sample()
             norm = float(torch.nn.utils.get_total_norm(grads).float())
             diff = _relative_difference(fusedclip.get_total_norm(grads), torch.nn.utils.get_total_norm(grads))
             for mode, max_norm in (("clip", norm * 1e-3), ("noclip", norm * 1e3)):
@@ -162,8 +169,6 @@ def run(
                         if i >= warmup:
                             times.append(elapsed)
                     probe.sample()
-                element_bytes = torch.empty((), dtype=workload.dtype).element_size()
-                n_bytes = workload.numel * element_bytes
                 moved = 3 * n_bytes if mode == "clip" else n_bytes
                 ms_ours, ms_torch = statistics.median(t_ours) * 1e3, statistics.median(t_torch) * 1e3
                 # The floor at the bandwidth measured between this row's own timings.
@@ -184,12 +189,13 @@ def run(
                     "floor_ms": floor_s * 1e3,
                     "read_GBps": read_bw / 1e9,
                     "rmw_GBps": rmw_bw / 1e9,
+                    "copy_GBps": probe.median("copy", first_sample) / 1e9,
                     "percent_of_floor": 100 * floor_s * 1e3 / ms_ours,
                     "norm_relative_difference": diff,
                 }
                 rows.append(row)
                 log(_format_row(row))
-            del params, grads
+            del params, grads, probe
     return {
         "device": device_name(device),
         "date": datetime.date.today().isoformat(),
@@ -197,7 +203,6 @@ def run(
         "fusedclip": fusedclip.__version__,
         "threads": torch.get_num_threads(),
         "repeats": repeats,
-        "bandwidth_GBps": {k: probe.median(k) / 1e9 for k in ("read", "rmw", "copy")},
         "results": rows,
     }
 
@@ -219,7 +224,7 @@ def device_name(device: torch.device) -> str:
 
 HEADER = (
     f"{'workload':<20} {'mode':<7} {'fusedclip ms':>12} {'torch ms':>10} {'ratio':>7} "
-    f"{'GB/s':>7} {'% floor':>8} {'norm diff':>10}"
+    f"{'GB/s':>7} {'% floor':>8} {'probe r/rmw GB/s':>17} {'norm diff':>10}"
 )
 
 
@@ -227,19 +232,21 @@ def _format_row(row: dict) -> str:
     return (
         f"{row['workload']:<20} {row['mode']:<7} {row['fusedclip_ms']:>12.3f} "
         f"{row['torch_ms']:>10.3f} {row['speedup']:>6.2f}x {row['fusedclip_GBps']:>7.1f} "
-        f"{row['percent_of_floor']:>7.0f}% {row['norm_relative_difference']:>10.1e}"
+        f"{row['percent_of_floor']:>7.0f}% {row['read_GBps']:>8.1f}/{row['rmw_GBps']:<8.1f} "
+        f"{row['norm_relative_difference']:>10.1e}"
     )
 
 
 def markdown_table(report: dict) -> str:
     lines = [
-        "| workload | mode | fusedclip ms | torch ms | ratio | GB/s | % of floor |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| workload | mode | fusedclip ms | torch ms | ratio | GB/s | % of floor | probe read / rmw GB/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['workload']} | {r['mode']} | {r['fusedclip_ms']:.2f} | {r['torch_ms']:.2f} "
-            f"| {r['speedup']:.2f}x | {r['fusedclip_GBps']:.1f} | {r['percent_of_floor']:.0f}% |"
+            f"| {r['speedup']:.2f}x | {r['fusedclip_GBps']:.1f} | {r['percent_of_floor']:.0f}% "
+            f"| {r['read_GBps']:.1f} / {r['rmw_GBps']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -285,9 +292,8 @@ def main(args) -> int:
           f"{torch.get_num_threads()} threads")
     print(HEADER)
     report = run(device, args.workloads, repeats=args.repeats)
-    bw = report["bandwidth_GBps"]
-    print(f"bandwidth measured in this run: read {bw['read']:.1f} GB/s, read-modify-write "
-          f"{bw['rmw']:.1f} GB/s, copy {bw['copy']:.1f} GB/s (bytes read + written)")
+    print("floor: the row's bytes at the probe bandwidth measured during that row (read for the "
+          "norm, read-modify-write for the scale)")
     os.makedirs(args.output, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in report["device"].lower()).strip("-")
     while "--" in slug:
