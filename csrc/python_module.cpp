@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "cpu/vec_config.h"
@@ -42,19 +43,21 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// op(args...) without the GIL, dispatched below the autograd keys (see the top of this file).
+template <typename Signature, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Signature>& op, Args&&... args) {
+  py::gil_scoped_release no_gil;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(std::forward<Args>(args)...);
+}
+
 // fusedclip::clip_grad_norm_ on the grads of params; None when it did not run (see grads_of, or
 // no grads at all). Raises, before anything is modified, where the operator refuses the grads.
 py::object clip_grad_norm_of(const py::list& params, double max_norm, double norm_type) {
   static const auto op = find_op<at::Tensor(at::TensorList, double, double)>("fusedclip::clip_grad_norm_");
   auto grads = grads_of(params);
   if (!grads || grads->empty()) return py::none();
-  at::Tensor total;
-  {
-    py::gil_scoped_release no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    total = op.call(*grads, max_norm, norm_type);
-  }
-  return py::cast(total);
+  return py::cast(call_below_autograd(op, *grads, max_norm, norm_type));
 }
 
 // fusedclip::multi_tensor_scale_ on the grads of params; false when it did not run.
@@ -62,11 +65,7 @@ bool scale_grads_of(const py::list& params, const at::Tensor& coef) {
   static const auto op = find_op<void(at::TensorList, const at::Tensor&)>("fusedclip::multi_tensor_scale_");
   auto grads = grads_of(params);
   if (!grads) return false;
-  if (!grads->empty()) {
-    py::gil_scoped_release no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    op.call(*grads, coef);
-  }
+  if (!grads->empty()) call_below_autograd(op, *grads, coef);
   return true;
 }
 
@@ -75,11 +74,7 @@ bool clamp_grads_of(const py::list& params, double lo, double hi) {
   static const auto op = find_op<void(at::TensorList, double, double)>("fusedclip::multi_tensor_clamp_");
   auto grads = grads_of(params);
   if (!grads) return false;
-  if (!grads->empty()) {
-    py::gil_scoped_release no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    op.call(*grads, lo, hi);
-  }
+  if (!grads->empty()) call_below_autograd(op, *grads, lo, hi);
   return true;
 }
 

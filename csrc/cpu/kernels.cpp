@@ -98,7 +98,7 @@ T combine(T a, T b) {
 
 // The contribution of one element, already widened to the accumulator type.
 template <NormKind kind, typename T>
-T scalar_step(T acc, T x, T p) {
+T scalar_step(T acc, T x) {
   if constexpr (kind == NormKind::kAbsSum) return acc + std::abs(x);
   else if constexpr (kind == NormKind::kSquareSum) return acc + x * x;
   else if constexpr (kind == NormKind::kMax) return nan_max(acc, std::abs(x));
@@ -127,7 +127,7 @@ Vectorized<T> vector_combine(const Vectorized<T>& a, const Vectorized<T>& b) {
 // std::pow has no at::vec form that links without Sleef. It returns in the accumulator type,
 // as the fast kinds do, so every kind's statistic has the same rounding.
 template <NormKind kind, typename scalar_t>
-acc_type<scalar_t> segment_statistic(const scalar_t* x, int64_t n, acc_type<scalar_t> p) {
+acc_type<scalar_t> segment_statistic(const scalar_t* x, int64_t n, double p) {
   using acc_t = acc_type<scalar_t>;
   using B = Block<scalar_t>;
   acc_t result = identity<kind, acc_t>();
@@ -151,11 +151,11 @@ acc_type<scalar_t> segment_statistic(const scalar_t* x, int64_t n, acc_type<scal
     // One scalar running sum over a whole segment: float64, or 32K float32 additions would
     // lose about 1e-5 relative.
     double sum = 0;
-    for (; i < n; ++i) sum += std::pow(std::abs(static_cast<double>(x[i])), static_cast<double>(p));
+    for (; i < n; ++i) sum += std::pow(std::abs(static_cast<double>(x[i])), p);
     return static_cast<acc_t>(sum);
   }
   for (; i < n; ++i) {
-    result = scalar_step<kind>(result, static_cast<acc_t>(x[i]), p);
+    result = scalar_step<kind>(result, static_cast<acc_t>(x[i]));
   }
   return result;
 }
@@ -164,13 +164,13 @@ template <NormKind kind>
 double dispatch_segment_statistic(const Segment& s, double p) {
   switch (s.dtype) {
     case at::kFloat:
-      return segment_statistic<kind>(static_cast<const float*>(s.data), s.numel, float(p));
+      return segment_statistic<kind>(static_cast<const float*>(s.data), s.numel, p);
     case at::kDouble:
       return segment_statistic<kind>(static_cast<const double*>(s.data), s.numel, p);
     case at::kHalf:
-      return segment_statistic<kind>(static_cast<const at::Half*>(s.data), s.numel, float(p));
+      return segment_statistic<kind>(static_cast<const at::Half*>(s.data), s.numel, p);
     case at::kBFloat16:
-      return segment_statistic<kind>(static_cast<const at::BFloat16*>(s.data), s.numel, float(p));
+      return segment_statistic<kind>(static_cast<const at::BFloat16*>(s.data), s.numel, p);
     default:
       TORCH_CHECK(false, "fusedclip: unexpected dtype ", s.dtype);
   }
@@ -314,21 +314,18 @@ void bump_versions(at::TensorList tensors) {
 template <typename Op>
 void transform_writable(at::TensorList tensors, const Op& op, const TensorTable* read_table = nullptr) {
   bump_versions(tensors);
+  const auto transform_list = [&op](at::TensorList list) {
+    TensorTable table(list, Access::kWrite);
+    transform_table(table, op);
+    table.write_back();
+  };
   if (any_memory_shared(tensors)) {
-    for (const at::Tensor& t : tensors) {
-      TensorTable table(t, Access::kWrite);
-      transform_table(table, op);
-      table.write_back();
-    }
-    return;
-  }
-  if (read_table != nullptr && read_table->direct()) {
+    for (const at::Tensor& t : tensors) transform_list(t);
+  } else if (read_table != nullptr && read_table->direct()) {
     transform_table(*read_table, op);
-    return;
+  } else {
+    transform_list(tensors);
   }
-  TensorTable table(tensors, Access::kWrite);
-  transform_table(table, op);
-  table.write_back();
 }
 
 void scale_writable(at::TensorList tensors, double coef, const TensorTable* read_table = nullptr) {
