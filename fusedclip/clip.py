@@ -25,7 +25,7 @@ from __future__ import annotations
 import numbers
 import types
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Optional, Union
 
 import torch
@@ -167,6 +167,17 @@ def _cpu_fast_path(backend: str) -> bool:
     return _ops.resolve_backend(backend, torch.device("cpu")) == "cpu"
 
 
+def _on_cpu_grads(entry: Callable, *args):
+    """entry(*args), a C++ entry point of backend "cpu"; None when it refused the grads.
+
+    A refusal comes before anything is written; the general path then says why, or regroups.
+    """
+    try:
+        return entry(*args)
+    except (RuntimeError, TypeError):
+        return None
+
+
 # --- norms ----------------------------------------------------------------------------------------
 
 
@@ -235,15 +246,12 @@ def get_total_norm(
         tensors = _as_list(tensors)
         if not tensors:
             return torch.tensor(0.0)
+        total = None
         if tensors[0].device.type == "cpu" and _cpu_fast_path(backend):
-            try:
-                statistic, _ = _ops.multi_tensor_norm("cpu", tensors, norm_type)
+            result = _on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type)
+            if result is not None:
                 empty = not any(t.numel() for t in tensors)
-                total = reference.total_norm_from_statistic(statistic, norm_type, empty)
-            except (RuntimeError, TypeError):
-                total = None  # refused: the general path validates and says why, or regroups
-        else:
-            total = None
+                total = reference.total_norm_from_statistic(result[0], norm_type, empty)
         if total is None:
             total = _total_norm(_group_by_device(tensors, foreach, backend, writes=False), norm_type)
         if error_if_nonfinite:
@@ -276,11 +284,8 @@ def clip_grads_with_norm_(
         params = _as_list(parameters)
         coef = reference.clip_coefficient(total_norm, max_norm)
         if coef.device.type == "cpu" and _cpu_fast_path(backend):  # never copy a device scalar
-            try:
-                if _ops.scale_grads_of_params_(params, coef):
-                    return
-            except (RuntimeError, TypeError):
-                pass  # refused before writing anything: the general path says why
+            if _on_cpu_grads(_ops.scale_grads_of_params_, params, coef):
+                return
         grads = _grads_of(params)
         if not grads:
             return
@@ -325,12 +330,9 @@ def clip_grad_norm_(
         norm_type = _norm_type(norm_type)
         params = _as_list(parameters, warn_if_empty_generator=True)
         if not error_if_nonfinite and _cpu_fast_path(backend):
-            try:
-                total = _ops.clip_grad_norm_of_params(params, max_norm, norm_type)
-                if total is not None:
-                    return total
-            except (RuntimeError, TypeError):
-                pass  # refused before writing anything: the general path says why
+            total = _on_cpu_grads(_ops.clip_grad_norm_of_params, params, max_norm, norm_type)
+            if total is not None:
+                return total
         grads = _grads_of(params)
         if not grads:
             return torch.tensor(0.0)
@@ -362,11 +364,8 @@ def clip_grad_value_(
         clip_value = _non_negative(clip_value, "clip_value")
         params = _as_list(parameters)
         if _cpu_fast_path(backend):
-            try:
-                if _ops.clamp_grads_of_params_(params, -clip_value, clip_value):
-                    return
-            except (RuntimeError, TypeError):
-                pass  # refused before writing anything: the general path says why
+            if _on_cpu_grads(_ops.clamp_grads_of_params_, params, -clip_value, clip_value):
+                return
         grads = _grads_of(params)
         if not grads:
             return
