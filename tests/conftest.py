@@ -184,6 +184,12 @@ def scaled_by_returned_norm(grads: Sequence[torch.Tensor], total: torch.Tensor, 
     coef = ((total + 1e-6).reciprocal() * max_norm).clamp(max=1.0)
     if bool(coef >= 1.0):
         return [g.clone() for g in grads]
+    return scaled_by_coef(grads, coef)
+
+
+def scaled_by_coef(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
+    """grads * coef applied in float32 (float64 for float64 grads), rounded once; complex grads
+    as (re, im) pairs."""
     out = []
     for g in grads:
         real = torch.view_as_real(g) if g.is_complex() else g

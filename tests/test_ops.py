@@ -19,6 +19,7 @@ from conftest import (
     oracle_norm,
     oracle_statistic,
     rand_tensor,
+    scaled_by_coef,
     seeded,
 )
 
@@ -160,13 +161,7 @@ def test_multi_tensor_scale_(backend, dtype):
         assert_bitwise_equal(grads, originals)
     coef = torch.tensor(0.3721)
     _ops.multi_tensor_scale_(backend, grads, coef)
-    expected = []
-    for g in originals:
-        real = torch.view_as_real(g) if g.is_complex() else g
-        acc = torch.float64 if real.dtype == torch.float64 else torch.float32
-        scaled = (real.to(acc) * coef.to(acc)).to(real.dtype)
-        expected.append(torch.view_as_complex(scaled) if g.is_complex() else scaled)
-    assert_bitwise_equal(grads, expected)
+    assert_bitwise_equal(grads, scaled_by_coef(originals, coef))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
