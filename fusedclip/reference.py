@@ -81,10 +81,7 @@ def multi_tensor_norm(
 ) -> tuple[Tensor, Tensor]:
     """The norm statistic before the root; see the schema in csrc/fusedclip.cpp."""
     acc = accumulate_dtype(tensors)
-    device = tensors[0].device
-    if all(t.numel() == 0 for t in tensors):
-        per = torch.full((len(tensors) if per_tensor else 0,), statistic_identity(norm_type), dtype=acc, device=device)
-        return torch.full((), statistic_identity(norm_type), dtype=acc, device=device), per
+    # An empty tensor's statistic is the identity, so an all-empty list reduces to it too.
     stats = torch.stack([_tensor_statistic(t, norm_type, acc) for t in tensors])
     per = stats if per_tensor else stats.new_empty((0,))
     return combine_statistics(stats, norm_type), per
