@@ -48,8 +48,8 @@ if _C is None:
     _CUDA_ERROR: Optional[str] = _C_ERROR
 elif not getattr(_C, "cuda_kernels", False):
     _CUDA_ERROR = (
-        "fusedclip._C was built without its CUDA kernels (torch without CUDA or no nvcc at build "
-        "time; FUSEDCLIP_CUDA=1 forces them)"
+        "fusedclip._C was built without its CUDA kernels (they need a torch with CUDA and nvcc "
+        "at build time)"
     )
 else:
     _CUDA_ERROR = None
