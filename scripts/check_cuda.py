@@ -91,11 +91,18 @@ def ptxas_problems(output: str) -> list[str]:
     return problems
 
 
+# The flags torch.utils.cpp_extension gives nvcc for every extension (COMMON_NVCC_FLAGS), so the
+# check sees what the real build sees: no implicit half/bfloat16 conversions or operators.
+TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                    "--expt-relaxed-constexpr"]
+
+
 def compile_cu(nvcc: str, source: str, arch: str, out_dir: str) -> tuple[int, str]:
     """nvcc's exit status and output for one source and architecture (device code only)."""
     out = os.path.join(out_dir, f"{os.path.basename(source)}.{arch}.cubin")
-    command = [nvcc, "-std=c++17", "-O3", "-I", os.path.join(ROOT, "csrc"), "--cubin", f"-arch={arch}",
-               "-Xptxas", "-v", "-Werror", "all-warnings", "-o", out, source]
+    command = [nvcc, "-std=c++17", "-O3", *TORCH_NVCC_FLAGS, "-I", os.path.join(ROOT, "csrc"), "--cubin",
+               f"-arch={arch}", "-Xptxas", "-v", "-Werror", "all-warnings", "-o", out, source]
     result = subprocess.run(command, capture_output=True, text=True)
     return result.returncode, result.stdout + result.stderr
 
