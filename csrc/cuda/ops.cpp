@@ -154,10 +154,11 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 
 // --- the norm ----------------------------------------------------------------------------------
 
-// Scratch of one norm call: chunk partials, launch partials, tickets (zeroed).
+// Scratch of one norm call: chunk partials, launch partials, tickets (zeroed when the launches
+// use them; the single-launch clip syncs its grid instead, and stays one launch).
 struct NormScratch {
   at::Tensor memory;
-  NormScratch(const Tables& tables, const at::Device& device, NormParams& params) {
+  NormScratch(const Tables& tables, const at::Device& device, NormParams& params, bool zero_tickets = true) {
     const int64_t launches = static_cast<int64_t>(tables.tables.size());
     const int64_t doubles = std::max<int64_t>(tables.num_chunks, 1) + launches;
     memory = at::empty({doubles * 8 + launches * 4}, at::TensorOptions().dtype(at::kByte).device(device));
@@ -165,7 +166,7 @@ struct NormScratch {
     params.chunk_partials = reinterpret_cast<double*>(base);
     params.launch_partials = params.chunk_partials + std::max<int64_t>(tables.num_chunks, 1);
     params.tickets = reinterpret_cast<unsigned int*>(base + doubles * 8);
-    C10_CUDA_CHECK(cudaMemsetAsync(params.tickets, 0, launches * 4, current_stream()));
+    if (zero_tickets) C10_CUDA_CHECK(cudaMemsetAsync(params.tickets, 0, launches * 4, current_stream()));
   }
 };
 
@@ -304,7 +305,7 @@ at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_
 
   if (use_single_launch(dense, tables, tensors)) {
     NormParams single = params;
-    NormScratch scratch(tables, device, single);
+    NormScratch scratch(tables, device, single, /*zero_tickets=*/false);
     single.launch = 0;
     single.num_launches = 1;
     const cudaError_t error = launch_clip_single(tables.tables[0], single, current_stream());
