@@ -213,7 +213,7 @@ def run(
 # --- backend "cuda": the single-launch clip against two launches -----------------------------------
 
 # GPT-2 small in fp32 (498 MB, larger than any L2) and 10M fp32 parameters (40 MB, which fit in
-# the 50 MB L2 of an H100/H200, so the scale can re-read them from L2).
+# the 50 MB L2 of an H100, so the scale can re-read them from L2).
 CUDA_LAUNCH_WORKLOADS: Callable[[], list[Workload]] = lambda: [  # noqa: E731
     Workload("gpt2-124m", torch.float32, gpt2_small_shapes()),
     Workload("l2-10m", torch.float32, ((1000, 1000),) * 10),
