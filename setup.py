@@ -1,9 +1,14 @@
-"""Builds fusedclip._C, the C++ operator library with its CPU kernels.
+"""Builds fusedclip._C, the C++ operator library with its CPU kernels, and its CUDA kernels
+(csrc/cuda/) when torch was built with CUDA and nvcc is found.
 
 Environment:
   FUSEDCLIP_CPU_ARCH   "avx2" or "default": the at::vec instruction set of the CPU kernels
                        (default: avx2 when the building machine has AVX2, FMA and F16C). The
                        kernels run only on CPUs with the instruction set they were built for.
+  FUSEDCLIP_CUDA       "1" builds the CUDA kernels (an error without nvcc or a CUDA torch), "0"
+                       does not; unset: built when torch.version.cuda is set and nvcc is found.
+  TORCH_CUDA_ARCH_LIST the GPU architectures (e.g. "8.0;9.0"); default "8.0;9.0" (A100, H100/H200)
+                       plus PTX for newer GPUs. No GPU is needed to build.
 """
 
 import glob
@@ -11,7 +16,8 @@ import os
 import platform
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,9 +53,46 @@ def _cpu_flags() -> tuple[list[str], list[str]]:
     return compile_args, ["-fopenmp"]
 
 
+def _build_cuda() -> bool:
+    """FUSEDCLIP_CUDA, else whether torch has CUDA and nvcc is found (no GPU probe)."""
+    setting = os.environ.get("FUSEDCLIP_CUDA", "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"FUSEDCLIP_CUDA must be '0' or '1', got {setting!r}")
+    found = torch.version.cuda is not None and CUDA_HOME is not None
+    if setting == "1" and not found:
+        raise RuntimeError(
+            "FUSEDCLIP_CUDA=1, but "
+            + ("this torch has no CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
+        )
+    return found if setting == "" else setting == "1"
+
+
+def _cuda_arch_flags() -> list[str]:
+    """-gencode flags for TORCH_CUDA_ARCH_LIST (torch's own handling), else sm_80 and sm_90."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return []  # torch.utils.cpp_extension turns it into -gencode flags
+    return [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+
+
 def _extensions():
     compile_args, link_args = _cpu_flags()
     sources = ["csrc/fusedclip.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    if _build_cuda():
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc_args = ["-O3", "-std=c++17", "-DFUSEDCLIP_WITH_CUDA"] + _cuda_arch_flags()
+        return [
+            CUDAExtension(
+                name="fusedclip._C",
+                sources=sources + cuda_sources,
+                include_dirs=[os.path.join(ROOT, "csrc")],
+                extra_compile_args={"cxx": compile_args + ["-DFUSEDCLIP_WITH_CUDA"], "nvcc": nvcc_args},
+                extra_link_args=link_args,
+            )
+        ]
     return [
         CppExtension(
             name="fusedclip._C",

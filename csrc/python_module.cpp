@@ -17,6 +17,9 @@
 #include <vector>
 
 #include "cpu/vec_config.h"
+#ifdef FUSEDCLIP_WITH_CUDA
+#include "cuda/ops.h"
+#endif
 
 namespace {
 
@@ -86,6 +89,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("openmp") = true;
 #else
   m.attr("openmp") = false;
+#endif
+#ifdef FUSEDCLIP_WITH_CUDA
+  m.attr("cuda_kernels") = true;  // csrc/cuda/ was built: backend "cuda"
+  m.def("set_cuda_single_launch_max_bytes", &fusedclip::cuda::set_single_launch_max_bytes, py::arg("bytes"),
+        "Largest grads (bytes) the fused CUDA clip runs as one cooperative launch; -1: the L2 size, 0: never.");
+  m.def("cuda_single_launch_max_bytes", &fusedclip::cuda::single_launch_max_bytes);
+#else
+  m.attr("cuda_kernels") = false;
 #endif
   m.def("clip_grad_norm_of", &clip_grad_norm_of, py::arg("params"), py::arg("max_norm"),
         py::arg("norm_type"));

@@ -21,7 +21,8 @@ def info() -> int:
     print(f"threads    {torch.get_num_threads()} (torch intra-op)")
     if _ops._C is not None:
         print(f"_C         CPU kernels built for {_ops._C.cpu_capability}, "
-              f"OpenMP {'on' if _ops._C.openmp else 'off'}")
+              f"OpenMP {'on' if _ops._C.openmp else 'off'}, "
+              f"CUDA kernels {'built' if getattr(_ops._C, 'cuda_kernels', False) else 'not built'}")
     print("backends:")
     for name, reason in _ops.backend_status().items():
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")

@@ -2,6 +2,7 @@
 
 Backends:
   "cpu"    C++ kernels in fusedclip._C (csrc/cpu/), for CPU tensors.
+  "cuda"   CUDA kernels in fusedclip._C (csrc/cuda/), for CUDA tensors, when _C was built with them.
   "torch"  pure PyTorch (fusedclip/reference.py), any device, nothing compiled.
 
 Every primitive is called as ``<primitive>(backend, ...)``; "auto" is resolved per device by
@@ -32,7 +33,7 @@ __all__ = [
 
 logger = logging.getLogger("fusedclip")
 
-BACKENDS = ("auto", "cpu", "torch")
+BACKENDS = ("auto", "cpu", "cuda", "torch")
 
 try:
     from fusedclip import _C  # noqa: F401  (loading it registers the operators)
@@ -43,10 +44,23 @@ except (ImportError, OSError) as error:  # not built, or built against another t
     _C_ERROR = f"fusedclip._C could not be loaded ({error})"
     logger.warning("%s; using the pure-PyTorch backend", _C_ERROR)
 
+if _C is None:
+    _CUDA_ERROR: Optional[str] = _C_ERROR
+elif not getattr(_C, "cuda_kernels", False):
+    _CUDA_ERROR = (
+        "fusedclip._C was built without its CUDA kernels (they need a torch with CUDA and nvcc "
+        "at build time)"
+    )
+else:
+    _CUDA_ERROR = None
+
+# The backends whose kernels are the torch.ops.fusedclip operators (registered by _C).
+_OPERATOR_BACKENDS = ("cpu", "cuda")
+
 
 def backend_status() -> dict[str, Optional[str]]:
     """For each backend, None when it is available, else the reason it is not."""
-    return {"cpu": _C_ERROR, "torch": None}
+    return {"cpu": _C_ERROR, "cuda": _CUDA_ERROR, "torch": None}
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -60,13 +74,24 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if requested not in BACKENDS:
             raise ValueError(f"FUSEDCLIP_BACKEND must be one of {BACKENDS}, got {requested!r}")
         if requested == "auto":
-            return "cpu" if device.type == "cpu" and _C is not None else "torch"
+            if device.type == "cpu" and _C is not None:
+                return "cpu"
+            # Between GPU backends, auto is to take the one measured faster on the device.
+            if device.type == "cuda" and _CUDA_ERROR is None:
+                return "cuda"
+            return "torch"
     if requested == "cpu":
         if _C_ERROR is not None:
             raise RuntimeError(f"backend 'cpu' is not available: {_C_ERROR}")
         if device.type != "cpu":
             raise ValueError(f"backend 'cpu' runs CPU tensors only, but gradients are on {device}")
         return "cpu"
+    if requested == "cuda":
+        if _CUDA_ERROR is not None:
+            raise RuntimeError(f"backend 'cuda' is not available: {_CUDA_ERROR}")
+        if device.type != "cuda":
+            raise ValueError(f"backend 'cuda' runs CUDA tensors only, but gradients are on {device}")
+        return "cuda"
     if requested == "torch":
         return "torch"
     raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
@@ -79,14 +104,14 @@ def multi_tensor_norm(
     backend: str, tensors: list[Tensor], norm_type: float, per_tensor: bool = False
 ) -> tuple[Tensor, Tensor]:
     """The norm statistic before the root (and per tensor when asked); see csrc/fusedclip.cpp."""
-    if backend == "cpu":
+    if backend in _OPERATOR_BACKENDS:
         return torch.ops.fusedclip.multi_tensor_norm(tensors, norm_type, per_tensor)
     return reference.multi_tensor_norm(tensors, norm_type, per_tensor)
 
 
 def multi_tensor_scale_(backend: str, tensors: list[Tensor], coef: Tensor) -> None:
     """tensors *= coef in place; nothing is written when coef >= 1."""
-    if backend == "cpu":
+    if backend in _OPERATOR_BACKENDS:
         torch.ops.fusedclip.multi_tensor_scale_(tensors, coef)
     else:
         reference.multi_tensor_scale_(tensors, coef)
@@ -94,7 +119,7 @@ def multi_tensor_scale_(backend: str, tensors: list[Tensor], coef: Tensor) -> No
 
 def multi_tensor_clamp_(backend: str, tensors: list[Tensor], lo: float, hi: float) -> None:
     """tensors = clamp(tensors, lo, hi) in place, in one pass."""
-    if backend == "cpu":
+    if backend in _OPERATOR_BACKENDS:
         torch.ops.fusedclip.multi_tensor_clamp_(tensors, lo, hi)
     else:
         reference.multi_tensor_clamp_(tensors, lo, hi)
@@ -102,7 +127,7 @@ def multi_tensor_clamp_(backend: str, tensors: list[Tensor], lo: float, hi: floa
 
 def clip_grad_norm_(backend: str, tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
     """Norm, coefficient and scale of tensors on one device in one call; returns the norm."""
-    if backend == "cpu":
+    if backend in _OPERATOR_BACKENDS:
         return torch.ops.fusedclip.clip_grad_norm_(tensors, max_norm, norm_type)
     return reference.clip_grad_norm_(tensors, max_norm, norm_type)
 

@@ -210,6 +210,74 @@ def run(
     }
 
 
+# --- backend "cuda": the single-launch clip against two launches -----------------------------------
+
+# GPT-2 small in fp32 (498 MB, larger than any L2) and 10M fp32 parameters (40 MB, which fit in
+# the 50 MB L2 of an H100, so the scale can re-read them from L2).
+CUDA_LAUNCH_WORKLOADS: Callable[[], list[Workload]] = lambda: [  # noqa: E731
+    Workload("gpt2-124m", torch.float32, gpt2_small_shapes()),
+    Workload("l2-10m", torch.float32, ((1000, 1000),) * 10),
+]
+CUDA_LAUNCH_VARIANTS = ("cuda two-launch", "cuda single-launch", "torch backend", "torch.nn.utils")
+
+
+def run_cuda_launches(device: torch.device, repeats: int = 15, warmup: int = 3,
+                      log: Callable[[str], None] = print) -> list[dict]:
+    """Times backend "cuda"'s fused clip as two launches and as one cooperative launch, with
+    fusedclip's pure-PyTorch backend and torch.nn.utils beside them, interleaved (the order rotates
+    each repetition). Needs fusedclip._C with its CUDA kernels."""
+    from fusedclip import _ops
+
+    single_launch_limit = {"cuda two-launch": 0, "cuda single-launch": 2**62}
+    previous_limit = _ops._C.cuda_single_launch_max_bytes()
+    rows = []
+    log(f"{'workload':<20} {'mode':<7} " + " ".join(f"{v + ' ms':>22}" for v in CUDA_LAUNCH_VARIANTS))
+    for workload in CUDA_LAUNCH_WORKLOADS():
+        params = make_parameters(workload, device)
+        grads = [p.grad for p in params]
+        norm = float(torch.nn.utils.get_total_norm(grads).float())
+        for mode, max_norm in (("clip", norm * 1e-3), ("noclip", norm * 1e3)):
+            refresh = 2.0 if mode == "clip" else 1.0  # as in run()
+            cuda = lambda: fusedclip.clip_grad_norm_(params, max_norm, backend="cuda")  # noqa: E731
+            calls = {
+                "cuda two-launch": cuda,  # the two differ by the single-launch limit set below
+                "cuda single-launch": cuda,
+                "torch backend": lambda: fusedclip.clip_grad_norm_(params, max_norm, backend="torch"),
+                "torch.nn.utils": lambda: torch.nn.utils.clip_grad_norm_(params, max_norm),
+            }
+            times: dict[str, list[float]] = {name: [] for name in CUDA_LAUNCH_VARIANTS}
+            try:
+                for i in range(warmup + repeats):
+                    shift = i % len(CUDA_LAUNCH_VARIANTS)
+                    for name in CUDA_LAUNCH_VARIANTS[shift:] + CUDA_LAUNCH_VARIANTS[:shift]:
+                        _ops._C.set_cuda_single_launch_max_bytes(single_launch_limit.get(name, previous_limit))
+                        torch._foreach_mul_(grads, refresh)
+                        elapsed = _time(calls[name], device)
+                        if i >= warmup:
+                            times[name].append(elapsed)
+            finally:
+                _ops._C.set_cuda_single_launch_max_bytes(previous_limit)
+            row = {"workload": workload.label, "mode": mode, "tensors": len(workload.shapes),
+                   "bytes": workload.numel * 4}
+            row.update({f"{name} ms": statistics.median(times[name]) * 1e3 for name in CUDA_LAUNCH_VARIANTS})
+            row["single/two-launch"] = row["cuda single-launch ms"] / row["cuda two-launch ms"]
+            rows.append(row)
+            log(f"{row['workload']:<20} {mode:<7} "
+                + " ".join(f"{row[name + ' ms']:>22.3f}" for name in CUDA_LAUNCH_VARIANTS))
+        del params, grads
+    return rows
+
+
+def cuda_launches_table(rows: list[dict]) -> str:
+    lines = ["| workload | mode | " + " | ".join(f"{v} ms" for v in CUDA_LAUNCH_VARIANTS) + " | single / two |",
+             "|---|---|" + "---:|" * (len(CUDA_LAUNCH_VARIANTS) + 1)]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['mode']} | "
+                     + " | ".join(f"{r[v + ' ms']:.3f}" for v in CUDA_LAUNCH_VARIANTS)
+                     + f" | {r['single/two-launch']:.2f} |")
+    return "\n".join(lines)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -299,6 +367,9 @@ def main(args) -> int:
           f"{torch.get_num_threads()} threads")
     print(HEADER)
     report = run(device, args.workloads, repeats=args.repeats)
+    if device.type == "cuda" and fusedclip.backend_status()["cuda"] is None:
+        print("backend cuda: the single-launch clip against two launches")
+        report["cuda_launches"] = run_cuda_launches(device, repeats=args.repeats)
     print("floor: the row's bytes at the probe bandwidth measured during that row (read for the "
           "norm, read-modify-write for the scale)")
     os.makedirs(args.output, exist_ok=True)
@@ -311,6 +382,9 @@ def main(args) -> int:
     with open(stem + ".md", "w") as f:
         f.write(f"{report['device']}, torch {report['torch']}, {report['threads']} threads, "
                 f"{report['date']}\n\n{markdown_table(report)}\n")
+        if "cuda_launches" in report:
+            f.write(f"\nBackend cuda, single launch against two launches:\n\n"
+                    f"{cuda_launches_table(report['cuda_launches'])}\n")
     print(f"wrote {stem}.json and {stem}.md")
     if plot(report, stem + ".png"):
         print(f"wrote {stem}.png")

@@ -1,0 +1,42 @@
+"""How backend "cuda" is chosen and refused; runs everywhere (the kernels themselves are tested on
+a GPU in tests/test_cuda_backend.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedclip
+from fusedclip import _ops
+from conftest import assert_bitwise_equal, clone_all, make_grads, params_with
+
+CUDA_BUILT = _ops._C is not None and bool(_ops._C.cuda_kernels)
+
+
+def test_backend_status_says_why_cuda_is_missing():
+    reason = fusedclip.backend_status()["cuda"]
+    assert (reason is None) == CUDA_BUILT
+    assert ("cuda" in fusedclip.available_backends()) == CUDA_BUILT
+    if not CUDA_BUILT:
+        assert "CUDA" in reason
+        grads = make_grads([(4,)], torch.float32)
+        originals = clone_all(grads)
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            fusedclip.clip_grad_norm_(params_with(grads), 0.01, backend="cuda")
+        assert_bitwise_equal(grads, originals)
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    if not CUDA_BUILT:
+        pytest.skip("fusedclip._C was built without its CUDA kernels")
+    grads = make_grads([(4,)], torch.float32)
+    originals = clone_all(grads)
+    with pytest.raises(ValueError, match="backend 'cuda' runs CUDA tensors only"):
+        fusedclip.clip_grad_norm_(params_with(grads), 0.01, backend="cuda")
+    assert_bitwise_equal(grads, originals)
+
+
+def test_auto_takes_cuda_for_cuda_devices_when_built():
+    expected = "cuda" if CUDA_BUILT else "torch"
+    assert _ops.resolve_backend("auto", torch.device("cuda", 0)) == expected
+    assert _ops.resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")
