@@ -12,6 +12,7 @@ schemas are in csrc/fusedclip.cpp; their fake kernels below let torch.compile tr
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional
@@ -58,6 +59,13 @@ else:
 _OPERATOR_BACKENDS = ("cpu", "cuda")
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_kernels_run_on(index: Optional[int]) -> bool:
+    """Whether the CUDA kernels' default build (sm_80 and sm_90 code, compute_90 PTX) runs on
+    the GPU: compute capability 8.0 or newer. Older GPUs take backend "torch" under "auto"."""
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
 def backend_status() -> dict[str, Optional[str]]:
     """For each backend, None when it is available, else the reason it is not."""
     return {"cpu": _C_ERROR, "cuda": _CUDA_ERROR, "torch": None}
@@ -77,7 +85,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
             if device.type == "cpu" and _C is not None:
                 return "cpu"
             # Between GPU backends, auto is to take the one measured faster on the device.
-            if device.type == "cuda" and _CUDA_ERROR is None:
+            if device.type == "cuda" and _CUDA_ERROR is None and _cuda_kernels_run_on(device.index):
                 return "cuda"
             return "torch"
     if requested == "cpu":

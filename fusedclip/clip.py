@@ -164,7 +164,10 @@ def _cpu_fast_path(backend: str) -> bool:
     """True when CPU grads go to the C++ operators straight, validated there, not in Python."""
     if torch.compiler.is_compiling():
         return False  # trace the general path: its checks cost nothing at run time there
-    return _ops.resolve_backend(backend, torch.device("cpu")) == "cpu"
+    try:
+        return _ops.resolve_backend(backend, torch.device("cpu")) == "cpu"
+    except ValueError:  # a GPU backend: the general path resolves it per device (and says why not)
+        return False
 
 
 def _on_cpu_grads(entry: Callable, *args):

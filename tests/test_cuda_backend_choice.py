@@ -40,3 +40,17 @@ def test_auto_takes_cuda_for_cuda_devices_when_built():
     expected = "cuda" if CUDA_BUILT else "torch"
     assert _ops.resolve_backend("auto", torch.device("cuda", 0)) == expected
     assert _ops.resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")
+
+
+def test_gpu_backend_is_resolved_per_device_not_for_the_cpu(monkeypatch):
+    # Naming a GPU backend must not be checked against the CPU fast path: the grads' own device
+    # decides (here a meta device, which the cuda backend refuses with the grads' device named).
+    monkeypatch.setattr(_ops, "_CUDA_ERROR", None)
+    grads = [torch.randn(4, device="meta")]
+    for call in (
+        lambda: fusedclip.clip_grad_norm_(params_with(grads), 0.01, backend="cuda"),
+        lambda: fusedclip.clip_grad_value_(params_with(grads), 0.01, backend="cuda"),
+        lambda: fusedclip.clip_grads_with_norm_(params_with(grads), 0.01, torch.tensor(1.0), backend="cuda"),
+    ):
+        with pytest.raises(ValueError, match="gradients are on meta"):
+            call()

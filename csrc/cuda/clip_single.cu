@@ -61,7 +61,9 @@ cudaError_t launch(const TensorTable& table, const NormParams& params, cudaStrea
   void* args[] = {const_cast<TensorTable*>(&table), const_cast<NormParams*>(&params)};
   error = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(clip_single_kernel<kind>), dim3(blocks),
                                       dim3(kBlockThreads), args, 0, stream);
-  return error != cudaSuccess ? error : cudaGetLastError();
+  // The launch's own status: cudaGetLastError() could also return an earlier, unrelated error and
+  // make the caller run the two-launch path on top of a kernel that was queued.
+  return error;
 }
 
 }  // namespace

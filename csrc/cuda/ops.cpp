@@ -310,7 +310,9 @@ at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_
     single.num_launches = 1;
     const cudaError_t error = launch_clip_single(tables.tables[0], single, current_stream());
     if (error == cudaSuccess) return out.total;
-    (void)cudaGetLastError();  // not launched (no cooperative launch here): two launches instead
+    // Only "no cooperative launch here" falls back to two launches; anything else is an error.
+    if (error != cudaErrorNotSupported && error != cudaErrorCooperativeLaunchTooLarge) C10_CUDA_CHECK(error);
+    (void)cudaGetLastError();
   }
 
   run_norm(tables, params, device);
