@@ -135,10 +135,12 @@ def ranks_without_grads(rank, world_size):
 
 @case
 def nonfinite_on_one_rank(rank, world_size):
-    for bad in (math.nan, math.inf):
+    # On each rank in turn: a MAX or MIN all-reduce need not propagate nan whatever its place.
+    for bad, owner in [(b, r) for b in (math.nan, math.inf) for r in range(world_size)]:
         for norm_type in (2.0, 1.0, math.inf, -math.inf, 0.0, 3.5):
             grads = global_grads(seed=3)
-            grads[2][17] = bad  # on rank 2 % world_size
+            index = next(i for i, g in enumerate(grads) if i % world_size == owner and g.numel())
+            grads[index].view(-1)[0] = bad
             expected = oracle_norm(grads, norm_type)
             mine = my_share(grads, rank, world_size)
             total = fusedclip.get_total_norm(mine, norm_type, process_group=dist.group.WORLD)
