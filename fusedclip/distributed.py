@@ -166,13 +166,14 @@ class _Statistic:
         self.elements_column = norm_type < 0
 
     def row(self, statistic: Optional[Tensor], has_elements: bool, device: torch.device) -> Tensor:
+        # torch.full, not torch.tensor: a fill on the device, no copy from the host.
         if statistic is None:
-            statistic = torch.tensor(reference.statistic_identity(self.norm_type), device=device)
+            statistic = torch.full((), reference.statistic_identity(self.norm_type), device=device)
         columns = [statistic.to(device=device, dtype=torch.float64)]
         if self.nan_column:
             columns.append(columns[0].isnan().double() * self.sign)
         if self.elements_column:
-            columns.append(columns[0].new_tensor(self.sign if has_elements else 0.0))
+            columns.append(torch.full_like(columns[0], self.sign if has_elements else 0.0))
         return torch.stack(columns)
 
     def combine(self, rows: Tensor) -> Tensor:
@@ -239,19 +240,14 @@ def _mesh_row(
     device = torch.device(mesh.device_type) if mesh.device_type == "cpu" else collective_device(
         mesh.get_group(0)
     )
-    rows = torch.stack([_local_row(sharded[key], stat, foreach, backend, device) for key in keys])
+    rows = [_local_row(sharded[key], stat, foreach, backend, device) for key in keys]
     for dim in range(mesh.ndim):
         needs = [i for i, (_, dims) in enumerate(keys) if dim in dims]
-        if not needs:
-            continue
-        group = mesh.get_group(dim)
-        if len(needs) == len(keys):
-            rows = stat.all_reduce_(rows, group)
-        else:
-            index = torch.tensor(needs, device=rows.device)
-            reduced = stat.all_reduce_(rows.index_select(0, index), group).to(rows.device)
-            rows = rows.index_copy(0, index, reduced)
-    return stat.combine(rows)
+        if needs:
+            reduced = stat.all_reduce_(torch.stack([rows[i] for i in needs]), mesh.get_group(dim))
+            for j, i in enumerate(needs):
+                rows[i] = reduced[j].to(device)
+    return stat.combine(torch.stack(rows))
 
 
 def _output_place(parts: _Parts, process_groups: list) -> tuple[torch.dtype, torch.device]:

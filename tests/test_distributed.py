@@ -41,11 +41,17 @@ WORLD_SIZES = (2, 4)
 CASE_TIMEOUT_S = 60  # gloo collectives give up after this
 RUN_TIMEOUT_S = 420  # a whole world size, start-up included
 
-CASES = {}
+CASES = {}  # gloo, every world size
+NCCL_CASES = {}  # NCCL, one GPU
 
 
 def case(fn):
     CASES[fn.__name__] = fn
+    return fn
+
+
+def nccl_case(fn):
+    NCCL_CASES[fn.__name__] = fn
     return fn
 
 
@@ -495,17 +501,70 @@ def ddp_norm_hook_with_pipeline_group(rank, world_size):
     assert_norm_close(total, oracle_norm(averaged, 2.0), 1e-5)
 
 
+# --- NCCL, one GPU (run where a GPU is lent) ---------------------------------------------------------
+
+
+@nccl_case
+def nccl_process_group(rank, world_size):
+    """The statistic on CUDA for NCCL, no host sync (a rank without grads too)."""
+    device = torch.device("cuda", rank)
+    grads = global_grads(seed=1, dtypes=DTYPES)
+    for norm_type in NORM_TYPES:
+        rtol = rtol_of(DTYPES, norm_type)
+        expected = oracle_norm(grads, norm_type)
+        on_gpu = [g.to(device) for g in grads]
+        params = params_with(on_gpu)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            total = fusedclip.get_total_norm(on_gpu, norm_type, process_group=dist.group.WORLD)
+            clipped = fusedclip.clip_grad_norm_(params, 0.5 * expected + 1e-3, norm_type,
+                                                process_group=dist.group.WORLD)
+            nothing = fusedclip.get_total_norm([], norm_type, process_group=dist.group.WORLD)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert total.device == device and clipped.device == device
+        assert nothing.device.type == "cuda" and float(nothing) == 0.0
+        assert_norm_close(total, expected, rtol)
+        assert_norm_close(clipped, expected, rtol)
+        assert_scaled_like_oracle([p.grad.cpu() for p in params], grads, expected, 0.5 * expected + 1e-3, rtol)
+
+
+@nccl_case
+def nccl_dtensor_and_ddp_hook(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    mesh = init_device_mesh("cuda", (world_size,))
+    grads = make_grads([(7, 5), (3,)], torch.float32, seed=16)
+    dtensor_check(grads, lambda gs: [distribute_tensor(g.cuda(), mesh, [Shard(0)]) for g in gs])
+
+    torch.manual_seed(17)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).cuda()
+    ddp = DistributedDataParallel(model, device_ids=[rank], bucket_cap_mb=0.001)
+    state = fd.NormHookState()
+    ddp.register_comm_hook(state, fd.allreduce_norm_hook)
+    for _ in range(2):
+        ddp.zero_grad()
+        ddp(torch.randn(4, 8, device="cuda")).square().sum().backward()
+        after = fusedclip.get_total_norm([p.grad for p in ddp.parameters()])
+        assert_norm_close(state.clip_grad_norm_(ddp.parameters(), 1e-2), float(after), 1e-5)
+
+
 # --- the runner ------------------------------------------------------------------------------------------
 
 
-def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, init_file: str, out_dir: str, backend: str) -> None:
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
         timeout=timedelta(seconds=CASE_TIMEOUT_S),
     )
     failures = {}
-    for name, fn in CASES.items():
+    for name, fn in (NCCL_CASES if backend == "nccl" else CASES).items():
         try:
             fn(rank, world_size)
         except BaseException:  # noqa: BLE001 (reported to the parent, case by case)
@@ -515,24 +574,24 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-_RESULTS: dict[int, dict[int, dict[str, str]]] = {}
+_RESULTS: dict[tuple[str, int], dict[int, dict[str, str]]] = {}
 
 
-def run_world(world_size: int) -> dict[int, dict[str, str]]:
+def run_world(world_size: int, backend: str = "gloo") -> dict[int, dict[str, str]]:
     """{rank: {case: traceback}} of the failures, running every case once per world size."""
-    if world_size in _RESULTS:
-        return _RESULTS[world_size]
+    if (backend, world_size) in _RESULTS:
+        return _RESULTS[backend, world_size]
+    import time
+
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
+        init_file = os.path.join(tmp, "init")  # a fresh rendezvous per group: no port to find
         context = mp.start_processes(
-            _worker, args=(world_size, init_file, tmp), nprocs=world_size, join=False,
+            _worker, args=(world_size, init_file, tmp, backend), nprocs=world_size, join=False,
             start_method="spawn",
         )
         try:
-            import time
-
             deadline = time.monotonic() + RUN_TIMEOUT_S
             while not context.join(timeout=5):
                 if time.monotonic() > deadline:
@@ -545,13 +604,24 @@ def run_world(world_size: int) -> dict[int, dict[str, str]]:
         for rank in range(world_size):
             with open(os.path.join(tmp, f"rank{rank}.json")) as f:
                 results[rank] = json.load(f)
-    _RESULTS[world_size] = results
+    _RESULTS[backend, world_size] = results
     return results
+
+
+def assert_case_passed(results, name):
+    failed = {rank: r[name] for rank, r in results.items() if name in r}
+    assert not failed, "\n".join(f"rank {rank}:\n{tb}" for rank, tb in failed.items())
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_gloo(name, world_size):
-    results = run_world(world_size)
-    failed = {rank: r[name] for rank, r in results.items() if name in r}
-    assert not failed, "\n".join(f"rank {rank}:\n{tb}" for rank, tb in failed.items())
+    assert_case_passed(run_world(world_size), name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(NCCL_CASES))
+def test_nccl_one_gpu(name):
+    if not dist.is_nccl_available():
+        pytest.skip("torch was built without NCCL")
+    assert_case_passed(run_world(1, backend="nccl"), name)
