@@ -364,7 +364,9 @@ class NormHookState:
         backend: the fusedclip backend of the bucket statistics ("auto", "cpu", "torch").
 
     The norm covers the grads DDP reduces (every parameter that requires a grad and that DDP
-    does not ignore), averaged: the norm that clipping after backward computes.
+    does not ignore), averaged: the norm that clipping after backward computes. (With
+    ``find_unused_parameters``, a parameter unused on every rank counts as zeros here but has no
+    grad after backward: the norms differ only for norm types -inf and below 0.)
     """
 
     def __init__(

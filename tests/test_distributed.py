@@ -355,6 +355,32 @@ def dtensor_mixed_meshes_and_plain(rank, world_size):
 
 
 @case
+def dtensor_with_pipeline_group(rank, world_size):
+    """Pipeline stages, each sharding its own layers over a data-parallel submesh: the DTensor
+    grads reduce over their mesh, then process_group adds the stages (torchtitan's layout)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    stages = world_size // 2
+    mesh = init_device_mesh("cpu", (stages, 2), mesh_dim_names=("pp", "dp"))
+    stage = rank // 2
+    per_stage = [make_grads([(5, 3), (4,), (1,)], torch.float32, seed=40 + s) for s in range(stages)]
+    everything = [g for gs in per_stage for g in gs]
+    for norm_type in NORM_TYPES:
+        rtol = rtol_of([torch.float32], norm_type)
+        expected = oracle_norm(everything, norm_type)
+        grads = [distribute_tensor(g.clone(), mesh["dp"], [Shard(0)]) for g in per_stage[stage]]
+        total = fusedclip.get_total_norm(grads, norm_type, process_group=mesh.get_group("pp"))
+        assert_norm_close(whole(total), expected, rtol)
+        max_norm = 0.5 * expected + 1e-3
+        total = fusedclip.clip_grad_norm_(
+            params_with(grads), max_norm, norm_type, process_group=mesh.get_group("pp")
+        )
+        assert_norm_close(whole(total), expected, rtol)
+        assert_scaled_like_oracle([g.full_tensor() for g in grads], per_stage[stage], expected, max_norm, rtol)
+
+
+@case
 def fsdp2_fully_shard(rank, world_size):
     """A real FSDP2 model on a CPU mesh with gloo, against the same model in one process fed
     every rank's batch (FSDP2 averages grads over ranks, as the mean of the losses does)."""
