@@ -115,7 +115,7 @@ class _Parts:
         return self.plain + self.local
 
 
-# --- the reduction ----------------------------------------------------------------------------------
+# --- the reduction --------------------------------------------------------------------------------
 
 
 def reduce_op(norm_type: float) -> "dist.ReduceOp":
@@ -219,7 +219,11 @@ def _process_groups(process_group: Optional[ProcessGroups]) -> list:
 
 
 def _local_row(
-    grads: list[Tensor], stat: _Statistic, foreach: Optional[bool], backend: str, device: torch.device
+    grads: list[Tensor],
+    stat: _Statistic,
+    foreach: Optional[bool],
+    backend: str,
+    device: torch.device,
 ) -> Tensor:
     """The row of these grads on this rank (the identity when there are none)."""
     if not grads:
@@ -341,10 +345,11 @@ def clip_grads_with_norm_(
 ) -> None:
     """clip.clip_grads_with_norm_ for grads among which some are DTensors: local shards scaled."""
     parts = _Parts(grads)  # a Partial grad is scaled as it is: the scale is linear
-    scale_(parts.all_plain(), reference.clip_coefficient(as_tensor(total_norm), max_norm), foreach, backend)
+    coef = reference.clip_coefficient(as_tensor(total_norm), max_norm)
+    scale_(parts.all_plain(), coef, foreach, backend)
 
 
-# --- DDP: the norm while backward runs --------------------------------------------------------------
+# --- DDP: the norm while backward runs ------------------------------------------------------------
 
 
 class NormHookState:
@@ -383,7 +388,8 @@ class NormHookState:
     def record(self, index: int, bucket_buffer: Tensor) -> None:
         """Takes the statistic of a reduced bucket (called by the hook's callback)."""
         backend = _ops.resolve_backend(self.backend, bucket_buffer.device)
-        self._statistics[index] = _ops.multi_tensor_norm(backend, [bucket_buffer], self.norm_type)[0]
+        statistic, _ = _ops.multi_tensor_norm(backend, [bucket_buffer], self.norm_type)
+        self._statistics[index] = statistic
 
     def total_norm(self, process_group: Optional[ProcessGroups] = None) -> Tensor:
         r"""The norm of the grads reduced since the last call, from the bucket statistics.
@@ -400,7 +406,7 @@ class NormHookState:
             )
         statistics = [self._statistics[i] for i in sorted(self._statistics)]
         self._statistics = {}
-        dtype = torch.float64 if any(s.dtype == torch.float64 for s in statistics) else torch.float32
+        dtype = reference.accumulate_dtype(statistics)
         statistic = reference.combine_statistics(
             torch.stack([s.to(dtype) for s in statistics]), self.norm_type
         )

@@ -25,9 +25,16 @@ import torch.distributed as dist
 
 import fusedclip
 from fusedclip import distributed as fd
+
+
+def world():
+    """The default group (read after init_process_group, in the ranks)."""
+    return dist.group.WORLD
+
 from conftest import (
     assert_norm_close,
     assert_scaled_like_oracle,
+    expected_dtype,
     make_grads,
     oracle_coef,
     oracle_norm,
@@ -71,7 +78,7 @@ def scaled_oracle_check(actual, originals, norm_type, max_norm, rtol):
     assert_scaled_like_oracle(actual, originals, oracle_norm(originals, norm_type), max_norm, rtol)
 
 
-# --- process groups ---------------------------------------------------------------------------------
+# --- process groups -------------------------------------------------------------------------------
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float32)
 SHAPES = [(7, 5), (0,), (1000,), (3, 0), (1,), (64, 33), (9,), (2, 2, 3), (17,), (5,)]
@@ -98,16 +105,15 @@ def process_group_every_norm_type(rank, world_size):
                 expected = oracle_norm(grads, norm_type)
                 mine = my_share(grads, rank, world_size)
                 total = fusedclip.get_total_norm(
-                    mine, norm_type, process_group=dist.group.WORLD, backend=backend
+                    mine, norm_type, process_group=world(), backend=backend
                 )
                 assert_norm_close(total, expected, rtol)
-                want = torch.float64 if any(g.dtype == torch.float64 for g in mine) else torch.float32
-                assert total.dtype == want
+                assert total.dtype == expected_dtype([g.dtype for g in mine])
                 for max_norm in (0.5 * expected if expected else 1.0, 2.0 * expected + 1.0):
                     local = [g.clone() for g in mine]
                     total = fusedclip.clip_grad_norm_(
                         params_with(local), max_norm, norm_type,
-                        process_group=dist.group.WORLD, backend=backend,
+                        process_group=world(), backend=backend,
                     )
                     assert_norm_close(total, expected, rtol)
                     assert_scaled_like_oracle(local, mine, expected, max_norm, rtol)
@@ -123,19 +129,20 @@ def ranks_without_grads(rank, world_size):
             my_share(grads, rank, world_size, skip_last_rank=True),
             grads if rank == 0 else [],
         ):
-            total = fusedclip.get_total_norm(mine, norm_type, process_group=dist.group.WORLD)
+            total = fusedclip.get_total_norm(mine, norm_type, process_group=world())
             assert_norm_close(total, expected, rtol_of([torch.float32], norm_type))
             params = params_with([g.clone() for g in mine] + [None])
-            total = fusedclip.clip_grad_norm_(params, 1.0, norm_type, process_group=dist.group.WORLD)
+            total = fusedclip.clip_grad_norm_(params, 1.0, norm_type, process_group=world())
             assert_norm_close(total, expected, rtol_of([torch.float32], norm_type))
             assert_scaled_like_oracle(
-                [p.grad for p in params[:-1]], mine, expected, 1.0, rtol_of([torch.float32], norm_type)
+                [p.grad for p in params[:-1]], mine, expected, 1.0, rtol_of(DTYPES[:1], norm_type)
             )
         # No grads anywhere, or only empty ones: the norm of no elements is 0, whatever p.
         for mine in ([], [torch.zeros(0)] if rank % 2 else []):
-            total = fusedclip.get_total_norm(mine, norm_type, process_group=dist.group.WORLD)
+            total = fusedclip.get_total_norm(mine, norm_type, process_group=world())
             assert float(total) == 0.0 and total.dtype == torch.float32, (norm_type, total)
-            total = fusedclip.clip_grad_norm_(params_with(mine), 1.0, norm_type, process_group=dist.group.WORLD)
+            params = params_with(mine)
+            total = fusedclip.clip_grad_norm_(params, 1.0, norm_type, process_group=world())
             assert float(total) == 0.0, (norm_type, total)
 
 
@@ -149,13 +156,13 @@ def nonfinite_on_one_rank(rank, world_size):
             grads[index].view(-1)[0] = bad
             expected = oracle_norm(grads, norm_type)
             mine = my_share(grads, rank, world_size)
-            total = fusedclip.get_total_norm(mine, norm_type, process_group=dist.group.WORLD)
+            total = fusedclip.get_total_norm(mine, norm_type, process_group=world())
             assert_norm_close(total, expected, 1e-4)
             if not math.isfinite(expected):  # every rank raises, none is left waiting
                 with pytest.raises(RuntimeError, match="non-finite"):
                     fusedclip.clip_grad_norm_(
                         params_with(mine), 1.0, norm_type, error_if_nonfinite=True,
-                        process_group=dist.group.WORLD,
+                        process_group=world(),
                     )
 
 
@@ -168,15 +175,15 @@ def bad_arguments_raise_before_any_collective(rank, world_size):
         fusedclip.clip_grad_norm_(params, 0.01, process_group=[dist.group.WORLD, "world"])
     sparse = torch.randn(4).to_sparse()
     with pytest.raises(TypeError, match="layout"):
-        fusedclip.clip_grad_norm_(params + params_with([sparse]), 0.01, process_group=dist.group.WORLD)
+        fusedclip.clip_grad_norm_(params + params_with([sparse]), 0.01, process_group=world())
     for g, o in zip(grads, originals):
         assert torch.equal(g, o)
     # The ranks are still in step: a collective that every rank enters completes.
-    total = fusedclip.get_total_norm(grads, process_group=dist.group.WORLD)
+    total = fusedclip.get_total_norm(grads, process_group=world())
     assert_norm_close(total, oracle_norm(global_grads(seed=4), 2.0), 1e-5)
 
 
-# --- Megatron-style model parallelism ---------------------------------------------------------------
+# --- Megatron-style model parallelism -------------------------------------------------------------
 
 
 @case
@@ -218,10 +225,11 @@ def megatron_counting_with_tp_and_pp_groups(rank, world_size):
     before = {k: v.clone() for k, v in local.items()}
     total = fusedclip.get_total_norm(counted, 2.0, process_group=[tp_group, pp_group])
     fusedclip.clip_grads_with_norm_(params_with(list(local.values())), 1.0, total)
-    assert_scaled_like_oracle(list(local.values()), list(before.values()), oracle_norm(unique, 2.0), 1.0, 1e-5)
+    expected = oracle_norm(unique, 2.0)
+    assert_scaled_like_oracle(list(local.values()), list(before.values()), expected, 1.0, 1e-5)
 
 
-# --- DTensor grads ------------------------------------------------------------------------------------
+# --- DTensor grads --------------------------------------------------------------------------------
 
 
 def dtensor_check(grads_global, make_local, norm_types=NORM_TYPES, max_norm_factor=0.5, atol=None):
@@ -241,7 +249,8 @@ def dtensor_check(grads_global, make_local, norm_types=NORM_TYPES, max_norm_fact
         total = fusedclip.clip_grad_norm_(params_with(dgrads), max_norm, norm_type)
         assert_norm_close(whole(total), expected, rtol)
         if atol is None:
-            assert_scaled_like_oracle([g.full_tensor() for g in dgrads], grads_global, expected, max_norm, rtol)
+            scaled = [g.full_tensor() for g in dgrads]
+            assert_scaled_like_oracle(scaled, grads_global, expected, max_norm, rtol)
             continue
         for g, e in zip(dgrads, grads_global):
             want = e.double() * oracle_coef(expected, max_norm)
@@ -351,7 +360,8 @@ def dtensor_mixed_meshes_and_plain(rank, world_size):
         assert_norm_close(total, expected, rtol)
         total = fusedclip.clip_grad_norm_(params_with(grads), 0.5 * expected + 1e-3, norm_type)
         assert_norm_close(total, expected, rtol)
-        assert_scaled_like_oracle([whole(g) for g in grads], everything, expected, 0.5 * expected + 1e-3, rtol)
+        scaled = [whole(g) for g in grads]
+        assert_scaled_like_oracle(scaled, everything, expected, 0.5 * expected + 1e-3, rtol)
 
 
 @case
@@ -364,7 +374,8 @@ def dtensor_with_pipeline_group(rank, world_size):
     stages = world_size // 2
     mesh = init_device_mesh("cpu", (stages, 2), mesh_dim_names=("pp", "dp"))
     stage = rank // 2
-    per_stage = [make_grads([(5, 3), (4,), (1,)], torch.float32, seed=40 + s) for s in range(stages)]
+    shapes = [(5, 3), (4,), (1,)]
+    per_stage = [make_grads(shapes, torch.float32, seed=40 + s) for s in range(stages)]
     everything = [g for gs in per_stage for g in gs]
     for norm_type in NORM_TYPES:
         rtol = rtol_of([torch.float32], norm_type)
@@ -377,7 +388,8 @@ def dtensor_with_pipeline_group(rank, world_size):
             params_with(grads), max_norm, norm_type, process_group=mesh.get_group("pp")
         )
         assert_norm_close(whole(total), expected, rtol)
-        assert_scaled_like_oracle([g.full_tensor() for g in grads], per_stage[stage], expected, max_norm, rtol)
+        scaled = [g.full_tensor() for g in grads]
+        assert_scaled_like_oracle(scaled, per_stage[stage], expected, max_norm, rtol)
 
 
 @case
@@ -395,7 +407,10 @@ def fsdp2_fully_shard(rank, world_size):
             torch.nn.Linear(6, 11), torch.nn.Tanh(), torch.nn.Linear(11, 3), torch.nn.Linear(3, 1)
         ).double()
 
-    batches = [torch.randn(5, 6, generator=seeded(100 + r), dtype=torch.float64) for r in range(world_size)]
+    batches = [
+        torch.randn(5, 6, generator=seeded(100 + r), dtype=torch.float64)
+        for r in range(world_size)
+    ]
     reference = model()
     sum(reference(x).square().sum() for x in batches).div(world_size).backward()
     expected_grads = [p.grad for p in reference.parameters()]
@@ -414,11 +429,12 @@ def fsdp2_fully_shard(rank, world_size):
         total = fusedclip.clip_grad_norm_(sharded.parameters(), 0.1, norm_type)
         assert_norm_close(total.full_tensor(), expected, 1e-9)
         assert_scaled_like_oracle(
-            [p.grad.full_tensor() for p in sharded.parameters()], expected_grads, expected, 0.1, 1e-9
+            [p.grad.full_tensor() for p in sharded.parameters()], expected_grads, expected, 0.1,
+            1e-9,
         )
 
 
-# --- DDP ---------------------------------------------------------------------------------------------------
+# --- DDP ------------------------------------------------------------------------------------------
 
 
 def ddp_model_and_reference(world_size, bucket_cap_mb=25.0):
@@ -463,7 +479,8 @@ def ddp_then_clip(rank, world_size):
         total = fusedclip.clip_grad_norm_(ddp.parameters(), 0.3 * expected + 1e-3, norm_type)
         # float32 sums in other orders: the DDP grads differ from the reference's by rounding.
         assert_norm_close(total, expected, 1e-4)
-        assert_scaled_like_oracle(grads, before, oracle_norm(before, norm_type), 0.3 * expected + 1e-3, 1e-5)
+        max_norm = 0.3 * expected + 1e-3
+        assert_scaled_like_oracle(grads, before, oracle_norm(before, norm_type), max_norm, 1e-5)
         for g, a in zip(before, averaged):
             torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-6)
 
@@ -484,12 +501,15 @@ def ddp_norm_hook(rank, world_size):
                 m.zero_grad()
                 m(batches[rank]).square().sum().backward()
             if step == 2:  # DDP's first backward has one bucket; then bucket_cap_mb holds
-                assert len(state._statistics) >= 2, f"expected several buckets, got {len(state._statistics)}"
+                buckets = len(state._statistics)
+                assert buckets >= 2, f"expected several buckets, got {buckets}"
             after_backward = fusedclip.get_total_norm([p.grad for p in ddp.parameters()], norm_type)
             total = state.clip_grad_norm_(ddp.parameters(), 0.2 * float(after_backward) + 1e-3)
             assert_norm_close(total, float(after_backward), 1e-5)
-            assert_norm_close(total, oracle_norm(reference_grads(reference, batches), norm_type), 1e-4)
-            expected = fusedclip.clip_grad_norm_(plain.parameters(), 0.2 * float(after_backward) + 1e-3, norm_type)
+            averaged = reference_grads(reference, batches)
+            assert_norm_close(total, oracle_norm(averaged, norm_type), 1e-4)
+            max_norm = 0.2 * float(after_backward) + 1e-3
+            expected = fusedclip.clip_grad_norm_(plain.parameters(), max_norm, norm_type)
             assert_norm_close(expected, float(after_backward), 1e-5)
             for p, q in zip(ddp.parameters(), plain.parameters()):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
@@ -512,7 +532,9 @@ def ddp_norm_hook_with_pipeline_group(rank, world_size):
         torch.manual_seed(20 + s)
         return torch.nn.Linear(5, 7)
 
-    ddp = DistributedDataParallel(stage_model(stage), process_group=dp_groups[stage], bucket_cap_mb=0.0001)
+    ddp = DistributedDataParallel(
+        stage_model(stage), process_group=dp_groups[stage], bucket_cap_mb=0.0001
+    )
     state = fd.NormHookState(process_group=dp_groups[stage])
     ddp.register_comm_hook(state, fd.allreduce_norm_hook)
     batches = [torch.randn(3, 5, generator=seeded(30 + r)) for r in range(dp)]
@@ -527,7 +549,7 @@ def ddp_norm_hook_with_pipeline_group(rank, world_size):
     assert_norm_close(total, oracle_norm(averaged, 2.0), 1e-5)
 
 
-# --- NCCL, one GPU (run where a GPU is lent) ---------------------------------------------------------
+# --- NCCL, one GPU (skipped without one) ---------------------------------------------------------
 
 
 @nccl_case
@@ -543,17 +565,18 @@ def nccl_process_group(rank, world_size):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            total = fusedclip.get_total_norm(on_gpu, norm_type, process_group=dist.group.WORLD)
+            total = fusedclip.get_total_norm(on_gpu, norm_type, process_group=world())
             clipped = fusedclip.clip_grad_norm_(params, 0.5 * expected + 1e-3, norm_type,
-                                                process_group=dist.group.WORLD)
-            nothing = fusedclip.get_total_norm([], norm_type, process_group=dist.group.WORLD)
+                                                process_group=world())
+            nothing = fusedclip.get_total_norm([], norm_type, process_group=world())
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert total.device == device and clipped.device == device
         assert nothing.device.type == "cuda" and float(nothing) == 0.0
         assert_norm_close(total, expected, rtol)
         assert_norm_close(clipped, expected, rtol)
-        assert_scaled_like_oracle([p.grad.cpu() for p in params], grads, expected, 0.5 * expected + 1e-3, rtol)
+        scaled = [p.grad.cpu() for p in params]
+        assert_scaled_like_oracle(scaled, grads, expected, 0.5 * expected + 1e-3, rtol)
 
 
 @nccl_case
@@ -567,7 +590,8 @@ def nccl_dtensor_and_ddp_hook(rank, world_size):
     dtensor_check(grads, lambda gs: [distribute_tensor(g.cuda(), mesh, [Shard(0)]) for g in gs])
 
     torch.manual_seed(17)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)).cuda()
+    layers = [torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)]
+    model = torch.nn.Sequential(*layers).cuda()
     ddp = DistributedDataParallel(model, device_ids=[rank], bucket_cap_mb=0.001)
     state = fd.NormHookState()
     ddp.register_comm_hook(state, fd.allreduce_norm_hook)
@@ -578,7 +602,7 @@ def nccl_dtensor_and_ddp_hook(rank, world_size):
         assert_norm_close(state.clip_grad_norm_(ddp.parameters(), 1e-2), float(after), 1e-5)
 
 
-# --- the runner ------------------------------------------------------------------------------------------
+# --- the runner -----------------------------------------------------------------------------------
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_dir: str, backend: str) -> None:
@@ -621,7 +645,9 @@ def run_world(world_size: int, backend: str = "gloo") -> dict[int, dict[str, str
             deadline = time.monotonic() + RUN_TIMEOUT_S
             while not context.join(timeout=5):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"world size {world_size}: ranks did not finish in {RUN_TIMEOUT_S} s")
+                    raise TimeoutError(
+                        f"world size {world_size}: ranks did not finish in {RUN_TIMEOUT_S} s"
+                    )
         finally:
             for process in context.processes:
                 if process.is_alive():
