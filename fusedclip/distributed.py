@@ -40,9 +40,9 @@ from torch import Tensor
 
 from fusedclip import _ops, clip, reference
 
-__all__ = ["ProcessGroups", "NormHookState", "allreduce_norm_hook"]
+__all__ = ["NormHookState", "allreduce_norm_hook"]
 
-ProcessGroups = Union["dist.ProcessGroup", Sequence["dist.ProcessGroup"]]
+ProcessGroups = clip.ProcessGroups  # a ProcessGroup or a sequence of them
 
 
 # --- DTensor grads --------------------------------------------------------------------------------
@@ -67,11 +67,17 @@ def as_tensor(total_norm: Tensor) -> Tensor:
     return total_norm
 
 
+def _shard_dims(placements: Sequence[Any]) -> tuple[int, ...]:
+    """The mesh dims over which a DTensor's local tensors are disjoint parts (not copies)."""
+    return tuple(d for d, p in enumerate(placements) if p.is_shard())
+
+
 class _Parts:
     """The grads of one call, split by what their statistic is reduced over.
 
     plain: plain tensors (reduced over ``process_group`` only).
-    sharded: (mesh, mesh dims to sum over) -> the local tensors whose statistic is taken.
+    sharded: (mesh, its Shard dims: those to sum over) -> the local tensors whose statistic is
+        taken (for a Partial grad, of a copy made whole by resolve_partial).
     local: every DTensor's local tensor, which the scale writes in place.
     meshes: the meshes of the DTensor grads, in first-seen order.
     """
@@ -82,7 +88,7 @@ class _Parts:
         self.sharded: dict[tuple[Any, tuple[int, ...]], list[Tensor]] = {}
         self.local: list[Tensor] = []
         self.meshes: list[Any] = []
-        self._partial: list[tuple[Tensor, tuple[int, ...]]] = []
+        self._partial: list[Tensor] = []
         for g in grads:
             if dtensor is None or not isinstance(g, dtensor):
                 self.plain.append(g)
@@ -92,22 +98,19 @@ class _Parts:
                 self.meshes.append(mesh)
             local = g.to_local()
             self.local.append(local)
-            dims = tuple(d for d, p in enumerate(placements) if p.is_shard() or p.is_partial())
             if any(p.is_partial() for p in placements):
-                self._partial.append((g, dims))  # made whole by resolve_partial(), after checks
+                self._partial.append(g)  # made whole by resolve_partial(), after the checks
             else:
-                self.sharded.setdefault((mesh, dims), []).append(local)
+                self.sharded.setdefault((mesh, _shard_dims(placements)), []).append(local)
 
     def resolve_partial(self) -> None:
         """Adds the whole-sum copies of Partial grads (a collective per grad, on every rank)."""
         from torch.distributed.tensor import Replicate
 
-        for g, dims in self._partial:
-            whole = g.redistribute(
-                g.device_mesh, [Replicate() if p.is_partial() else p for p in g.placements]
-            )
-            shard_dims = tuple(d for d in dims if whole.placements[d].is_shard())
-            self.sharded.setdefault((g.device_mesh, shard_dims), []).append(whole.to_local())
+        for g in self._partial:
+            placements = [Replicate() if p.is_partial() else p for p in g.placements]
+            whole = g.redistribute(g.device_mesh, placements).to_local()
+            self.sharded.setdefault((g.device_mesh, _shard_dims(placements)), []).append(whole)
         self._partial = []
 
     def all_plain(self) -> list[Tensor]:
@@ -241,9 +244,7 @@ def _mesh_row(
     that need it: a 2-D (dp, tp) mesh costs two scalar all-reduces however the grads are placed.
     """
     keys = [key for key in sharded if key[0] == mesh]
-    device = torch.device(mesh.device_type) if mesh.device_type == "cpu" else collective_device(
-        mesh.get_group(0)
-    )
+    device = sharded[keys[0]][0].device  # where the local shards are
     rows = [_local_row(sharded[key], stat, foreach, backend, device) for key in keys]
     for dim in range(mesh.ndim):
         needs = [i for i, (_, dims) in enumerate(keys) if dim in dims]
@@ -260,8 +261,6 @@ def _output_place(parts: _Parts, process_groups: list) -> tuple[torch.dtype, tor
     tensors = parts.all_plain()
     if tensors:
         return reference.accumulate_dtype(tensors), tensors[0].device
-    if parts.meshes:
-        return torch.float32, torch.device(parts.meshes[0].device_type)
     return torch.float32, collective_device(process_groups[0])
 
 
