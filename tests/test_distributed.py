@@ -274,6 +274,22 @@ def dtensor_fully_sharded_1d(rank, world_size):
 
     dtensor_check(grads, shard)
 
+    # A norm from torch (a DTensor, Partial or not) scales DTensor grads as a plain one would.
+    # (torch's norm of bf16/fp16 grads is rounded to their dtype: scale by its value.)
+    dgrads = shard(grads)
+    torch_total = torch.nn.utils.get_total_norm(dgrads)
+    max_norm = 0.5 * oracle_norm(grads, 2.0)
+    fusedclip.clip_grads_with_norm_(params_with(dgrads), max_norm, torch_total)
+    scaled = [g.full_tensor() for g in dgrads]
+    assert_scaled_like_oracle(scaled, grads, float(torch_total.full_tensor()), max_norm, 1e-5)
+    # error_if_nonfinite reads the global norm: every rank raises, none waits.
+    dgrads = shard(grads)
+    dgrads[0].to_local().view(-1)[:1] = math.inf if rank == 0 else 1.0
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fusedclip.get_total_norm(dgrads, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fusedclip.clip_grad_norm_(params_with(dgrads), 1.0, error_if_nonfinite=True)
+
 
 def mesh_2d(world_size):
     from torch.distributed.device_mesh import init_device_mesh
