@@ -103,10 +103,13 @@ class _Parts:
             else:
                 self.sharded.setdefault((mesh, _shard_dims(placements)), []).append(local)
 
-    def resolve_partial(self) -> None:
+    def resolve_partial(self, foreach: Optional[bool], backend: str) -> None:
         """Adds the whole-sum copies of Partial grads (a collective per grad, on every rank)."""
         from torch.distributed.tensor import Replicate
 
+        if self._partial:  # checked before their collectives (the other grads: see total_norm)
+            local = [g.to_local() for g in self._partial]
+            clip._group_by_device(local, foreach, backend, writes=False)
         for g in self._partial:
             placements = [Replicate() if p.is_partial() else p for p in g.placements]
             whole = g.redistribute(g.device_mesh, placements).to_local()
@@ -221,31 +224,42 @@ def _process_groups(process_group: Optional[ProcessGroups]) -> list:
     return groups
 
 
+def _local_statistic(
+    tensors: list[Tensor], norm_type: float, foreach: Optional[bool], backend: str
+) -> Tensor:
+    """The statistic of tensors on this rank. A CPU list goes to the C++ operator whole, which
+    validates it itself; the general path validates in Python and groups by device."""
+    if tensors[0].device.type == "cpu" and clip._cpu_fast_path(backend):
+        result = clip._on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type)
+        if result is not None:
+            return result[0]
+    groups = clip._group_by_device(tensors, foreach, backend, writes=False)
+    return clip._statistic(groups, norm_type)
+
+
 def _local_row(
-    grads: list[Tensor],
+    tensors: list[Tensor],
     stat: _Statistic,
     foreach: Optional[bool],
     backend: str,
     device: torch.device,
 ) -> Tensor:
-    """The row of these grads on this rank (the identity when there are none)."""
-    if not grads:
+    """The row of these tensors on this rank (the identity when there are none)."""
+    if not tensors:
         return stat.row(None, False, device)
-    groups = clip._group_by_device(grads, foreach, backend, writes=False)
-    return stat.row(clip._statistic(groups, stat.norm_type), any(g.numel() for g in grads), device)
+    statistic = _local_statistic(tensors, stat.norm_type, foreach, backend)
+    return stat.row(statistic, any(t.numel() for t in tensors), device)
 
 
-def _mesh_row(
-    mesh: Any, sharded: dict, stat: _Statistic, foreach: Optional[bool], backend: str
-) -> Tensor:
-    """The statistic of a mesh's grads, each group reduced over its Shard dimensions.
+def _reduce_mesh(mesh: Any, rows_by_key: dict, stat: _Statistic) -> Tensor:
+    """The statistic of a mesh's grads: each key's row reduced over its Shard dimensions.
 
-    One all-reduce per mesh dimension that any group needs, of the stacked rows of the groups
-    that need it: a 2-D (dp, tp) mesh costs two scalar all-reduces however the grads are placed.
+    One all-reduce per mesh dimension that any key needs, of the stacked rows of the keys that
+    need it: a 2-D (dp, tp) mesh costs two scalar all-reduces however the grads are placed.
     """
-    keys = [key for key in sharded if key[0] == mesh]
-    device = sharded[keys[0]][0].device  # where the local shards are
-    rows = [_local_row(sharded[key], stat, foreach, backend, device) for key in keys]
+    keys = [key for key in rows_by_key if key[0] == mesh]
+    rows = [rows_by_key[key] for key in keys]
+    device = rows[0].device
     for dim in range(mesh.ndim):
         needs = [i for i, (_, dims) in enumerate(keys) if dim in dims]
         if needs:
@@ -270,30 +284,48 @@ def total_norm(
     foreach: Optional[bool],
     backend: str,
     process_group: Optional[ProcessGroups],
-    writes: bool,
 ) -> tuple[Tensor, _Parts]:
     """The global norm of grads (plain and DTensor) over meshes and process groups.
 
-    Returns the norm on this rank (a plain tensor) and the grads split in parts (for the scale).
-    Every grad is validated before the first collective.
+    Returns the norm on this rank (a plain tensor) and the grads split in parts.
     """
     groups = _process_groups(process_group)
     parts = _Parts(grads)
-    # Checks first, raising before any collective (a rank that raised would leave the others
-    # waiting) and before anything is written.
-    checked = parts.all_plain()
-    if checked:
-        clip._group_by_device(checked, foreach, backend, writes=writes)
-    parts.resolve_partial()
+    parts.resolve_partial(foreach, backend)
     stat = _Statistic(norm_type)
     dtype, device = _output_place(parts, groups)
-    rows = [_mesh_row(mesh, parts.sharded, stat, foreach, backend) for mesh in parts.meshes]
-    if parts.plain or not rows:
+    # Every local statistic before the first collective: a grad that the operators refuse
+    # raises here, before anything is written, and on every rank that holds the same grads.
+    rows_by_key = {
+        key: _local_row(tensors, stat, foreach, backend, tensors[0].device)
+        for key, tensors in parts.sharded.items()
+    }
+    rows = []
+    if parts.plain or not parts.meshes:
         rows.append(_local_row(parts.plain, stat, foreach, backend, device))
+    rows += [_reduce_mesh(mesh, rows_by_key, stat) for mesh in parts.meshes]
     row = stat.combine(torch.stack([r.to(rows[0].device) for r in rows]))
     for group in groups:
         row = stat.all_reduce_(row, group)
     return stat.total_norm(row, dtype, device), parts
+
+
+def scale_(tensors: list[Tensor], coef: Tensor, foreach: Optional[bool], backend: str) -> None:
+    """tensors *= coef in place (plain tensors: DTensor grads given by their local tensors).
+
+    A CPU list goes to the C++ operator whole, which refuses what it cannot write before writing
+    anything; the general path then validates in Python and says why.
+    """
+    if not tensors:
+        return
+    on_cpu = tensors[0].device.type == "cpu" and coef.device.type == "cpu"
+    if on_cpu and clip._cpu_fast_path(backend):
+        try:
+            _ops.multi_tensor_scale_("cpu", tensors, coef)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    clip._scale_groups(clip._group_by_device(tensors, foreach, backend, writes=True), coef)
 
 
 def as_returned(total: Tensor, parts: _Parts) -> Tensor:
@@ -313,7 +345,7 @@ def get_total_norm(
     backend: str,
     process_group: Optional[ProcessGroups],
 ) -> Tensor:
-    total, parts = total_norm(tensors, norm_type, foreach, backend, process_group, writes=False)
+    total, parts = total_norm(tensors, norm_type, foreach, backend, process_group)
     return as_returned(total, parts)
 
 
@@ -326,17 +358,11 @@ def clip_grad_norm_(
     backend: str,
     process_group: Optional[ProcessGroups],
 ) -> Tensor:
-    total, parts = total_norm(grads, norm_type, foreach, backend, process_group, writes=True)
+    total, parts = total_norm(grads, norm_type, foreach, backend, process_group)
     if error_if_nonfinite:
         clip._raise_if_nonfinite(total, norm_type)  # the same global norm on every rank
     scale_(parts.all_plain(), reference.clip_coefficient(total, max_norm), foreach, backend)
     return as_returned(total, parts)
-
-
-def scale_(tensors: list[Tensor], coef: Tensor, foreach: Optional[bool], backend: str) -> None:
-    """tensors *= coef in place (plain tensors: DTensor grads given by their local tensors)."""
-    if tensors:
-        clip._scale_groups(clip._group_by_device(tensors, foreach, backend, writes=True), coef)
 
 
 def clip_grads_with_norm_(
