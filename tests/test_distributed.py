@@ -176,6 +176,11 @@ def bad_arguments_raise_before_any_collective(rank, world_size):
     sparse = torch.randn(4).to_sparse()
     with pytest.raises(TypeError, match="layout"):
         fusedclip.clip_grad_norm_(params + params_with([sparse]), 0.01, process_group=world())
+    # A grad that cannot be written in place: refused by the scale, after the all-reduce (so
+    # every rank completes it) and before anything is written.
+    expanded = torch.randn(1).expand(4)
+    with pytest.raises(ValueError, match="overlapping"):
+        fusedclip.clip_grad_norm_(params + params_with([expanded]), 0.01, process_group=world())
     for g, o in zip(grads, originals):
         assert torch.equal(g, o)
     # The ranks are still in step: a collective that every rank enters completes.
