@@ -206,7 +206,7 @@ def _is_distributed(grads: list, process_group) -> bool:
     """True when the call goes to fusedclip.distributed: a process group, or DTensor grads."""
     if process_group is not None:
         return True
-    from fusedclip import distributed  # here: clip.py is imported by fusedclip.distributed
+    from fusedclip import distributed  # imported here: fusedclip.distributed imports clip.py
 
     return distributed.has_dtensor(grads)
 
@@ -321,7 +321,7 @@ def clip_grads_with_norm_(
         if _is_distributed(grads, None):
             from fusedclip import distributed
 
-            distributed.clip_grads_with_norm_(grads, max_norm, total_norm, foreach, backend)
+            distributed.scale_dtensor_grads_(grads, coef, foreach, backend)
             return
         _scale_groups(_group_by_device(grads, foreach, backend, writes=True), coef)
 

@@ -365,13 +365,12 @@ def clip_grad_norm_(
     return as_returned(total, parts)
 
 
-def clip_grads_with_norm_(
-    grads: list[Tensor], max_norm: float, total_norm: Tensor, foreach: Optional[bool], backend: str
+def scale_dtensor_grads_(
+    grads: list[Tensor], coef: Tensor, foreach: Optional[bool], backend: str
 ) -> None:
-    """clip.clip_grads_with_norm_ for grads among which some are DTensors: local shards scaled."""
-    parts = _Parts(grads)  # a Partial grad is scaled as it is: the scale is linear
-    coef = reference.clip_coefficient(as_tensor(total_norm), max_norm)
-    scale_(parts.all_plain(), coef, foreach, backend)
+    """grads *= coef for grads among which some are DTensors: their local tensors are scaled
+    (a Partial grad's pending parts too: the scale is linear)."""
+    scale_(_Parts(grads).all_plain(), coef, foreach, backend)
 
 
 # --- DDP: the norm while backward runs ------------------------------------------------------------
