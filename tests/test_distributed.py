@@ -74,19 +74,16 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, fd._dtensor_type() or ()) else t
 
 
-def scaled_oracle_check(actual, originals, norm_type, max_norm, rtol):
-    assert_scaled_like_oracle(actual, originals, oracle_norm(originals, norm_type), max_norm, rtol)
-
-
 # --- process groups -------------------------------------------------------------------------------
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float32)
 SHAPES = [(7, 5), (0,), (1000,), (3, 0), (1,), (64, 33), (9,), (2, 2, 3), (17,), (5,)]
 
 
-def global_grads(seed=0, dtypes=(torch.float32,), scale=1.0):
+def global_grads(seed=0, dtypes=(torch.float32,)):
+    """The grads of the whole model (every rank builds the same), dtypes in turn."""
     dts = [dtypes[i % len(dtypes)] for i in range(len(SHAPES))]
-    return make_grads(SHAPES, dts, seed=seed, scale=scale)
+    return make_grads(SHAPES, dts, seed=seed)
 
 
 def my_share(items, rank, world_size, skip_last_rank=False):
