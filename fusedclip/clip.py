@@ -412,6 +412,10 @@ def clip_grad_value_(
         grads = _grads_of(params)
         if not grads:
             return
+        if _is_distributed(grads, None):  # DTensor grads: clamp their local tensors
+            from fusedclip import distributed
+
+            grads = distributed.local_tensors_to_clamp(grads)
         groups = _group_by_device(grads, foreach, backend, writes=True)
         for g in (g for _, _, ts in groups for g in ts):
             if g.is_complex():

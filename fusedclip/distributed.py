@@ -373,6 +373,20 @@ def scale_dtensor_grads_(
     scale_(_Parts(grads).all_plain(), coef, foreach, backend)
 
 
+def local_tensors_to_clamp(grads: list[Tensor]) -> list[Tensor]:
+    """The tensors clip_grad_value_ clamps: plain grads, and DTensor grads' local tensors (an
+    elementwise clamp of every shard is the clamp of the whole). A Partial grad is refused:
+    clamping the parts of a pending sum is not clamping the sum."""
+    parts = _Parts(grads)
+    if parts._partial:
+        raise ValueError(
+            "clip_grad_value_: a DTensor gradient has a Partial placement (a sum still pending "
+            f"over the mesh: {parts._partial[0].placements}); its parts cannot be clamped one by "
+            "one, redistribute it first"
+        )
+    return parts.all_plain()
+
+
 # --- DDP: the norm while backward runs ------------------------------------------------------------
 
 

@@ -284,6 +284,11 @@ def dtensor_fully_sharded_1d(rank, world_size):
     fusedclip.clip_grads_with_norm_(params_with(dgrads), max_norm, torch_total)
     scaled = [g.full_tensor() for g in dgrads]
     assert_scaled_like_oracle(scaled, grads, float(torch_total.full_tensor()), max_norm, 1e-5)
+    # clip_grad_value_ clamps every shard.
+    dgrads = shard(grads)
+    fusedclip.clip_grad_value_(params_with(dgrads), 0.5)
+    for g, e in zip(dgrads, grads):
+        assert torch.equal(g.full_tensor(), e.clamp(-0.5, 0.5))
     # error_if_nonfinite reads the global norm: every rank raises, none waits.
     dgrads = shard(grads)
     dgrads[0].to_local().view(-1)[:1] = math.inf if rank == 0 else 1.0
@@ -351,6 +356,8 @@ def dtensor_partial(rank, world_size):
     exact = [whole(g) for g in make(grads)]
     # Parts of size ~1 each scaled and rounded (2**-24 relative), then summed: a few 1e-7.
     dtensor_check(exact, make, norm_types=(2.0, 1.0, math.inf, -math.inf, 0.0, 3.5), atol=1e-6)
+    with pytest.raises(ValueError, match="Partial"):
+        fusedclip.clip_grad_value_(params_with(make(grads)), 0.5)
 
 
 @case
