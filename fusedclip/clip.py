@@ -25,8 +25,8 @@ from __future__ import annotations
 import numbers
 import types
 import warnings
-from collections.abc import Callable, Iterable
-from typing import Optional, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -36,6 +36,8 @@ from fusedclip import _ops, reference
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
 
 TensorOrTensors = Union[Tensor, Iterable[Tensor]]
+# A torch.distributed ProcessGroup or a sequence of them (not imported: see fusedclip.distributed).
+ProcessGroups = Union[Any, Sequence[Any]]
 
 _GRAD_DTYPES = (
     torch.float32,
@@ -184,20 +186,32 @@ def _on_cpu_grads(entry: Callable, *args):
 # --- norms ----------------------------------------------------------------------------------------
 
 
+def _statistic(groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float) -> Tensor:
+    """The norm statistic (before the root) over every group, on the first group's device."""
+    first_device = groups[0][0]
+    statistics = [_ops.multi_tensor_norm(backend, ts, norm_type)[0] for _, backend, ts in groups]
+    if len(statistics) == 1:
+        return statistics[0]
+    acc = torch.float64 if any(s.dtype == torch.float64 for s in statistics) else torch.float32
+    stacked = torch.stack([s.to(device=first_device, dtype=acc) for s in statistics])
+    return reference.combine_statistics(stacked, norm_type)
+
+
 def _total_norm(
     groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float
 ) -> Tensor:
     """The global norm over every group, on the first group's device."""
-    first_device = groups[0][0]
-    statistics = [_ops.multi_tensor_norm(backend, ts, norm_type)[0] for _, backend, ts in groups]
     empty = not any(t.numel() for _, _, ts in groups for t in ts)
-    if len(statistics) == 1:
-        statistic = statistics[0]
-    else:
-        acc = torch.float64 if any(s.dtype == torch.float64 for s in statistics) else torch.float32
-        stacked = torch.stack([s.to(device=first_device, dtype=acc) for s in statistics])
-        statistic = reference.combine_statistics(stacked, norm_type)
-    return reference.total_norm_from_statistic(statistic, norm_type, empty)
+    return reference.total_norm_from_statistic(_statistic(groups, norm_type), norm_type, empty)
+
+
+def _is_distributed(grads: list, process_group) -> bool:
+    """True when the call goes to fusedclip.distributed: a process group, or DTensor grads."""
+    if process_group is not None:
+        return True
+    from fusedclip import distributed  # imported here: fusedclip.distributed imports clip.py
+
+    return distributed.has_dtensor(grads)
 
 
 def _raise_if_nonfinite(total_norm: Tensor, norm_type: float) -> None:
@@ -221,6 +235,7 @@ def get_total_norm(
     foreach: Optional[bool] = None,
     *,
     backend: str = "auto",
+    process_group: Optional[ProcessGroups] = None,
 ) -> Tensor:
     r"""The norm of all ``tensors`` viewed as one vector (torch.nn.utils.get_total_norm).
 
@@ -238,23 +253,32 @@ def get_total_norm(
         foreach: accepted for compatibility; ``True`` on a device without foreach support
             raises as in torch. fusedclip's kernels are always multi-tensor.
         backend: "auto", "cpu", "cuda" or "torch" (see :func:`fusedclip.available_backends`).
+        process_group: a ``torch.distributed`` process group, or a sequence of them reduced in
+            turn, whose ranks hold disjoint parts of the tensors: the norm is the norm of all
+            of them (see :mod:`fusedclip.distributed`). Every rank of the group must call,
+            also one without tensors. DTensor tensors are reduced over their meshes' Shard
+            dimensions without it.
 
     Returns:
         A 0-dim tensor on the first tensor's device: float32 when every tensor is fp16, bf16 or
         float32 (complex64), float64 when any is float64 (complex128). ``tensor(0.)`` when
-        there are no tensors.
+        there are no tensors. A replicated DTensor when every tensor is a DTensor of one mesh.
     """
     with torch.no_grad():
         norm_type = _norm_type(norm_type)
         tensors = _as_list(tensors)
-        if not tensors:
+        if not tensors and process_group is None:
             return torch.tensor(0.0)
         total = None
-        if tensors[0].device.type == "cpu" and _cpu_fast_path(backend):
+        if process_group is None and tensors[0].device.type == "cpu" and _cpu_fast_path(backend):
             result = _on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type)
             if result is not None:
                 empty = not any(t.numel() for t in tensors)
                 total = reference.total_norm_from_statistic(result[0], norm_type, empty)
+        if total is None and _is_distributed(tensors, process_group):
+            from fusedclip import distributed
+
+            total = distributed.get_total_norm(tensors, norm_type, foreach, backend, process_group)
         if total is None:
             total = _total_norm(_group_by_device(tensors, foreach, backend, writes=False), norm_type)
         if error_if_nonfinite:
@@ -273,10 +297,15 @@ def clip_grads_with_norm_(
     r"""Scales the gradients by :math:`\min(\mathrm{max\_norm} / (\mathrm{total\_norm} + 10^{-6}), 1)`.
 
     torch.nn.utils.clip_grads_with_norm_ with a precomputed ``total_norm`` (a tensor, read
-    without a host sync). Gradients are not written when the coefficient is 1.
+    without a host sync; a DTensor norm is made whole first). Gradients are not written when the
+    coefficient is 1; DTensor gradients are scaled shard by shard.
     """
     with torch.no_grad():
         max_norm = _non_negative(max_norm, "max_norm")
+        if type(total_norm) is not Tensor and _is_distributed([total_norm], None):
+            from fusedclip import distributed
+
+            total_norm = distributed.as_tensor(total_norm)
         if not isinstance(total_norm, Tensor):
             raise TypeError(f"total_norm must be a torch.Tensor, got {type(total_norm).__name__}")
         if total_norm.numel() != 1 or not total_norm.is_floating_point():
@@ -292,6 +321,11 @@ def clip_grads_with_norm_(
         grads = _grads_of(params)
         if not grads:
             return
+        if _is_distributed(grads, None):
+            from fusedclip import distributed
+
+            distributed.scale_dtensor_grads_(grads, coef, foreach, backend)
+            return
         _scale_groups(_group_by_device(grads, foreach, backend, writes=True), coef)
 
 
@@ -303,6 +337,7 @@ def clip_grad_norm_(
     foreach: Optional[bool] = None,
     *,
     backend: str = "auto",
+    process_group: Optional[ProcessGroups] = None,
 ) -> Tensor:
     r"""Clips the gradients of ``parameters`` to a global norm of at most ``max_norm``.
 
@@ -324,6 +359,8 @@ def clip_grad_norm_(
         error_if_nonfinite: raise ``RuntimeError``, before scaling, if the norm is nan or inf.
         foreach: accepted for compatibility (see :func:`get_total_norm`).
         backend: "auto", "cpu", "cuda" or "torch".
+        process_group: the norm is taken over the grads of every rank of this group (or of
+            these groups, in turn), each holding disjoint parts; see :func:`get_total_norm`.
 
     Returns:
         The total norm before clipping (see :func:`get_total_norm` for its dtype and device).
@@ -332,11 +369,17 @@ def clip_grad_norm_(
         max_norm = _non_negative(max_norm, "max_norm")
         norm_type = _norm_type(norm_type)
         params = _as_list(parameters, warn_if_empty_generator=True)
-        if not error_if_nonfinite and _cpu_fast_path(backend):
+        if process_group is None and not error_if_nonfinite and _cpu_fast_path(backend):
             total = _on_cpu_grads(_ops.clip_grad_norm_of_params, params, max_norm, norm_type)
             if total is not None:
                 return total
         grads = _grads_of(params)
+        if _is_distributed(grads, process_group):
+            from fusedclip import distributed
+
+            return distributed.clip_grad_norm_(
+                grads, max_norm, norm_type, error_if_nonfinite, foreach, backend, process_group
+            )
         if not grads:
             return torch.tensor(0.0)
         groups = _group_by_device(grads, foreach, backend, writes=True)
@@ -372,6 +415,10 @@ def clip_grad_value_(
         grads = _grads_of(params)
         if not grads:
             return
+        if _is_distributed(grads, None):  # DTensor grads: clamp their local tensors
+            from fusedclip import distributed
+
+            grads = distributed.local_tensors_to_clamp(grads)
         groups = _group_by_device(grads, foreach, backend, writes=True)
         for g in (g for _, _, ts in groups for g in ts):
             if g.is_complex():

@@ -1,0 +1,500 @@
+"""Clipping across processes: process groups, DTensor grads (FSDP2, tensor parallel), DDP.
+
+A global norm is a reduction of a per-rank statistic taken *before* the root (see
+``_ops.multi_tensor_norm``): the sum of :math:`|x|^p` (a count for p = 0) adds across ranks
+holding disjoint shards, the max (p = inf) takes the max, the min (p = -inf) the min. So each
+rank reduces its own shards in one local pass, and one scalar all-reduce per group gives every
+rank the global statistic; the root, the clip coefficient and the scale then run on the device,
+with no host sync.
+
+What is reduced over what:
+
+* ``process_group`` (a group or a sequence of groups, reduced in turn): the grads given on the
+  ranks of the group are disjoint parts of the model (tensor-parallel shards counted once,
+  pipeline stages, expert-parallel experts).
+* DTensor grads: their local shards, over the mesh dimensions whose placement is ``Shard``;
+  ``Replicate`` dimensions hold copies and are never summed. A ``Partial`` placement is a sum
+  still pending, and the norm of a sum is not the sum of the norms, so the norm is taken of a
+  copy redistributed to ``Replicate`` on those dimensions (one collective over that grad); the
+  in-place scale is linear, so the pending local parts are scaled as they are.
+
+Every rank calls every collective exactly once per call, in the same order, also a rank with no
+grads (its statistic is the reduction's identity), so no rank waits forever for another. The
+statistic travels as float64 on the device that the group's backend needs (CUDA for NCCL, the
+CPU for gloo), so ranks whose grads differ in dtype, or that have none, still match.
+
+DDP averages the grads in backward, so after it every rank holds the same full grads and
+clipping needs no reduction at all. :func:`allreduce_norm_hook` goes further: it takes each
+bucket's statistic as soon as that bucket's all-reduce completes, overlapping the norm with the
+rest of backward.
+"""
+
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fusedclip import _ops, clip, reference
+
+__all__ = ["NormHookState", "allreduce_norm_hook"]
+
+ProcessGroups = clip.ProcessGroups  # a ProcessGroup or a sequence of them
+
+
+# --- DTensor grads --------------------------------------------------------------------------------
+
+
+def _dtensor_type() -> Optional[type]:
+    """DTensor, when torch.distributed.tensor has been imported (no DTensor exists before)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def has_dtensor(tensors: Sequence[Any]) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
+
+
+def as_tensor(total_norm: Tensor) -> Tensor:
+    """A norm given as a DTensor (replicated, or partial as torch.nn.utils returns it), whole."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(total_norm, dtensor):
+        return total_norm.full_tensor()
+    return total_norm
+
+
+def _shard_dims(placements: Sequence[Any]) -> tuple[int, ...]:
+    """The mesh dims over which a DTensor's local tensors are disjoint parts (not copies)."""
+    return tuple(d for d, p in enumerate(placements) if p.is_shard())
+
+
+class _Parts:
+    """The grads of one call, split by what their statistic is reduced over.
+
+    plain: plain tensors (reduced over ``process_group`` only).
+    sharded: (mesh, its Shard dims: those to sum over) -> the local tensors whose statistic is
+        taken (for a Partial grad, of a copy made whole by resolve_partial).
+    local: every DTensor's local tensor, which the scale writes in place.
+    meshes: the meshes of the DTensor grads, in first-seen order.
+    """
+
+    def __init__(self, grads: Sequence[Tensor]) -> None:
+        dtensor = _dtensor_type()
+        self.plain: list[Tensor] = []
+        self.sharded: dict[tuple[Any, tuple[int, ...]], list[Tensor]] = {}
+        self.local: list[Tensor] = []
+        self.meshes: list[Any] = []
+        self._partial: list[Tensor] = []
+        for g in grads:
+            if dtensor is None or not isinstance(g, dtensor):
+                self.plain.append(g)
+                continue
+            mesh, placements = g.device_mesh, g.placements
+            if mesh not in self.meshes:
+                self.meshes.append(mesh)
+            local = g.to_local()
+            self.local.append(local)
+            if any(p.is_partial() for p in placements):
+                self._partial.append(g)  # made whole by resolve_partial(), after the checks
+            else:
+                self.sharded.setdefault((mesh, _shard_dims(placements)), []).append(local)
+
+    def resolve_partial(self, foreach: Optional[bool], backend: str) -> None:
+        """Adds the whole-sum copies of Partial grads (a collective per grad, on every rank)."""
+        from torch.distributed.tensor import Replicate
+
+        if self._partial:  # checked before their collectives (the other grads: see total_norm)
+            local = [g.to_local() for g in self._partial]
+            clip._group_by_device(local, foreach, backend, writes=False)
+        for g in self._partial:
+            placements = [Replicate() if p.is_partial() else p for p in g.placements]
+            whole = g.redistribute(g.device_mesh, placements).to_local()
+            self.sharded.setdefault((g.device_mesh, _shard_dims(placements)), []).append(whole)
+        self._partial = []
+
+    def all_plain(self) -> list[Tensor]:
+        """What the scale writes: the plain grads and the DTensors' local tensors."""
+        return self.plain + self.local
+
+
+# --- the reduction --------------------------------------------------------------------------------
+
+
+def reduce_op(norm_type: float) -> "dist.ReduceOp":
+    """How statistics combine across ranks: MAX for inf, MIN for -inf, else SUM (0: counts)."""
+    if norm_type == math.inf:
+        return dist.ReduceOp.MAX
+    if norm_type == -math.inf:
+        return dist.ReduceOp.MIN
+    return dist.ReduceOp.SUM
+
+
+def collective_device(group: Optional["dist.ProcessGroup"]) -> torch.device:
+    """Where a tensor must live for a collective of ``group``: the same on every rank.
+
+    The accelerator of a group that has an accelerator backend (NCCL's CUDA, XCCL's XPU; for
+    "cpu:gloo,cuda:nccl", CUDA), else the CPU. Not taken from the local grads: a rank with
+    none must still choose what the others choose.
+    """
+    backend = str(dist.get_backend(group))
+    if ":" in backend:  # "cpu:gloo,cuda:nccl"
+        pairs = [item.split(":") for item in backend.split(",")]
+    else:
+        pairs = [(d, b) for d, b in dist.Backend.default_device_backend_map.items() if b == backend]
+    device_type = next((d for d, b in pairs if d != "cpu" and b != "gloo"), "cpu")
+    if device_type == "cpu":
+        return torch.device("cpu")
+    bound = getattr(group or dist.group.WORLD, "bound_device_id", None)
+    if bound is not None:
+        return bound
+    return torch.device(device_type, torch.get_device_module(device_type).current_device())
+
+
+class _Statistic:
+    """A rank's statistic with what the reduction must carry beside it, as one float64 row.
+
+    Column 0 is the statistic. For inf and -inf norms column 1 marks a nan, since MAX and MIN
+    all-reduces need not propagate one (gloo's depends on the order of operands). For negative
+    norm types the last column marks "has elements": the norm of no elements is 0, which the
+    identity of the statistic does not give (0^(1/p) is inf for p < 0; min of nothing is +inf).
+    Marks are 1 (SUM, MAX) or -1 (MIN) so that the reduction itself combines them.
+    """
+
+    def __init__(self, norm_type: float) -> None:
+        self.norm_type = norm_type
+        self.op = reduce_op(norm_type)
+        self.sign = -1.0 if norm_type == -math.inf else 1.0
+        self.nan_column = math.isinf(norm_type)
+        self.elements_column = norm_type < 0
+
+    def row(self, statistic: Optional[Tensor], has_elements: bool, device: torch.device) -> Tensor:
+        # torch.full, not torch.tensor: a fill on the device, no copy from the host.
+        if statistic is None:
+            statistic = torch.full((), reference.statistic_identity(self.norm_type), device=device)
+        columns = [statistic.to(device=device, dtype=torch.float64)]
+        if self.nan_column:
+            columns.append(columns[0].isnan().double() * self.sign)
+        if self.elements_column:
+            columns.append(torch.full_like(columns[0], self.sign if has_elements else 0.0))
+        return torch.stack(columns)
+
+    def combine(self, rows: Tensor) -> Tensor:
+        """Rows (k x columns) combined as the all-reduce combines them, in row order."""
+        if self.op == dist.ReduceOp.MAX:
+            return rows.amax(0)
+        if self.op == dist.ReduceOp.MIN:
+            return rows.amin(0)
+        return rows.sum(0)
+
+    def all_reduce_(self, rows: Tensor, group: Optional["dist.ProcessGroup"]) -> Tensor:
+        """In place over ``group``; rows are moved to the group's device when they are not there."""
+        device = collective_device(group)
+        on_device = rows if rows.device == device else rows.to(device)
+        dist.all_reduce(on_device, op=self.op, group=group)
+        return on_device
+
+    def total_norm(self, row: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The norm from a reduced row, in ``dtype`` on ``device``."""
+        row = row.to(device)
+        statistic = row[0].to(dtype)
+        if self.nan_column:
+            statistic = torch.where(row[1] != 0, torch.full_like(statistic, math.nan), statistic)
+        total = reference.total_norm_from_statistic(statistic, self.norm_type, empty=False)
+        if self.elements_column:
+            total = torch.where(row[-1] != 0, total, torch.zeros_like(total))
+        return total
+
+
+def _process_groups(process_group: Optional[ProcessGroups]) -> list:
+    if process_group is None:
+        return []
+    if isinstance(process_group, dist.ProcessGroup):
+        return [process_group]
+    groups = list(process_group)
+    for i, group in enumerate(groups):
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group[{i}] must be a torch.distributed.ProcessGroup, got "
+                f"{type(group).__name__}"
+            )
+    return groups
+
+
+def _local_statistic(
+    tensors: list[Tensor], norm_type: float, foreach: Optional[bool], backend: str
+) -> Tensor:
+    """The statistic of tensors on this rank. A CPU list goes to the C++ operator whole, which
+    validates it itself; the general path validates in Python and groups by device."""
+    if tensors[0].device.type == "cpu" and clip._cpu_fast_path(backend):
+        result = clip._on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type)
+        if result is not None:
+            return result[0]
+    groups = clip._group_by_device(tensors, foreach, backend, writes=False)
+    return clip._statistic(groups, norm_type)
+
+
+def _local_row(
+    tensors: list[Tensor],
+    stat: _Statistic,
+    foreach: Optional[bool],
+    backend: str,
+    device: torch.device,
+) -> Tensor:
+    """The row of these tensors on this rank (the identity when there are none)."""
+    if not tensors:
+        return stat.row(None, False, device)
+    statistic = _local_statistic(tensors, stat.norm_type, foreach, backend)
+    return stat.row(statistic, any(t.numel() for t in tensors), device)
+
+
+def _reduce_mesh(mesh: Any, rows_by_key: dict, stat: _Statistic) -> Tensor:
+    """The statistic of a mesh's grads: each key's row reduced over its Shard dimensions.
+
+    One all-reduce per mesh dimension that any key needs, of the stacked rows of the keys that
+    need it: a 2-D (dp, tp) mesh costs two scalar all-reduces however the grads are placed.
+    """
+    keys = [key for key in rows_by_key if key[0] == mesh]
+    rows = [rows_by_key[key] for key in keys]
+    device = rows[0].device
+    for dim in range(mesh.ndim):
+        needs = [i for i, (_, dims) in enumerate(keys) if dim in dims]
+        if needs:
+            reduced = stat.all_reduce_(torch.stack([rows[i] for i in needs]), mesh.get_group(dim))
+            for j, i in enumerate(needs):
+                rows[i] = reduced[j].to(device)
+    return stat.combine(torch.stack(rows))
+
+
+def _output_place(parts: _Parts, process_groups: list) -> tuple[torch.dtype, torch.device]:
+    """The returned norm's dtype (the local grads' accumulation dtype) and device (the first
+    grad's, else the first group's collective device)."""
+    tensors = parts.all_plain()
+    if tensors:
+        return reference.accumulate_dtype(tensors), tensors[0].device
+    return torch.float32, collective_device(process_groups[0])
+
+
+def total_norm(
+    grads: list[Tensor],
+    norm_type: float,
+    foreach: Optional[bool],
+    backend: str,
+    process_group: Optional[ProcessGroups],
+) -> tuple[Tensor, _Parts]:
+    """The global norm of grads (plain and DTensor) over meshes and process groups.
+
+    Returns the norm on this rank (a plain tensor) and the grads split in parts.
+    """
+    groups = _process_groups(process_group)
+    parts = _Parts(grads)
+    parts.resolve_partial(foreach, backend)
+    stat = _Statistic(norm_type)
+    dtype, device = _output_place(parts, groups)
+    # Every local statistic before the first collective: a grad that the operators refuse
+    # raises here, before anything is written, and on every rank that holds the same grads.
+    rows_by_key = {
+        key: _local_row(tensors, stat, foreach, backend, tensors[0].device)
+        for key, tensors in parts.sharded.items()
+    }
+    rows = []
+    if parts.plain or not parts.meshes:
+        rows.append(_local_row(parts.plain, stat, foreach, backend, device))
+    rows += [_reduce_mesh(mesh, rows_by_key, stat) for mesh in parts.meshes]
+    row = stat.combine(torch.stack([r.to(rows[0].device) for r in rows]))
+    for group in groups:
+        row = stat.all_reduce_(row, group)
+    return stat.total_norm(row, dtype, device), parts
+
+
+def scale_(tensors: list[Tensor], coef: Tensor, foreach: Optional[bool], backend: str) -> None:
+    """tensors *= coef in place (plain tensors: DTensor grads given by their local tensors).
+
+    A CPU list goes to the C++ operator whole, which refuses what it cannot write before writing
+    anything; the general path then validates in Python and says why.
+    """
+    if not tensors:
+        return
+    on_cpu = tensors[0].device.type == "cpu" and coef.device.type == "cpu"
+    if on_cpu and clip._cpu_fast_path(backend):
+        try:
+            _ops.multi_tensor_scale_("cpu", tensors, coef)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    clip._scale_groups(clip._group_by_device(tensors, foreach, backend, writes=True), coef)
+
+
+def as_returned(total: Tensor, parts: _Parts) -> Tensor:
+    """A replicated DTensor when every grad is a DTensor of one mesh (torch's type), else total."""
+    if len(parts.meshes) != 1 or parts.plain:
+        return total
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = parts.meshes[0]
+    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+def get_total_norm(
+    tensors: list[Tensor],
+    norm_type: float,
+    foreach: Optional[bool],
+    backend: str,
+    process_group: Optional[ProcessGroups],
+) -> Tensor:
+    total, parts = total_norm(tensors, norm_type, foreach, backend, process_group)
+    return as_returned(total, parts)
+
+
+def clip_grad_norm_(
+    grads: list[Tensor],
+    max_norm: float,
+    norm_type: float,
+    error_if_nonfinite: bool,
+    foreach: Optional[bool],
+    backend: str,
+    process_group: Optional[ProcessGroups],
+) -> Tensor:
+    total, parts = total_norm(grads, norm_type, foreach, backend, process_group)
+    if error_if_nonfinite:
+        clip._raise_if_nonfinite(total, norm_type)  # the same global norm on every rank
+    scale_(parts.all_plain(), reference.clip_coefficient(total, max_norm), foreach, backend)
+    return as_returned(total, parts)
+
+
+def scale_dtensor_grads_(
+    grads: list[Tensor], coef: Tensor, foreach: Optional[bool], backend: str
+) -> None:
+    """grads *= coef for grads among which some are DTensors: their local tensors are scaled
+    (a Partial grad's pending parts too: the scale is linear)."""
+    scale_(_Parts(grads).all_plain(), coef, foreach, backend)
+
+
+def local_tensors_to_clamp(grads: list[Tensor]) -> list[Tensor]:
+    """The tensors clip_grad_value_ clamps: plain grads, and DTensor grads' local tensors (an
+    elementwise clamp of every shard is the clamp of the whole). A Partial grad is refused:
+    clamping the parts of a pending sum is not clamping the sum."""
+    parts = _Parts(grads)
+    if parts._partial:
+        raise ValueError(
+            "clip_grad_value_: a DTensor gradient has a Partial placement (a sum still pending "
+            f"over the mesh: {parts._partial[0].placements}); its parts cannot be clamped one by "
+            "one, redistribute it first"
+        )
+    return parts.all_plain()
+
+
+# --- DDP: the norm while backward runs ------------------------------------------------------------
+
+
+class NormHookState:
+    r"""State of :func:`allreduce_norm_hook`: the statistics of the buckets reduced so far.
+
+    After backward, :meth:`total_norm` combines them (no pass over the grads, no collective)
+    and :meth:`clip_grad_norm_` also scales the grads::
+
+        state = NormHookState(norm_type=2.0)
+        ddp_model.register_comm_hook(state, allreduce_norm_hook)
+        loss.backward()
+        total = state.clip_grad_norm_(ddp_model.parameters(), max_norm=1.0)
+
+    Args:
+        process_group: the group DDP averages over (None: the default group).
+        norm_type: p of the norm, as in :func:`fusedclip.get_total_norm`.
+        backend: the fusedclip backend of the bucket statistics ("auto", "cpu", "torch").
+
+    The norm covers the grads DDP reduces (every parameter that requires a grad and that DDP
+    does not ignore), averaged: the norm that clipping after backward computes. (With
+    ``find_unused_parameters``, a parameter unused on every rank counts as zeros here but has no
+    grad after backward: the norms differ only for norm types -inf and below 0.)
+    """
+
+    def __init__(
+        self,
+        process_group: Optional["dist.ProcessGroup"] = None,
+        norm_type: Union[float, str] = 2.0,
+        backend: str = "auto",
+    ) -> None:
+        self.process_group = process_group
+        self.norm_type = clip._norm_type(norm_type)
+        self.backend = backend
+        self._statistics: dict[int, Tensor] = {}
+
+    def record(self, index: int, bucket_buffer: Tensor) -> None:
+        """Takes the statistic of a reduced bucket (called by the hook's callback)."""
+        backend = _ops.resolve_backend(self.backend, bucket_buffer.device)
+        statistic, _ = _ops.multi_tensor_norm(backend, [bucket_buffer], self.norm_type)
+        self._statistics[index] = statistic
+
+    def total_norm(self, process_group: Optional[ProcessGroups] = None) -> Tensor:
+        r"""The norm of the grads reduced since the last call, from the bucket statistics.
+
+        ``process_group``: groups to reduce the norm over besides DDP's (a pipeline-parallel
+        group when each stage runs its own DDP), as in :func:`fusedclip.get_total_norm`.
+        Raises RuntimeError when no bucket was reduced (before backward, or under no_sync).
+        """
+        if not self._statistics:
+            raise RuntimeError(
+                "NormHookState.total_norm: no gradient bucket was reduced since the last call "
+                "(call it after a backward of the DDP model that registered allreduce_norm_hook, "
+                "outside no_sync)"
+            )
+        statistics = [self._statistics[i] for i in sorted(self._statistics)]
+        self._statistics = {}
+        dtype = reference.accumulate_dtype(statistics)
+        statistic = reference.combine_statistics(
+            torch.stack([s.to(dtype) for s in statistics]), self.norm_type
+        )
+        groups = _process_groups(process_group)
+        if not groups:
+            return reference.total_norm_from_statistic(statistic, self.norm_type, empty=False)
+        stat = _Statistic(self.norm_type)
+        row = stat.row(statistic, True, statistic.device)
+        for group in groups:
+            row = stat.all_reduce_(row, group)
+        return stat.total_norm(row, dtype, statistic.device)
+
+    def clip_grad_norm_(
+        self,
+        parameters: clip.TensorOrTensors,
+        max_norm: float,
+        error_if_nonfinite: bool = False,
+        *,
+        process_group: Optional[ProcessGroups] = None,
+    ) -> Tensor:
+        """Scales the grads of ``parameters`` by min(max_norm / (norm + 1e-6), 1), where norm is
+        :meth:`total_norm`; returns the norm. As fusedclip.clip_grad_norm_ after backward."""
+        total = self.total_norm(process_group)
+        if error_if_nonfinite:
+            clip._raise_if_nonfinite(total, self.norm_type)
+        clip.clip_grads_with_norm_(parameters, max_norm, total, backend=self.backend)
+        return total
+
+
+# Annotations evaluated (no `from __future__ import annotations` in this file): DDP checks that
+# a hook's are dist.GradBucket and Future[Tensor].
+def allreduce_norm_hook(
+    state: NormHookState, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: DDP's default all-reduce (average), then the bucket's statistic.
+
+    Register with ``ddp_model.register_comm_hook(state, allreduce_norm_hook)``. The statistic
+    is taken in the all-reduce's callback, when the averaged bucket is ready and while backward
+    still runs; see :class:`NormHookState`.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    index = bucket.index()
+    if index == 0:  # the first bucket of a backward: drop what an unread backward left
+        state._statistics = {}
+    reduced = default_hooks.allreduce_hook(state.process_group, bucket)
+
+    def record(future: torch.futures.Future) -> Tensor:
+        buffer = future.value()
+        state.record(index, buffer)
+        return buffer
+
+    return reduced.then(record)
