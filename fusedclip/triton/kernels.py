@@ -1,0 +1,238 @@
+"""Triton kernels of backend "triton": multi-tensor norm, scale and clamp over a device table.
+
+Every kernel sees a list of tensors of one dtype as chunks of at most ``CHUNK`` elements, one
+program per chunk, described by a device table of int64 (see fusedclip/triton/ops.py):
+
+
+    table[c]                 address of chunk c's first element (chunks of every dtype, in order)
+    table[n_chunks + c]      its length (1 .. CHUNK)
+    table[2 n_chunks + t]    index of tensor t's first chunk (per-tensor statistics)
+    table[2 n_chunks + T + t]  tensor t's number of chunks
+
+A launch covers the chunks of one dtype, [first_chunk, first_chunk + grid). A chunk never spans two tensors, so a tensor of 10 elements is one program and a tensor of
+10^8 elements is ~6,000; 10,000 tensors are one launch.
+
+Scalars that must be exact in float64 (p, max_norm, clamp bounds) travel as the int64 bits of
+a float64 (Triton passes Python floats as float32) and are turned back with a bitcast.
+
+Triton compiles them for GPU tensors. In a process started with TRITON_INTERPRET=1, Triton's
+interpreter (numpy underneath) runs them on CPU tensors instead: that is how the test suite
+runs these kernels on a machine without a GPU. The variable must be set before triton is
+imported (it decides what ``triton.jit`` and triton.language's own functions are).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Kinds of statistic (constexpr KIND): sum x^2, sum |x|, sum |x|^p, max |x|, min |x|, count x != 0.
+SQUARE_SUM = tl.constexpr(0)
+ABS_SUM = tl.constexpr(1)
+POWER_SUM = tl.constexpr(2)
+MAX = tl.constexpr(3)
+MIN = tl.constexpr(4)
+COUNT = tl.constexpr(5)
+
+
+@triton.jit(do_not_specialize=["p_bits", "max_norm_bits", "eps_bits"])
+def norm_chunks(
+    table, n_chunks, first_chunk,  # the call's table; this launch's chunks start at first_chunk
+    partials,                      # float64 statistic of chunk c -> partials[c]
+    ticket,                        # int32 counter of finished programs over every launch of the call
+    p_bits,                       # p as float64 bits (POWER_SUM)
+    statistic,                    # out: the statistic of all chunks (ACC)
+    total_norm, coef,             # out, when FINISH: the norm and min(max_norm / (norm + eps), 1) (ACC)
+    max_norm_bits, eps_bits,      # float64 bits of max_norm and 1e-6 (FINISH)
+    DTYPE: tl.constexpr, ACC: tl.constexpr, KIND: tl.constexpr, FINISH: tl.constexpr,
+    BLOCK: tl.constexpr, FINAL_BLOCK: tl.constexpr,
+):
+    r"""Statistic of one chunk; the last program of the call reduces every partial.
+
+    A chunk x of n elements, widened to ACC (float32, float64 for float64 data) gives
+
+    .. math::
+        s = \sum x^2,\ \sum |x|,\ \sum |x|^p,\ \max |x|,\ \min |x|,\ \#\{x \neq 0\}
+
+    accumulated in BLOCK lanes and reduced by a fixed tree (``tl.sum``), so every run gives the
+    same bits. max and min drop nan in hardware: nans are counted and make s nan.
+
+    Each program then takes a ticket (an atomic increment, release/acquire). The program that
+    takes the last ticket, n_chunks - 1, knows every partial is written: it combines them in
+    float64 in a fixed order (lane k takes partials k, k + FINAL_BLOCK, ...; then a tree) and
+    writes the statistic, and with FINISH the norm (the p-th root, IEEE-rounded square root for
+    p = 2) and the clip coefficient, computed as torch computes it:
+    ``min(max_norm * (1 / (norm + 1e-6)), 1)`` in ACC, nan kept.
+    """
+    chunk = first_chunk + tl.program_id(0)
+    address = tl.load(table + chunk)
+    n = tl.load(table + n_chunks + chunk)
+    x_ptr = address.to(tl.pointer_type(DTYPE))
+    lanes = tl.arange(0, BLOCK)
+    if KIND == MIN:
+        acc = tl.full([BLOCK], float("inf"), ACC)
+    else:
+        acc = tl.zeros([BLOCK], ACC)
+    nans = tl.zeros([BLOCK], tl.int32)
+    p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    for start in range(0, n, BLOCK):
+        mask = start + lanes < n
+        x = tl.load(x_ptr + start + lanes, mask=mask, other=0.0).to(ACC)
+        a = tl.abs(x)
+        if KIND == SQUARE_SUM:
+            acc += x * x
+        elif KIND == ABS_SUM:
+            acc += a
+        elif KIND == POWER_SUM:
+            # |x|^p = 2^(p log2 |x|): 0 -> 0 for p > 0 and inf for p < 0, as pow gives
+            acc += tl.where(mask, tl.exp2(p * tl.log2(a)), 0.0)
+        elif KIND == COUNT:
+            acc += (x != 0.0).to(ACC)  # nan != 0: counted, as torch counts it
+        elif KIND == MAX:
+            acc = tl.maximum(acc, a)
+            nans += (a != a).to(tl.int32)
+        else:
+            acc = tl.minimum(acc, tl.where(mask, a, float("inf")))
+            nans += (a != a).to(tl.int32)
+    if KIND == MAX:
+        s = tl.max(acc, axis=0)
+    elif KIND == MIN:
+        s = tl.min(acc, axis=0)
+    else:
+        s = tl.sum(acc, axis=0)
+    if KIND == MAX or KIND == MIN:
+        s = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), s)
+    tl.store(partials + chunk, s.to(tl.float64))
+
+    # Every thread's store lands before the ticket is taken (barrier + the atomic's release).
+    tl.debug_barrier()
+    done = tl.atomic_add(ticket, 1, sem="acq_rel")
+    if done == n_chunks - 1:
+        final_lanes = tl.arange(0, FINAL_BLOCK)
+        if KIND == MIN:
+            total = tl.full([FINAL_BLOCK], float("inf"), tl.float64)
+        else:
+            total = tl.zeros([FINAL_BLOCK], tl.float64)
+        total_nans = tl.zeros([FINAL_BLOCK], tl.int32)
+        for start in range(0, n_chunks, FINAL_BLOCK):
+            mask = start + final_lanes < n_chunks
+            if KIND == MIN:
+                v = tl.load(partials + start + final_lanes, mask=mask, other=float("inf"), volatile=True)
+                total = tl.minimum(total, v)
+            elif KIND == MAX:
+                v = tl.load(partials + start + final_lanes, mask=mask, other=0.0, volatile=True)
+                total = tl.maximum(total, v)
+            else:
+                v = tl.load(partials + start + final_lanes, mask=mask, other=0.0, volatile=True)
+                total += v
+            total_nans += (v != v).to(tl.int32)
+        if KIND == MAX:
+            s64 = tl.max(total, axis=0)
+        elif KIND == MIN:
+            s64 = tl.min(total, axis=0)
+        else:
+            s64 = tl.sum(total, axis=0)
+        s64 = tl.where(tl.sum(total_nans, axis=0) > 0, float("nan"), s64)
+        s = s64.to(ACC)
+        tl.store(statistic, s)
+        if FINISH:
+            if KIND == SQUARE_SUM:
+                norm = tl.sqrt_rn(s)
+            elif KIND == POWER_SUM:
+                norm = tl.exp2(tl.log2(s) * tl.div_rn(tl.full([], 1.0, ACC), p))
+            else:
+                norm = s
+            tl.store(total_norm, norm)
+            eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+            max_norm = max_norm_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+            c = tl.div_rn(tl.full([], 1.0, ACC), norm + eps) * max_norm
+            tl.store(coef, tl.where(c > 1.0, 1.0, c).to(ACC))
+
+
+@triton.jit
+def per_tensor(
+    table, n_chunks, n_tensors,  # the call's table (see the module docstring)
+    partials,                       # float64 chunk partials written by norm_chunks
+    out,                            # out: per-tensor statistic (ACC)
+    KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Statistic of tensor t (program t): its chunk partials combined in float64, in a fixed
+    order as in norm_chunks; a tensor with no elements gets the identity (0, or inf for min)."""
+    t = tl.program_id(0)
+    first = tl.load(table + 2 * n_chunks + t)
+    count = tl.load(table + 2 * n_chunks + n_tensors + t)
+    lanes = tl.arange(0, BLOCK)
+    if KIND == MIN:
+        total = tl.full([BLOCK], float("inf"), tl.float64)
+    else:
+        total = tl.zeros([BLOCK], tl.float64)
+    nans = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, count, BLOCK):
+        mask = start + lanes < count
+        if KIND == MIN:
+            v = tl.load(partials + first + start + lanes, mask=mask, other=float("inf"))
+            total = tl.minimum(total, v)
+        elif KIND == MAX:
+            v = tl.load(partials + first + start + lanes, mask=mask, other=0.0)
+            total = tl.maximum(total, v)
+        else:
+            v = tl.load(partials + first + start + lanes, mask=mask, other=0.0)
+            total += v
+        nans += (v != v).to(tl.int32)
+    if KIND == MAX:
+        s = tl.max(total, axis=0)
+    elif KIND == MIN:
+        s = tl.min(total, axis=0)
+    else:
+        s = tl.sum(total, axis=0)
+    s = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), s)
+    tl.store(out + t, s.to(ACC))
+
+
+@triton.jit
+def scale_chunks(
+    table, n_chunks, first_chunk,  # the call's table; this launch's chunks start at first_chunk
+    coef,                         # a one-element float tensor on the device
+    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """x = round(x * coef) in place, the product in ACC (float32, float64 for float64 data).
+
+    coef is read from device memory (no host sync); when coef >= 1 the program returns without
+    reading or writing anything. A nan coef writes nan, as torch's multiply does.
+    """
+    c = tl.load(coef)
+    if (c < 1.0) | (c != c):
+        chunk = first_chunk + tl.program_id(0)
+        address = tl.load(table + chunk)
+        n = tl.load(table + n_chunks + chunk)
+        x_ptr = address.to(tl.pointer_type(DTYPE))
+        lanes = tl.arange(0, BLOCK)
+        c = c.to(ACC)
+        for start in range(0, n, BLOCK):
+            mask = start + lanes < n
+            x = tl.load(x_ptr + start + lanes, mask=mask).to(ACC)
+            tl.store(x_ptr + start + lanes, (x * c).to(DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=["lo_bits", "hi_bits"])
+def clamp_chunks(
+    table, n_chunks, first_chunk,  # the call's table; this launch's chunks start at first_chunk
+    lo_bits, hi_bits,             # the bounds as float64 bits
+    DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """x = min(max(x, lo), hi) in place, one pass, compared in ACC with the bounds rounded to
+    ACC; nan stays nan (comparisons with nan are false)."""
+    chunk = first_chunk + tl.program_id(0)
+    address = tl.load(table + chunk)
+    n = tl.load(table + n_chunks + chunk)
+    x_ptr = address.to(tl.pointer_type(DTYPE))
+    lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    lanes = tl.arange(0, BLOCK)
+    for start in range(0, n, BLOCK):
+        mask = start + lanes < n
+        x = tl.load(x_ptr + start + lanes, mask=mask).to(ACC)
+        y = tl.where(x < lo, lo, x)
+        y = tl.where(y > hi, hi, y)
+        tl.store(x_ptr + start + lanes, y.to(DTYPE), mask=mask)
+
