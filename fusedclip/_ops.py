@@ -2,6 +2,8 @@
 
 Backends:
   "cpu"    C++ kernels in fusedclip._C (csrc/cpu/), for CPU tensors.
+  "triton" Triton kernels (fusedclip/triton/), for CUDA tensors; for CPU tensors in a process
+           started with TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests).
   "torch"  pure PyTorch (fusedclip/reference.py), any device, nothing compiled.
 
 Every primitive is called as ``<primitive>(backend, ...)``; "auto" is resolved per device by
@@ -32,7 +34,7 @@ __all__ = [
 
 logger = logging.getLogger("fusedclip")
 
-BACKENDS = ("auto", "cpu", "torch")
+BACKENDS = ("auto", "cpu", "triton", "torch")
 
 try:
     from fusedclip import _C  # noqa: F401  (loading it registers the operators)
@@ -44,9 +46,22 @@ except (ImportError, OSError) as error:  # not built, or built against another t
     logger.warning("%s; using the pure-PyTorch backend", _C_ERROR)
 
 
+try:
+    from fusedclip import triton as _triton
+
+    _TRITON_ERROR: Optional[str] = None
+except ImportError as error:  # triton not installed (it is optional)
+    _triton = None
+    _TRITON_ERROR = f"triton could not be imported ({error})"
+
+
 def backend_status() -> dict[str, Optional[str]]:
     """For each backend, None when it is available, else the reason it is not."""
-    return {"cpu": _C_ERROR, "torch": None}
+    return {"cpu": _C_ERROR, "triton": _TRITON_ERROR, "torch": None}
+
+
+def _triton_runs(device: torch.device) -> bool:
+    return _TRITON_ERROR is None and _triton.ops.device_supported(device) is None
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -60,13 +75,24 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if requested not in BACKENDS:
             raise ValueError(f"FUSEDCLIP_BACKEND must be one of {BACKENDS}, got {requested!r}")
         if requested == "auto":
-            return "cpu" if device.type == "cpu" and _C is not None else "torch"
+            if device.type == "cpu" and _C is not None:
+                return "cpu"
+            if device.type == "cuda" and _triton_runs(device):
+                return "triton"
+            return "torch"
     if requested == "cpu":
         if _C_ERROR is not None:
             raise RuntimeError(f"backend 'cpu' is not available: {_C_ERROR}")
         if device.type != "cpu":
             raise ValueError(f"backend 'cpu' runs CPU tensors only, but gradients are on {device}")
         return "cpu"
+    if requested == "triton":
+        if _TRITON_ERROR is not None:
+            raise RuntimeError(f"backend 'triton' is not available: {_TRITON_ERROR}")
+        reason = _triton.ops.device_supported(device)
+        if reason is not None:
+            raise ValueError(f"backend 'triton' cannot run these gradients: {reason}")
+        return "triton"
     if requested == "torch":
         return "torch"
     raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
@@ -81,6 +107,8 @@ def multi_tensor_norm(
     """The norm statistic before the root (and per tensor when asked); see csrc/fusedclip.cpp."""
     if backend == "cpu":
         return torch.ops.fusedclip.multi_tensor_norm(tensors, norm_type, per_tensor)
+    if backend == "triton":
+        return torch.ops.fusedclip_triton.multi_tensor_norm(tensors, norm_type, per_tensor)
     return reference.multi_tensor_norm(tensors, norm_type, per_tensor)
 
 
@@ -88,6 +116,8 @@ def multi_tensor_scale_(backend: str, tensors: list[Tensor], coef: Tensor) -> No
     """tensors *= coef in place; nothing is written when coef >= 1."""
     if backend == "cpu":
         torch.ops.fusedclip.multi_tensor_scale_(tensors, coef)
+    elif backend == "triton":
+        torch.ops.fusedclip_triton.multi_tensor_scale_(tensors, coef)
     else:
         reference.multi_tensor_scale_(tensors, coef)
 
@@ -96,6 +126,8 @@ def multi_tensor_clamp_(backend: str, tensors: list[Tensor], lo: float, hi: floa
     """tensors = clamp(tensors, lo, hi) in place, in one pass."""
     if backend == "cpu":
         torch.ops.fusedclip.multi_tensor_clamp_(tensors, lo, hi)
+    elif backend == "triton":
+        torch.ops.fusedclip_triton.multi_tensor_clamp_(tensors, lo, hi)
     else:
         reference.multi_tensor_clamp_(tensors, lo, hi)
 
@@ -104,6 +136,8 @@ def clip_grad_norm_(backend: str, tensors: list[Tensor], max_norm: float, norm_t
     """Norm, coefficient and scale of tensors on one device in one call; returns the norm."""
     if backend == "cpu":
         return torch.ops.fusedclip.clip_grad_norm_(tensors, max_norm, norm_type)
+    if backend == "triton":
+        return torch.ops.fusedclip_triton.clip_grad_norm_(tensors, max_norm, norm_type)
     return reference.clip_grad_norm_(tensors, max_norm, norm_type)
 
 

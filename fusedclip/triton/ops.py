@@ -30,7 +30,6 @@ import math
 import struct
 from typing import Optional
 
-import numpy
 import torch
 import triton
 import triton.language as tl
@@ -203,6 +202,8 @@ def _write_table(tensors: list[Tensor]) -> tuple[_Table, list[tuple[Tensor, Tens
 def _launch(kernel, device: torch.device, grid: int, *args, **constexprs) -> None:
     if INTERPRETED:
         # numpy warns where a GPU silently gives IEEE results (log2(0) = -inf, 0 * inf = nan)
+        import numpy  # the interpreter's own dependency
+
         with numpy.errstate(all="ignore"):
             kernel[(grid,)](*args, **constexprs)
     else:
