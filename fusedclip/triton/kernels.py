@@ -34,6 +34,13 @@ MAX = tl.constexpr(3)
 MIN = tl.constexpr(4)
 COUNT = tl.constexpr(5)
 
+# Reductions are tl.reduce with the combine functions of tl.sum / tl.max / tl.min: the same
+# reductions when compiled, and one numpy call each in the interpreter, where calling tl.sum
+# (itself a Triton function) costs milliseconds. max and min drop nan, as hardware does.
+_SUM = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+_MIN = tl.standard._elementwise_min
+
 
 @triton.jit(do_not_specialize=["p_bits", "max_norm_bits", "eps_bits"])
 def norm_chunks(
@@ -54,7 +61,7 @@ def norm_chunks(
     .. math::
         s = \sum x^2,\ \sum |x|,\ \sum |x|^p,\ \max |x|,\ \min |x|,\ \#\{x \neq 0\}
 
-    accumulated in BLOCK lanes and reduced by a fixed tree (``tl.sum``), so every run gives the
+    accumulated in BLOCK lanes and reduced by a fixed tree (``tl.reduce``), so every run gives the
     same bits. max and min drop nan in hardware: nans are counted and make s nan.
 
     Each program then takes a ticket (an atomic increment, release/acquire). The program that
@@ -72,8 +79,8 @@ def norm_chunks(
     if KIND == MIN:
         acc = tl.full([BLOCK], float("inf"), ACC)
     else:
-        acc = tl.zeros([BLOCK], ACC)
-    nans = tl.zeros([BLOCK], tl.int32)
+        acc = tl.full([BLOCK], 0, ACC)
+    nans = tl.full([BLOCK], 0, tl.int32)
     p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
     for start in range(0, n, BLOCK):
         mask = start + lanes < n
@@ -95,13 +102,13 @@ def norm_chunks(
             acc = tl.minimum(acc, tl.where(mask, a, float("inf")))
             nans += (a != a).to(tl.int32)
     if KIND == MAX:
-        s = tl.max(acc, axis=0)
+        s = tl.reduce(acc, 0, _MAX)
     elif KIND == MIN:
-        s = tl.min(acc, axis=0)
+        s = tl.reduce(acc, 0, _MIN)
     else:
-        s = tl.sum(acc, axis=0)
+        s = tl.reduce(acc, 0, _SUM)
     if KIND == MAX or KIND == MIN:
-        s = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), s)
+        s = tl.where(tl.reduce(nans, 0, _SUM) > 0, float("nan"), s)
     tl.store(partials + chunk, s.to(tl.float64))
 
     # Every thread's store lands before the ticket is taken (barrier + the atomic's release).
@@ -112,8 +119,8 @@ def norm_chunks(
         if KIND == MIN:
             total = tl.full([FINAL_BLOCK], float("inf"), tl.float64)
         else:
-            total = tl.zeros([FINAL_BLOCK], tl.float64)
-        total_nans = tl.zeros([FINAL_BLOCK], tl.int32)
+            total = tl.full([FINAL_BLOCK], 0, tl.float64)
+        total_nans = tl.full([FINAL_BLOCK], 0, tl.int32)
         for start in range(0, n_chunks, FINAL_BLOCK):
             mask = start + final_lanes < n_chunks
             if KIND == MIN:
@@ -127,12 +134,12 @@ def norm_chunks(
                 total += v
             total_nans += (v != v).to(tl.int32)
         if KIND == MAX:
-            s64 = tl.max(total, axis=0)
+            s64 = tl.reduce(total, 0, _MAX)
         elif KIND == MIN:
-            s64 = tl.min(total, axis=0)
+            s64 = tl.reduce(total, 0, _MIN)
         else:
-            s64 = tl.sum(total, axis=0)
-        s64 = tl.where(tl.sum(total_nans, axis=0) > 0, float("nan"), s64)
+            s64 = tl.reduce(total, 0, _SUM)
+        s64 = tl.where(tl.reduce(total_nans, 0, _SUM) > 0, float("nan"), s64)
         s = s64.to(ACC)
         tl.store(statistic, s)
         if FINISH:
@@ -165,8 +172,8 @@ def per_tensor(
     if KIND == MIN:
         total = tl.full([BLOCK], float("inf"), tl.float64)
     else:
-        total = tl.zeros([BLOCK], tl.float64)
-    nans = tl.zeros([BLOCK], tl.int32)
+        total = tl.full([BLOCK], 0, tl.float64)
+    nans = tl.full([BLOCK], 0, tl.int32)
     for start in range(0, count, BLOCK):
         mask = start + lanes < count
         if KIND == MIN:
@@ -180,12 +187,12 @@ def per_tensor(
             total += v
         nans += (v != v).to(tl.int32)
     if KIND == MAX:
-        s = tl.max(total, axis=0)
+        s = tl.reduce(total, 0, _MAX)
     elif KIND == MIN:
-        s = tl.min(total, axis=0)
+        s = tl.reduce(total, 0, _MIN)
     else:
-        s = tl.sum(total, axis=0)
-    s = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), s)
+        s = tl.reduce(total, 0, _SUM)
+    s = tl.where(tl.reduce(nans, 0, _SUM) > 0, float("nan"), s)
     tl.store(out + t, s.to(ACC))
 
 
