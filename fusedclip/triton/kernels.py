@@ -42,6 +42,23 @@ _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
 
 
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """x (float32 or float64) rounded to DTYPE, to nearest even.
+
+    bfloat16 is rounded with integer operations, as c10::BFloat16 does: the same bits as the
+    hardware's conversion, and the only correct ones in Triton's interpreter, whose float32 to
+    bfloat16 cast truncates. The integer work is free in a memory-bound kernel.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # nan stays a (quiet) nan
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
 @triton.jit(do_not_specialize=["p_bits", "max_norm_bits", "eps_bits"])
 def norm_chunks(
     table, n_chunks, first_chunk,  # the call's table; this launch's chunks start at first_chunk
@@ -143,16 +160,25 @@ def norm_chunks(
         s = s64.to(ACC)
         tl.store(statistic, s)
         if FINISH:
+            # IEEE-rounded square root and division, as torch's: float32 sqrt and / are
+            # approximate in Triton (float64 ones are exact, and have no _rn form)
+            one = tl.full([], 1.0, ACC)
             if KIND == SQUARE_SUM:
-                norm = tl.sqrt_rn(s)
+                if ACC == tl.float64:
+                    norm = tl.sqrt(s)
+                else:
+                    norm = tl.sqrt_rn(s)
             elif KIND == POWER_SUM:
-                norm = tl.exp2(tl.log2(s) * tl.div_rn(tl.full([], 1.0, ACC), p))
+                norm = tl.exp2(tl.log2(s) * (one / p))
             else:
                 norm = s
             tl.store(total_norm, norm)
             eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
             max_norm = max_norm_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-            c = tl.div_rn(tl.full([], 1.0, ACC), norm + eps) * max_norm
+            if ACC == tl.float64:
+                c = one / (norm + eps) * max_norm
+            else:
+                c = tl.div_rn(one, norm + eps) * max_norm
             tl.store(coef, tl.where(c > 1.0, 1.0, c).to(ACC))
 
 
@@ -218,7 +244,7 @@ def scale_chunks(
         for start in range(0, n, BLOCK):
             mask = start + lanes < n
             x = tl.load(x_ptr + start + lanes, mask=mask).to(ACC)
-            tl.store(x_ptr + start + lanes, (x * c).to(DTYPE), mask=mask)
+            tl.store(x_ptr + start + lanes, _round(x * c, DTYPE), mask=mask)
 
 
 @triton.jit(do_not_specialize=["lo_bits", "hi_bits"])
@@ -241,5 +267,5 @@ def clamp_chunks(
         x = tl.load(x_ptr + start + lanes, mask=mask).to(ACC)
         y = tl.where(x < lo, lo, x)
         y = tl.where(y > hi, hi, y)
-        tl.store(x_ptr + start + lanes, y.to(DTYPE), mask=mask)
+        tl.store(x_ptr + start + lanes, _round(y, DTYPE), mask=mask)
 
