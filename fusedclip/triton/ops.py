@@ -213,9 +213,10 @@ def _launch(kernel, device: torch.device, grid: int, *args, **constexprs) -> Non
 
 def _norm(
     tensors: list[Tensor], norm_type: float, per_tensor: bool, max_norm: Optional[float]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(statistic, per-tensor statistics, total norm, coefficient); the last two only when
-    max_norm is given (else empty)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[_Table]]:
+    """(statistic, per-tensor statistics, total norm, coefficient, table); the norm and the
+    coefficient only when max_norm is given (else unwritten); the table when it points into the
+    tensors themselves (no temporaries), so that an in-place pass can use it too."""
     device = tensors[0].device
     acc = reference.accumulate_dtype(tensors)
     kind = _kind(norm_type)
@@ -230,7 +231,7 @@ def _norm(
         per.fill_(identity)
         total.zero_()
         coef.copy_(reference.clip_coefficient(total, 0.0 if max_norm is None else max_norm))
-        return statistic, per, total, coef
+        return statistic, per, total, coef, None
     partials = torch.empty((table.n_chunks,), dtype=torch.float64, device=device)
     ticket = torch.zeros((1,), dtype=torch.int32, device=device)
     for launch in table.launches:
@@ -248,15 +249,20 @@ def _norm(
             table.table, table.n_chunks, len(tensors), partials, per,
             KIND=kind, ACC=_accumulate(acc), BLOCK=FINAL_BLOCK,
         )
+    direct = not temporaries
     del temporaries  # kernels are stream-ordered: the caching allocator reuses them safely after
-    return statistic, per, total, coef
+    return statistic, per, total, coef, table if direct else None
 
 
-def _transform(tensors: list[Tensor], kernel, *args) -> None:
-    """Runs an in-place kernel (scale or clamp) over every chunk of tensors; tensors sharing
-    memory run one at a time in list order, so shared bytes change once per tensor, as in torch."""
+def _transform(tensors: list[Tensor], kernel, *args, table: Optional[_Table] = None) -> None:
+    """Runs an in-place kernel (scale or clamp) over every chunk of tensors (through ``table``
+    when given: a read table without temporaries); tensors sharing memory run one at a time in
+    list order, so shared bytes change once per tensor, as in torch."""
     device = tensors[0].device
-    table, write_back = _write_table(tensors)
+    if table is None:
+        table, write_back = _write_table(tensors)
+    else:
+        write_back = []
     if table.shares_memory and len(tensors) > 1:
         for t in tensors:
             _transform([t], kernel, *args)
@@ -271,8 +277,8 @@ def _transform(tensors: list[Tensor], kernel, *args) -> None:
         original.copy_(dense)
 
 
-def _scale(tensors: list[Tensor], coef: Tensor) -> None:
-    _transform(tensors, kernels.scale_chunks, coef)
+def _scale(tensors: list[Tensor], coef: Tensor, table: Optional[_Table] = None) -> None:
+    _transform(tensors, kernels.scale_chunks, coef, table=table)
 
 
 # --- argument checks ------------------------------------------------------------------------------
@@ -333,7 +339,7 @@ def multi_tensor_norm(
         identity = reference.statistic_identity(norm_type)
         return torch.tensor(identity), torch.empty(0)
     _check(tensors, "multi_tensor_norm", writes=False)
-    statistic, per, _, _ = _norm(tensors, norm_type, per_tensor, None)
+    statistic, per, _, _, _ = _norm(tensors, norm_type, per_tensor, None)
     return statistic, per
 
 
@@ -386,8 +392,8 @@ def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) ->
     if not tensors:
         return torch.tensor(0.0)
     _check(tensors, "clip_grad_norm_", writes=True)
-    _, _, total, coef = _norm(tensors, norm_type, False, max_norm)
-    _scale(tensors, coef)
+    _, _, total, coef, table = _norm(tensors, norm_type, False, max_norm)
+    _scale(tensors, coef, table)
     return total
 
 
