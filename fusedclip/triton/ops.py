@@ -105,6 +105,7 @@ class _Launch:
     dtype: torch.dtype
     first_chunk: int
     n_chunks: int
+    aligned: bool  # every chunk starts on 16 bytes (the kernels then vectorize)
 
 
 @dataclasses.dataclass
@@ -130,13 +131,14 @@ def _build_table(views: list[Tensor], device: torch.device) -> _Table:
     launches = []
     for dtype, indices in by_dtype.items():
         launch_first = len(addresses)
+        aligned = all(views[i].data_ptr() % 16 == 0 for i in indices)
         for i in indices:
             v = views[i]
             base, size, n = v.data_ptr(), v.element_size(), v.numel()
             first[i], count[i] = len(addresses), -(-n // CHUNK)
             addresses.extend(range(base, base + n * size, CHUNK * size))
             lengths.extend([CHUNK] * (count[i] - 1) + [n - (count[i] - 1) * CHUNK])
-        launches.append(_Launch(dtype, launch_first, len(addresses) - launch_first))
+        launches.append(_Launch(dtype, launch_first, len(addresses) - launch_first, aligned))
     host = torch.tensor(addresses + lengths + first + count, dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory()
@@ -241,7 +243,8 @@ def _norm(
             _bits(norm_type), statistic, total, coef,
             _bits(max_norm if max_norm is not None else 0.0), _EPS_BITS,
             DTYPE=_TRITON_DTYPES[launch.dtype], ACC=_accumulate(acc), KIND=kind,
-            FINISH=max_norm is not None, BLOCK=BLOCK, FINAL_BLOCK=FINAL_BLOCK,
+            FINISH=max_norm is not None, ALIGNED=launch.aligned, BLOCK=BLOCK,
+            FINAL_BLOCK=FINAL_BLOCK,
         )
     if per_tensor:
         _launch(
@@ -271,7 +274,8 @@ def _transform(tensors: list[Tensor], kernel, *args, table: Optional[_Table] = N
         _launch(
             kernel, device, launch.n_chunks,
             table.table, table.n_chunks, launch.first_chunk, *args,
-            DTYPE=_TRITON_DTYPES[launch.dtype], ACC=_accumulate(launch.dtype), BLOCK=BLOCK,
+            DTYPE=_TRITON_DTYPES[launch.dtype], ACC=_accumulate(launch.dtype),
+            ALIGNED=launch.aligned, BLOCK=BLOCK,
         )
     for original, dense in write_back:
         original.copy_(dense)
