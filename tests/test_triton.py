@@ -518,3 +518,52 @@ def test_clip_in_a_cuda_graph():
         truth = oracle_norm(inputs, 2.0)
         assert_norm_close(total.cpu(), truth, 1e-5)
         assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(inputs, total.cpu(), 0.1))
+
+
+# --- compiled for a GPU, without one ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernels; the interpreter has no compiler")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_kernels_compile_for_sm90():
+    """Every kernel compiles (Triton's own ptxas, no GPU needed) for an H100's sm_90 in the
+    variants the launchers use, and whole blocks of aligned bf16 are loaded 16 bytes at a time."""
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fusedclip.triton import kernels
+
+    pointers = {"table": "*i64", "partials": "*fp64", "ticket": "*i32"}
+
+    def compile_kernel(fn, acc, **constexprs):
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_bits"):
+                signature[name] = "i64"
+            elif name in pointers:
+                signature[name] = pointers[name]
+            elif name in ("statistic", "total_norm", "coef", "out"):
+                signature[name] = "*fp64" if acc == tl.float64 else "*fp32"
+            else:
+                signature[name] = "i32"
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+
+    for dtype in (tl.float32, tl.float64, tl.float16, tl.bfloat16):
+        acc = tl.float64 if dtype == tl.float64 else tl.float32
+        for aligned in (False, True):
+            for fn in (kernels.scale_chunks, kernels.clamp_chunks):
+                compiled = compile_kernel(fn, acc, DTYPE=dtype, ACC=acc, ALIGNED=aligned, BLOCK=2048)
+                if dtype == tl.bfloat16 and aligned:
+                    assert "st.global.v4.b32" in compiled.asm["ptx"], fn
+        for kind in range(6):
+            norm = compile_kernel(kernels.norm_chunks, acc, DTYPE=dtype, ACC=acc, KIND=kind,
+                                  FINISH=True, ALIGNED=True, BLOCK=2048, FINAL_BLOCK=1024)
+            if dtype == tl.bfloat16:
+                assert "ld.global.v4.b32" in norm.asm["ptx"], kind
+    for acc in (tl.float32, tl.float64):
+        for kind in range(6):
+            compile_kernel(kernels.per_tensor, acc, KIND=kind, ACC=acc, BLOCK=1024)
