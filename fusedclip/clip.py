@@ -234,7 +234,7 @@ def get_total_norm(
         error_if_nonfinite: raise ``RuntimeError`` if the norm is nan or inf (a host sync).
         foreach: accepted for compatibility; ``True`` on a device without foreach support
             raises as in torch. fusedclip's kernels are always multi-tensor.
-        backend: "auto", "cpu" or "torch" (see :func:`fusedclip.available_backends`).
+        backend: "auto", "cpu", "triton" or "torch" (see :func:`fusedclip.available_backends`).
 
     Returns:
         A 0-dim tensor on the first tensor's device: float32 when every tensor is fp16, bf16 or
@@ -320,7 +320,7 @@ def clip_grad_norm_(
         norm_type: p, any number or ``'inf'``; not nan. ``0`` counts nonzero elements.
         error_if_nonfinite: raise ``RuntimeError``, before scaling, if the norm is nan or inf.
         foreach: accepted for compatibility (see :func:`get_total_norm`).
-        backend: "auto", "cpu" or "torch".
+        backend: "auto", "cpu", "triton" or "torch".
 
     Returns:
         The total norm before clipping (see :func:`get_total_norm` for its dtype and device).
