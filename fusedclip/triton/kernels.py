@@ -1,8 +1,7 @@
 """Triton kernels of backend "triton": multi-tensor norm, scale and clamp over a device table.
 
 Every kernel sees a list of tensors of one dtype as chunks of at most ``CHUNK`` elements, one
-program per chunk, described by a device table of int64 (see fusedclip/triton/ops.py):
-
+program per chunk, described by a device table of int64 (built in fusedclip/triton/ops.py):
 
     table[c]                 address of chunk c's first element (chunks of every dtype, in order)
     table[n_chunks + c]      its length (1 .. CHUNK)
@@ -12,8 +11,9 @@ program per chunk, described by a device table of int64 (see fusedclip/triton/op
 ALIGNED (constexpr) says every chunk starts on 16 bytes, which lets Triton vectorize the
 loads and stores of whole blocks (a partial last block is masked).
 
-A launch covers the chunks of one dtype, [first_chunk, first_chunk + grid). A chunk never spans two tensors, so a tensor of 10 elements is one program and a tensor of
-10^8 elements is ~6,000; 10,000 tensors are one launch.
+A launch covers the chunks of one dtype, [first_chunk, first_chunk + grid). A chunk never spans
+two tensors, so a tensor of 10 elements is one program and a tensor of 10^8 elements is ~6,000;
+10,000 tensors are one launch.
 
 Scalars that must be exact in float64 (p, max_norm, clamp bounds) travel as the int64 bits of
 a float64 (Triton passes Python floats as float32) and are turned back with a bitcast.
@@ -67,10 +67,10 @@ def norm_chunks(
     table, n_chunks, first_chunk,  # the call's table; this launch's chunks start at first_chunk
     partials,                      # float64 statistic of chunk c -> partials[c]
     ticket,                        # int32 counter of finished programs over every launch of the call
-    p_bits,                       # p as float64 bits (POWER_SUM)
-    statistic,                    # out: the statistic of all chunks (ACC)
-    total_norm, coef,             # out, when FINISH: the norm and min(max_norm / (norm + eps), 1) (ACC)
-    max_norm_bits, eps_bits,      # float64 bits of max_norm and 1e-6 (FINISH)
+    p_bits,                        # p as float64 bits (POWER_SUM)
+    statistic,                     # out: the statistic of all chunks (ACC)
+    total_norm, coef,              # out, with FINISH: the norm, min(max_norm / (norm + eps), 1)
+    max_norm_bits, eps_bits,       # float64 bits of max_norm and 1e-6 (FINISH)
     DTYPE: tl.constexpr, ACC: tl.constexpr, KIND: tl.constexpr, FINISH: tl.constexpr,
     ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FINAL_BLOCK: tl.constexpr,
 ):
