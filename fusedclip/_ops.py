@@ -3,6 +3,8 @@
 Backends:
   "cpu"    C++ kernels in fusedclip._C (csrc/cpu/), for CPU tensors.
   "cuda"   CUDA kernels in fusedclip._C (csrc/cuda/), for CUDA tensors, when _C was built with them.
+  "triton" Triton kernels (fusedclip/triton/), for CUDA tensors; for CPU tensors in a process
+           started with TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests).
   "torch"  pure PyTorch (fusedclip/reference.py), any device, nothing compiled.
 
 Every primitive is called as ``<primitive>(backend, ...)``; "auto" is resolved per device by
@@ -34,7 +36,7 @@ __all__ = [
 
 logger = logging.getLogger("fusedclip")
 
-BACKENDS = ("auto", "cpu", "cuda", "torch")
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
 try:
     from fusedclip import _C  # noqa: F401  (loading it registers the operators)
@@ -66,9 +68,22 @@ def _cuda_kernels_run_on(index: Optional[int]) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 8
 
 
+try:
+    from fusedclip import triton as _triton
+
+    _TRITON_ERROR: Optional[str] = None
+except ImportError as error:  # triton not installed (it is optional)
+    _triton = None
+    _TRITON_ERROR = f"triton could not be imported ({error})"
+
+
 def backend_status() -> dict[str, Optional[str]]:
     """For each backend, None when it is available, else the reason it is not."""
-    return {"cpu": _C_ERROR, "cuda": _CUDA_ERROR, "torch": None}
+    return {"cpu": _C_ERROR, "cuda": _CUDA_ERROR, "triton": _TRITON_ERROR, "torch": None}
+
+
+def _triton_runs(device: torch.device) -> bool:
+    return _TRITON_ERROR is None and _triton.ops.device_supported(device) is None
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -84,9 +99,12 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if requested == "auto":
             if device.type == "cpu" and _C is not None:
                 return "cpu"
-            # Between GPU backends, auto is to take the one measured faster on the device.
+            # Between the GPU backends, auto is to take the one measured faster on the device;
+            # until a GPU has measured them, the CUDA kernels come first.
             if device.type == "cuda" and _CUDA_ERROR is None and _cuda_kernels_run_on(device.index):
                 return "cuda"
+            if device.type == "cuda" and _triton_runs(device):
+                return "triton"
             return "torch"
     if requested == "cpu":
         if _C_ERROR is not None:
@@ -100,6 +118,13 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise ValueError(f"backend 'cuda' runs CUDA tensors only, but gradients are on {device}")
         return "cuda"
+    if requested == "triton":
+        if _TRITON_ERROR is not None:
+            raise RuntimeError(f"backend 'triton' is not available: {_TRITON_ERROR}")
+        reason = _triton.ops.device_supported(device)
+        if reason is not None:
+            raise ValueError(f"backend 'triton' cannot run these gradients: {reason}")
+        return "triton"
     if requested == "torch":
         return "torch"
     raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
@@ -114,6 +139,8 @@ def multi_tensor_norm(
     """The norm statistic before the root (and per tensor when asked); see csrc/fusedclip.cpp."""
     if backend in _OPERATOR_BACKENDS:
         return torch.ops.fusedclip.multi_tensor_norm(tensors, norm_type, per_tensor)
+    if backend == "triton":
+        return torch.ops.fusedclip_triton.multi_tensor_norm(tensors, norm_type, per_tensor)
     return reference.multi_tensor_norm(tensors, norm_type, per_tensor)
 
 
@@ -121,6 +148,8 @@ def multi_tensor_scale_(backend: str, tensors: list[Tensor], coef: Tensor) -> No
     """tensors *= coef in place; nothing is written when coef >= 1."""
     if backend in _OPERATOR_BACKENDS:
         torch.ops.fusedclip.multi_tensor_scale_(tensors, coef)
+    elif backend == "triton":
+        torch.ops.fusedclip_triton.multi_tensor_scale_(tensors, coef)
     else:
         reference.multi_tensor_scale_(tensors, coef)
 
@@ -129,6 +158,8 @@ def multi_tensor_clamp_(backend: str, tensors: list[Tensor], lo: float, hi: floa
     """tensors = clamp(tensors, lo, hi) in place, in one pass."""
     if backend in _OPERATOR_BACKENDS:
         torch.ops.fusedclip.multi_tensor_clamp_(tensors, lo, hi)
+    elif backend == "triton":
+        torch.ops.fusedclip_triton.multi_tensor_clamp_(tensors, lo, hi)
     else:
         reference.multi_tensor_clamp_(tensors, lo, hi)
 
@@ -137,6 +168,8 @@ def clip_grad_norm_(backend: str, tensors: list[Tensor], max_norm: float, norm_t
     """Norm, coefficient and scale of tensors on one device in one call; returns the norm."""
     if backend in _OPERATOR_BACKENDS:
         return torch.ops.fusedclip.clip_grad_norm_(tensors, max_norm, norm_type)
+    if backend == "triton":
+        return torch.ops.fusedclip_triton.clip_grad_norm_(tensors, max_norm, norm_type)
     return reference.clip_grad_norm_(tensors, max_norm, norm_type)
 
 

@@ -37,6 +37,7 @@ class Workload:
     dtype: torch.dtype
     shapes: tuple[tuple[int, ...], ...]
     bandwidth_bound: bool = True  # False: too few bytes for a bandwidth floor to mean anything
+    on_cpu_by_default: bool = True  # False: run on a CPU only when named (--workloads)
 
     @property
     def numel(self) -> int:
@@ -58,10 +59,26 @@ def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
     return tuple(shapes)
 
 
+def llama_3_2_1b_shapes() -> tuple[tuple[int, ...], ...]:
+    """Llama-3.2-1B: 146 parameter tensors, 1,235,814,400 elements (tied embeddings: the output
+    layer is the embedding). 32 query heads and 8 key-value heads of 64; RMSNorm weights."""
+    d, vocab, layers, ffn, head, kv_heads = 2048, 128256, 16, 8192, 64, 8
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d, d), (kv_heads * head, d), (kv_heads * head, d), (d, d)]  # attention
+        shapes += [(d,), (ffn, d), (ffn, d), (d, ffn)]  # MLP: gate, up, down
+    shapes += [(d,)]  # final norm
+    return tuple(shapes)
+
+
 WORKLOADS: dict[str, Callable[[], list[Workload]]] = {
     "gpt2-124m": lambda: [
         Workload("gpt2-124m", torch.float32, gpt2_small_shapes()),
         Workload("gpt2-124m", torch.bfloat16, gpt2_small_shapes()),
+    ],
+    # 2.5 GB of bf16 grads (7.4 GB with the bandwidth probe): a GPU workload unless named.
+    "llama-1b": lambda: [
+        Workload("llama-1b", torch.bfloat16, llama_3_2_1b_shapes(), on_cpu_by_default=False)
     ],
     "many-small": lambda: [
         Workload("many-small", torch.float32, ((64, 64),) * 4096),
@@ -139,12 +156,17 @@ def run(
     repeats: int = 15,
     warmup: int = 3,
     log: Callable[[str], None] = print,
+    backend: str = "auto",
 ) -> dict:
-    """Runs every workload in both modes; returns the results as a JSON-ready dict."""
+    """Runs every workload in both modes with fusedclip's ``backend`` ("auto": the one it picks
+    for the device); returns the results as a JSON-ready dict."""
     names = workload_names or list(WORKLOADS)
+    backend = fusedclip._ops.resolve_backend(backend, device)
     rows = []
     for name in names:
         for workload in WORKLOADS[name]():
+            if device.type == "cpu" and not workload.on_cpu_by_default and not workload_names:
+                continue
             params = make_parameters(workload, device)
             grads = [p.grad for p in params]
             element_bytes = torch.empty((), dtype=workload.dtype).element_size()
@@ -160,7 +182,7 @@ def run(
                 # call scales them by about 1/2 instead of settling at a norm that no longer clips;
                 # multiplied by 1 in "noclip" mode, so both modes start from the same cache state.
                 refresh = 2.0 if mode == "clip" else 1.0
-                ours = lambda: fusedclip.clip_grad_norm_(params, max_norm)  # noqa: E731
+                ours = lambda: fusedclip.clip_grad_norm_(params, max_norm, backend=backend)  # noqa: E731
                 theirs = lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)  # noqa: E731
                 t_ours, t_torch = [], []
                 first_sample = len(probe.samples["read"])
@@ -180,6 +202,7 @@ def run(
                 floor_s = n_bytes / read_bw + (2 * n_bytes / rmw_bw if mode == "clip" else 0.0)
                 row = {
                     "workload": workload.label,
+                    "backend": backend,
                     "mode": mode,
                     "tensors": len(workload.shapes),
                     "elements": workload.numel,
@@ -294,7 +317,7 @@ def device_name(device: torch.device) -> str:
 
 
 HEADER = (
-    f"{'workload':<20} {'mode':<7} {'fusedclip ms':>12} {'torch ms':>10} {'ratio':>7} "
+    f"{'workload':<20} {'mode':<7} {'backend':<7} {'fusedclip ms':>12} {'torch ms':>10} {'ratio':>7} "
     f"{'GB/s':>7} {'% floor':>8} {'probe r/rmw GB/s':>17} {'norm diff':>10}"
 )
 
@@ -305,7 +328,7 @@ def _percent(value: Optional[float]) -> str:
 
 def _format_row(row: dict) -> str:
     return (
-        f"{row['workload']:<20} {row['mode']:<7} {row['fusedclip_ms']:>12.3f} "
+        f"{row['workload']:<20} {row['mode']:<7} {row['backend']:<7} {row['fusedclip_ms']:>12.3f} "
         f"{row['torch_ms']:>10.3f} {row['speedup']:>6.2f}x {row['fusedclip_GBps']:>7.1f} "
         f"{_percent(row['percent_of_floor']):>8} {row['read_GBps']:>8.1f}/{row['rmw_GBps']:<8.1f} "
         f"{row['norm_relative_difference']:>10.1e}"
@@ -314,14 +337,16 @@ def _format_row(row: dict) -> str:
 
 def markdown_table(report: dict) -> str:
     lines = [
-        "| workload | mode | fusedclip ms | torch ms | ratio | GB/s | % of floor | probe read / rmw GB/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| workload | mode | backend | fusedclip ms | torch ms | ratio | GB/s | % of floor "
+        "| probe read / rmw / copy GB/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['workload']} | {r['mode']} | {r['fusedclip_ms']:.2f} | {r['torch_ms']:.2f} "
-            f"| {r['speedup']:.2f}x | {r['fusedclip_GBps']:.1f} | {_percent(r['percent_of_floor'])} "
-            f"| {r['read_GBps']:.1f} / {r['rmw_GBps']:.1f} |"
+            f"| {r['workload']} | {r['mode']} | {r.get('backend', '-')} | {r['fusedclip_ms']:.2f} "
+            f"| {r['torch_ms']:.2f} | {r['speedup']:.2f}x | {r['fusedclip_GBps']:.1f} "
+            f"| {_percent(r['percent_of_floor'])} "
+            f"| {r['read_GBps']:.1f} / {r['rmw_GBps']:.1f} / {r['copy_GBps']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -336,7 +361,7 @@ def plot(report: dict, path: str) -> bool:
     except ImportError:
         return False
     rows = report["results"]
-    labels = [f"{r['workload']} {r['mode']}" for r in rows]
+    labels = [f"{r['workload']} {r['mode']} ({r['backend']})" for r in rows]
     y = list(range(len(rows)))[::-1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.5), sharey=True)
     left.barh(y, [r["speedup"] for r in rows], color="tab:blue")
@@ -366,7 +391,14 @@ def main(args) -> int:
     print(f"fusedclip {fusedclip.__version__}, torch {torch.__version__}, {device_name(device)}, "
           f"{torch.get_num_threads()} threads")
     print(HEADER)
-    report = run(device, args.workloads, repeats=args.repeats)
+    requested = getattr(args, "backend", "auto")
+    backends = [requested]
+    if device.type == "cuda" and requested == "auto":
+        # Both GPU backends side by side: auto's choice between them is to follow these rows.
+        backends = [b for b in ("cuda", "triton") if fusedclip.backend_status()[b] is None] or backends
+    report = run(device, args.workloads, repeats=args.repeats, backend=backends[0])
+    for other in backends[1:]:
+        report["results"] += run(device, args.workloads, repeats=args.repeats, backend=other)["results"]
     if device.type == "cuda" and fusedclip.backend_status()["cuda"] is None:
         print("backend cuda: the single-launch clip against two launches")
         report["cuda_launches"] = run_cuda_launches(device, repeats=args.repeats)

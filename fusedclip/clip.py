@@ -252,7 +252,7 @@ def get_total_norm(
         error_if_nonfinite: raise ``RuntimeError`` if the norm is nan or inf (a host sync).
         foreach: accepted for compatibility; ``True`` on a device without foreach support
             raises as in torch. fusedclip's kernels are always multi-tensor.
-        backend: "auto", "cpu", "cuda" or "torch" (see :func:`fusedclip.available_backends`).
+        backend: "auto", "cpu", "cuda", "triton" or "torch" (see :func:`fusedclip.available_backends`).
         process_group: a ``torch.distributed`` process group, or a sequence of them reduced in
             turn, whose ranks hold disjoint parts of the tensors: the norm is the norm of all
             of them (see :mod:`fusedclip.distributed`). Every rank of the group must call,
@@ -358,7 +358,7 @@ def clip_grad_norm_(
         norm_type: p, any number or ``'inf'``; not nan. ``0`` counts nonzero elements.
         error_if_nonfinite: raise ``RuntimeError``, before scaling, if the norm is nan or inf.
         foreach: accepted for compatibility (see :func:`get_total_norm`).
-        backend: "auto", "cpu", "cuda" or "torch".
+        backend: "auto", "cpu", "cuda", "triton" or "torch".
         process_group: the norm is taken over the grads of every rank of this group (or of
             these groups, in turn), each holding disjoint parts; see :func:`get_total_norm`.
 

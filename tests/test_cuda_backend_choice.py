@@ -37,7 +37,8 @@ def test_cuda_backend_refuses_cpu_tensors():
 
 
 def test_auto_takes_cuda_for_cuda_devices_when_built():
-    expected = "cuda" if CUDA_BUILT else "torch"
+    triton_available = fusedclip.backend_status()["triton"] is None
+    expected = "cuda" if CUDA_BUILT else ("triton" if triton_available else "torch")
     assert _ops.resolve_backend("auto", torch.device("cuda", 0)) == expected
     assert _ops.resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")
 

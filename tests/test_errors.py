@@ -135,7 +135,7 @@ def test_unknown_backend():
         lambda: fusedclip.get_total_norm(grads, backend="Torch"),
         lambda: fusedclip.clip_grad_value_(params_with(grads), 0.01, backend=""),
         lambda: fusedclip.clip_grads_with_norm_(params_with(grads), 0.01, torch.tensor(9.0),
-                                                backend="triton"),
+                                                backend="tritons"),
     ):
         _refused(call, grads, ValueError, match)
 

@@ -86,7 +86,7 @@ def test_clip_grad_norm_property(grads, norm_type, backend, fraction):
     total = fusedclip.clip_grad_norm_(params_with(grads), max_norm, norm_type, backend=backend)
     assert_norm_close(total, truth, tol)
     assert_bitwise_equal(grads, scaled_by_returned_norm(originals, total, max_norm))
-    if fraction >= 1.5:
+    if fraction >= 1.5 and truth >= 1e-5:  # below ~2e-6 the 1e-6 in the coefficient clips
         assert_bitwise_equal(grads, originals)  # no clip: nothing written
     elif truth > 0:
         assert_scaled_like_oracle(grads, originals, truth, max_norm, tol)

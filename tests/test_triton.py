@@ -1,0 +1,569 @@
+"""Backend "triton": the operators and the public API on the Triton kernels.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors, which needs
+TRITON_INTERPRET=1 in the environment before triton is imported. A plain ``pytest tests`` run
+therefore runs this file's CPU cases in a subprocess started with the variable
+(test_interpreted_suite, which fails when any of them fails); in that subprocess they run
+directly. On a machine with a GPU the same cases run on CUDA tensors, compiled (marker ``cuda``).
+
+triton is a test dependency: without it this file fails to import, it is never skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton  # noqa: F401  (a test dependency: missing, the suite fails here)
+
+import fusedclip
+from fusedclip import _ops
+from conftest import (
+    assert_bitwise_equal,
+    assert_norm_close,
+    assert_scaled_like_oracle,
+    clone_all,
+    expected_dtype,
+    make_grads,
+    norm_id,
+    norm_rtol,
+    oracle_norm,
+    oracle_statistic,
+    params_with,
+    rand_tensor,
+    scaled_by_coef,
+    scaled_by_returned_norm,
+    seeded,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreted_suite"
+        ),
+        id="cpu-interpreted",
+    ),
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda,
+               pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")],
+        id="cuda",
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
+def on(device: torch.device, tensors):
+    """Copies on device (new tensors on the CPU too, so the originals stay as they were)."""
+    return [t.to(device, copy=True) for t in tensors]
+
+
+def cpu(tensors):
+    return [t.cpu() for t in tensors]
+
+
+CHUNK = 16384  # fusedclip/triton/ops.py's CHUNK
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+ALL_DTYPES = FLOATS + [torch.complex64, torch.complex128]
+STAT_NORM_TYPES = (2.0, 1.0, 3.5, 0.5, -2.0, math.inf, -math.inf, 0.0)
+# Odd sizes, zero-size tensors, and sizes on both sides of a chunk.
+SHAPES = [(37,), (0,), (8, 129), (CHUNK - 1,), (CHUNK,), (1,), (3, 0), (CHUNK + 1,), (5, 7)]
+
+
+def _stat_rtol(dtype, norm_type) -> float:
+    if dtype in (torch.float64, torch.complex128):
+        return 1e-12
+    return 1e-5 if norm_type in (0.0, 1.0, 2.0) or math.isinf(norm_type) else 1e-4
+
+
+# --- the subprocess ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+def test_interpreted_suite():
+    """This file's CPU cases under TRITON_INTERPRET=1 (it must be set before triton is imported,
+    which this process has done already)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
+         os.path.abspath(__file__)],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, f"{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
+    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-2000:]
+
+
+def test_backend_status_and_resolution():
+    assert fusedclip.backend_status()["triton"] is None
+    assert "triton" in fusedclip.available_backends()
+    assert _ops.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    if INTERPRETED:
+        assert _ops.resolve_backend("triton", torch.device("cpu")) == "triton"
+    else:
+        with pytest.raises(ValueError, match="backend 'triton' cannot run these gradients.*"
+                                             "TRITON_INTERPRET=1"):
+            fusedclip.get_total_norm([torch.randn(3)], backend="triton")
+
+
+def test_import_without_triton():
+    code = """
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton is hidden by the test")
+sys.meta_path.insert(0, _Block())
+import torch, fusedclip
+reason = fusedclip.backend_status()["triton"]
+assert reason is not None and "hidden by the test" in reason, reason
+assert "triton" not in fusedclip.available_backends()
+try:
+    fusedclip.get_total_norm([torch.randn(3)], backend="triton")
+except RuntimeError as error:
+    assert "backend 'triton' is not available" in str(error), error
+else:
+    raise AssertionError("backend='triton' did not raise")
+print(float(fusedclip.get_total_norm([torch.ones(4)])))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(os.environ), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2.0"
+
+
+# --- operators ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_type", STAT_NORM_TYPES, ids=norm_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_statistics_total_and_per_tensor(device, dtype, norm_type):
+    grads = make_grads(SHAPES, dtype, seed=1)
+    grads[0][::5] = 0  # exact zeros: the 0-norm, and |0|^-2 = inf
+    originals = clone_all(grads)
+    total, per = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, True)
+    acc = expected_dtype([dtype])
+    assert total.dtype == per.dtype == acc and total.shape == () and per.shape == (len(grads),)
+    assert total.device.type == device.type
+    rtol = _stat_rtol(dtype, norm_type)
+    expected = [oracle_statistic(g, norm_type) for g in originals]
+    for i, (value, want) in enumerate(zip(per.tolist(), expected)):
+        assert value == pytest.approx(want, rel=rtol, abs=0), (i, value, want)
+    combined = {math.inf: max, -math.inf: min}.get(norm_type, sum)(expected)
+    assert float(total) == pytest.approx(combined, rel=rtol, abs=0)
+    total2, per2 = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, False)
+    assert per2.numel() == 0 and torch.equal(total2, total)  # the same bits without per_tensor
+    assert_bitwise_equal(grads, originals)
+
+
+@pytest.mark.parametrize("norm_type", STAT_NORM_TYPES, ids=norm_id)
+def test_statistic_of_no_elements_is_the_identity(device, norm_type):
+    grads = on(device, [torch.empty(0), torch.empty(3, 0), torch.empty(0, dtype=torch.float16)])
+    total, per = torch.ops.fusedclip_triton.multi_tensor_norm(grads, norm_type, True)
+    identity = math.inf if norm_type == -math.inf else 0.0
+    assert float(total) == identity and per.tolist() == [identity] * 3
+    total = torch.ops.fusedclip_triton.clip_grad_norm_(grads, 1.0, norm_type)
+    assert float(total) == 0.0
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_scale(device, dtype):
+    grads = on(device, make_grads(SHAPES, dtype, seed=2))
+    originals = clone_all(grads)
+    for coef in (1.0, 1.5, math.inf):  # coef >= 1: nothing is written
+        torch.ops.fusedclip_triton.multi_tensor_scale_(grads, torch.tensor(coef, device=device))
+        assert_bitwise_equal(cpu(grads), cpu(originals))
+    for coef in (torch.tensor(0.3721), torch.tensor(0.3721, dtype=torch.float64)):
+        torch.ops.fusedclip_triton.multi_tensor_scale_(grads, coef.to(device))
+        # a float64 coefficient is rounded to float32 for all but float64 grads
+        assert_bitwise_equal(cpu(grads), scaled_by_coef(cpu(originals), coef.float()
+                                                        if dtype not in (torch.float64, torch.complex128)
+                                                        else coef))
+        grads = clone_all(originals)
+    torch.ops.fusedclip_triton.multi_tensor_scale_(grads, torch.tensor(float("nan"), device=device))
+    assert all(g.isnan().all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_clamp(device, dtype):
+    grads = make_grads(SHAPES, dtype, seed=3, scale=2.0)
+    grads[2][::7] = float("nan")
+    grads[4][::3] = float("inf")
+    expected = [g.clone().clamp_(-0.25, 1.5) for g in grads]
+    grads = on(device, grads)
+    torch.ops.fusedclip_triton.multi_tensor_clamp_(grads, -0.25, 1.5)
+    assert_bitwise_equal(cpu(grads), expected, any_nan=True)
+
+
+@pytest.mark.parametrize("norm_type", STAT_NORM_TYPES, ids=norm_id)
+def test_fused_clip_op_mixed_dtypes(device, norm_type):
+    """Four dtypes in one call: four norm launches sharing one ticket counter, then four scales."""
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64] * 2
+    grads = make_grads(SHAPES + [(40,)], dtypes, seed=4)
+    originals = clone_all(grads)
+    truth = oracle_norm(originals, norm_type)
+    grads = on(device, grads)
+    total = torch.ops.fusedclip_triton.clip_grad_norm_(grads, 0.5 * truth, norm_type)
+    assert total.dtype == torch.float64
+    assert_norm_close(total.cpu(), truth, norm_rtol(1e-5, norm_type, torch.float32))
+    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(originals, total.cpu(), 0.5 * truth))
+
+
+def test_opcheck(device):
+    grads = on(device, make_grads(SHAPES[:5], [torch.float32, torch.bfloat16, torch.float64,
+                                               torch.float16, torch.float32], seed=5))
+    ops = torch.ops.fusedclip_triton
+    for per_tensor in (False, True):
+        torch.library.opcheck(ops.multi_tensor_norm.default, (grads, 2.0, per_tensor))
+        torch.library.opcheck(ops.multi_tensor_norm.default, (grads, -math.inf, per_tensor))
+    for coef in (0.37, 1.5):
+        torch.library.opcheck(ops.multi_tensor_scale_.default, (grads, torch.tensor(coef, device=device)))
+    torch.library.opcheck(ops.multi_tensor_clamp_.default, (grads, -0.5, 0.75))
+    for max_norm in (0.1, 1e6):
+        torch.library.opcheck(ops.clip_grad_norm_.default, (grads, max_norm, 2.0))
+
+
+def test_no_access_outside_each_tensor(device):
+    """Tensors carved from one nan-filled buffer with gaps: reading past a tensor makes a norm
+    nan, writing past it changes a gap. Sizes straddle the block and the chunk."""
+    sizes = [1, 17, 2047, 2048, 2049, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3]
+    gap = 19
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        buffer = torch.full((sum(n + gap for n in sizes) + gap,), float("nan"), dtype=dtype)
+        inside = torch.zeros(buffer.numel(), dtype=torch.bool)
+        gen, offset, values = seeded(6), gap, []
+        for n in sizes:
+            buffer[offset:offset + n] = rand_tensor((n,), dtype, gen, scale=3.0)
+            inside[offset:offset + n] = True
+            values.append(buffer[offset:offset + n].clone())
+            offset += n + gap
+        buffer = buffer.to(device)
+        tensors, offset = [], gap
+        for n in sizes:
+            tensors.append(buffer[offset:offset + n])
+            offset += n + gap
+        for norm_type in (2.0, math.inf, -math.inf, 0.0):
+            total, per = torch.ops.fusedclip_triton.multi_tensor_norm(tensors, norm_type, True)
+            assert not total.isnan() and not per.isnan().any(), (dtype, norm_type)
+        torch.ops.fusedclip_triton.multi_tensor_scale_(tensors, torch.tensor(0.43, device=device))
+        torch.ops.fusedclip_triton.multi_tensor_clamp_(tensors, -0.5, 0.5)
+        torch.ops.fusedclip_triton.clip_grad_norm_(tensors, 0.01, 2.0)
+        assert buffer.cpu()[~inside].isnan().all(), f"{dtype}: a kernel wrote outside a tensor"
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        scaled = [(v.to(acc) * torch.tensor(0.43).to(acc)).to(dtype).clamp(-0.5, 0.5) for v in values]
+        assert not any(t.isnan().any() for t in tensors)
+        truth = oracle_norm(scaled, 2.0)
+        assert oracle_norm(cpu(tensors), 2.0) == pytest.approx(min(truth, 0.01), rel=1e-2)
+
+
+@pytest.mark.parametrize("count", [1, 110, 111, 771])
+def test_many_tensors(device, count):
+    gen = seeded(7 + count)
+    sizes = torch.randint(0, 60, (count,), generator=gen).tolist()
+    grads = [rand_tensor((n,), torch.float32, gen) for n in sizes]
+    total, per = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), 2.0, True)
+    expected = torch.tensor([oracle_statistic(g, 2.0) for g in grads], dtype=torch.float64)
+    torch.testing.assert_close(per.cpu().double(), expected, rtol=1e-5, atol=0)
+    truth = oracle_norm(grads, 2.0)
+    params = params_with(on(device, grads))
+    total = fusedclip.clip_grad_norm_(params, 0.5 * truth, backend="triton")
+    assert_norm_close(total.cpu(), truth, 1e-5)
+    assert_scaled_like_oracle(cpu([p.grad for p in params]), grads, truth, 0.5 * truth, 1e-5)
+
+
+def test_more_chunks_than_the_final_reduction_block(device):
+    """1,100 chunks: the last program's reduction loops over its 1,024 lanes twice."""
+    grads = make_grads([(3,)] * 1100, torch.float32, seed=8)
+    for norm_type in (2.0, -math.inf):
+        total, _ = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type)
+        assert_norm_close(total.cpu(), oracle_norm(grads, norm_type) ** (2 if norm_type == 2.0 else 1), 1e-5)
+
+
+@pytest.mark.parametrize("where", range(4))
+def test_zero_size_tensor_at_every_position(device, where):
+    grads = make_grads([(50,), (CHUNK + 7,), (9, 3)], torch.bfloat16, seed=9)
+    grads.insert(where, torch.empty(0, 4, dtype=torch.bfloat16))
+    originals = clone_all(grads)
+    for norm_type in (2.0, math.inf, -math.inf, 0.0):
+        total, per = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, True)
+        assert per.tolist()[where] == (math.inf if norm_type == -math.inf else 0.0)
+        assert_norm_close(total.cpu(), sum(oracle_statistic(g, norm_type) for g in originals)
+                          if math.isfinite(norm_type) else oracle_norm(originals, norm_type), 1e-5)
+    truth = oracle_norm(originals, 2.0)
+    grads = on(device, grads)
+    fusedclip.clip_grad_norm_(params_with(grads), 0.5 * truth, backend="triton")
+    assert_scaled_like_oracle(cpu(grads), originals, truth, 0.5 * truth, 1e-5)
+
+
+def test_nan_and_inf(device):
+    for norm_type in (2.0, 1.0, 3.5, math.inf, -math.inf):
+        for position in (0, 2047, 2048, CHUNK + 5):  # a block, the next, the next chunk
+            grads = make_grads([(CHUNK + 9,), (5,)], torch.float32, seed=10)
+            grads[0][position] = float("nan")
+            total, per = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, True)
+            assert total.isnan() and per[0].isnan() and not per[1].isnan(), (norm_type, position)
+    grads = make_grads([(100,), (7,)], torch.float32, seed=11)
+    grads[1][3] = float("inf")
+    for norm_type, want in ((2.0, math.inf), (math.inf, math.inf), (1.0, math.inf)):
+        assert float(fusedclip.get_total_norm(on(device, grads), norm_type, backend="triton")) == want
+    grads[0][5] = float("nan")
+    total, _ = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), 0.0)
+    assert float(total) == float(torch.count_nonzero(torch.cat(grads)))  # nan != 0: counted
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_bitwise_repeatable(device, dtype):
+    grads = on(device, make_grads(SHAPES + [(3 * CHUNK + 11,)], dtype, seed=12))
+    for norm_type in (2.0, 3.5, math.inf, 0.0):
+        first, per = torch.ops.fusedclip_triton.multi_tensor_norm(grads, norm_type, True)
+        for _ in range(2):
+            again, per_again = torch.ops.fusedclip_triton.multi_tensor_norm(clone_all(grads), norm_type, True)
+            assert torch.equal(first, again) and torch.equal(per, per_again)
+    a, b = clone_all(grads), clone_all(grads)
+    ta = torch.ops.fusedclip_triton.clip_grad_norm_(a, 0.1, 2.0)
+    tb = torch.ops.fusedclip_triton.clip_grad_norm_(b, 0.1, 2.0)
+    assert torch.equal(ta, tb)
+    assert_bitwise_equal(cpu(a), cpu(b))
+
+
+# --- the public API on backend "triton" -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_type", (2.0, 1.0, 3.5, -2.0, math.inf, -math.inf, 0.0, "inf"), ids=norm_id)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+def test_clip_grad_norm_matches_oracle(device, dtype, norm_type):
+    grads = make_grads(SHAPES, dtype, seed=13)
+    originals = clone_all(grads)
+    truth = oracle_norm(originals, norm_type)
+    grads = on(device, grads)
+    pointers = [g.data_ptr() for g in grads]
+    params = params_with(grads)
+    total = fusedclip.clip_grad_norm_(params, 0.3 * truth, norm_type, backend="triton")
+    tol = norm_rtol(1e-5, norm_type, dtype)
+    assert total.dtype == expected_dtype([dtype]) and total.device == grads[0].device
+    assert_norm_close(total.cpu(), truth, tol)
+    assert [p.grad.data_ptr() for p in params] == pointers
+    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(originals, total.cpu(), 0.3 * truth))
+    assert_scaled_like_oracle(cpu(grads), originals, truth, 0.3 * truth, tol)
+    total = fusedclip.get_total_norm(grads, norm_type, backend="triton")
+    assert_norm_close(total.cpu(), oracle_norm(cpu(grads), norm_type), tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_complex_grads(device, dtype):
+    grads = make_grads([(30,), (0,), (4, 5)], dtype, seed=14)
+    originals = clone_all(grads)
+    truth = oracle_norm(originals, 2.0)
+    grads = on(device, grads)
+    total = fusedclip.clip_grad_norm_(params_with(grads), 0.5 * truth, backend="triton")
+    assert_norm_close(total.cpu(), truth, 1e-5 if dtype == torch.complex64 else 1e-10)
+    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(originals, total.cpu(), 0.5 * truth))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_grads(device, dtype):
+    """A transposed and a strided grad: read through contiguous copies, scaled and clamped in
+    copies written back, strides and storage kept."""
+    base = on(device, make_grads([(30, 41), (CHUNK + 5,)], dtype, seed=15))
+    grads = [base[0].t(), base[1][::3], on(device, make_grads([(6,)], dtype, seed=16))[0]]
+    originals = clone_all(grads)
+    strides = [g.stride() for g in grads]
+    truth = oracle_norm(cpu(originals), 2.0)
+    total = fusedclip.clip_grad_norm_(params_with(grads), 0.5 * truth, backend="triton")
+    assert [g.stride() for g in grads] == strides
+    assert_norm_close(total.cpu(), truth, 1e-5)
+    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(cpu(originals), total.cpu(), 0.5 * truth))
+    expected = [g.cpu().clamp(-0.01, 0.02) for g in grads]
+    torch.ops.fusedclip_triton.multi_tensor_clamp_(grads, -0.01, 0.02)
+    assert_bitwise_equal(cpu(grads), expected)
+
+
+def test_clip_grad_value(device):
+    grads = make_grads(SHAPES, torch.float16, seed=17, scale=3.0)
+    theirs = params_with(clone_all(grads))
+    torch.nn.utils.clip_grad_value_(theirs, 0.7)
+    ours = params_with(on(device, grads))
+    fusedclip.clip_grad_value_(ours, 0.7, backend="triton")
+    assert_bitwise_equal(cpu([p.grad for p in ours]), [p.grad for p in theirs])
+
+
+def test_grads_sharing_memory_scaled_once_per_occurrence(device):
+    g = on(device, make_grads([(50,)], torch.float32, seed=18))[0]
+    view = g[10:20]
+    ours = [g, g, view]
+    theirs = [t.cpu().clone() for t in (g,)]
+    expected = theirs[0]
+    coef = torch.tensor(0.5)
+    expected.mul_(coef)
+    expected.mul_(coef)
+    expected[10:20].mul_(coef)
+    torch.ops.fusedclip_triton.multi_tensor_scale_(ours, coef.to(device))
+    assert_bitwise_equal([g.cpu()], [expected])
+
+
+def test_table_cache_follows_addresses(device):
+    """A list seen before reuses its table; new tensors at other addresses get their own."""
+    from fusedclip.triton import ops as triton_ops
+
+    grads = on(device, make_grads([(100,), (CHUNK + 1,)], torch.float32, seed=19))
+    first = float(fusedclip.get_total_norm(grads, backend="triton"))
+    cached = len(triton_ops._cache)
+    assert float(fusedclip.get_total_norm(grads, backend="triton")) == first
+    assert len(triton_ops._cache) == cached
+    for seed in range(3):
+        other = on(device, make_grads([(100,), (CHUNK + 1,)], torch.float32, seed=20 + seed))
+        assert_norm_close(fusedclip.get_total_norm(other, backend="triton").cpu(),
+                          oracle_norm(cpu(other), 2.0), 1e-5)
+
+
+def test_bad_input_raises_before_writing(device):
+    grads = on(device, make_grads([(10,), (5,)], torch.float32, seed=21))
+    originals = clone_all(grads)
+    expanded = torch.randn(1, device=device).expand(4)
+    with pytest.raises(RuntimeError, match="internally overlapping"):
+        torch.ops.fusedclip_triton.multi_tensor_scale_(grads + [expanded], torch.tensor(0.5, device=device))
+    with pytest.raises(RuntimeError, match="complex"):
+        torch.ops.fusedclip_triton.multi_tensor_clamp_(grads + [torch.randn(3, dtype=torch.complex64, device=device)], -1.0, 1.0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.fusedclip_triton.clip_grad_norm_(grads + [torch.ones(3, dtype=torch.int32, device=device)], 0.1, 2.0)
+    with pytest.raises(RuntimeError, match="norm_type must not be nan"):
+        torch.ops.fusedclip_triton.clip_grad_norm_(grads, 0.1, float("nan"))
+    with pytest.raises(ValueError, match="max_norm"):
+        fusedclip.clip_grad_norm_(params_with(grads), -1.0, backend="triton")
+    assert_bitwise_equal(cpu(grads), cpu(originals))
+
+
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def clip(params, max_norm):
+        return fusedclip.clip_grad_norm_(params, max_norm, backend="triton")
+
+    grads = make_grads([(64, 3), (0,), (1000,), (7,)],
+                       [torch.float32, torch.float32, torch.bfloat16, torch.float32], seed=22)
+    eager_params = params_with(on(device, clone_all(grads)))
+    compiled_params = params_with(on(device, clone_all(grads)))
+    compiled = torch.compile(clip, fullgraph=True)
+    try:
+        for max_norm in (0.5, 1e6, 0.3):
+            expected = clip(eager_params, max_norm)
+            total = compiled(compiled_params, max_norm)
+            assert total.dtype == expected.dtype and torch.equal(total, expected)
+            assert_bitwise_equal(cpu([p.grad for p in compiled_params]), cpu([p.grad for p in eager_params]))
+    finally:
+        torch._dynamo.reset()
+
+
+# --- CUDA only -------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
+def test_auto_picks_triton_for_cuda_tensors():
+    assert _ops.resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
+def test_clip_is_sync_free():
+    grads = on(torch.device("cuda"), make_grads(SHAPES, torch.bfloat16, seed=23))
+    params = params_with(grads)
+    fusedclip.clip_grad_norm_(params, 0.1, backend="triton")  # warm-up: compiles, caches the table
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+        fusedclip.clip_grad_norm_(params, 0.1, 3.0, backend="triton")
+        fusedclip.clip_grads_with_norm_(params, 0.1, fusedclip.get_total_norm(grads, backend="triton"),
+                                        backend="triton")
+        fusedclip.clip_grad_value_(params, 0.01, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
+def test_clip_in_a_cuda_graph():
+    source = make_grads(SHAPES, torch.float32, seed=24)
+    grads = on(torch.device("cuda"), source)
+    params = params_with(grads)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up off the default stream, as capture requires
+            fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+    for scale in (1.0, 3.0, 1e-9):  # clips, clips, does not clip
+        inputs = [s * scale for s in source]
+        for g, s in zip(grads, inputs):
+            g.copy_(s)
+        graph.replay()
+        torch.cuda.synchronize()
+        truth = oracle_norm(inputs, 2.0)
+        assert_norm_close(total.cpu(), truth, 1e-5)
+        assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(inputs, total.cpu(), 0.1))
+
+
+# --- compiled for a GPU, without one ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernels; the interpreter has no compiler")
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_kernels_compile_for_sm90():
+    """Every kernel compiles (Triton's own ptxas, no GPU needed) for an H100's sm_90 in the
+    variants the launchers use, and whole blocks of aligned bf16 are loaded 16 bytes at a time."""
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fusedclip.triton import kernels
+
+    pointers = {"table": "*i64", "partials": "*fp64", "ticket": "*i32"}
+
+    def compile_kernel(fn, acc, **constexprs):
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_bits"):
+                signature[name] = "i64"
+            elif name in pointers:
+                signature[name] = pointers[name]
+            elif name in ("statistic", "total_norm", "coef", "out"):
+                signature[name] = "*fp64" if acc == tl.float64 else "*fp32"
+            else:
+                signature[name] = "i32"
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+
+    for dtype in (tl.float32, tl.float64, tl.float16, tl.bfloat16):
+        acc = tl.float64 if dtype == tl.float64 else tl.float32
+        for aligned in (False, True):
+            for fn in (kernels.scale_chunks, kernels.clamp_chunks):
+                compiled = compile_kernel(fn, acc, DTYPE=dtype, ACC=acc, ALIGNED=aligned, BLOCK=2048)
+                if dtype == tl.bfloat16 and aligned:
+                    assert "st.global.v4.b32" in compiled.asm["ptx"], fn
+        for kind in range(6):
+            norm = compile_kernel(kernels.norm_chunks, acc, DTYPE=dtype, ACC=acc, KIND=kind,
+                                  FINISH=True, ALIGNED=True, BLOCK=2048, FINAL_BLOCK=1024)
+            if dtype == tl.bfloat16:
+                assert "ld.global.v4.b32" in norm.asm["ptx"], kind
+    for acc in (tl.float32, tl.float64):
+        for kind in range(6):
+            compile_kernel(kernels.per_tensor, acc, KIND=kind, ACC=acc, BLOCK=1024)
