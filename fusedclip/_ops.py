@@ -28,6 +28,8 @@ __all__ = [
     "multi_tensor_scale_",
     "multi_tensor_clamp_",
     "clip_grad_norm_",
+    "multi_tensor_agc_",
+    "multi_tensor_scale_per_tensor_",
 ]
 
 logger = logging.getLogger("fusedclip")
@@ -107,6 +109,23 @@ def clip_grad_norm_(backend: str, tensors: list[Tensor], max_norm: float, norm_t
     return reference.clip_grad_norm_(tensors, max_norm, norm_type)
 
 
+def multi_tensor_agc_(
+    backend: str, grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Unit-wise adaptive gradient clipping in place; returns the pre-clip sums of squares."""
+    if backend == "cpu":
+        return torch.ops.fusedclip.multi_tensor_agc_(grads, params, clip_factor, eps)
+    return reference.multi_tensor_agc_(grads, params, clip_factor, eps)
+
+
+def multi_tensor_scale_per_tensor_(backend: str, tensors: list[Tensor], coefs: Tensor) -> None:
+    """tensors[i] *= coefs[i] in place; tensor i is not written when coefs[i] >= 1."""
+    if backend == "cpu":
+        torch.ops.fusedclip.multi_tensor_scale_per_tensor_(tensors, coefs)
+    else:
+        reference.multi_tensor_scale_per_tensor_(tensors, coefs)
+
+
 # --- entry points that take parameters (backend "cpu") ----------------------------------------
 # They read the grads in C++ (see csrc/python_module.cpp); each returns None / False when it did
 # not run (a parameter that is not exactly a Tensor or Parameter, or no grads), and raises,
@@ -168,3 +187,14 @@ if _C is not None:
     def _clip_grad_norm_fake(tensors, max_norm, norm_type):
         _check_one_device(tensors, "clip_grad_norm_")
         return tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))
+
+    @torch.library.register_fake("fusedclip::multi_tensor_agc_")
+    def _multi_tensor_agc_fake(grads, params, clip_factor, eps):
+        _check_one_device(grads, "multi_tensor_agc_")
+        acc = reference.accumulate_dtype(grads)
+        return grads[0].new_empty((), dtype=acc), grads[0].new_empty((len(grads),), dtype=acc)
+
+    @torch.library.register_fake("fusedclip::multi_tensor_scale_per_tensor_")
+    def _multi_tensor_scale_per_tensor_fake(tensors, coefs):
+        _check_one_device(tensors, "multi_tensor_scale_per_tensor_")
+        return None

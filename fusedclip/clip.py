@@ -185,8 +185,15 @@ def _total_norm(
     groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float
 ) -> Tensor:
     """The global norm over every group, on the first group's device."""
-    first_device = groups[0][0]
     statistics = [_ops.multi_tensor_norm(backend, ts, norm_type)[0] for _, backend, ts in groups]
+    return _norm_of_group_statistics(groups, statistics, norm_type)
+
+
+def _norm_of_group_statistics(
+    groups: list[tuple[torch.device, str, list[Tensor]]], statistics: list[Tensor], norm_type: float
+) -> Tensor:
+    """The global norm from one norm statistic per group, on the first group's device."""
+    first_device = groups[0][0]
     empty = not any(t.numel() for _, _, ts in groups for t in ts)
     if len(statistics) == 1:
         statistic = statistics[0]
