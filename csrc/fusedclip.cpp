@@ -29,4 +29,7 @@ TORCH_LIBRARY(fusedclip, m) {
   // coefficient per tensor, applied as multi_tensor_scale_ applies its coef; tensor i is not
   // written when coefs[i] >= 1.
   m.def("multi_tensor_scale_per_tensor_(Tensor(a!)[] tensors, Tensor coefs) -> ()");
+  // clip_grad_norm_ that also returns each tensor's norm before clipping (0 for a tensor with no
+  // elements), from the same read; both results in the dtype of multi_tensor_norm's.
+  m.def("clip_grad_norm_with_norms_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> (Tensor, Tensor)");
 }

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fusedclip import _ops, clip, reference
-from fusedclip.health import Group, per_tensor_norms, run_grouped
+from fusedclip.health import Group, run_grouped
 
 __all__ = ["AGC", "AutoClip", "ZClip", "PerTensorClip"]
 
@@ -327,7 +327,7 @@ class PerTensorClip:
         for _, backend, ts in groups:
             statistic, per_statistic = _ops.multi_tensor_norm(backend, ts, self.norm_type, per_tensor=True)
             statistics.append(statistic)
-            norms = per_tensor_norms(per_statistic, ts, self.norm_type)
+            norms = reference.per_tensor_norms(per_statistic, ts, self.norm_type)
             coefs.append(reference.clip_coefficient(norms, self.max_norm))
         total = clip._norm_of_group_statistics(groups, statistics, self.norm_type)
         for (_, backend, ts), coef in zip(groups, coefs):

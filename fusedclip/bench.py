@@ -301,6 +301,11 @@ def main(args) -> int:
     report = run(device, args.workloads, repeats=args.repeats)
     print("floor: the row's bytes at the probe bandwidth measured during that row (read for the "
           "norm, read-modify-write for the scale)")
+    if getattr(args, "health", False):
+        from fusedclip import bench_health
+
+        print(f"\n{bench_health.HEADER}")
+        report["health"] = bench_health.run(device, repeats=args.repeats)
     os.makedirs(args.output, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in report["device"].lower()).strip("-")
     while "--" in slug:
@@ -311,6 +316,10 @@ def main(args) -> int:
     with open(stem + ".md", "w") as f:
         f.write(f"{report['device']}, torch {report['torch']}, {report['threads']} threads, "
                 f"{report['date']}\n\n{markdown_table(report)}\n")
+        if "health" in report:
+            from fusedclip import bench_health
+
+            f.write(f"\n{bench_health.markdown_table(report['health'])}\n")
     print(f"wrote {stem}.json and {stem}.md")
     if plot(report, stem + ".png"):
         print(f"wrote {stem}.png")

@@ -45,22 +45,13 @@ def run_grouped(tensors: list[Tensor], backend: str, writes: bool, fn: Callable[
     return fn(clip._group_by_device(tensors, None, backend, writes))
 
 
-def per_tensor_norms(statistics: Tensor, tensors: list[Tensor], norm_type: float) -> Tensor:
-    """Norms from per-tensor statistics; a tensor with no elements has norm 0 for every p."""
-    norms = reference.total_norm_from_statistic(statistics, norm_type, empty=False)
-    if any(t.numel() == 0 for t in tensors):
-        empty = torch.tensor([t.numel() == 0 for t in tensors]).to(norms.device, non_blocking=True)
-        norms = torch.where(empty, torch.zeros_like(norms), norms)
-    return norms
-
-
 def norms_of_groups(groups: list[Group], tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
     """(global norm, per-tensor norms in the order of ``tensors``) in one read of every tensor."""
     statistics, per_group = [], []
     for _, backend, ts in groups:
         statistic, per_statistic = _ops.multi_tensor_norm(backend, ts, norm_type, per_tensor=True)
         statistics.append(statistic)
-        per_group.append(per_tensor_norms(per_statistic, ts, norm_type))
+        per_group.append(reference.per_tensor_norms(per_statistic, ts, norm_type))
     total = clip._norm_of_group_statistics(groups, statistics, norm_type)
     if len(groups) == 1:
         return total, per_group[0].to(total.dtype)
@@ -109,20 +100,21 @@ def get_norms(
 
 
 def _clip_with_norms(params: list, max_norm: float, norm_type: float, backend: str) -> tuple[Tensor, Tensor]:
-    grads_or_none = [p.grad for p in params] if all(isinstance(p, Tensor) for p in params) else None
-    if grads_or_none is None:
-        clip._grads_of(params)  # raises, naming the parameter that is not a tensor
-    grads = [g for g in grads_or_none if g is not None]
+    if clip._cpu_fast_path(backend):
+        result = clip._on_cpu_grads(_ops.clip_grad_norm_with_norms_of_params, params, max_norm, norm_type)
+        if result is not None:
+            return result
+    grads = clip._grads_of(params)
     if not grads:
         return torch.tensor(0.0), torch.zeros(len(params))
-
-    def clip_groups(groups: list[Group]) -> tuple[Tensor, Tensor]:
+    groups = clip._group_by_device(grads, None, backend, writes=True)
+    if len(groups) == 1:
+        _, group_backend, ts = groups[0]
+        total, per = _ops.clip_grad_norm_with_norms_(group_backend, ts, max_norm, norm_type)
+    else:
         total, per = norms_of_groups(groups, grads, norm_type)
         clip._scale_groups(groups, reference.clip_coefficient(total, max_norm))
-        return total, per
-
-    total, per = run_grouped(grads, backend, True, clip_groups)
-    return total, _per_parameter(per, [g is not None for g in grads_or_none])
+    return total, _per_parameter(per, [p.grad is not None for p in params])
 
 
 def clip_grad_norm_with_norms_(

@@ -27,6 +27,8 @@ __all__ = [
     "clip_coefficient",
     "multi_tensor_agc_",
     "multi_tensor_scale_per_tensor_",
+    "per_tensor_norms",
+    "clip_grad_norm_with_norms_",
 ]
 
 _FLOAT64_DTYPES = (torch.float64, torch.complex128)
@@ -178,3 +180,21 @@ def multi_tensor_scale_per_tensor_(tensors: list[Tensor], coefs: Tensor) -> None
     """tensors[i] *= coefs[i] in place, as multi_tensor_scale_ scales by one coefficient."""
     for t, coef in zip(tensors, coefs.unbind()):
         multi_tensor_scale_([t], coef)
+
+
+def per_tensor_norms(statistics: Tensor, tensors: list[Tensor], norm_type: float) -> Tensor:
+    """Norms from per-tensor statistics; a tensor with no elements has norm 0 for every p (the
+    root of the identity is not 0 for p = -inf or p < 0)."""
+    norms = total_norm_from_statistic(statistics, norm_type, empty=False)
+    if any(t.numel() == 0 for t in tensors):
+        empty = torch.tensor([t.numel() == 0 for t in tensors]).to(norms.device, non_blocking=True)
+        norms = torch.where(empty, torch.zeros_like(norms), norms)
+    return norms
+
+
+def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type: float) -> tuple[Tensor, Tensor]:
+    """clip_grad_norm_ that also returns the per-tensor norms before clipping, from one read."""
+    statistic, per_statistic = multi_tensor_norm(tensors, norm_type, per_tensor=True)
+    total = total_norm_from_statistic(statistic, norm_type, not any(t.numel() for t in tensors))
+    multi_tensor_scale_(tensors, clip_coefficient(total, max_norm))
+    return total, per_tensor_norms(per_statistic, tensors, norm_type)

@@ -74,6 +74,26 @@ def test_clip_with_norms_is_clip_grad_norm_plus_per_tensor(backend, dtype, max_n
     assert per.tolist() == pytest.approx(want_per, rel=1e-5)
 
 
+@pytest.mark.parametrize("max_norm", [0.1, 1e6], ids=["clips", "no-clip"])
+def test_opcheck_clip_grad_norm_with_norms_(max_norm):
+    grads = make_grads(SHAPES[:5], [torch.float32, torch.bfloat16, torch.float32, torch.float16,
+                                    torch.float32], seed=6)
+    torch.library.opcheck(torch.ops.fusedclip.clip_grad_norm_with_norms_.default, (grads, max_norm, 2.0))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, -math.inf, -2.0, 0.0], ids=norm_id)
+def test_clip_with_norms_op_backends_agree(norm_type):
+    grads = make_grads(SHAPES, torch.float32, seed=7)
+    copies = clone_all(grads)
+    total, per = fusedclip._ops.clip_grad_norm_with_norms_("cpu", grads, 0.5, norm_type)
+    total_t, per_t = fusedclip._ops.clip_grad_norm_with_norms_("torch", copies, 0.5, norm_type)
+    torch.testing.assert_close(total, total_t, rtol=1e-6, atol=0)
+    torch.testing.assert_close(per, per_t, rtol=1e-6, atol=0)
+    assert per[1] == 0 and per[5] == 0  # empty tensors: 0 for every p
+    for g, c in zip(grads, copies):
+        torch.testing.assert_close(g, c, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clip_with_norms_refuses_before_writing(backend):
     grads = make_grads([(5,), (6,)], torch.float32, seed=4)

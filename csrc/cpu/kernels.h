@@ -337,4 +337,9 @@ inline at::Tensor total_norm_from_statistic(const at::Tensor& statistic, double 
   return statistic.pow(1.0 / norm_type);
 }
 
+// torch's clip coefficient, in the norm's dtype: max_norm * (1 / (norm + 1e-6)), clamped to 1.
+inline at::Tensor clip_coefficient(const at::Tensor& total, double max_norm) {
+  return ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+}
+
 }  // namespace fusedclip::cpu
