@@ -155,7 +155,7 @@ class GradientMonitor:
       :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(n - \mu)^2` (ZClip's update); a
       non-finite norm leaves them unchanged;
     * **exploding** when :math:`n` is nan or inf, above ``explode_threshold`` (if given), or,
-      after the warm-up, when :math:`z = (n - \mu) / (\sigma + 10^{-6}) > z\_threshold`, with
+      after the warm-up, when :math:`z = (n - \mu) / \sqrt{\sigma^2 + 10^{-12}} > z\_threshold`, with
       :math:`\mu, \sigma` from before this step;
     * **vanishing** when :math:`n <` ``vanish_eps`` for ``vanish_steps`` consecutive steps.
 
@@ -283,8 +283,12 @@ class GradientMonitor:
         mean, var, count = s["mean"], s["var"], s["count"]
         finite = norms.isfinite()
         warm = count >= self.warmup_steps
-        z = (norms - mean) / (var.sqrt() + 1e-6)
-        exploding = ~finite | (warm & (z > self.z_threshold))
+        # z = (n - mu) / sqrt(var + 1e-12) > z_threshold, squared: no sqrt on the per-step path
+        # (ATen's sqrt of a few thousand elements enters a parallel region, milliseconds on a busy
+        # CPU).
+        deviation = norms - mean
+        spike = (deviation > 0) & (deviation.square() > self.z_threshold**2 * (var + 1e-12))
+        exploding = ~finite | (warm & spike)
         if self.explode_threshold is not None:
             exploding = exploding | (norms > self.explode_threshold)
         # Exact (Welford) mean and population variance over the warm-up, then ZClip's EMAs.

@@ -127,7 +127,7 @@ class ReferenceMonitor:
         finite = math.isfinite(n)
         exploding = not finite
         if len(self.values) >= self.warmup and finite:
-            z = (n - self.mean) / (math.sqrt(self.var) + 1e-6)
+            z = (n - self.mean) / math.sqrt(self.var + 1e-12)
             exploding = z > self.z_threshold
         if self.explode_threshold is not None and n > self.explode_threshold:
             exploding = True
