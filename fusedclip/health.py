@@ -225,7 +225,7 @@ class GradientMonitor:
         self.log_per_parameter = log_per_parameter
         self.backend = backend
         self.step = 0  # steps recorded
-        # (step, total, per-parameter norms, exploding count, vanishing count), device tensors
+        # (step, total, per-parameter norms, exploding flags, vanishing flags), device tensors
         self._history: deque = deque(maxlen=history_size)
         self._logged_through = 0
         self._state: Optional[dict[str, Tensor]] = None
@@ -268,7 +268,7 @@ class GradientMonitor:
             state = self._state
             self.step += 1
             self._history.append(
-                (self.step, total_norm.detach().reshape(()), per, state["exploding"].sum(), state["vanishing"].sum())
+                (self.step, total_norm.detach().reshape(()), per, state["exploding"], state["vanishing"])
             )
         if self.writer is not None and self.step % self.log_every == 0:
             self.log()
@@ -283,23 +283,25 @@ class GradientMonitor:
         mean, var, count = s["mean"], s["var"], s["count"]
         finite = norms.isfinite()
         warm = count >= self.warmup_steps
+        deviation = torch.where(finite, norms - mean, 0.0)
+        square = deviation.square()
         # z = (n - mu) / sqrt(var + 1e-12) > z_threshold, squared: no sqrt on the per-step path
         # (ATen's sqrt of a few thousand elements enters a parallel region, milliseconds on a busy
         # CPU).
-        deviation = norms - mean
-        spike = (deviation > 0) & (deviation.square() > self.z_threshold**2 * (var + 1e-12))
+        spike = (deviation > 0) & (square > self.z_threshold**2 * (var + 1e-12))
         exploding = ~finite | (warm & spike)
         if self.explode_threshold is not None:
             exploding = exploding | (norms > self.explode_threshold)
-        # Exact (Welford) mean and population variance over the warm-up, then ZClip's EMAs.
-        n = (count + 1).to(norms.dtype)
-        delta = norms - mean
-        warm_mean = mean + delta / n
-        warm_var = var + (delta * (norms - warm_mean) - var) / n
-        ema_mean = self.alpha * mean + (1 - self.alpha) * norms
-        ema_var = self.alpha * var + (1 - self.alpha) * (norms - ema_mean).square()
-        s["mean"] = torch.where(finite, torch.where(warm, ema_mean, warm_mean), mean)
-        s["var"] = torch.where(finite, torch.where(warm, ema_var, warm_var), var)
+        # One update for both phases, with w the weight of the new norm and d = n - mu:
+        # mu += w d; var += w (k d^2 - var). Over the warm-up w = 1/(count + 1) and k = 1 - w:
+        # Welford's exact mean and population variance. After it w = 1 - alpha and k = (1 - w)^2:
+        # ZClip's EMAs (its variance uses n minus the new mean, which is (1 - w) d). A non-finite
+        # norm has w = 0 (and d = 0).
+        weight = torch.where(warm, 1.0 - self.alpha, (count + 1).to(norms.dtype).reciprocal())
+        weight = torch.where(finite, weight, 0.0)
+        keep = 1.0 - weight
+        s["mean"] = mean + weight * deviation
+        s["var"] = var + weight * (torch.where(warm, keep.square(), keep) * square - var)
         s["count"] = count + finite
         s["below"] = torch.where(norms < self.vanish_eps, s["below"] + 1, 0)
         s["explosions"] = s["explosions"] + exploding
@@ -370,8 +372,8 @@ class GradientMonitor:
         steps, totals, pers, explode_counts, vanish_counts = zip(*pending)
         totals = torch.stack(list(totals)).double().cpu().tolist()
         pers = torch.stack(list(pers)).double().cpu()
-        explode_counts = torch.stack(list(explode_counts)).cpu().tolist()
-        vanish_counts = torch.stack(list(vanish_counts)).cpu().tolist()
+        explode_counts = torch.stack(list(explode_counts)).sum(1).cpu().tolist()
+        vanish_counts = torch.stack(list(vanish_counts)).sum(1).cpu().tolist()
         for k, step in enumerate(steps):
             self.writer.add_scalar("grad_norm/total", totals[k], step)
             self.writer.add_scalar("grad_health/exploding", explode_counts[k], step)
