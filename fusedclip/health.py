@@ -197,10 +197,14 @@ class GradientMonitor:
     ):
         if isinstance(named_parameters, torch.nn.Module):
             named_parameters = named_parameters.named_parameters()
-        pairs = [(name, p) for name, p in named_parameters if p.requires_grad]
-        for name, p in pairs:
-            if not isinstance(name, str) or not isinstance(p, Tensor):
-                raise TypeError("named_parameters must yield (str, Tensor) pairs")
+        pairs = []
+        for item in named_parameters:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], Tensor)):
+                raise TypeError("named_parameters must be a module or yield (name, parameter) pairs, "
+                                f"such as model.named_parameters(); got an item of type {type(item).__name__}")
+            if item[1].requires_grad:
+                pairs.append(item)
         if not pairs:
             raise ValueError("named_parameters holds no parameter that requires grad")
         if explode_threshold is not None:

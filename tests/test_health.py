@@ -226,6 +226,8 @@ def test_monitor_history_is_bounded_and_bad_arguments_raise():
                    {"history_size": 1.5}, {"z_threshold": float("nan")}):
         with pytest.raises(ValueError):
             fusedclip.GradientMonitor([("p", p)], **kwargs)
+    with pytest.raises(TypeError, match="named_parameters"):
+        fusedclip.GradientMonitor([p])
     frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
     with pytest.raises(ValueError, match="requires grad"):
         fusedclip.GradientMonitor([("frozen", frozen)])
