@@ -3,6 +3,7 @@ each against a plain float64 implementation of the same formula written here."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -446,3 +447,38 @@ def test_clippers_never_read_a_tensor_on_the_host(monkeypatch):
             monitor.clip_grad_norm_(1.0)
             monitor.observe()
     assert monitor.step == 8
+
+
+@pytest.mark.cuda
+def test_clippers_and_monitor_on_cuda_match_cpu_without_sync():
+    """On a GPU (the pure-PyTorch backend until fused kernels land): the same results as on the
+    CPU, and no host-device sync on the per-step path."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    cpu_model, cuda_model = model, copy.deepcopy(model).cuda()
+    x = torch.randn(5, 8, generator=seeded(1))
+
+    def make():
+        return ([fusedclip.AGC(exclude=["2.weight"]), fusedclip.AutoClip(), fusedclip.ZClip(warmup_steps=2),
+                 fusedclip.PerTensorClip(0.1)])
+
+    runs = {}
+    for device, m in (("cpu", cpu_model), ("cuda", cuda_model)):
+        clippers, monitor, totals = make(), fusedclip.GradientMonitor(m, warmup_steps=2), []
+        for step in range(4):
+            m.zero_grad()
+            m(x.to(device)).pow(2).sum().mul(10 * (step + 1)).backward()
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                for clipper in clippers:
+                    args = m.named_parameters() if isinstance(clipper, fusedclip.AGC) else m.parameters()
+                    totals.append(clipper(args))
+                totals.append(monitor.clip_grad_norm_(1.0))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        runs[device] = ([t.cpu() for t in totals], [p.grad.cpu() for p in m.parameters()])
+    for a, b in zip(runs["cpu"][0], runs["cuda"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(runs["cpu"][1], runs["cuda"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
