@@ -6,7 +6,7 @@ initial weights and batches are trained with fusedclip.clip_grad_value_ (every g
 clamped to [-clip_value, clip_value], one pass) and with fusedclip.clip_grad_norm_ (the global
 norm scaled down to max_norm), and the test accuracies are compared.
 
-    python examples/cnn_clipping.py            # about 20 s on a CPU
+    python examples/cnn_clipping.py            # 10-20 s on a CPU
     python examples/cnn_clipping.py --fast     # a few seconds (what the tests run)
 
 The last line printed is a JSON summary.
