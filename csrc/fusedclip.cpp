@@ -19,4 +19,17 @@ TORCH_LIBRARY(fusedclip, m) {
   m.def("multi_tensor_clamp_(Tensor(a!)[] tensors, float min, float max) -> ()");
   // Norm, coefficient min(max_norm / (norm + 1e-6), 1) and scale in one call; returns the norm.
   m.def("clip_grad_norm_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor");
+  // Unit-wise adaptive gradient clipping (AGC) in place. Units are the rows (slices along dim 0)
+  // of each tensor with more than one dimension, else the whole tensor. Per unit:
+  // W* = clip_factor * max(||param||_2, eps); when not ||grad||_2 < W*, grad *= W* / max(||grad||_2,
+  // 1e-6). grads[i] and params[i] have the same shape. Returns the sum of squares of the
+  // gradients before clipping, in total and per tensor, accumulated as multi_tensor_norm does.
+  m.def("multi_tensor_agc_(Tensor(a!)[] grads, Tensor[] params, float clip_factor, float eps) -> (Tensor, Tensor)");
+  // tensors[i] *= coefs[i] in place, coefs a 1-dim float tensor on the tensors' device with one
+  // coefficient per tensor, applied as multi_tensor_scale_ applies its coef; tensor i is not
+  // written when coefs[i] >= 1.
+  m.def("multi_tensor_scale_per_tensor_(Tensor(a!)[] tensors, Tensor coefs) -> ()");
+  // clip_grad_norm_ that also returns each tensor's norm before clipping (0 for a tensor with no
+  // elements), from the same read; both results in the dtype of multi_tensor_norm's.
+  m.def("clip_grad_norm_with_norms_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> (Tensor, Tensor)");
 }

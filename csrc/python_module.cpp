@@ -81,6 +81,26 @@ bool clamp_grads_of(const py::list& params, double lo, double hi) {
   return true;
 }
 
+// fusedclip::clip_grad_norm_with_norms_ on the grads of params: (total norm, one norm per
+// parameter, 0 where it has no grad); None when it did not run.
+py::object clip_grad_norm_with_norms_of(const py::list& params, double max_norm, double norm_type) {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, double)>(
+      "fusedclip::clip_grad_norm_with_norms_");
+  auto grads = grads_of(params);
+  if (!grads || grads->empty()) return py::none();
+  auto [total, per_grad] = call_below_autograd(op, *grads, max_norm, norm_type);
+  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
+  if (static_cast<Py_ssize_t>(grads->size()) == n) return py::make_tuple(total, per_grad);
+  at::Tensor per_param = at::zeros({static_cast<int64_t>(n)}, per_grad.options());
+  int64_t next = 0;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (THPVariable_Unpack(PyList_GET_ITEM(params.ptr(), i)).grad().defined()) {
+      per_param.select(0, i).copy_(per_grad.select(0, next++));
+    }
+  }
+  return py::make_tuple(total, per_param);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -102,4 +122,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("norm_type"));
   m.def("scale_grads_of", &scale_grads_of, py::arg("params"), py::arg("coef"));
   m.def("clamp_grads_of", &clamp_grads_of, py::arg("params"), py::arg("lo"), py::arg("hi"));
+  m.def("clip_grad_norm_with_norms_of", &clip_grad_norm_with_norms_of, py::arg("params"),
+        py::arg("max_norm"), py::arg("norm_type"));
 }

@@ -10,7 +10,9 @@ it logs once and uses the pure-PyTorch backend.
 """
 
 from fusedclip._ops import BACKENDS, backend_status
+from fusedclip.adaptive import AGC, AutoClip, PerTensorClip, ZClip
 from fusedclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from fusedclip.health import GradientMonitor, clip_grad_norm_with_norms_, get_norms
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,13 @@ __all__ = [
     "get_total_norm",
     "clip_grads_with_norm_",
     "clip_grad_value_",
+    "get_norms",
+    "clip_grad_norm_with_norms_",
+    "GradientMonitor",
+    "AGC",
+    "AutoClip",
+    "ZClip",
+    "PerTensorClip",
     "available_backends",
     "BACKENDS",
 ]

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="fusedclip's backend (default: the one it picks for the device)")
     bench.add_argument("--repeats", type=int, default=15, help="timed repetitions per mode")
     bench.add_argument("--output", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
+    bench.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,
+                       help="also time AGC and GradientMonitor (fusedclip/bench_health.py)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()

@@ -32,6 +32,9 @@ __all__ = [
     "multi_tensor_scale_",
     "multi_tensor_clamp_",
     "clip_grad_norm_",
+    "multi_tensor_agc_",
+    "multi_tensor_scale_per_tensor_",
+    "clip_grad_norm_with_norms_",
 ]
 
 logger = logging.getLogger("fusedclip")
@@ -173,6 +176,32 @@ def clip_grad_norm_(backend: str, tensors: list[Tensor], max_norm: float, norm_t
     return reference.clip_grad_norm_(tensors, max_norm, norm_type)
 
 
+def multi_tensor_agc_(
+    backend: str, grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Unit-wise adaptive gradient clipping in place; returns the pre-clip sums of squares."""
+    if backend == "cpu":
+        return torch.ops.fusedclip.multi_tensor_agc_(grads, params, clip_factor, eps)
+    return reference.multi_tensor_agc_(grads, params, clip_factor, eps)
+
+
+def multi_tensor_scale_per_tensor_(backend: str, tensors: list[Tensor], coefs: Tensor) -> None:
+    """tensors[i] *= coefs[i] in place; tensor i is not written when coefs[i] >= 1."""
+    if backend == "cpu":
+        torch.ops.fusedclip.multi_tensor_scale_per_tensor_(tensors, coefs)
+    else:
+        reference.multi_tensor_scale_per_tensor_(tensors, coefs)
+
+
+def clip_grad_norm_with_norms_(
+    backend: str, tensors: list[Tensor], max_norm: float, norm_type: float
+) -> tuple[Tensor, Tensor]:
+    """clip_grad_norm_ of tensors on one device, also returning the per-tensor norms."""
+    if backend == "cpu":
+        return torch.ops.fusedclip.clip_grad_norm_with_norms_(tensors, max_norm, norm_type)
+    return reference.clip_grad_norm_with_norms_(tensors, max_norm, norm_type)
+
+
 # --- entry points that take parameters (backend "cpu") ----------------------------------------
 # They read the grads in C++ (see csrc/python_module.cpp); each returns None / False when it did
 # not run (a parameter that is not exactly a Tensor or Parameter, or no grads), and raises,
@@ -189,6 +218,13 @@ def scale_grads_of_params_(params: list, coef: Tensor) -> bool:
 
 def clamp_grads_of_params_(params: list, lo: float, hi: float) -> bool:
     return _C.clamp_grads_of(params, lo, hi)
+
+
+def clip_grad_norm_with_norms_of_params(
+    params: list, max_norm: float, norm_type: float
+) -> Optional[tuple[Tensor, Tensor]]:
+    """(total norm, one norm per parameter, 0 where it has no grad)."""
+    return _C.clip_grad_norm_with_norms_of(params, max_norm, norm_type)
 
 
 # --- fake kernels: shapes and dtypes only, for torch.compile and opcheck -----------------------
@@ -234,3 +270,20 @@ if _C is not None:
     def _clip_grad_norm_fake(tensors, max_norm, norm_type):
         _check_one_device(tensors, "clip_grad_norm_")
         return tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))
+
+    @torch.library.register_fake("fusedclip::multi_tensor_agc_")
+    def _multi_tensor_agc_fake(grads, params, clip_factor, eps):
+        _check_one_device(grads, "multi_tensor_agc_")
+        acc = reference.accumulate_dtype(grads)
+        return grads[0].new_empty((), dtype=acc), grads[0].new_empty((len(grads),), dtype=acc)
+
+    @torch.library.register_fake("fusedclip::multi_tensor_scale_per_tensor_")
+    def _multi_tensor_scale_per_tensor_fake(tensors, coefs):
+        _check_one_device(tensors, "multi_tensor_scale_per_tensor_")
+        return None
+
+    @torch.library.register_fake("fusedclip::clip_grad_norm_with_norms_")
+    def _clip_grad_norm_with_norms_fake(tensors, max_norm, norm_type):
+        _check_one_device(tensors, "clip_grad_norm_with_norms_")
+        acc = reference.accumulate_dtype(tensors)
+        return tensors[0].new_empty((), dtype=acc), tensors[0].new_empty((len(tensors),), dtype=acc)

@@ -404,6 +404,11 @@ def main(args) -> int:
         report["cuda_launches"] = run_cuda_launches(device, repeats=args.repeats)
     print("floor: the row's bytes at the probe bandwidth measured during that row (read for the "
           "norm, read-modify-write for the scale)")
+    if getattr(args, "health", False):
+        from fusedclip import bench_health
+
+        print(f"\n{bench_health.HEADER}")
+        report["health"] = bench_health.run(device, repeats=args.repeats)
     os.makedirs(args.output, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in report["device"].lower()).strip("-")
     while "--" in slug:
@@ -417,6 +422,10 @@ def main(args) -> int:
         if "cuda_launches" in report:
             f.write(f"\nBackend cuda, single launch against two launches:\n\n"
                     f"{cuda_launches_table(report['cuda_launches'])}\n")
+        if "health" in report:
+            from fusedclip import bench_health
+
+            f.write(f"\n{bench_health.markdown_table(report['health'])}\n")
     print(f"wrote {stem}.json and {stem}.md")
     if plot(report, stem + ".png"):
         print(f"wrote {stem}.png")

@@ -186,23 +186,40 @@ def _on_cpu_grads(entry: Callable, *args):
 # --- norms ----------------------------------------------------------------------------------------
 
 
-def _statistic(groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float) -> Tensor:
-    """The norm statistic (before the root) over every group, on the first group's device."""
-    first_device = groups[0][0]
-    statistics = [_ops.multi_tensor_norm(backend, ts, norm_type)[0] for _, backend, ts in groups]
+def _group_statistics(groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float) -> list[Tensor]:
+    """The norm statistic (before the root) of each group, on its own device."""
+    return [_ops.multi_tensor_norm(backend, ts, norm_type)[0] for _, backend, ts in groups]
+
+
+def _combined_statistic(
+    groups: list[tuple[torch.device, str, list[Tensor]]], statistics: list[Tensor], norm_type: float
+) -> Tensor:
+    """One statistic from one per group, on the first group's device."""
     if len(statistics) == 1:
         return statistics[0]
+    first_device = groups[0][0]
     acc = torch.float64 if any(s.dtype == torch.float64 for s in statistics) else torch.float32
     stacked = torch.stack([s.to(device=first_device, dtype=acc) for s in statistics])
     return reference.combine_statistics(stacked, norm_type)
 
 
-def _total_norm(
-    groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float
+def _statistic(groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float) -> Tensor:
+    """The norm statistic (before the root) over every group, on the first group's device."""
+    return _combined_statistic(groups, _group_statistics(groups, norm_type), norm_type)
+
+
+def _norm_of_group_statistics(
+    groups: list[tuple[torch.device, str, list[Tensor]]], statistics: list[Tensor], norm_type: float
 ) -> Tensor:
-    """The global norm over every group, on the first group's device."""
+    """The global norm from one norm statistic per group, on the first group's device."""
     empty = not any(t.numel() for _, _, ts in groups for t in ts)
-    return reference.total_norm_from_statistic(_statistic(groups, norm_type), norm_type, empty)
+    statistic = _combined_statistic(groups, statistics, norm_type)
+    return reference.total_norm_from_statistic(statistic, norm_type, empty)
+
+
+def _total_norm(groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float) -> Tensor:
+    """The global norm over every group, on the first group's device."""
+    return _norm_of_group_statistics(groups, _group_statistics(groups, norm_type), norm_type)
 
 
 def _is_distributed(grads: list, process_group) -> bool:

@@ -25,6 +25,10 @@ __all__ = [
     "combine_statistics",
     "total_norm_from_statistic",
     "clip_coefficient",
+    "multi_tensor_agc_",
+    "multi_tensor_scale_per_tensor_",
+    "per_tensor_norms",
+    "clip_grad_norm_with_norms_",
 ]
 
 _FLOAT64_DTYPES = (torch.float64, torch.complex128)
@@ -142,3 +146,55 @@ def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) ->
     total = total_norm_from_statistic(statistic, norm_type, not any(t.numel() for t in tensors))
     multi_tensor_scale_(tensors, clip_coefficient(total, max_norm))
     return total
+
+
+def multi_tensor_agc_(
+    grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Unit-wise AGC in place; returns the pre-clip sums of squares (total, per tensor).
+
+    See the schema in csrc/fusedclip.cpp. Units are the slices along dim 0 of tensors with more
+    than one dimension, else the whole tensor. Multiplies every unit (by 1 where it does not
+    clip), so that nothing here reads a device value on the host.
+    """
+    acc = accumulate_dtype(grads)
+    device = grads[0].device
+    per = []
+    for g, p in zip(grads, params):
+        if g.numel() == 0:
+            per.append(torch.zeros((), dtype=acc, device=device))
+            continue
+        unit_dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+        coef_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        grad_norm = torch.linalg.vector_norm(g, 2.0, dim=unit_dims, dtype=coef_dtype)
+        param_norm = torch.linalg.vector_norm(p, 2.0, dim=unit_dims, dtype=coef_dtype)
+        max_norm = param_norm.clamp(min=eps) * clip_factor
+        coef = torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=1e-6))
+        g.mul_(coef.reshape(coef.shape + (1,) * (g.dim() - coef.dim())))
+        per.append(grad_norm.double().square().sum().to(acc))
+    stats = torch.stack(per)
+    return stats.double().sum().to(acc), stats
+
+
+def multi_tensor_scale_per_tensor_(tensors: list[Tensor], coefs: Tensor) -> None:
+    """tensors[i] *= coefs[i] in place, as multi_tensor_scale_ scales by one coefficient."""
+    for t, coef in zip(tensors, coefs.unbind()):
+        multi_tensor_scale_([t], coef)
+
+
+def per_tensor_norms(statistics: Tensor, tensors: list[Tensor], norm_type: float) -> Tensor:
+    """Norms from per-tensor statistics; a tensor with no elements has norm 0 for every p (the
+    root of the identity is not 0 for p = -inf or p < 0)."""
+    norms = total_norm_from_statistic(statistics, norm_type, empty=False)
+    if any(t.numel() == 0 for t in tensors):
+        empty = torch.tensor([t.numel() == 0 for t in tensors]).to(norms.device, non_blocking=True)
+        norms = torch.where(empty, torch.zeros_like(norms), norms)
+    return norms
+
+
+def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type: float) -> tuple[Tensor, Tensor]:
+    """clip_grad_norm_ that also returns the per-tensor norms before clipping, from one read."""
+    statistic, per_statistic = multi_tensor_norm(tensors, norm_type, per_tensor=True)
+    total = total_norm_from_statistic(statistic, norm_type, not any(t.numel() for t in tensors))
+    multi_tensor_scale_(tensors, clip_coefficient(total, max_norm))
+    return total, per_tensor_norms(per_statistic, tensors, norm_type)

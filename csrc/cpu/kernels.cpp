@@ -36,9 +36,7 @@ at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_
   const TensorTable table(tensors, Access::kRead);
   const at::Tensor statistic = std::get<0>(norm_statistic(table, norm_type, false));
   at::Tensor total = total_norm_from_statistic(statistic, norm_type, table.numel() == 0);
-  // torch's formula, in the norm's dtype: max_norm * (1 / (norm + 1e-6)), clamped to 1.
-  const at::Tensor coef = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
-  scale_writable(tensors, coef.item<double>(), &table);
+  scale_writable(tensors, clip_coefficient(total, max_norm).item<double>(), &table);
   return total;
 }
 

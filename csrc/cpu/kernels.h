@@ -246,6 +246,17 @@ void transform_segment(const Segment& s, const Op& op) {
   }
 }
 
+template <typename Op>
+void dispatch_transform_segment(const Segment& segment, const Op& op) {
+  switch (segment.dtype) {
+    case at::kFloat: transform_segment<float>(segment, op); break;
+    case at::kDouble: transform_segment<double>(segment, op); break;
+    case at::kHalf: transform_segment<at::Half>(segment, op); break;
+    case at::kBFloat16: transform_segment<at::BFloat16>(segment, op); break;
+    default: TORCH_CHECK(false, "fusedclip: unexpected dtype ", segment.dtype);
+  }
+}
+
 // Runs op over every segment of the table, in parallel over chunks.
 //
 // Each thread walks its segments in the order opposite to the norm pass's (which had the same
@@ -256,14 +267,7 @@ void transform_table(const TensorTable& table, const Op& op) {
   const auto& segments = table.segments();
   at::parallel_for(0, table.num_chunks(), 1, [&](int64_t begin, int64_t end) {
     for_each_segment(table, begin, end, !table.memory_descending(), [&](int64_t s) {
-      const Segment& segment = segments[s];
-      switch (segment.dtype) {
-        case at::kFloat: transform_segment<float>(segment, op); break;
-        case at::kDouble: transform_segment<double>(segment, op); break;
-        case at::kHalf: transform_segment<at::Half>(segment, op); break;
-        case at::kBFloat16: transform_segment<at::BFloat16>(segment, op); break;
-        default: TORCH_CHECK(false, "fusedclip: unexpected dtype ", segment.dtype);
-      }
+      dispatch_transform_segment(segments[s], op);
     });
   });
 }
@@ -331,6 +335,11 @@ inline at::Tensor total_norm_from_statistic(const at::Tensor& statistic, double 
   if (norm_type == 2.0) return statistic.sqrt();
   if (norm_type == 1.0 || norm_type == 0.0 || std::isinf(norm_type)) return statistic;
   return statistic.pow(1.0 / norm_type);
+}
+
+// torch's clip coefficient, in the norm's dtype: max_norm * (1 / (norm + 1e-6)), clamped to 1.
+inline at::Tensor clip_coefficient(const at::Tensor& total, double max_norm) {
+  return ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
 }
 
 }  // namespace fusedclip::cpu

@@ -1,0 +1,47 @@
+// CPU kernel of clip_grad_norm_with_norms_ (schema in csrc/fusedclip.cpp): the fused clip, also
+// returning the per-tensor norms that the norm pass reduces on the way to the total.
+#include "kernels.h"
+
+#include <torch/library.h>
+
+namespace fusedclip::cpu {
+namespace {
+
+// The norms from per-tensor statistics, root by root in a plain loop: ATen's sqrt and pow of a few
+// thousand elements enter a parallel region, which costs a scheduler time slice (milliseconds) on
+// a busy machine. A tensor with no elements has norm 0 for every p (the root of the identity is
+// not 0 for p = -inf or p < 0). sqrt in float64 then rounded to float32 is float32's sqrt.
+at::Tensor per_tensor_roots(const at::Tensor& statistics, at::TensorList tensors, double norm_type) {
+  at::Tensor norms = statistics.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+  double* value = norms.data_ptr<double>();
+  const bool is_root = !(norm_type == 0.0 || norm_type == 1.0 || std::isinf(norm_type));
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() == 0) {
+      value[i] = 0.0;
+    } else if (norm_type == 2.0) {
+      value[i] = std::sqrt(value[i]);
+    } else if (is_root) {
+      value[i] = std::pow(value[i], 1.0 / norm_type);
+    }
+  }
+  return norms.to(statistics.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> clip_grad_norm_with_norms_(at::TensorList tensors, double max_norm,
+                                                              double norm_type) {
+  check_norm_type(norm_type);
+  check_writable(tensors, "clip_grad_norm_with_norms_");
+  const TensorTable table(tensors, Access::kRead);
+  const auto [statistic, per_statistic] = norm_statistic(table, norm_type, true);
+  at::Tensor total = total_norm_from_statistic(statistic, norm_type, table.numel() == 0);
+  scale_writable(tensors, clip_coefficient(total, max_norm).item<double>(), &table);
+  return {total, per_tensor_roots(per_statistic, tensors, norm_type)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("clip_grad_norm_with_norms_", &clip_grad_norm_with_norms_);
+}
+
+}  // namespace fusedclip::cpu

@@ -1,0 +1,391 @@
+"""Gradient health: per-tensor norms from the pass that computes the global norm, and a monitor.
+
+:func:`get_norms` and :func:`clip_grad_norm_with_norms_` return the norm of every tensor along
+with the global norm, from the same single read of the gradients (the operators reduce each
+tensor's statistic on the way to the total). :class:`GradientMonitor` records them every step,
+keeps its statistics on the device, and flags exploding and vanishing parameters; nothing on its
+per-step path reads a device value on the host. Reading results (``summary``, ``exploding``,
+``history``, TensorBoard logging) synchronises, and happens only when asked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from fusedclip import _ops, clip, reference
+
+__all__ = ["get_norms", "clip_grad_norm_with_norms_", "GradientMonitor"]
+
+Group = tuple[torch.device, str, list[Tensor]]
+
+
+# --- grouping and per-tensor norms (shared with fusedclip/adaptive.py) ----------------------------
+
+
+def run_grouped(tensors: list[Tensor], backend: str, writes: bool, fn: Callable[[list[Group]], Any]):
+    """fn(groups): the tensors as one CPU group when the C++ operators take them, else validated
+    and grouped by device.
+
+    The C++ operators validate every tensor before writing anything, so the CPU group skips the
+    Python checks (a loop that costs more than the kernels at thousands of tensors). fn must
+    write only in its last operator call: when the operators refuse the tensors, nothing has been
+    written, and the general path then raises the precise error or regroups.
+    """
+    if tensors[0].device.type == "cpu" and clip._cpu_fast_path(backend):
+        try:
+            return fn([(torch.device("cpu"), "cpu", tensors)])
+        except (RuntimeError, TypeError):
+            pass
+    return fn(clip._group_by_device(tensors, None, backend, writes))
+
+
+def norms_of_groups(groups: list[Group], tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    """(global norm, per-tensor norms in the order of ``tensors``) in one read of every tensor."""
+    statistics, per_group = [], []
+    for _, backend, ts in groups:
+        statistic, per_statistic = _ops.multi_tensor_norm(backend, ts, norm_type, per_tensor=True)
+        statistics.append(statistic)
+        per_group.append(reference.per_tensor_norms(per_statistic, ts, norm_type))
+    total = clip._norm_of_group_statistics(groups, statistics, norm_type)
+    if len(groups) == 1:
+        return total, per_group[0].to(total.dtype)
+    # Groups hold the tensors of each device in first-seen device order: put them back in order.
+    position = {device: [] for device, _, _ in groups}
+    for i, t in enumerate(tensors):
+        position[t.device].append(i)
+    order = torch.tensor([i for device, _, _ in groups for i in position[device]])
+    per = torch.empty(len(tensors), dtype=total.dtype, device=total.device)
+    per[order.to(total.device)] = torch.cat([p.to(total.device, total.dtype) for p in per_group])
+    return total, per
+
+
+def _per_parameter(per_grad: Tensor, has_grad: list[bool]) -> Tensor:
+    """Per-grad norms spread over the parameters; a parameter without a gradient gets 0."""
+    if all(has_grad):
+        return per_grad
+    index = torch.tensor([i for i, present in enumerate(has_grad) if present])
+    out = per_grad.new_zeros(len(has_grad))
+    out[index.to(out.device)] = per_grad
+    return out
+
+
+# --- public functions -----------------------------------------------------------------------------
+
+
+def get_norms(
+    tensors: Union[Tensor, Iterable[Tensor]], norm_type: Union[float, str] = 2.0, *, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    r"""The global norm of ``tensors`` and the norm of each, from one read of every tensor.
+
+    The global norm is :func:`fusedclip.get_total_norm`'s (all tensors viewed as one vector);
+    entry :math:`i` of the second result is :math:`\|t_i\|_p` (0 for a tensor with no elements).
+    Both are in the global norm's dtype (float32, float64 when any tensor is float64) on the
+    first tensor's device; no host sync.
+
+    Returns:
+        ``(total, per_tensor)``; ``(tensor(0.), tensor([]))`` when there are no tensors.
+    """
+    with torch.no_grad():
+        norm_type = clip._norm_type(norm_type)
+        tensors = clip._as_list(tensors)
+        if not tensors:
+            return torch.tensor(0.0), torch.zeros(0)
+        return run_grouped(tensors, backend, False, lambda groups: norms_of_groups(groups, tensors, norm_type))
+
+
+def _clip_with_norms(params: list, max_norm: float, norm_type: float, backend: str) -> tuple[Tensor, Tensor]:
+    if clip._cpu_fast_path(backend):
+        result = clip._on_cpu_grads(_ops.clip_grad_norm_with_norms_of_params, params, max_norm, norm_type)
+        if result is not None:
+            return result
+    grads = clip._grads_of(params)
+    if not grads:
+        return torch.tensor(0.0), torch.zeros(len(params))
+    groups = clip._group_by_device(grads, None, backend, writes=True)
+    if len(groups) == 1:
+        _, group_backend, ts = groups[0]
+        total, per = _ops.clip_grad_norm_with_norms_(group_backend, ts, max_norm, norm_type)
+    else:
+        total, per = norms_of_groups(groups, grads, norm_type)
+        clip._scale_groups(groups, reference.clip_coefficient(total, max_norm))
+    return total, _per_parameter(per, [p.grad is not None for p in params])
+
+
+def clip_grad_norm_with_norms_(
+    parameters: Union[Tensor, Iterable[Tensor]],
+    max_norm: float,
+    norm_type: Union[float, str] = 2.0,
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    r""":func:`fusedclip.clip_grad_norm_`, also returning each parameter's gradient norm.
+
+    Scales every gradient by :math:`\min(\mathrm{max\_norm} / (N + 10^{-6}), 1)` where
+    :math:`N = \|g\|_p` is the global norm, exactly as ``clip_grad_norm_`` does, and returns
+    ``(N, per_parameter)``: entry :math:`i` is the norm of parameter :math:`i`'s gradient before
+    clipping (0 when it has none). The per-parameter norms come from the same read of the
+    gradients as :math:`N`; no host sync.
+    """
+    with torch.no_grad():
+        max_norm = clip._non_negative(max_norm, "max_norm")
+        norm_type = clip._norm_type(norm_type)
+        params = clip._as_list(parameters, warn_if_empty_generator=True)
+        return _clip_with_norms(params, max_norm, norm_type, backend)
+
+
+# --- the monitor ----------------------------------------------------------------------------------
+
+
+class GradientMonitor:
+    r"""Records gradient norms every step and flags exploding and vanishing parameters.
+
+    Each step (:meth:`clip_grad_norm_`, :meth:`observe` or :meth:`record`) stores the global norm
+    :math:`N_t` and every parameter's norm :math:`n_{i,t}` on the device, and updates, per
+    parameter, without a host sync:
+
+    * mean :math:`\mu_i` and variance :math:`\sigma_i^2` of its norm: exact over its first
+      ``warmup_steps`` finite norms, then exponential moving averages,
+      :math:`\mu \leftarrow \alpha\mu + (1-\alpha)n`,
+      :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(n - \mu)^2` (ZClip's update); a
+      non-finite norm leaves them unchanged;
+    * **exploding** when :math:`n` is nan or inf, above ``explode_threshold`` (if given), or,
+      after the warm-up, when :math:`z = (n - \mu) / \sqrt{\sigma^2 + 10^{-12}} > z\_threshold`, with
+      :math:`\mu, \sigma` from before this step;
+    * **vanishing** when :math:`n <` ``vanish_eps`` for ``vanish_steps`` consecutive steps.
+
+    Reading anything (:meth:`summary`, :meth:`exploding`, :meth:`vanishing`, :meth:`history`,
+    :meth:`log`) copies to the host and synchronises. With a ``writer`` (a
+    ``torch.utils.tensorboard.SummaryWriter``), every ``log_every`` steps :meth:`log` writes the
+    scalars of every step since the last log (one sync per ``log_every`` steps): the global norm,
+    each parameter's norm (``log_per_parameter``), the counts of exploding and vanishing
+    parameters, and a histogram of the per-parameter norms.
+
+    Args:
+        named_parameters: a module, or ``(name, parameter)`` pairs such as
+            ``model.named_parameters()``; parameters that do not require grad are left out.
+        norm_type: p of every norm.
+        explode_threshold: a norm above it flags the parameter (off when None).
+        z_threshold, alpha, warmup_steps: the z-score spike test.
+        vanish_eps, vanish_steps: the vanishing test.
+        history_size: steps kept for :meth:`history` and logging.
+        writer, log_every, log_per_parameter: TensorBoard logging.
+        backend: as in :func:`fusedclip.clip_grad_norm_`.
+    """
+
+    def __init__(
+        self,
+        named_parameters: Union[torch.nn.Module, Iterable[tuple[str, Tensor]]],
+        *,
+        norm_type: Union[float, str] = 2.0,
+        explode_threshold: Optional[float] = None,
+        z_threshold: float = 3.0,
+        alpha: float = 0.97,
+        warmup_steps: int = 25,
+        vanish_eps: float = 1e-8,
+        vanish_steps: int = 10,
+        history_size: int = 10_000,
+        writer: Any = None,
+        log_every: int = 100,
+        log_per_parameter: bool = True,
+        backend: str = "auto",
+    ):
+        if isinstance(named_parameters, torch.nn.Module):
+            named_parameters = named_parameters.named_parameters()
+        pairs = []
+        for item in named_parameters:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], Tensor)):
+                raise TypeError("named_parameters must be a module or yield (name, parameter) pairs, "
+                                f"such as model.named_parameters(); got an item of type {type(item).__name__}")
+            if item[1].requires_grad:
+                pairs.append(item)
+        if not pairs:
+            raise ValueError("named_parameters holds no parameter that requires grad")
+        if explode_threshold is not None:
+            explode_threshold = clip._non_negative(explode_threshold, "explode_threshold")
+        if not 0.0 <= alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        for name, value in (("warmup_steps", warmup_steps), ("vanish_steps", vanish_steps),
+                            ("history_size", history_size), ("log_every", log_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.names = [name for name, _ in pairs]
+        self.params = [p for _, p in pairs]
+        self.norm_type = clip._norm_type(norm_type)
+        self.explode_threshold = explode_threshold
+        self.z_threshold = clip._non_negative(z_threshold, "z_threshold")
+        self.alpha = alpha
+        self.warmup_steps = warmup_steps
+        self.vanish_eps = clip._non_negative(vanish_eps, "vanish_eps")
+        self.vanish_steps = vanish_steps
+        self.writer = writer
+        self.log_every = log_every
+        self.log_per_parameter = log_per_parameter
+        self.backend = backend
+        self.step = 0  # steps recorded
+        # (step, total, per-parameter norms, exploding flags, vanishing flags), device tensors
+        self._history: deque = deque(maxlen=history_size)
+        self._logged_through = 0
+        self._state: Optional[dict[str, Tensor]] = None
+
+    # --- per step ---------------------------------------------------------------------------
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """:func:`fusedclip.clip_grad_norm_` on the monitored parameters, recording the norms of
+        the same read; returns the global norm before clipping."""
+        total, per = clip_grad_norm_with_norms_(self.params, max_norm, self.norm_type, backend=self.backend)
+        self.record(total, per)
+        return total
+
+    def observe(self) -> Tensor:
+        """Records the gradient norms without clipping; returns the global norm."""
+        with torch.no_grad():
+            has_grad = [p.grad is not None for p in self.params]
+            grads = [p.grad for p in self.params if p.grad is not None]
+            total, per = get_norms(grads, self.norm_type, backend=self.backend)
+            if grads:
+                per = _per_parameter(per, has_grad)
+            else:
+                per = torch.zeros(len(self.params))
+        self.record(total, per)
+        return total
+
+    def record(self, total_norm: Tensor, per_parameter: Tensor) -> None:
+        """Records one step's norms computed elsewhere: the global norm and one norm per
+        monitored parameter (in ``names`` order)."""
+        if not isinstance(per_parameter, Tensor) or per_parameter.shape != (len(self.names),):
+            raise ValueError(
+                f"per_parameter must be a tensor of shape ({len(self.names)},), got "
+                f"{getattr(per_parameter, 'shape', type(per_parameter).__name__)}"
+            )
+        if not isinstance(total_norm, Tensor) or total_norm.numel() != 1:
+            raise ValueError("total_norm must be a one-element tensor")
+        with torch.no_grad():
+            per = per_parameter.detach().to(torch.float64 if per_parameter.dtype == torch.float64 else torch.float32)
+            self._update(per)
+            state = self._state
+            self.step += 1
+            self._history.append(
+                (self.step, total_norm.detach().reshape(()), per, state["exploding"], state["vanishing"])
+            )
+        if self.writer is not None and self.step % self.log_every == 0:
+            self.log()
+
+    def _update(self, norms: Tensor) -> None:
+        if self._state is None or self._state["mean"].device != norms.device:
+            zeros = torch.zeros_like(norms)
+            counts = torch.zeros(norms.shape, dtype=torch.int64, device=norms.device)
+            self._state = {"mean": zeros, "var": zeros, "count": counts, "below": counts,
+                           "explosions": counts, "exploding": counts.bool(), "vanishing": counts.bool()}
+        s = self._state
+        mean, var, count = s["mean"], s["var"], s["count"]
+        finite = norms.isfinite()
+        warm = count >= self.warmup_steps
+        deviation = torch.where(finite, norms - mean, 0.0)
+        square = deviation.square()
+        # z = (n - mu) / sqrt(var + 1e-12) > z_threshold, squared: no sqrt on the per-step path
+        # (ATen's sqrt of a few thousand elements enters a parallel region, milliseconds on a busy
+        # CPU).
+        spike = (deviation > 0) & (square > self.z_threshold**2 * (var + 1e-12))
+        exploding = ~finite | (warm & spike)
+        if self.explode_threshold is not None:
+            exploding = exploding | (norms > self.explode_threshold)
+        # One update for both phases, with w the weight of the new norm and d = n - mu:
+        # mu += w d; var += w (k d^2 - var). Over the warm-up w = 1/(count + 1) and k = 1 - w:
+        # Welford's exact mean and population variance. After it w = 1 - alpha and k = (1 - w)^2:
+        # ZClip's EMAs (its variance uses n minus the new mean, which is (1 - w) d). A non-finite
+        # norm has w = 0 (and d = 0).
+        weight = torch.where(warm, 1.0 - self.alpha, (count + 1).to(norms.dtype).reciprocal())
+        weight = torch.where(finite, weight, 0.0)
+        keep = 1.0 - weight
+        s["mean"] = mean + weight * deviation
+        s["var"] = var + weight * (torch.where(warm, keep.square(), keep) * square - var)
+        s["count"] = count + finite
+        s["below"] = torch.where(norms < self.vanish_eps, s["below"] + 1, 0)
+        s["explosions"] = s["explosions"] + exploding
+        s["exploding"] = exploding
+        s["vanishing"] = s["below"] >= self.vanish_steps
+
+    # --- reading (synchronises) ---------------------------------------------------------------
+
+    def _flagged(self, key: str) -> list[str]:
+        if self._state is None:
+            return []
+        return [name for name, flag in zip(self.names, self._state[key].tolist()) if flag]
+
+    def exploding(self) -> list[str]:
+        """Names of the parameters flagged exploding at the last step."""
+        return self._flagged("exploding")
+
+    def vanishing(self) -> list[str]:
+        """Names of the parameters flagged vanishing at the last step."""
+        return self._flagged("vanishing")
+
+    def history(self) -> dict[str, Any]:
+        """The recorded steps (at most ``history_size``) on the host: ``step`` (list of ints),
+        ``total`` (float64 tensor, steps), ``per_parameter`` (steps x parameters), ``names``."""
+        if not self._history:
+            return {"step": [], "total": torch.zeros(0, dtype=torch.float64),
+                    "per_parameter": torch.zeros(0, len(self.names), dtype=torch.float64), "names": self.names}
+        steps, totals, pers, _, _ = zip(*self._history)
+        return {
+            "step": list(steps),
+            "total": torch.stack([t.double().cpu() for t in totals]),
+            "per_parameter": torch.stack([p.double().cpu() for p in pers]),
+            "names": list(self.names),
+        }
+
+    def summary(self, top: Optional[int] = None) -> str:
+        """A table of every parameter's last norm, running mean and std, steps flagged exploding,
+        consecutive steps below ``vanish_eps`` and current flags; with ``top``, only the ``top``
+        largest last norms."""
+        if self._state is None:
+            return "GradientMonitor: no step recorded"
+        s = self._state
+        last = self._history[-1][2].tolist()
+        rows = list(zip(self.names, last, s["mean"].tolist(), s["var"].sqrt().tolist(),
+                        s["explosions"].tolist(), s["below"].tolist(), s["exploding"].tolist(),
+                        s["vanishing"].tolist()))
+        if top is not None:
+            rows = sorted(rows, key=lambda r: -r[1] if not math.isnan(r[1]) else -math.inf)[:top]
+        width = max(len("parameter"), *(len(r[0]) for r in rows))
+        lines = [
+            f"GradientMonitor: {self.step} steps, last global norm {float(self._history[-1][1]):.4g}",
+            f"{'parameter':<{width}} {'norm':>10} {'mean':>10} {'std':>10} {'exploded':>8} "
+            f"{'below eps':>9}  flags",
+        ]
+        for name, norm, mean, std, explosions, below, exploding, vanishing in rows:
+            flags = " ".join(flag for flag, on in (("EXPLODING", exploding), ("VANISHING", vanishing)) if on)
+            lines.append(f"{name:<{width}} {norm:>10.4g} {mean:>10.4g} {std:>10.4g} {explosions:>8d} "
+                         f"{below:>9d}  {flags}")
+        return "\n".join(lines)
+
+    def log(self) -> None:
+        """Writes every step recorded since the last log to ``writer`` (one sync)."""
+        if self.writer is None:
+            raise ValueError("GradientMonitor was created without a writer")
+        pending = [entry for entry in self._history if entry[0] > self._logged_through]
+        if not pending:
+            return
+        steps, totals, pers, explode_counts, vanish_counts = zip(*pending)
+        totals = torch.stack(list(totals)).double().cpu().tolist()
+        pers = torch.stack(list(pers)).double().cpu()
+        explode_counts = torch.stack(list(explode_counts)).sum(1).cpu().tolist()
+        vanish_counts = torch.stack(list(vanish_counts)).sum(1).cpu().tolist()
+        for k, step in enumerate(steps):
+            self.writer.add_scalar("grad_norm/total", totals[k], step)
+            self.writer.add_scalar("grad_health/exploding", explode_counts[k], step)
+            self.writer.add_scalar("grad_health/vanishing", vanish_counts[k], step)
+            finite = pers[k][pers[k].isfinite()]
+            if finite.numel():
+                self.writer.add_histogram("grad_norm/per_parameter", finite, step)
+            if self.log_per_parameter:
+                for name, value in zip(self.names, pers[k].tolist()):
+                    self.writer.add_scalar(f"grad_norm/{name}", value, step)
+        self._logged_through = steps[-1]

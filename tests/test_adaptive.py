@@ -1,0 +1,490 @@
+"""Adaptive clipping (fusedclip.AGC, AutoClip, ZClip, PerTensorClip) and the operators behind it,
+each against a plain float64 implementation of the same formula written here."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fusedclip
+from fusedclip import _ops
+from conftest import BACKENDS, ULP, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with, seeded
+
+ops = torch.ops.fusedclip
+
+# --- plain implementations of the formulas ------------------------------------------------------
+
+
+def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
+    """timm's unitwise_norm, in float64: per row for ndim > 1, else the whole tensor."""
+    x = x.double()
+    if x.ndim <= 1:
+        return x.norm(2)
+    return x.norm(2, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def reference_agc(params, clip_factor, eps):
+    """timm's adaptive_clip_grad loop in float64; returns the clipped grads (float64)."""
+    out = []
+    for p in params:
+        g = p.grad.double()
+        max_norm = unitwise_norm(p.detach()).clamp(min=eps) * clip_factor
+        g_norm = unitwise_norm(g)
+        clipped = g * (max_norm / g_norm.clamp(min=1e-6))
+        out.append(torch.where(g_norm < max_norm, g, clipped))
+    return out
+
+
+def agc_case(dtype, seed=0):
+    """Parameters whose units clip (gradient 10x the limit) or not (1e-3x), far from the boundary,
+    with a zero row (the limit is then clip_factor * eps) and units larger than a 32K chunk."""
+    gen = seeded(seed)
+    shapes = [(7,), (5, 9), (3, 4, 5), (0,), (1,), (2, 70000), (3000, 3), (), (6, 0)]
+    params = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if len(shape) > 1 and shape[0] > 1 and w.numel():
+            w[1] = 0.0
+        rows = shape[0] if len(shape) > 1 else 1
+        unit_scale = torch.where(torch.rand(rows, generator=gen) < 0.5, 10.0, 1e-3).double()
+        g = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if w.numel():
+            # the gradient of each unit scaled relative to its limit clip_factor * max(||w||, eps)
+            limit = (unitwise_norm(w).clamp(min=1e-3) * 0.01).reshape(-1)
+            g_norm = unitwise_norm(g).reshape(-1)
+            factor = (unit_scale * limit / g_norm).reshape((rows,) + (1,) * (len(shape) - 1) if len(shape) > 1 else ())
+            g = g * factor
+        p = torch.nn.Parameter(w.to(dtype))
+        p.grad = g.to(dtype)
+        params.append(p)
+    return params
+
+
+def assert_close_to(actual, expected_f64, dtype):
+    tol = max(2 * ULP[dtype], 1e-5)
+    torch.testing.assert_close(actual.double(), expected_f64.to(dtype).double(), rtol=tol, atol=1e-30)
+
+
+# --- operators ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck_multi_tensor_agc_(dtype):
+    params = agc_case(dtype, seed=1)[:5]
+    _ops_args = ([p.grad for p in params], [p.detach() for p in params], 0.01, 1e-3)
+    torch.library.opcheck(ops.multi_tensor_agc_.default, _ops_args)
+
+
+@pytest.mark.parametrize("coefs", [[0.5, 1.0, 2.0, 0.25], [1.0, 1.0, 1.0, 1.0]], ids=["some", "none"])
+def test_opcheck_multi_tensor_scale_per_tensor_(coefs):
+    grads = make_grads([(33,), (4, 257), (0,), (70001,)], [torch.float32, torch.bfloat16, torch.float32,
+                                                           torch.float16], seed=2)
+    torch.library.opcheck(ops.multi_tensor_scale_per_tensor_.default, (grads, torch.tensor(coefs)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                                   torch.complex64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_tensor_scale_per_tensor_(backend, dtype):
+    grads = make_grads([(33,), (4, 257), (0,), (70001,), (5, 6, 7)], dtype, seed=3)
+    grads[4] = grads[4].transpose(0, 2)  # non-contiguous: scaled in place, strides kept
+    originals = clone_all(grads)
+    coefs = torch.tensor([0.37, 1.0, 0.5, 2.5, 0.81])
+    _ops.multi_tensor_scale_per_tensor_(backend, grads, coefs)
+    for i, (g, o, c) in enumerate(zip(grads, originals, coefs)):
+        if c >= 1:
+            assert_bitwise_equal([g], [o])  # not written
+        else:
+            real, real_o = (torch.view_as_real(g), torch.view_as_real(o)) if g.is_complex() else (g, o)
+            acc = torch.float64 if real.dtype == torch.float64 else torch.float32
+            assert_bitwise_equal([real], [(real_o.to(acc) * c.to(acc)).to(real.dtype)])
+    assert grads[4].stride() == originals[4].stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_tensor_scale_per_tensor_refuses_bad_coefs(backend):
+    grads = make_grads([(3,), (4,)], torch.float32, seed=4)
+    originals = clone_all(grads)
+    for coefs in (torch.tensor([0.5]), torch.tensor([[0.5, 0.5]]), torch.tensor([1, 0])):
+        with pytest.raises((RuntimeError, ValueError)):
+            if backend == "cpu":
+                _ops.multi_tensor_scale_per_tensor_(backend, grads, coefs)
+            else:  # the torch backend relies on the callers' checks; the C++ operator checks itself
+                raise ValueError("skipped")
+    assert_bitwise_equal(grads, originals)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_op_against_timm_loop(backend, dtype):
+    params = agc_case(dtype, seed=5)
+    originals = [p.grad.clone() for p in params]
+    expected = reference_agc(params, 0.01, 1e-3)
+    total, per = _ops.multi_tensor_agc_(backend, [p.grad for p in params], [p.detach() for p in params], 0.01, 1e-3)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert total.dtype == per.dtype == acc and per.shape == (len(params),)
+    want_per = [float(o.double().square().sum()) for o in originals]
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    for i, (value, want) in enumerate(zip(per.tolist(), want_per)):
+        assert value == pytest.approx(want, rel=rtol, abs=1e-30), i
+    assert float(total) == pytest.approx(sum(want_per), rel=rtol)
+    for p, e in zip(params, expected):
+        assert_close_to(p.grad, e, dtype)
+    # the units that do not clip are left exactly as they were
+    kept_somewhere = False
+    for p, o, e in zip(params, originals, expected):
+        if p.grad.dim() > 1 and p.grad.numel():
+            kept = (e == o.double()).flatten(1).all(1)
+            kept_somewhere |= bool(kept.any())
+            assert_bitwise_equal([p.grad[kept]], [o[kept]])
+    assert kept_somewhere
+
+
+def test_agc_backends_agree_and_cpu_is_deterministic():
+    runs = []
+    for backend in ("cpu", "cpu", "torch"):
+        params = agc_case(torch.float32, seed=6)
+        total, _ = _ops.multi_tensor_agc_(backend, [p.grad for p in params], [p.detach() for p in params], 0.01, 1e-3)
+        runs.append((total, [p.grad for p in params]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert_bitwise_equal(runs[0][1], runs[1][1])
+    for a, b in zip(runs[0][1], runs[2][1]):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=0)
+
+
+# --- AGC ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_clipper_non_contiguous_and_mixed_dtypes(backend):
+    params = agc_case(torch.float32, seed=7)[:3]
+    params[1].grad = params[1].grad.t().contiguous().t()  # same values, column-major
+    params.append(torch.nn.Parameter(torch.randn(4, 6, dtype=torch.float64)))
+    params[-1].grad = torch.randn(4, 6, dtype=torch.float64)
+    originals = [p.grad.clone() for p in params]
+    expected = reference_agc(params, 0.05, 1e-2)
+    total = fusedclip.AGC(clip_factor=0.05, eps=1e-2, backend=backend)(params)
+    assert total.dtype == torch.float64
+    assert float(total) == pytest.approx(oracle_norm(originals, 2.0), rel=1e-6)
+    for p, e in zip(params, expected):
+        assert_close_to(p.grad, e, p.grad.dtype)
+    assert params[1].grad.stride() == (1, 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_exclude_by_tensor_and_by_name(backend):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    model(torch.randn(5, 8, generator=seeded(8))).pow(2).sum().mul(100).backward()
+    head = model[2].weight
+    for exclude, call_with in (([head], model.parameters), (["2.weight"], model.named_parameters)):
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        params = list(model.parameters())
+        expected = reference_agc(params, 0.01, 1e-3)
+        total = fusedclip.AGC(exclude=exclude, backend=backend)(call_with())
+        assert float(total) == pytest.approx(oracle_norm(list(grads.values()), 2.0), rel=1e-6)
+        assert torch.equal(head.grad, grads["2.weight"])  # excluded: untouched
+        for (name, p), e in zip(model.named_parameters(), expected):
+            if name != "2.weight":
+                assert_close_to(p.grad, e, torch.float32)
+        for name, p in model.named_parameters():  # restore for the next case
+            p.grad = grads[name]
+
+
+def test_agc_nan_unit_becomes_nan_others_clip():
+    params = agc_case(torch.float32, seed=9)[1:3]
+    params[0].grad[2, 3] = float("nan")
+    expected = reference_agc(params, 0.01, 1e-3)
+    total = fusedclip.AGC()(params)
+    assert total.isnan()
+    assert params[0].grad[2].isnan().all() and not params[0].grad[[0, 1, 3, 4]].isnan().any()
+    assert_close_to(params[0].grad[[0, 1, 3, 4]], expected[0][[0, 1, 3, 4]], torch.float32)
+    assert_close_to(params[1].grad, expected[1], torch.float32)
+
+
+def test_agc_as_timm_dispatch_calls_it():
+    params = agc_case(torch.float32, seed=10)[:3]
+    expected = reference_agc(params, 0.02, 1e-3)
+    fusedclip.AGC(clip_factor=0.02)(iter(params))
+    for p, e in zip(params, expected):
+        assert_close_to(p.grad, e, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_refuses_before_writing(backend):
+    params = agc_case(torch.float32, seed=11)[:3]
+    bad = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    bad.grad = torch.randn(3, dtype=torch.complex64)
+    originals = [p.grad.clone() for p in params]
+    with pytest.raises(TypeError, match="complex"):
+        fusedclip.AGC(backend=backend)(params + [bad])
+    with pytest.raises(TypeError, match=r"parameters\[3\]"):
+        fusedclip.AGC(backend=backend)(params + ["not a tensor"])
+    assert_bitwise_equal([p.grad for p in params], originals)
+    for kwargs in ({"clip_factor": -0.1}, {"clip_factor": float("nan")}, {"eps": -1.0}):
+        with pytest.raises(ValueError):
+            fusedclip.AGC(**kwargs)
+    with pytest.raises(TypeError, match="exclude"):
+        fusedclip.AGC(exclude=[3])
+
+
+def test_agc_no_grads():
+    p = torch.nn.Parameter(torch.randn(3))
+    assert float(fusedclip.AGC()([p])) == 0.0
+
+
+# --- AutoClip -----------------------------------------------------------------------------------
+
+
+class ReferenceAutoClip:
+    """Seetharaman et al.'s loop, with a bounded history and non-finite norms skipped."""
+
+    def __init__(self, percentile, history_size):
+        self.percentile, self.history_size, self.history = percentile, history_size, []
+
+    def __call__(self, grads):
+        norm = float(torch.cat([g.double().flatten() for g in grads]).norm())
+        if not math.isfinite(norm):
+            return norm, [g.clone() for g in grads]
+        self.history = (self.history + [norm])[-self.history_size:]
+        threshold = float(np.percentile(self.history, self.percentile))
+        coef = min(threshold / (norm + 1e-6), 1.0)
+        return norm, [(g.double() * coef).to(g.dtype) if coef < 1 else g.clone() for g in grads]
+
+
+def step_grads(step: int, dtype=torch.float32):
+    """A step's gradients: random scale, a spike at step 9, nan at 5 and inf at 12."""
+    gen = seeded(100 + step)
+    scale = float(torch.empty(()).uniform_(0.5, 2.0, generator=gen)) * (50.0 if step == 9 else 1.0)
+    grads = make_grads([(40,), (6, 7), (0,), (300,)], dtype, seed=200 + step, scale=scale)
+    if step == 5:
+        grads[1][2, 2] = float("nan")
+    if step == 12:
+        grads[3][7] = float("inf")
+    return grads
+
+
+@pytest.mark.parametrize("percentile", [10.0, 50.0, 100.0])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autoclip_against_reference(backend, percentile):
+    clipper = fusedclip.AutoClip(percentile=percentile, history_size=6, backend=backend)
+    reference = ReferenceAutoClip(percentile, 6)
+    for step in range(16):
+        grads = step_grads(step)
+        want_norm, want_grads = reference(grads)
+        total = clipper(params_with(grads))
+        if math.isfinite(want_norm):
+            assert float(total) == pytest.approx(want_norm, rel=1e-6)
+            for g, w in zip(grads, want_grads):
+                torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-30)
+            assert float(clipper.threshold) == pytest.approx(
+                float(np.percentile(reference.history, percentile)), rel=1e-6)
+        else:
+            assert not math.isfinite(float(total))
+            assert_bitwise_equal(grads, want_grads, any_nan=True)  # nothing written
+    filled = clipper.history[~clipper.history.isnan()]
+    assert sorted(filled.tolist()) == pytest.approx(sorted(reference.history), rel=1e-6)
+
+
+def test_autoclip_bad_arguments():
+    for kwargs in ({"percentile": -1}, {"percentile": 101}, {"percentile": float("nan")},
+                   {"history_size": 0}, {"history_size": 2.5}, {"norm_type": float("nan")}):
+        with pytest.raises(ValueError):
+            fusedclip.AutoClip(**kwargs)
+
+
+# --- ZClip --------------------------------------------------------------------------------------
+
+
+class ReferenceZClip:
+    """bluorion-com/ZClip's z-score mode (adaptive scaling) in float64, with non-finite norms
+    skipped and the coefficient limit / (N + 1e-6) applied when N > limit."""
+
+    def __init__(self, alpha, z_thresh, max_grad_norm, eps, warmup_steps, clip_factor, skip_update_on_spike):
+        self.alpha, self.z_thresh, self.max_grad_norm = alpha, z_thresh, max_grad_norm
+        self.eps, self.warmup_steps, self.clip_factor = eps, warmup_steps, clip_factor
+        self.skip = skip_update_on_spike
+        self.buffer, self.mean, self.var = [], None, None
+
+    def __call__(self, grads):
+        norm = float(torch.cat([g.double().flatten() for g in grads]).norm())
+        if not math.isfinite(norm):
+            return norm, [g.clone() for g in grads]
+        spike = False
+        clip_value = norm
+        if self.mean is None:
+            self.buffer.append(norm)
+            if len(self.buffer) == self.warmup_steps:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+                warm_now = False
+            limit = norm if self.max_grad_norm is None else min(norm, self.max_grad_norm)
+        else:
+            std = self.var ** 0.5
+            z = (norm - self.mean) / (std + self.eps)
+            if z > self.z_thresh:
+                spike = True
+                clip_value = (self.mean + self.z_thresh * std / (z / self.z_thresh)) * self.clip_factor
+            limit = clip_value if self.max_grad_norm is None else min(clip_value, self.max_grad_norm)
+            if not (spike and self.skip):
+                self.mean = self.alpha * self.mean + (1 - self.alpha) * clip_value
+                self.var = self.alpha * self.var + (1 - self.alpha) * (clip_value - self.mean) ** 2
+        coef = limit / (norm + 1e-6) if norm > limit else 1.0
+        return norm, [(g.double() * coef).to(g.dtype) if coef < 1 else g.clone() for g in grads]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"max_grad_norm": 2.0}, {"skip_update_on_spike": True, "clip_factor": 0.8, "z_thresh": 1.5}],
+    ids=["defaults", "max_grad_norm", "skip-on-spike"],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zclip_against_reference(backend, kwargs):
+    settings = dict(alpha=0.97, z_thresh=2.5, max_grad_norm=None, eps=1e-6, warmup_steps=4,
+                    clip_factor=1.0, skip_update_on_spike=False)
+    settings.update(kwargs)
+    clipper = fusedclip.ZClip(**settings, backend=backend)
+    reference = ReferenceZClip(**settings)
+    clipped_spike = False
+    for step in range(16):
+        grads = step_grads(step)
+        originals = clone_all(grads)
+        want_norm, want_grads = reference(grads)
+        total = clipper(params_with(grads))
+        if math.isfinite(want_norm):
+            assert float(total) == pytest.approx(want_norm, rel=1e-6)
+            for g, w in zip(grads, want_grads):
+                torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-30)
+        else:
+            assert_bitwise_equal(grads, originals, any_nan=True)  # nothing written
+        if reference.mean is not None:
+            assert float(clipper.mean) == pytest.approx(reference.mean, rel=1e-6)
+            assert float(clipper.var) == pytest.approx(reference.var, rel=1e-5)
+        if step == 9:
+            clipped_spike = oracle_norm(grads, 2.0) < 0.5 * want_norm
+    assert clipped_spike, "the spike at step 9 was not clipped"
+
+
+def test_zclip_bad_arguments():
+    for kwargs in ({"alpha": 1.0}, {"alpha": -0.1}, {"z_thresh": 0.0}, {"z_thresh": -1.0},
+                   {"warmup_steps": 0}, {"max_grad_norm": -1.0}, {"eps": float("nan")},
+                   {"clip_factor": -1.0}):
+        with pytest.raises(ValueError):
+            fusedclip.ZClip(**kwargs)
+
+
+@pytest.mark.parametrize("clipper_type", ["zclip", "autoclip", "per_tensor", "agc"])
+def test_refused_call_leaves_grads_and_state_alone(clipper_type):
+    clipper = {"zclip": lambda: fusedclip.ZClip(warmup_steps=2), "autoclip": fusedclip.AutoClip,
+               "per_tensor": lambda: fusedclip.PerTensorClip(0.1), "agc": fusedclip.AGC}[clipper_type]()
+    for step in range(3):
+        clipper(params_with(step_grads(step)))
+    state = {k: v.clone() for k, v in vars(clipper).items() if isinstance(v, torch.Tensor)}
+    grads = step_grads(3)
+    params = params_with(grads)
+    sparse = torch.nn.Parameter(torch.zeros(4))
+    sparse.grad = torch.zeros(4).to_sparse()
+    originals = clone_all(grads)
+    with pytest.raises(TypeError):
+        clipper(params + [sparse])
+    assert_bitwise_equal(grads, originals)
+    for k, v in vars(clipper).items():
+        if isinstance(v, torch.Tensor):
+            assert_bitwise_equal([v], [state[k]], any_nan=True)
+
+
+# --- per-tensor clip ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_tensor_clip_against_reference(backend, dtype, norm_type):
+    grads = make_grads([(40,), (6, 7), (0,), (300,), (70001,), (3,)], dtype, seed=12)
+    grads[5].mul_(1e-3)  # below max_norm: not written
+    originals = clone_all(grads)
+    max_norm = 1.5
+    total = fusedclip.PerTensorClip(max_norm, norm_type, backend=backend)(params_with(grads))
+    assert float(total) == pytest.approx(oracle_norm(originals, norm_type), rel=1e-5)
+    for g, o in zip(grads, originals):
+        norm = oracle_norm([o], norm_type)
+        coef = min(max_norm / (norm + 1e-6), 1.0)
+        if coef == 1.0:
+            assert_bitwise_equal([g], [o])
+        else:
+            torch.testing.assert_close(g.double(), (o.double() * coef).to(dtype).double(),
+                                       rtol=max(2 * ULP[dtype], 1e-5), atol=0)
+            assert oracle_norm([g], norm_type) == pytest.approx(max_norm, rel=max(4 * ULP[dtype], 1e-5))
+
+
+def test_per_tensor_clip_bad_arguments():
+    for max_norm in (-1.0, float("nan")):
+        with pytest.raises(ValueError):
+            fusedclip.PerTensorClip(max_norm)
+    with pytest.raises(ValueError):
+        fusedclip.PerTensorClip(1.0, norm_type=float("nan"))
+
+
+# --- no host read on the per-step path ----------------------------------------------------------
+
+
+def test_clippers_never_read_a_tensor_on_the_host(monkeypatch):
+    """The per-step path of every clipper and of the monitor never turns a tensor into a Python
+    value (which on a GPU is a sync): every such conversion raises during the calls."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    clippers = [fusedclip.AGC(exclude=[model[2].weight]), fusedclip.AutoClip(), fusedclip.ZClip(warmup_steps=2),
+                fusedclip.PerTensorClip(0.1)]
+    monitor = fusedclip.GradientMonitor(model, warmup_steps=2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for step in range(4):
+        model.zero_grad()
+        model(torch.randn(5, 8, generator=seeded(step))).pow(2).sum().backward()
+        with monkeypatch.context() as m:
+            for method in ("__bool__", "item", "tolist", "__float__", "__int__"):
+                m.setattr(torch.Tensor, method, refuse)
+            for clipper in clippers:
+                clipper(model.parameters())
+            monitor.clip_grad_norm_(1.0)
+            monitor.observe()
+    assert monitor.step == 8
+
+
+@pytest.mark.cuda
+def test_clippers_and_monitor_on_cuda_match_cpu_without_sync():
+    """On a GPU (the pure-PyTorch backend until fused kernels land): the same results as on the
+    CPU, and no host-device sync on the per-step path."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    cpu_model, cuda_model = model, copy.deepcopy(model).cuda()
+    x = torch.randn(5, 8, generator=seeded(1))
+
+    def make():
+        return ([fusedclip.AGC(exclude=["2.weight"]), fusedclip.AutoClip(), fusedclip.ZClip(warmup_steps=2),
+                 fusedclip.PerTensorClip(0.1)])
+
+    runs = {}
+    for device, m in (("cpu", cpu_model), ("cuda", cuda_model)):
+        clippers, monitor, totals = make(), fusedclip.GradientMonitor(m, warmup_steps=2), []
+        for step in range(4):
+            m.zero_grad()
+            m(x.to(device)).pow(2).sum().mul(10 * (step + 1)).backward()
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                for clipper in clippers:
+                    args = m.named_parameters() if isinstance(clipper, fusedclip.AGC) else m.parameters()
+                    totals.append(clipper(args))
+                totals.append(monitor.clip_grad_norm_(1.0))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        runs[device] = ([t.cpu() for t in totals], [p.grad.cpu() for p in m.parameters()])
+    for a, b in zip(runs["cpu"][0], runs["cuda"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(runs["cpu"][1], runs["cuda"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,258 @@
+"""Per-tensor norms (fusedclip.get_norms, clip_grad_norm_with_norms_) and GradientMonitor, against
+the float64 oracle and a plain implementation of the monitor's statistics written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedclip
+from conftest import (
+    BACKENDS,
+    assert_bitwise_equal,
+    clone_all,
+    make_grads,
+    norm_id,
+    oracle_norm,
+    params_with,
+    seeded,
+)
+
+SHAPES = [(33,), (0,), (4, 257), (1,), (70001,), (2, 0, 3), (5, 6, 7)]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.5, math.inf, -math.inf, 0.0, -2.0], ids=norm_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_get_norms_total_and_per_tensor(backend, dtype, norm_type):
+    grads = make_grads(SHAPES, dtype, seed=1)
+    grads[0][::4] = 0
+    originals = clone_all(grads)
+    total, per = fusedclip.get_norms(grads, norm_type, backend=backend)
+    assert total.dtype == per.dtype and per.shape == (len(grads),)
+    rtol = 1e-10 if dtype == torch.float64 else (1e-5 if norm_type in (0.0, 1.0, 2.0) or math.isinf(norm_type) else 1e-4)
+    for i, (value, g) in enumerate(zip(per.tolist(), originals)):
+        assert value == pytest.approx(oracle_norm([g], norm_type), rel=rtol, abs=0), i  # 0 when empty
+    assert torch.equal(total, fusedclip.get_total_norm(originals, norm_type, backend=backend))
+    assert_bitwise_equal(grads, originals)
+
+
+def test_get_norms_mixed_devices():
+    """The results land on the first tensor's device (meta first: a meta norm cannot be copied)."""
+    grads = [torch.empty(6, device="meta")] + make_grads([(3,), (4,)], torch.float32, seed=2)
+    grads.insert(2, torch.empty(2, device="meta", dtype=torch.float64))
+    total, per = fusedclip.get_norms(grads, backend="torch")
+    assert total.device.type == per.device.type == "meta"
+    assert per.shape == (4,) and per.dtype == total.dtype == torch.float64
+
+
+def test_get_norms_empty_and_errors():
+    total, per = fusedclip.get_norms([])
+    assert float(total) == 0.0 and per.shape == (0,)
+    with pytest.raises(ValueError):
+        fusedclip.get_norms([torch.randn(3)], float("nan"))
+    with pytest.raises(TypeError, match="gradient 1"):
+        fusedclip.get_norms([torch.randn(3), torch.ones(3, dtype=torch.int64)])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clips", "no-clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_with_norms_is_clip_grad_norm_plus_per_tensor(backend, dtype, max_norm):
+    grads = make_grads(SHAPES, dtype, seed=3)
+    expected = clone_all(grads)
+    want_total = fusedclip.clip_grad_norm_(params_with(expected), max_norm, backend=backend)
+    originals = clone_all(grads)
+    params = params_with(grads[:3] + [None] + grads[3:])  # a parameter without a gradient
+    total, per = fusedclip.clip_grad_norm_with_norms_(params, max_norm, backend=backend)
+    assert torch.equal(total, want_total)
+    assert_bitwise_equal(grads, expected)
+    want_per = [oracle_norm([g], 2.0) for g in originals]
+    want_per.insert(3, 0.0)
+    assert per.tolist() == pytest.approx(want_per, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e6], ids=["clips", "no-clip"])
+def test_opcheck_clip_grad_norm_with_norms_(max_norm):
+    grads = make_grads(SHAPES[:5], [torch.float32, torch.bfloat16, torch.float32, torch.float16,
+                                    torch.float32], seed=6)
+    torch.library.opcheck(torch.ops.fusedclip.clip_grad_norm_with_norms_.default, (grads, max_norm, 2.0))
+
+
+@pytest.mark.parametrize("norm_type", [2.0, -math.inf, -2.0, 0.0], ids=norm_id)
+def test_clip_with_norms_op_backends_agree(norm_type):
+    grads = make_grads(SHAPES, torch.float32, seed=7)
+    copies = clone_all(grads)
+    total, per = fusedclip._ops.clip_grad_norm_with_norms_("cpu", grads, 0.5, norm_type)
+    total_t, per_t = fusedclip._ops.clip_grad_norm_with_norms_("torch", copies, 0.5, norm_type)
+    torch.testing.assert_close(total, total_t, rtol=1e-6, atol=0)
+    torch.testing.assert_close(per, per_t, rtol=1e-6, atol=0)
+    assert per[1] == 0 and per[5] == 0  # empty tensors: 0 for every p
+    for g, c in zip(grads, copies):
+        torch.testing.assert_close(g, c, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_with_norms_refuses_before_writing(backend):
+    grads = make_grads([(5,), (6,)], torch.float32, seed=4)
+    originals = clone_all(grads)
+    sparse = torch.nn.Parameter(torch.zeros(3))
+    sparse.grad = torch.zeros(3).to_sparse()
+    with pytest.raises(TypeError, match="layout"):
+        fusedclip.clip_grad_norm_with_norms_(params_with(grads) + [sparse], 0.1, backend=backend)
+    expanded = torch.nn.Parameter(torch.zeros(4))
+    expanded.grad = torch.ones(1).expand(4)
+    with pytest.raises(ValueError, match="overlapping"):
+        fusedclip.clip_grad_norm_with_norms_(params_with(grads) + [expanded], 0.1, backend=backend)
+    for max_norm in (-1.0, float("nan")):
+        with pytest.raises(ValueError):
+            fusedclip.clip_grad_norm_with_norms_(params_with(grads), max_norm, backend=backend)
+    assert_bitwise_equal(grads, originals)
+
+
+# --- GradientMonitor ------------------------------------------------------------------------------
+
+
+class ReferenceMonitor:
+    """The monitor's statistics for one parameter, in float64."""
+
+    def __init__(self, z_threshold, alpha, warmup_steps, vanish_eps, vanish_steps, explode_threshold=None):
+        self.z_threshold, self.alpha, self.warmup = z_threshold, alpha, warmup_steps
+        self.vanish_eps, self.vanish_steps, self.explode_threshold = vanish_eps, vanish_steps, explode_threshold
+        self.values, self.mean, self.var, self.below = [], 0.0, 0.0, 0
+
+    def update(self, n):
+        finite = math.isfinite(n)
+        exploding = not finite
+        if len(self.values) >= self.warmup and finite:
+            z = (n - self.mean) / math.sqrt(self.var + 1e-12)
+            exploding = z > self.z_threshold
+        if self.explode_threshold is not None and n > self.explode_threshold:
+            exploding = True
+        if finite:
+            if len(self.values) < self.warmup:
+                self.values.append(n)
+                self.mean = sum(self.values) / len(self.values)
+                self.var = sum((v - self.mean) ** 2 for v in self.values) / len(self.values)
+            else:
+                self.values.append(n)
+                self.mean = self.alpha * self.mean + (1 - self.alpha) * n
+                self.var = self.alpha * self.var + (1 - self.alpha) * (n - self.mean) ** 2
+        self.below = self.below + 1 if n < self.vanish_eps else 0
+        return exploding, self.below >= self.vanish_steps
+
+
+def monitored_step(step, params):
+    """Gradients of one step: "a" spikes at step 8; "b" is zero from step 3; "c" is nan at step 6."""
+    gen = seeded(10 + step)
+    a, b, c = params
+    a.grad = torch.randn(a.shape, generator=gen) * (100.0 if step == 8 else 1.0)
+    b.grad = torch.zeros(b.shape) if step >= 3 else torch.randn(b.shape, generator=gen)
+    c.grad = torch.randn(c.shape, generator=gen)
+    if step == 6:
+        c.grad[0, 1] = float("nan")
+
+
+@pytest.mark.parametrize("via", ["clip", "observe", "record"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_monitor_flags_against_reference(backend, via):
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
+    names = ["a", "b", "c"]
+    settings = dict(z_threshold=3.0, alpha=0.9, warmup_steps=4, vanish_eps=1e-8, vanish_steps=3)
+    monitor = fusedclip.GradientMonitor(zip(names, params), backend=backend, **settings)
+    references = [ReferenceMonitor(**settings) for _ in names]
+    flagged = {"exploding": set(), "vanishing": set()}
+    for step in range(14):
+        monitored_step(step, params)
+        originals = [p.grad.clone() for p in params]
+        norms = [oracle_norm([g], 2.0) for g in originals]
+        if via == "clip":
+            total = monitor.clip_grad_norm_(1e9)  # does not clip: the norms are checked as given
+        elif via == "observe":
+            total = monitor.observe()
+        else:
+            total, per = fusedclip.get_norms([p.grad for p in params], backend=backend)
+            monitor.record(total, per)
+        if math.isfinite(oracle_norm(originals, 2.0)):
+            assert float(total) == pytest.approx(oracle_norm(originals, 2.0), rel=1e-5)
+        want = [ref.update(n) for ref, n in zip(references, norms)]
+        assert monitor.exploding() == [n for n, (e, _) in zip(names, want) if e], step
+        assert monitor.vanishing() == [n for n, (_, v) in zip(names, want) if v], step
+        flagged["exploding"].update(monitor.exploding())
+        flagged["vanishing"].update(monitor.vanishing())
+    assert flagged == {"exploding": {"a", "c"}, "vanishing": {"b"}}
+    state = monitor._state
+    for i, ref in enumerate(references):
+        assert float(state["mean"][i]) == pytest.approx(ref.mean, rel=1e-5, abs=1e-12)
+        assert float(state["var"][i]) == pytest.approx(ref.var, rel=1e-4, abs=1e-12)
+    history = monitor.history()
+    assert history["step"] == list(range(1, 15)) and history["per_parameter"].shape == (14, 3)
+    assert history["names"] == names
+    table = monitor.summary()
+    assert all(name in table for name in names) and "VANISHING" in table and "14 steps" in table
+
+
+def test_monitor_explode_threshold_and_clipping():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    monitor = fusedclip.GradientMonitor(model, explode_threshold=0.5)
+    model(torch.randn(4, 6, generator=seeded(5))).pow(2).sum().mul(10).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    want_total = fusedclip.clip_grad_norm_(params_with(expected), 1.0)
+    per = [oracle_norm([g], 2.0) for g in [p.grad for p in model.parameters()]]
+    total = monitor.clip_grad_norm_(1.0)
+    assert torch.equal(total, want_total)
+    assert_bitwise_equal([p.grad for p in model.parameters()], expected)
+    names = [name for name, _ in model.named_parameters()]
+    assert monitor.exploding() == [n for n, v in zip(names, per) if v > 0.5]
+    assert monitor.history()["per_parameter"][0].tolist() == pytest.approx(per, rel=1e-5)
+    assert len(monitor.summary(top=2).splitlines()) == 4
+
+
+def test_monitor_history_is_bounded_and_bad_arguments_raise():
+    p = torch.nn.Parameter(torch.zeros(3))
+    monitor = fusedclip.GradientMonitor([("p", p)], history_size=3)
+    for step in range(5):
+        p.grad = torch.full((3,), float(step + 1))
+        monitor.observe()
+    assert monitor.history()["step"] == [3, 4, 5]
+    assert monitor.history()["total"].tolist() == pytest.approx([3 * 3**0.5, 4 * 3**0.5, 5 * 3**0.5])
+    with pytest.raises(ValueError, match="per_parameter"):
+        monitor.record(torch.tensor(1.0), torch.ones(2))
+    with pytest.raises(ValueError, match="writer"):
+        monitor.log()
+    for kwargs in ({"warmup_steps": 0}, {"vanish_steps": -1}, {"alpha": 1.0}, {"explode_threshold": -1.0},
+                   {"history_size": 1.5}, {"z_threshold": float("nan")}):
+        with pytest.raises(ValueError):
+            fusedclip.GradientMonitor([("p", p)], **kwargs)
+    with pytest.raises(TypeError, match="named_parameters"):
+        fusedclip.GradientMonitor([p])
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    with pytest.raises(ValueError, match="requires grad"):
+        fusedclip.GradientMonitor([("frozen", frozen)])
+
+
+def test_monitor_logs_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
+    with SummaryWriter(log_dir=str(tmp_path)) as writer:
+        monitor = fusedclip.GradientMonitor(zip("abc", params), writer=writer, log_every=4, warmup_steps=4)
+        for step in range(10):
+            monitored_step(step, params)
+            monitor.observe()
+        monitor.log()  # steps 9 and 10; steps 1-8 were logged at steps 4 and 8
+        writer.flush()
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    history = monitor.history()
+    totals = events.Scalars("grad_norm/total")
+    assert [e.step for e in totals] == list(range(1, 11))
+    assert [e.value for e in totals] == pytest.approx(history["total"].tolist(), rel=1e-6, nan_ok=True)
+    assert math.isnan(totals[6].value)  # c is nan at step 7
+    b = events.Scalars("grad_norm/b")
+    assert [e.value for e in b] == pytest.approx(history["per_parameter"][:, 1].tolist(), rel=1e-6, abs=1e-12)
+    assert [e.value for e in events.Scalars("grad_health/exploding")][6] >= 1  # c is nan at step 7
+    assert [e.step for e in events.Histograms("grad_norm/per_parameter")] == list(range(1, 11))
