@@ -19,4 +19,8 @@ TORCH_LIBRARY(fusedclip, m) {
   m.def("multi_tensor_clamp_(Tensor(a!)[] tensors, float min, float max) -> ()");
   // Norm, coefficient min(max_norm / (norm + 1e-6), 1) and scale in one call; returns the norm.
   m.def("clip_grad_norm_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor");
+  // For a GradScaler: the statistic of multi_tensor_norm over x * inv_scale (inv_scale a one-element
+  // float tensor on the tensors' device, the product in float32, float64 for float64 tensors) and
+  // found_inf, a 0-dim float32 tensor: 1 when any element of the tensors is inf or nan, else 0.
+  m.def("multi_tensor_unscale_norm(Tensor[] tensors, Tensor inv_scale, float norm_type) -> (Tensor, Tensor)");
 }

@@ -11,6 +11,9 @@ it logs once and uses the pure-PyTorch backend.
 
 from fusedclip._ops import BACKENDS, backend_status
 from fusedclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from fusedclip.dispatch import dispatch_clip_grad
+from fusedclip.optim import ClipOptimizer
+from fusedclip.patch import is_torch_patched, patch_torch, unpatch_torch
 
 __version__ = "0.1.0"
 
@@ -19,6 +22,11 @@ __all__ = [
     "get_total_norm",
     "clip_grads_with_norm_",
     "clip_grad_value_",
+    "patch_torch",
+    "unpatch_torch",
+    "is_torch_patched",
+    "dispatch_clip_grad",
+    "ClipOptimizer",
     "available_backends",
     "BACKENDS",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "multi_tensor_scale_",
     "multi_tensor_clamp_",
     "clip_grad_norm_",
+    "multi_tensor_unscale_norm",
 ]
 
 logger = logging.getLogger("fusedclip")
@@ -107,6 +108,15 @@ def clip_grad_norm_(backend: str, tensors: list[Tensor], max_norm: float, norm_t
     return reference.clip_grad_norm_(tensors, max_norm, norm_type)
 
 
+def multi_tensor_unscale_norm(
+    backend: str, tensors: list[Tensor], inv_scale: Tensor, norm_type: float
+) -> tuple[Tensor, Tensor]:
+    """The statistic of tensors * inv_scale and found_inf, in one read; see csrc/fusedclip.cpp."""
+    if backend == "cpu":
+        return torch.ops.fusedclip.multi_tensor_unscale_norm(tensors, inv_scale, norm_type)
+    return reference.multi_tensor_unscale_norm(tensors, inv_scale, norm_type)
+
+
 # --- entry points that take parameters (backend "cpu") ----------------------------------------
 # They read the grads in C++ (see csrc/python_module.cpp); each returns None / False when it did
 # not run (a parameter that is not exactly a Tensor or Parameter, or no grads), and raises,
@@ -168,3 +178,9 @@ if _C is not None:
     def _clip_grad_norm_fake(tensors, max_norm, norm_type):
         _check_one_device(tensors, "clip_grad_norm_")
         return tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))
+
+    @torch.library.register_fake("fusedclip::multi_tensor_unscale_norm")
+    def _multi_tensor_unscale_norm_fake(tensors, inv_scale, norm_type):
+        _check_one_device(tensors, "multi_tensor_unscale_norm")
+        statistic = tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))
+        return statistic, tensors[0].new_empty((), dtype=torch.float32)

@@ -185,9 +185,15 @@ def _total_norm(
     groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float
 ) -> Tensor:
     """The global norm over every group, on the first group's device."""
-    first_device = groups[0][0]
     statistics = [_ops.multi_tensor_norm(backend, ts, norm_type)[0] for _, backend, ts in groups]
     empty = not any(t.numel() for _, _, ts in groups for t in ts)
+    return _norm_from_statistics(statistics, groups[0][0], empty, norm_type)
+
+
+def _norm_from_statistics(
+    statistics: list[Tensor], first_device: torch.device, empty: bool, norm_type: float
+) -> Tensor:
+    """The global norm from the statistics of each device's grads, on first_device."""
     if len(statistics) == 1:
         statistic = statistics[0]
     else:
@@ -300,6 +306,8 @@ def clip_grad_norm_(
     foreach: Optional[bool] = None,
     *,
     backend: str = "auto",
+    grad_scaler: Optional[torch.amp.GradScaler] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> Tensor:
     r"""Clips the gradients of ``parameters`` to a global norm of at most ``max_norm``.
 
@@ -321,10 +329,21 @@ def clip_grad_norm_(
         error_if_nonfinite: raise ``RuntimeError``, before scaling, if the norm is nan or inf.
         foreach: accepted for compatibility (see :func:`get_total_norm`).
         backend: "auto", "cpu" or "torch".
+        grad_scaler, optimizer: with a ``torch.amp.GradScaler`` and the optimizer it steps, the
+            gradients are unscaled and clipped in one pass, leaving the scaler as
+            ``grad_scaler.unscale_(optimizer)`` does (see fusedclip/amp.py); do not call
+            ``unscale_`` first. ``error_if_nonfinite`` must then be False.
 
     Returns:
         The total norm before clipping (see :func:`get_total_norm` for its dtype and device).
     """
+    if grad_scaler is not None or optimizer is not None:
+        from fusedclip import amp  # amp imports this module
+
+        amp.check_grad_scaler_arguments(grad_scaler, optimizer, error_if_nonfinite)
+        return amp.unscale_and_clip_grad_norm_(
+            parameters, max_norm, norm_type, grad_scaler=grad_scaler, optimizer=optimizer, backend=backend
+        )
     with torch.no_grad():
         max_norm = _non_negative(max_norm, "max_norm")
         norm_type = _norm_type(norm_type)
