@@ -117,8 +117,9 @@ def multi_tensor_unscale_norm(
     """
     unscaled = []
     for t in tensors:
-        product_dtype = torch.float64 if t.dtype in _FLOAT64_DTYPES else torch.float32
-        unscaled.append(t * inv_scale.to(device=t.device, dtype=product_dtype))
+        wide = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+        real_dtype = torch.float64 if t.dtype in _FLOAT64_DTYPES else torch.float32
+        unscaled.append(wide * inv_scale.to(device=t.device, dtype=real_dtype))
     statistic, _ = multi_tensor_norm(unscaled, norm_type)
     non_finite = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
     return statistic, non_finite.to(torch.float32)
