@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", help="cpu or cuda (default: the best device present)")
     bench.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
                        help="default: all")
+    bench.add_argument("--training", nargs="*", choices=["amp", "adamw"],
+                       help="training-step benchmarks (default: all; none with an empty list)")
     bench.add_argument("--repeats", type=int, default=15, help="timed repetitions per mode")
     bench.add_argument("--output", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
     args = parser.parse_args(argv)

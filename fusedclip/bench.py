@@ -301,6 +301,7 @@ def main(args) -> int:
     report = run(device, args.workloads, repeats=args.repeats)
     print("floor: the row's bytes at the probe bandwidth measured during that row (read for the "
           "norm, read-modify-write for the scale)")
+    training_table = _run_training(device, args, report)
     os.makedirs(args.output, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in report["device"].lower()).strip("-")
     while "--" in slug:
@@ -310,10 +311,22 @@ def main(args) -> int:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
         f.write(f"{report['device']}, torch {report['torch']}, {report['threads']} threads, "
-                f"{report['date']}\n\n{markdown_table(report)}\n")
+                f"{report['date']}\n\n{markdown_table(report)}\n{training_table}")
     print(f"wrote {stem}.json and {stem}.md")
     if plot(report, stem + ".png"):
         print(f"wrote {stem}.png")
     else:
         print("matplotlib is not installed: no chart (pip install matplotlib)")
     return 0
+
+
+def _run_training(device: torch.device, args, report: dict) -> str:
+    """The training-step benchmarks (fusedclip/bench_training.py), into report["training"];
+    returns their Markdown table ("" when none ran)."""
+    from fusedclip import bench_training  # it imports this module
+
+    if args.training == []:
+        return ""
+    print(bench_training.HEADER)
+    report["training"] = bench_training.run(device, args.training, repeats=args.repeats)
+    return "\n" + bench_training.markdown_table(report["training"]) + "\n"
