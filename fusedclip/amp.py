@@ -93,8 +93,9 @@ def unscale_and_clip_grad_norm_(
         N = \|x \cdot s^{-1}\|_p, \qquad c = \min\Big(\frac{\mathrm{max\_norm}}{N + 10^{-6}}, 1\Big),
         \qquad x \leftarrow x \cdot (s^{-1} c)
 
-    :math:`x \cdot s^{-1}` is rounded as torch's unscale_ rounds it before the norm; the final
-    product is rounded once (torch rounds twice: at most one ulp apart). found_inf is 1 when
+    :math:`x \cdot s^{-1}` enters the norm rounded to float32 (float64 for float64 grads), as
+    torch's unscale_ leaves float32 grads; the gradients are multiplied once by
+    :math:`s^{-1} c` (torch multiplies by :math:`s^{-1}`, then by :math:`c`: a few ulps apart). found_inf is 1 when
     any gradient of the optimizer holds inf or nan. Gradients of the optimizer that are not in
     ``parameters`` are unscaled by torch, not clipped, as the unfused sequence does. A disabled
     scaler clips only.
