@@ -172,9 +172,13 @@ class ClipOptimizer(torch.optim.Optimizer):
         # The kernel divides by grad_scale: g / (s / c) = (g / s) * c. A zero coefficient (an inf
         # norm, or max_norm 0) gives an infinite grad_scale, hence zero gradients, as torch's
         # g * 0; an inf or nan norm skips the step anyway.
-        grad_scale = coef.reciprocal()
+        grad_scale: Optional[Tensor] = coef.reciprocal()
         if scaler_scale is not None:
             grad_scale = grad_scale * scaler_scale.to(device=grad_scale.device, dtype=torch.float32)
+        elif coef.device.type == "cpu" and bool(coef >= 1.0):
+            # Nothing to scale (reading a CPU tensor is no sync): without grad_scale the kernel
+            # does not write the gradients back.
+            grad_scale = None
         non_finite = (~torch.isfinite(total)).to(torch.float32)
         for extra in (found_inf, scaler_found_inf):
             if extra is not None:
