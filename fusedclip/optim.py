@@ -1,12 +1,12 @@
 """Clipping folded into the optimizer step.
 
 ``ClipOptimizer(torch.optim.AdamW(params, fused=True), max_norm=1.0)`` clips the gradients to a
-global norm of ``max_norm`` and steps, in one read of the gradients plus the optimizer's own
-kernel: torch's fused optimizers (Adam, AdamW, SGD, Adagrad with ``fused=True``) divide each
-gradient by a ``grad_scale`` tensor and skip the step when a ``found_inf`` tensor is nonzero
-(the inputs a GradScaler uses), so the clip coefficient :math:`c` goes in as
-``grad_scale = 1 / c`` and no separate scale pass over the gradients is needed. Other
-optimizers get fusedclip's scale pass, then their own step.
+global norm of ``max_norm`` and steps. torch's fused optimizers (Adam, AdamW, SGD, Adagrad with
+``fused=True``) divide each gradient by a ``grad_scale`` tensor and skip the step when a
+``found_inf`` tensor is nonzero, inside their kernel (the inputs a GradScaler uses). Folding the
+clip coefficient :math:`c` in as ``grad_scale = 1 / c`` leaves one read of the gradients (the
+norm) and no scale pass. Where that is slower, or the optimizer is not fused, fusedclip's scale
+pass runs before the step; found_inf still skips a fused step on a non-finite norm.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ class ClipOptimizer(torch.optim.Optimizer):
         N = \|g\|_p, \qquad c = \min\Big(\frac{\mathrm{max\_norm}}{N + 10^{-6}}, 1\Big), \qquad
         \text{step with } g \cdot c
 
-    over the gradients of every parameter of the wrapped optimizer. With a fused optimizer
-    (``fused=True``) :math:`g \cdot c` is computed inside its kernel as ``g / (1 / c)``, which
-    differs from torch's ``g * c`` by rounding only; the gradients left in ``.grad`` are the
-    clipped ones either way, as after ``clip_grad_norm_`` and ``step()``.
+    over the gradients of every parameter of the wrapped optimizer. Folded into a fused
+    optimizer (``fused=True``), :math:`g \cdot c` is computed inside its kernel as
+    ``g / (1 / c)``, which differs from torch's ``g * c`` by rounding only; the gradients left in
+    ``.grad`` are the clipped ones either way, as after ``clip_grad_norm_`` and ``step()``.
 
     Differences from ``clip_grad_norm_(params, max_norm)`` followed by ``optimizer.step()``:
 
@@ -56,7 +56,12 @@ class ClipOptimizer(torch.optim.Optimizer):
         optimizer: the optimizer to wrap.
         max_norm: the largest global norm allowed; a non-negative number.
         norm_type: p of the norm, any number or ``'inf'``; not nan.
-        backend: fusedclip's backend for the norm and the unfused scale pass.
+        fold: with a fused optimizer, apply the coefficient through its grad_scale (True) or
+            with fusedclip's scale pass before the step (False). None (default): fold except on
+            the CPU, where torch 2.13's fused kernels run a slower path when given grad_scale
+            (it costs more than the scale pass). A GradScaler's step always folds: its scale
+            goes through grad_scale anyway.
+        backend: fusedclip's backend for the norm and the scale pass.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class ClipOptimizer(torch.optim.Optimizer):
         max_norm: float,
         norm_type: Union[float, str] = 2.0,
         *,
+        fold: Optional[bool] = None,
         backend: str = "auto",
     ):
         # Optimizer.__init__ is not called: param_groups, state and defaults are the wrapped
@@ -78,6 +84,9 @@ class ClipOptimizer(torch.optim.Optimizer):
         self.norm_type = clip._norm_type(norm_type)
         _ops.resolve_backend(backend, torch.device("cpu"))  # raises for an unknown name
         self.backend = backend
+        if fold not in (None, True, False):
+            raise TypeError(f"fold must be None, True or False, got {fold!r}")
+        self.fold = fold
 
     # --- what the wrapped optimizer owns ---------------------------------------------------------
 
@@ -106,14 +115,14 @@ class ClipOptimizer(torch.optim.Optimizer):
         self.optimizer.defaults = value
 
     @property
-    def folded(self) -> bool:
-        """True when the clip coefficient is applied inside the optimizer's kernel."""
+    def fused(self) -> bool:
+        """True when the wrapped optimizer's kernel takes grad_scale and found_inf (fused=True)."""
         return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
         # A GradScaler then passes grad_scale and found_inf to step() instead of unscaling.
-        return self.folded
+        return self.fused
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -130,7 +139,7 @@ class ClipOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (
             f"ClipOptimizer(max_norm={self.max_norm}, norm_type={self.norm_type}, "
-            f"folded={self.folded}, optimizer={self.optimizer!r})"
+            f"fold={self.fold}, optimizer={self.optimizer!r})"
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -151,62 +160,67 @@ class ClipOptimizer(torch.optim.Optimizer):
         scaler_found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
         with torch.no_grad():
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            if self.folded:
-                total = self._folded_step(grads, scaler_scale, scaler_found_inf)
+            if not grads:
+                self.optimizer.step()
+                return torch.tensor(0.0)
+            if scaler_scale is None:
+                total = clip.get_total_norm(grads, self.norm_type, backend=self.backend)
+                found_inf = None
             else:
-                total = self._unfolded_step(grads)
+                total, found_inf = _unscaled_norm(grads, scaler_scale, self.norm_type, self.backend)
+            coef = reference.clip_coefficient(total, self.max_norm)
+            if not self.fused:
+                # A host read of the norm (a sync on a GPU) decides whether to step at all.
+                if bool(torch.isfinite(total)):
+                    clip._scale_groups(clip._group_by_device(grads, None, self.backend, writes=True), coef)
+                    self.optimizer.step()
+                return total
+            non_finite = (~torch.isfinite(total)).to(torch.float32)
+            for extra in (found_inf, scaler_found_inf):
+                if extra is not None:
+                    non_finite = torch.maximum(non_finite, extra.to(device=non_finite.device, dtype=torch.float32))
+            if scaler_scale is not None or self._folds_on(grads[0].device):
+                grad_scale = _grad_scale(coef, scaler_scale)
+            else:
+                # The scale pass; coefficient 1 (nothing written) when the step will be skipped.
+                safe_coef = torch.where(non_finite > 0, torch.ones_like(coef), coef)
+                clip._scale_groups(clip._group_by_device(grads, None, self.backend, writes=True), safe_coef)
+                grad_scale = None
+            self._fused_step(grad_scale, non_finite)
         return total
 
-    def _folded_step(
-        self, grads: list[Tensor], scaler_scale: Optional[Tensor], scaler_found_inf: Optional[Tensor]
-    ) -> Tensor:
-        if not grads:
-            self.optimizer.step()
-            return torch.tensor(0.0)
-        if scaler_scale is None:
-            total = clip.get_total_norm(grads, self.norm_type, backend=self.backend)
-            found_inf = None
-        else:
-            total, found_inf = _unscaled_norm(grads, scaler_scale, self.norm_type, self.backend)
-        coef = reference.clip_coefficient(total, self.max_norm).float()
-        # The kernel divides by grad_scale: g / (s / c) = (g / s) * c. A zero coefficient (an inf
-        # norm, or max_norm 0) gives an infinite grad_scale, hence zero gradients, as torch's
-        # g * 0; an inf or nan norm skips the step anyway.
-        grad_scale: Optional[Tensor] = coef.reciprocal()
-        if scaler_scale is not None:
-            grad_scale = grad_scale * scaler_scale.to(device=grad_scale.device, dtype=torch.float32)
-        elif coef.device.type == "cpu" and bool(coef >= 1.0):
-            # Nothing to scale (reading a CPU tensor is no sync): without grad_scale the kernel
-            # does not write the gradients back.
-            grad_scale = None
-        non_finite = (~torch.isfinite(total)).to(torch.float32)
-        for extra in (found_inf, scaler_found_inf):
-            if extra is not None:
-                non_finite = torch.maximum(non_finite, extra.to(device=non_finite.device, dtype=torch.float32))
+    def _folds_on(self, device: torch.device) -> bool:
+        if self.fold is None:
+            # torch 2.13's CPU fused kernels take a slower path when given grad_scale: on GPT-2
+            # small shapes it costs more than fusedclip's whole scale pass (see the README).
+            return device.type != "cpu"
+        return self.fold
+
+    def _fused_step(self, grad_scale: Optional[Tensor], found_inf: Tensor) -> None:
+        """The wrapped fused optimizer's step, dividing by grad_scale and skipped on found_inf."""
         self.optimizer.grad_scale = grad_scale
-        self.optimizer.found_inf = non_finite
+        self.optimizer.found_inf = found_inf
         try:
             self.optimizer.step()
         finally:
             del self.optimizer.grad_scale
             del self.optimizer.found_inf
-        return total
 
-    def _unfolded_step(self, grads: list[Tensor]) -> Tensor:
-        if not grads:
-            self.optimizer.step()
-            return torch.tensor(0.0)
-        total = clip.get_total_norm(grads, self.norm_type, backend=self.backend)
-        if not bool(torch.isfinite(total)):  # a host sync on a GPU: the step is skipped or not
-            return total
-        clip.clip_grads_with_norm_(
-            [p for group in self.param_groups for p in group["params"]],
-            self.max_norm,
-            total,
-            backend=self.backend,
-        )
-        self.optimizer.step()
-        return total
+
+def _grad_scale(coef: Tensor, scaler_scale: Optional[Tensor]) -> Optional[Tensor]:
+    """The grad_scale a fused kernel divides by: g / (s / c) = (g / s) * c.
+
+    A zero coefficient (an inf norm, or max_norm 0) gives an infinite grad_scale, hence zero
+    gradients, as torch's g * 0; an inf or nan norm skips the step anyway. None (nothing to
+    divide, and the kernel then does not write the gradients back) when there is no scaler and
+    a CPU coefficient is 1: reading it is no sync.
+    """
+    coef = coef.float()
+    if scaler_scale is None:
+        if coef.device.type == "cpu" and bool(coef >= 1.0):
+            return None
+        return coef.reciprocal()
+    return coef.reciprocal() * scaler_scale.to(device=coef.device, dtype=torch.float32)
 
 
 def _unscaled_norm(

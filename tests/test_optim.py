@@ -37,11 +37,14 @@ def _set_grads(params, seed, bad=None):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
-def test_matches_clip_then_step(name, norm_type):
+@pytest.mark.parametrize("fold", [True, False, None], ids=["fold", "scale-pass", "auto"])
+def test_matches_clip_then_step(name, norm_type, fold):
+    if fold is not None and not name.endswith("fused"):
+        pytest.skip("fold applies to fused optimizers")
     ref_params, params = _params(), _params()
     ref_opt = OPTIMIZERS[name](ref_params)
-    opt = fusedclip.ClipOptimizer(OPTIMIZERS[name](params), max_norm=1.5, norm_type=norm_type)
-    assert opt.folded == name.endswith("fused")
+    opt = fusedclip.ClipOptimizer(OPTIMIZERS[name](params), max_norm=1.5, norm_type=norm_type, fold=fold)
+    assert opt.fused == name.endswith("fused")
     for step in range(6):
         _set_grads(ref_params, seed=step)
         _set_grads(params, seed=step)
@@ -64,11 +67,12 @@ def test_matches_clip_then_step(name, norm_type):
             torch.testing.assert_close(opt.state[p][key], value, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["adamw-fused", "sgd-momentum-fused", "adamw-foreach"])
+@pytest.mark.parametrize("name,fold", [("adamw-fused", True), ("adamw-fused", False),
+                                       ("sgd-momentum-fused", True), ("adamw-foreach", None)])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
-def test_non_finite_norm_skips_the_step(name, bad):
+def test_non_finite_norm_skips_the_step(name, fold, bad):
     params = _params()
-    opt = fusedclip.ClipOptimizer(OPTIMIZERS[name](params), max_norm=1.0)
+    opt = fusedclip.ClipOptimizer(OPTIMIZERS[name](params), max_norm=1.0, fold=fold)
     _set_grads(params, seed=0)
     opt.step()
     before = [p.detach().clone() for p in params]
@@ -88,12 +92,12 @@ def test_non_finite_norm_skips_the_step(name, bad):
     assert not torch.equal(params[0], before[0])
 
 
-@pytest.mark.parametrize("name", ["adamw-fused", "sgd-plain"])
-def test_grad_scaler_steps_a_clip_optimizer(name):
+@pytest.mark.parametrize("name,fold", [("adamw-fused", None), ("adamw-fused", False), ("sgd-plain", None)])
+def test_grad_scaler_steps_a_clip_optimizer(name, fold):
     """scaler.step(ClipOptimizer): the same result as scaler.unscale_ + clip + scaler.step."""
     ref_params, params = _params(), _params()
     ref_opt = OPTIMIZERS[name](ref_params)
-    opt = fusedclip.ClipOptimizer(OPTIMIZERS[name](params), max_norm=1.0)
+    opt = fusedclip.ClipOptimizer(OPTIMIZERS[name](params), max_norm=1.0, fold=fold)
     ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
     for step, bad in enumerate([None, None, math.inf, None]):
@@ -167,5 +171,31 @@ def test_bad_arguments():
         fusedclip.ClipOptimizer(inner, max_norm=1.0, norm_type=math.nan)
     with pytest.raises(ValueError, match="backend"):
         fusedclip.ClipOptimizer(inner, max_norm=1.0, backend="nope")
+    with pytest.raises(TypeError, match="fold must be None, True or False"):
+        fusedclip.ClipOptimizer(inner, max_norm=1.0, fold="yes")
     with pytest.raises(TypeError, match="already a ClipOptimizer"):
         fusedclip.ClipOptimizer(fusedclip.ClipOptimizer(inner, max_norm=1.0), max_norm=1.0)
+
+
+@pytest.mark.parametrize("fold,expect_grad_scale", [(True, True), (False, False), (None, False)])
+def test_fold_decides_where_the_coefficient_goes(fold, expect_grad_scale):
+    """fold=True hands 1/c to the kernel; False, and None on the CPU, scale first."""
+    params = _params()
+    inner = torch.optim.AdamW(params, lr=1e-2, fused=True)
+    seen = []
+    original_step = inner.step
+
+    def recording_step(*args, **kwargs):
+        seen.append((getattr(inner, "grad_scale", None), getattr(inner, "found_inf", None)))
+        return original_step(*args, **kwargs)
+
+    inner.step = recording_step
+    opt = fusedclip.ClipOptimizer(inner, max_norm=0.1, fold=fold)
+    _set_grads(params, seed=9)
+    total = opt.step()
+    (grad_scale, found_inf), = seen
+    assert found_inf is not None and float(found_inf) == 0.0
+    if expect_grad_scale:
+        torch.testing.assert_close(grad_scale, (total + 1e-6) / 0.1, rtol=1e-6, atol=0)
+    else:
+        assert grad_scale is None
