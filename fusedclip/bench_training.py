@@ -4,8 +4,9 @@
   (``clip_grad_norm_(..., grad_scaler=, optimizer=)``: one read, one read-write) against
   ``scaler.unscale_(opt)`` + torch's ``clip_grad_norm_`` (read-write, read, read-write), on
   float32 gradients (as a GradScaler keeps them) scaled by 2**16, in a step that clips.
-* "adamw": ``ClipOptimizer(AdamW(fused=True))``'s step, the clip coefficient folded into the
-  AdamW kernel, against torch's ``clip_grad_norm_`` followed by the same fused AdamW step.
+* "adamw": ``ClipOptimizer(AdamW(fused=True))``'s step (its default, and with the clip
+  coefficient folded into the AdamW kernel) against torch's ``clip_grad_norm_`` followed by the
+  same fused AdamW step.
 
 Both use the GPT-2 small gradient shapes and time torch and fusedclip back to back in alternating
 order on the same tensors; before every timed call the gradients are restored, untimed, from a
@@ -36,8 +37,9 @@ def _interleaved(
     device: torch.device,
     repeats: int,
     warmup: int,
-) -> tuple[float, float]:
-    """Median seconds of ours and theirs, each call preceded by before() and followed by after()."""
+) -> tuple[list[float], list[float]]:
+    """Seconds of each timed call of ours and theirs, each preceded by before() and followed by
+    after()."""
     t_ours: list[float] = []
     t_theirs: list[float] = []
     for i in range(warmup + repeats):
@@ -48,7 +50,7 @@ def _interleaved(
             after()
             if i >= warmup:
                 times.append(elapsed)
-    return statistics.median(t_ours), statistics.median(t_theirs)
+    return t_ours, t_theirs
 
 
 def _gpt2_parameters(device: torch.device) -> list[torch.nn.Parameter]:
@@ -72,10 +74,10 @@ def amp_unscale_clip(device: torch.device, repeats: int, warmup: int) -> list[di
     def ours() -> None:
         fusedclip.clip_grad_norm_(params, max_norm, grad_scaler=scaler, optimizer=optimizer)
 
-    ms_ours, ms_theirs = _interleaved(
+    t_ours, t_theirs = _interleaved(
         ours, theirs, lambda: torch._foreach_copy_(grads, scaled), scaler.update, device, repeats, warmup
     )
-    return [_row("unscale+clip (GradScaler)", "scaler.unscale_ + clip_grad_norm_", ms_ours, ms_theirs, 1.4)]
+    return [_row("unscale+clip (GradScaler)", "scaler.unscale_ + clip_grad_norm_", t_ours, t_theirs, 1.4)]
 
 
 def folded_adamw_step(device: torch.device, repeats: int, warmup: int) -> list[dict]:
@@ -84,34 +86,41 @@ def folded_adamw_step(device: torch.device, repeats: int, warmup: int) -> list[d
     backward_grads = [g.clone() for g in grads]
     norm = float(torch.nn.utils.get_total_norm(grads))
     rows = []
-    # A step that clips (the target) and one that does not, where the fused kernel gets no
-    # grad_scale and fusedclip writes nothing while torch's clip still multiplies by 1.
-    for mode, max_norm in (("clip", norm * 1e-3), ("noclip", norm * 1e3)):
+    # A step that clips (the target), with ClipOptimizer's default (on the CPU: fusedclip's
+    # scale pass, then the step) and with the coefficient folded into the kernel (fold=True);
+    # and a step that does not clip, where fusedclip writes nothing and torch multiplies by 1.
+    variants = (("clip", "", None, norm * 1e-3, 1.15), ("clip", ", fold=True", True, norm * 1e-3, None),
+                ("noclip", "", None, norm * 1e3, None))
+    for mode, label, fold, max_norm, target in variants:
         torch_adamw = torch.optim.AdamW(params, lr=1e-6, fused=True)
-        clip_adamw = fusedclip.ClipOptimizer(torch.optim.AdamW(params, lr=1e-6, fused=True), max_norm)
+        clip_adamw = fusedclip.ClipOptimizer(torch.optim.AdamW(params, lr=1e-6, fused=True), max_norm, fold=fold)
 
         def theirs() -> None:
             _torch_clip_grad_norm_(params, max_norm)
             torch_adamw.step()
 
-        ms_ours, ms_theirs = _interleaved(
+        t_ours, t_theirs = _interleaved(
             clip_adamw.step, theirs, lambda: torch._foreach_copy_(grads, backward_grads), lambda: None,
             device, repeats, warmup,
         )
-        rows.append(_row(f"{mode} + fused AdamW step", "clip_grad_norm_ + AdamW(fused=True).step",
-                         ms_ours, ms_theirs, 1.15 if mode == "clip" else None))
+        rows.append(_row(f"{mode} + fused AdamW{label}", "clip_grad_norm_ + AdamW(fused=True).step",
+                         t_ours, t_theirs, target))
         del torch_adamw, clip_adamw
     return rows
 
 
-def _row(name: str, baseline: str, s_ours: float, s_theirs: float, target: Optional[float]) -> dict:
+def _row(name: str, baseline: str, t_ours: list[float], t_theirs: list[float], target: Optional[float]) -> dict:
+    """Medians, and the ratio of the fastest calls too: on a machine shared with other work the
+    fastest call is the one least disturbed."""
+    ms_ours, ms_theirs = statistics.median(t_ours) * 1e3, statistics.median(t_theirs) * 1e3
     return {
         "benchmark": name,
         "baseline": baseline,
         "workload": "gpt2-124m float32",
-        "fusedclip_ms": s_ours * 1e3,
-        "torch_ms": s_theirs * 1e3,
-        "speedup": s_theirs / s_ours,
+        "fusedclip_ms": ms_ours,
+        "torch_ms": ms_theirs,
+        "speedup": ms_theirs / ms_ours,
+        "speedup_of_fastest": min(t_theirs) / min(t_ours),
         "target": target,
     }
 
@@ -137,25 +146,27 @@ def run(
     return rows
 
 
-HEADER = f"{'training step':<28} {'fusedclip ms':>12} {'torch ms':>10} {'ratio':>7} {'target':>7}"
+HEADER = (f"{'training step':<32} {'fusedclip ms':>12} {'torch ms':>10} {'ratio':>7} "
+          f"{'fastest':>8} {'target':>7}")
 
 
 def format_row(row: dict) -> str:
     return (
-        f"{row['benchmark']:<28} {row['fusedclip_ms']:>12.2f} {row['torch_ms']:>10.2f} "
-        f"{row['speedup']:>6.2f}x {_target(row):>7}"
+        f"{row['benchmark']:<32} {row['fusedclip_ms']:>12.2f} {row['torch_ms']:>10.2f} "
+        f"{row['speedup']:>6.2f}x {row['speedup_of_fastest']:>7.2f}x {_target(row):>7}"
     )
 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| training step (gpt2-124m float32) | against | fusedclip ms | torch ms | ratio | target |",
-        "|---|---|---:|---:|---:|---:|",
+        "| training step (gpt2-124m float32) | against | fusedclip ms | torch ms | ratio of medians "
+        "| ratio of fastest | target |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['benchmark']} | {r['baseline']} | {r['fusedclip_ms']:.2f} | {r['torch_ms']:.2f} "
-            f"| {r['speedup']:.2f}x | {_target(r)} |"
+            f"| {r['speedup']:.2f}x | {r['speedup_of_fastest']:.2f}x | {_target(r)} |"
         )
     return "\n".join(lines)
 
