@@ -4,8 +4,8 @@
   (``clip_grad_norm_(..., grad_scaler=, optimizer=)``: one read, one read-write) against
   ``scaler.unscale_(opt)`` + torch's ``clip_grad_norm_`` (read-write, read, read-write), on
   float32 gradients (as a GradScaler keeps them) scaled by 2**16, in a step that clips.
-* "adamw": ``ClipOptimizer(AdamW(fused=True))``'s step (its default, and with the clip
-  coefficient folded into the AdamW kernel) against torch's ``clip_grad_norm_`` followed by the
+* "adamw": ``ClipOptimizer(AdamW(fused=True))``'s step (the clip coefficient folded into the
+  AdamW kernel, and with ``fold=False`` the scale pass instead) against torch's ``clip_grad_norm_`` followed by the
   same fused AdamW step.
 
 Both use the GPT-2 small gradient shapes and time torch and fusedclip back to back in alternating
@@ -86,11 +86,11 @@ def folded_adamw_step(device: torch.device, repeats: int, warmup: int) -> list[d
     backward_grads = [g.clone() for g in grads]
     norm = float(torch.nn.utils.get_total_norm(grads))
     rows = []
-    # A step that clips (the target), with ClipOptimizer's default (on the CPU: fusedclip's
-    # scale pass, then the step) and with the coefficient folded into the kernel (fold=True);
-    # and a step that does not clip, where fusedclip writes nothing and torch multiplies by 1.
-    variants = (("clip", "", None, norm * 1e-3, 1.15), ("clip", ", fold=True", True, norm * 1e-3, None),
-                ("noclip", "", None, norm * 1e3, None))
+    # A step that clips (the target), with the coefficient folded into the kernel (the default)
+    # and with fusedclip's scale pass before the step (fold=False); and a step that does not
+    # clip, where fusedclip writes nothing and torch multiplies by 1.
+    variants = (("clip", "", True, norm * 1e-3, 1.15), ("clip", ", fold=False", False, norm * 1e-3, None),
+                ("noclip", "", True, norm * 1e3, None))
     for mode, label, fold, max_norm, target in variants:
         torch_adamw = torch.optim.AdamW(params, lr=1e-6, fused=True)
         clip_adamw = fusedclip.ClipOptimizer(torch.optim.AdamW(params, lr=1e-6, fused=True), max_norm, fold=fold)

@@ -5,8 +5,8 @@ global norm of ``max_norm`` and steps. torch's fused optimizers (Adam, AdamW, SG
 ``fused=True``) divide each gradient by a ``grad_scale`` tensor and skip the step when a
 ``found_inf`` tensor is nonzero, inside their kernel (the inputs a GradScaler uses). Folding the
 clip coefficient :math:`c` in as ``grad_scale = 1 / c`` leaves one read of the gradients (the
-norm) and no scale pass. Where that is slower, or the optimizer is not fused, fusedclip's scale
-pass runs before the step; found_inf still skips a fused step on a non-finite norm.
+norm) and no scale pass. With ``fold=False``, or an optimizer that is not fused, fusedclip's
+scale pass runs before the step; found_inf still skips a fused step on a non-finite norm.
 """
 
 from __future__ import annotations
@@ -56,11 +56,10 @@ class ClipOptimizer(torch.optim.Optimizer):
         optimizer: the optimizer to wrap.
         max_norm: the largest global norm allowed; a non-negative number.
         norm_type: p of the norm, any number or ``'inf'``; not nan.
-        fold: with a fused optimizer, apply the coefficient through its grad_scale (True) or
-            with fusedclip's scale pass before the step (False). None (default): fold except on
-            the CPU, where torch 2.13's fused kernels run a slower path when given grad_scale
-            (it costs more than the scale pass). A GradScaler's step always folds: its scale
-            goes through grad_scale anyway.
+        fold: with a fused optimizer, apply the coefficient through its grad_scale (default)
+            or with fusedclip's scale pass before the step (False: the gradients then round
+            exactly as clip_grad_norm_ rounds them). A GradScaler's step always folds: its
+            scale goes through grad_scale anyway.
         backend: fusedclip's backend for the norm and the scale pass.
     """
 
@@ -70,7 +69,7 @@ class ClipOptimizer(torch.optim.Optimizer):
         max_norm: float,
         norm_type: Union[float, str] = 2.0,
         *,
-        fold: Optional[bool] = None,
+        fold: bool = True,
         backend: str = "auto",
     ):
         # Optimizer.__init__ is not called: param_groups, state and defaults are the wrapped
@@ -84,8 +83,8 @@ class ClipOptimizer(torch.optim.Optimizer):
         self.norm_type = clip._norm_type(norm_type)
         _ops.resolve_backend(backend, torch.device("cpu"))  # raises for an unknown name
         self.backend = backend
-        if fold not in (None, True, False):
-            raise TypeError(f"fold must be None, True or False, got {fold!r}")
+        if not isinstance(fold, bool):
+            raise TypeError(f"fold must be True or False, got {fold!r}")
         self.fold = fold
 
     # --- what the wrapped optimizer owns ---------------------------------------------------------
@@ -179,7 +178,7 @@ class ClipOptimizer(torch.optim.Optimizer):
             for extra in (found_inf, scaler_found_inf):
                 if extra is not None:
                     non_finite = torch.maximum(non_finite, extra.to(device=non_finite.device, dtype=torch.float32))
-            if scaler_scale is not None or self._folds_on(grads[0].device):
+            if scaler_scale is not None or self.fold:
                 grad_scale = _grad_scale(coef, scaler_scale)
             else:
                 # The scale pass; coefficient 1 (nothing written) when the step will be skipped.
@@ -188,13 +187,6 @@ class ClipOptimizer(torch.optim.Optimizer):
                 grad_scale = None
             self._fused_step(grad_scale, non_finite)
         return total
-
-    def _folds_on(self, device: torch.device) -> bool:
-        if self.fold is None:
-            # torch 2.13's CPU fused kernels take a slower path when given grad_scale: on GPT-2
-            # small shapes it costs more than fusedclip's whole scale pass (see the README).
-            return device.type != "cpu"
-        return self.fold
 
     def _fused_step(self, grad_scale: Optional[Tensor], found_inf: Tensor) -> None:
         """The wrapped fused optimizer's step, dividing by grad_scale and skipped on found_inf."""

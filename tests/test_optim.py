@@ -37,10 +37,10 @@ def _set_grads(params, seed, bad=None):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
-@pytest.mark.parametrize("fold", [True, False, None], ids=["fold", "scale-pass", "auto"])
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "scale-pass"])
 def test_matches_clip_then_step(name, norm_type, fold):
-    if fold is not None and not name.endswith("fused"):
-        pytest.skip("fold applies to fused optimizers")
+    if not fold and not name.endswith("fused"):
+        pytest.skip("fold=False differs from the default for fused optimizers only")
     ref_params, params = _params(), _params()
     ref_opt = OPTIMIZERS[name](ref_params)
     opt = fusedclip.ClipOptimizer(OPTIMIZERS[name](params), max_norm=1.5, norm_type=norm_type, fold=fold)
@@ -68,7 +68,7 @@ def test_matches_clip_then_step(name, norm_type, fold):
 
 
 @pytest.mark.parametrize("name,fold", [("adamw-fused", True), ("adamw-fused", False),
-                                       ("sgd-momentum-fused", True), ("adamw-foreach", None)])
+                                       ("sgd-momentum-fused", True), ("adamw-foreach", True)])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_non_finite_norm_skips_the_step(name, fold, bad):
     params = _params()
@@ -92,7 +92,7 @@ def test_non_finite_norm_skips_the_step(name, fold, bad):
     assert not torch.equal(params[0], before[0])
 
 
-@pytest.mark.parametrize("name,fold", [("adamw-fused", None), ("adamw-fused", False), ("sgd-plain", None)])
+@pytest.mark.parametrize("name,fold", [("adamw-fused", True), ("adamw-fused", False), ("sgd-plain", True)])
 def test_grad_scaler_steps_a_clip_optimizer(name, fold):
     """scaler.step(ClipOptimizer): the same result as scaler.unscale_ + clip + scaler.step."""
     ref_params, params = _params(), _params()
@@ -171,15 +171,15 @@ def test_bad_arguments():
         fusedclip.ClipOptimizer(inner, max_norm=1.0, norm_type=math.nan)
     with pytest.raises(ValueError, match="backend"):
         fusedclip.ClipOptimizer(inner, max_norm=1.0, backend="nope")
-    with pytest.raises(TypeError, match="fold must be None, True or False"):
-        fusedclip.ClipOptimizer(inner, max_norm=1.0, fold="yes")
+    with pytest.raises(TypeError, match="fold must be True or False"):
+        fusedclip.ClipOptimizer(inner, max_norm=1.0, fold=None)
     with pytest.raises(TypeError, match="already a ClipOptimizer"):
         fusedclip.ClipOptimizer(fusedclip.ClipOptimizer(inner, max_norm=1.0), max_norm=1.0)
 
 
-@pytest.mark.parametrize("fold,expect_grad_scale", [(True, True), (False, False), (None, False)])
+@pytest.mark.parametrize("fold,expect_grad_scale", [(True, True), (False, False)])
 def test_fold_decides_where_the_coefficient_goes(fold, expect_grad_scale):
-    """fold=True hands 1/c to the kernel; False, and None on the CPU, scale first."""
+    """fold=True (the default) hands 1/c to the kernel; False scales first."""
     params = _params()
     inner = torch.optim.AdamW(params, lr=1e-2, fused=True)
     seen = []
