@@ -32,4 +32,8 @@ TORCH_LIBRARY(fusedclip, m) {
   // clip_grad_norm_ that also returns each tensor's norm before clipping (0 for a tensor with no
   // elements), from the same read; both results in the dtype of multi_tensor_norm's.
   m.def("clip_grad_norm_with_norms_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> (Tensor, Tensor)");
+  // For a GradScaler: the statistic of multi_tensor_norm over x * inv_scale (inv_scale a one-element
+  // float tensor on the tensors' device, the product in float32, float64 for float64 tensors) and
+  // found_inf, a 0-dim float32 tensor: 1 when any element of the tensors is inf or nan, else 0.
+  m.def("multi_tensor_unscale_norm(Tensor[] tensors, Tensor inv_scale, float norm_type) -> (Tensor, Tensor)");
 }

@@ -13,6 +13,9 @@ from fusedclip._ops import BACKENDS, backend_status
 from fusedclip.adaptive import AGC, AutoClip, PerTensorClip, ZClip
 from fusedclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from fusedclip.health import GradientMonitor, clip_grad_norm_with_norms_, get_norms
+from fusedclip.dispatch import dispatch_clip_grad
+from fusedclip.optim import ClipOptimizer
+from fusedclip.patch import is_torch_patched, patch_torch, unpatch_torch
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,11 @@ __all__ = [
     "AutoClip",
     "ZClip",
     "PerTensorClip",
+    "patch_torch",
+    "unpatch_torch",
+    "is_torch_patched",
+    "dispatch_clip_grad",
+    "ClipOptimizer",
     "available_backends",
     "BACKENDS",
 ]

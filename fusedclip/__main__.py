@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="default: all")
     bench.add_argument("--backend", default="auto", choices=fusedclip.BACKENDS,
                        help="fusedclip's backend (default: the one it picks for the device)")
+    bench.add_argument("--training", nargs="*", choices=["amp", "adamw"],
+                       help="training-step benchmarks (default: all; none with an empty list)")
     bench.add_argument("--repeats", type=int, default=15, help="timed repetitions per mode")
     bench.add_argument("--output", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
     bench.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,

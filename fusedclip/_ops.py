@@ -35,6 +35,7 @@ __all__ = [
     "multi_tensor_agc_",
     "multi_tensor_scale_per_tensor_",
     "clip_grad_norm_with_norms_",
+    "multi_tensor_unscale_norm",
 ]
 
 logger = logging.getLogger("fusedclip")
@@ -202,6 +203,15 @@ def clip_grad_norm_with_norms_(
     return reference.clip_grad_norm_with_norms_(tensors, max_norm, norm_type)
 
 
+def multi_tensor_unscale_norm(
+    backend: str, tensors: list[Tensor], inv_scale: Tensor, norm_type: float
+) -> tuple[Tensor, Tensor]:
+    """The statistic of tensors * inv_scale and found_inf, in one read; see csrc/fusedclip.cpp."""
+    if backend == "cpu":
+        return torch.ops.fusedclip.multi_tensor_unscale_norm(tensors, inv_scale, norm_type)
+    return reference.multi_tensor_unscale_norm(tensors, inv_scale, norm_type)
+
+
 # --- entry points that take parameters (backend "cpu") ----------------------------------------
 # They read the grads in C++ (see csrc/python_module.cpp); each returns None / False when it did
 # not run (a parameter that is not exactly a Tensor or Parameter, or no grads), and raises,
@@ -287,3 +297,10 @@ if _C is not None:
         _check_one_device(tensors, "clip_grad_norm_with_norms_")
         acc = reference.accumulate_dtype(tensors)
         return tensors[0].new_empty((), dtype=acc), tensors[0].new_empty((len(tensors),), dtype=acc)
+
+
+    @torch.library.register_fake("fusedclip::multi_tensor_unscale_norm")
+    def _multi_tensor_unscale_norm_fake(tensors, inv_scale, norm_type):
+        _check_one_device(tensors, "multi_tensor_unscale_norm")
+        statistic = tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))
+        return statistic, tensors[0].new_empty((), dtype=torch.float32)

@@ -409,6 +409,7 @@ def main(args) -> int:
 
         print(f"\n{bench_health.HEADER}")
         report["health"] = bench_health.run(device, repeats=args.repeats)
+    training_table = _run_training(device, args, report)
     os.makedirs(args.output, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in report["device"].lower()).strip("-")
     while "--" in slug:
@@ -426,9 +427,22 @@ def main(args) -> int:
             from fusedclip import bench_health
 
             f.write(f"\n{bench_health.markdown_table(report['health'])}\n")
+        f.write(training_table)
     print(f"wrote {stem}.json and {stem}.md")
     if plot(report, stem + ".png"):
         print(f"wrote {stem}.png")
     else:
         print("matplotlib is not installed: no chart (pip install matplotlib)")
     return 0
+
+
+def _run_training(device: torch.device, args, report: dict) -> str:
+    """The training-step benchmarks (fusedclip/bench_training.py), into report["training"];
+    returns their Markdown table ("" when none ran)."""
+    from fusedclip import bench_training  # it imports this module
+
+    if args.training == []:
+        return ""
+    print(bench_training.HEADER)
+    report["training"] = bench_training.run(device, args.training, repeats=args.repeats)
+    return "\n" + bench_training.markdown_table(report["training"]) + "\n"

@@ -191,13 +191,10 @@ def _group_statistics(groups: list[tuple[torch.device, str, list[Tensor]]], norm
     return [_ops.multi_tensor_norm(backend, ts, norm_type)[0] for _, backend, ts in groups]
 
 
-def _combined_statistic(
-    groups: list[tuple[torch.device, str, list[Tensor]]], statistics: list[Tensor], norm_type: float
-) -> Tensor:
-    """One statistic from one per group, on the first group's device."""
+def _combined_statistic(statistics: list[Tensor], first_device: torch.device, norm_type: float) -> Tensor:
+    """One statistic from the statistics of several devices' grads, on first_device."""
     if len(statistics) == 1:
         return statistics[0]
-    first_device = groups[0][0]
     acc = torch.float64 if any(s.dtype == torch.float64 for s in statistics) else torch.float32
     stacked = torch.stack([s.to(device=first_device, dtype=acc) for s in statistics])
     return reference.combine_statistics(stacked, norm_type)
@@ -205,7 +202,15 @@ def _combined_statistic(
 
 def _statistic(groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float) -> Tensor:
     """The norm statistic (before the root) over every group, on the first group's device."""
-    return _combined_statistic(groups, _group_statistics(groups, norm_type), norm_type)
+    return _combined_statistic(_group_statistics(groups, norm_type), groups[0][0], norm_type)
+
+
+def _norm_from_statistics(
+    statistics: list[Tensor], first_device: torch.device, empty: bool, norm_type: float
+) -> Tensor:
+    """The global norm from the statistics of each device's grads, on first_device."""
+    statistic = _combined_statistic(statistics, first_device, norm_type)
+    return reference.total_norm_from_statistic(statistic, norm_type, empty)
 
 
 def _norm_of_group_statistics(
@@ -213,8 +218,7 @@ def _norm_of_group_statistics(
 ) -> Tensor:
     """The global norm from one norm statistic per group, on the first group's device."""
     empty = not any(t.numel() for _, _, ts in groups for t in ts)
-    statistic = _combined_statistic(groups, statistics, norm_type)
-    return reference.total_norm_from_statistic(statistic, norm_type, empty)
+    return _norm_from_statistics(statistics, groups[0][0], empty, norm_type)
 
 
 def _total_norm(groups: list[tuple[torch.device, str, list[Tensor]]], norm_type: float) -> Tensor:
@@ -355,6 +359,8 @@ def clip_grad_norm_(
     *,
     backend: str = "auto",
     process_group: Optional[ProcessGroups] = None,
+    grad_scaler: Optional[torch.amp.GradScaler] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> Tensor:
     r"""Clips the gradients of ``parameters`` to a global norm of at most ``max_norm``.
 
@@ -378,10 +384,26 @@ def clip_grad_norm_(
         backend: "auto", "cpu", "cuda", "triton" or "torch".
         process_group: the norm is taken over the grads of every rank of this group (or of
             these groups, in turn), each holding disjoint parts; see :func:`get_total_norm`.
+        grad_scaler, optimizer: with a ``torch.amp.GradScaler`` and the optimizer it steps, the
+            gradients are unscaled and clipped in one pass, leaving the scaler as
+            ``grad_scaler.unscale_(optimizer)`` does (see fusedclip/amp.py); do not call
+            ``unscale_`` first. ``error_if_nonfinite`` must then be False.
 
     Returns:
         The total norm before clipping (see :func:`get_total_norm` for its dtype and device).
     """
+    if grad_scaler is not None or optimizer is not None:
+        from fusedclip import amp  # amp imports this module
+
+        amp.check_grad_scaler_arguments(grad_scaler, optimizer, error_if_nonfinite)
+        if process_group is not None:
+            raise ValueError(
+                "grad_scaler= cannot be combined with process_group= (not supported yet): call "
+                "grad_scaler.unscale_(optimizer), then clip_grad_norm_(..., process_group=...)"
+            )
+        return amp.unscale_and_clip_grad_norm_(
+            parameters, max_norm, norm_type, grad_scaler=grad_scaler, optimizer=optimizer, backend=backend
+        )
     with torch.no_grad():
         max_norm = _non_negative(max_norm, "max_norm")
         norm_type = _norm_type(norm_type)

@@ -20,6 +20,8 @@ __all__ = [
     "multi_tensor_norm",
     "multi_tensor_scale_",
     "multi_tensor_clamp_",
+    "multi_tensor_unscale_norm",
+    "multiply_",
     "clip_grad_norm_",
     "statistic_identity",
     "combine_statistics",
@@ -95,6 +97,11 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     """tensors *= coef in place, in float32 (float64 for float64 tensors), rounded once."""
     if coef.device.type == "cpu" and bool(coef >= 1.0):
         return  # reading a CPU tensor is no sync; elsewhere multiplying by 1 is exact anyway
+    multiply_(tensors, coef)
+
+
+def multiply_(tensors: list[Tensor], coef: Tensor) -> None:
+    """tensors *= coef in place for any coef (no skip), in float32 (float64 for float64 tensors)."""
     for t in tensors:
         if t.numel() == 0:
             continue
@@ -102,6 +109,24 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
         # A 0-dim float32 coef: ATen computes fp16/bf16 products in float32 and rounds once.
         coef_dtype = torch.float64 if real.dtype == torch.float64 else torch.float32
         real.mul_(coef.to(device=real.device, dtype=coef_dtype))
+
+
+def multi_tensor_unscale_norm(
+    tensors: list[Tensor], inv_scale: Tensor, norm_type: float
+) -> tuple[Tensor, Tensor]:
+    """The statistic of x * inv_scale and found_inf (1. when any x is inf or nan, else 0.).
+
+    The products are computed as torch's unscale_ computes them (float32, float64 for float64
+    tensors), here in temporaries; see the schema in csrc/fusedclip.cpp.
+    """
+    unscaled = []
+    for t in tensors:
+        wide = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+        real_dtype = torch.float64 if t.dtype in _FLOAT64_DTYPES else torch.float32
+        unscaled.append(wide * inv_scale.to(device=t.device, dtype=real_dtype))
+    statistic, _ = multi_tensor_norm(unscaled, norm_type)
+    non_finite = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+    return statistic, non_finite.to(torch.float32)
 
 
 def multi_tensor_clamp_(tensors: list[Tensor], lo: float, hi: float) -> None:

@@ -11,4 +11,12 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 "$PYTHON" -m pip install -q "setuptools>=64" wheel
 # --no-build-isolation: build against the torch installed above instead of downloading another.
-"$PYTHON" -m pip install -q --no-build-isolation -e ".[test,bench]"
+# The constraint pins that torch, so no extra's dependency can replace it. The `integration` extra
+# (Accelerate, Lightning) is optional: when it cannot be installed, its tests skip.
+TORCH_CONSTRAINT="$(mktemp)"
+"$PYTHON" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$TORCH_CONSTRAINT"
+if ! "$PYTHON" -m pip install -q --no-build-isolation -c "$TORCH_CONSTRAINT" -e ".[test,bench,integration]"; then
+  echo "setup: the 'integration' extra could not be installed; tests/test_frameworks.py will skip" >&2
+  "$PYTHON" -m pip install -q --no-build-isolation -c "$TORCH_CONSTRAINT" -e ".[test,bench]"
+fi
+rm -f "$TORCH_CONSTRAINT"

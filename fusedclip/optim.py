@@ -1,0 +1,231 @@
+"""Clipping folded into the optimizer step.
+
+``ClipOptimizer(torch.optim.AdamW(params, fused=True), max_norm=1.0)`` clips the gradients to a
+global norm of ``max_norm`` and steps. torch's fused optimizers (Adam, AdamW, SGD, Adagrad with
+``fused=True``) divide each gradient by a ``grad_scale`` tensor and skip the step when a
+``found_inf`` tensor is nonzero, inside their kernel (the inputs a GradScaler uses). Folding the
+clip coefficient :math:`c` in as ``grad_scale = 1 / c`` leaves one read of the gradients (the
+norm) and no scale pass. With ``fold=False``, or an optimizer that is not fused, fusedclip's
+scale pass runs before the step; found_inf still skips a fused step on a non-finite norm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from fusedclip import _ops, clip, reference
+
+__all__ = ["ClipOptimizer"]
+
+
+class ClipOptimizer(torch.optim.Optimizer):
+    r"""Wraps an optimizer so that ``step()`` clips the global gradient norm, then steps.
+
+    .. math::
+        N = \|g\|_p, \qquad c = \min\Big(\frac{\mathrm{max\_norm}}{N + 10^{-6}}, 1\Big), \qquad
+        \text{step with } g \cdot c
+
+    over the gradients of every parameter of the wrapped optimizer. Folded into a fused
+    optimizer (``fused=True``), :math:`g \cdot c` is computed inside its kernel as
+    ``g / (1 / c)``, which differs from torch's ``g * c`` by rounding only; the gradients left in
+    ``.grad`` are the clipped ones either way, as after ``clip_grad_norm_`` and ``step()``.
+
+    Differences from ``clip_grad_norm_(params, max_norm)`` followed by ``optimizer.step()``:
+
+    * ``step()`` returns the total norm before clipping (a 0-dim tensor), not the closure's loss.
+      A closure, if given, runs once before the norm is taken.
+    * When the norm is inf or nan the step is skipped: parameters, optimizer state and step counts
+      stay as they were, and the gradients are not modified (torch would step with nan or zeroed
+      gradients and write nan into the parameters). The fused path skips inside the kernel with
+      no host sync; the unfused path reads the norm on the host to decide.
+    * ``GradScaler``: ``scaler.step(clip_optimizer)`` works. With a fused optimizer the scaler
+      hands over its scale and found_inf (``_step_supports_amp_scaling``), and the norm is taken
+      of the unscaled gradients in the same read; the scale and the clip coefficient are applied
+      together in the optimizer's kernel and its found_inf is combined with a non-finite norm. With
+      any other optimizer the scaler unscales first, as usual.
+
+    ``param_groups``, ``state``, ``defaults``, ``zero_grad``, ``state_dict``,
+    ``load_state_dict`` and ``add_param_group`` are the wrapped optimizer's; learning-rate
+    schedulers take a ClipOptimizer. Step hooks registered on the wrapped optimizer run inside
+    its step, after the norm is taken.
+
+    Args:
+        optimizer: the optimizer to wrap.
+        max_norm: the largest global norm allowed; a non-negative number.
+        norm_type: p of the norm, any number or ``'inf'``; not nan.
+        fold: with a fused optimizer, apply the coefficient through its grad_scale (default)
+            or with fusedclip's scale pass before the step (False: the gradients then round
+            exactly as clip_grad_norm_ rounds them). A GradScaler's step always folds: its
+            scale goes through grad_scale anyway.
+        backend: fusedclip's backend for the norm and the scale pass.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_norm: float,
+        norm_type: Union[float, str] = 2.0,
+        *,
+        fold: bool = True,
+        backend: str = "auto",
+    ):
+        # Optimizer.__init__ is not called: param_groups, state and defaults are the wrapped
+        # optimizer's own objects, not copies.
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, ClipOptimizer):
+            raise TypeError("optimizer is already a ClipOptimizer")
+        self.optimizer = optimizer
+        self.max_norm = clip._non_negative(max_norm, "max_norm")
+        self.norm_type = clip._norm_type(norm_type)
+        _ops.resolve_backend(backend, torch.device("cpu"))  # raises for an unknown name
+        self.backend = backend
+        if not isinstance(fold, bool):
+            raise TypeError(f"fold must be True or False, got {fold!r}")
+        self.fold = fold
+
+    # --- what the wrapped optimizer owns ---------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> dict:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    @property
+    def fused(self) -> bool:
+        """True when the wrapped optimizer's kernel takes grad_scale and found_inf (fused=True)."""
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # A GradScaler then passes grad_scale and found_inf to step() instead of unscaling.
+        return self.fused
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (
+            f"ClipOptimizer(max_norm={self.max_norm}, norm_type={self.norm_type}, "
+            f"fold={self.fold}, optimizer={self.optimizer!r})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Tensor:  # type: ignore[override]
+        """Runs the closure if given, clips, and steps; returns the total norm before clipping."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        # Set by GradScaler.step for optimizers that support amp scaling (see the class doc).
+        scaler_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        scaler_found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        with torch.no_grad():
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if not grads:
+                self.optimizer.step()
+                return torch.tensor(0.0)
+            if scaler_scale is None:
+                total = clip.get_total_norm(grads, self.norm_type, backend=self.backend)
+                found_inf = None
+            else:
+                total, found_inf = _unscaled_norm(grads, scaler_scale, self.norm_type, self.backend)
+            coef = reference.clip_coefficient(total, self.max_norm)
+            if not self.fused:
+                # A host read of the norm (a sync on a GPU) decides whether to step at all.
+                if bool(torch.isfinite(total)):
+                    clip._scale_groups(clip._group_by_device(grads, None, self.backend, writes=True), coef)
+                    self.optimizer.step()
+                return total
+            non_finite = (~torch.isfinite(total)).to(torch.float32)
+            for extra in (found_inf, scaler_found_inf):
+                if extra is not None:
+                    non_finite = torch.maximum(non_finite, extra.to(device=non_finite.device, dtype=torch.float32))
+            if scaler_scale is not None or self.fold:
+                grad_scale = _grad_scale(coef, scaler_scale)
+            else:
+                # The scale pass; coefficient 1 (nothing written) when the step will be skipped.
+                safe_coef = torch.where(non_finite > 0, torch.ones_like(coef), coef)
+                clip._scale_groups(clip._group_by_device(grads, None, self.backend, writes=True), safe_coef)
+                grad_scale = None
+            self._fused_step(grad_scale, non_finite)
+        return total
+
+    def _fused_step(self, grad_scale: Optional[Tensor], found_inf: Tensor) -> None:
+        """The wrapped fused optimizer's step, dividing by grad_scale and skipped on found_inf."""
+        self.optimizer.grad_scale = grad_scale
+        self.optimizer.found_inf = found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.grad_scale
+            del self.optimizer.found_inf
+
+
+def _grad_scale(coef: Tensor, scaler_scale: Optional[Tensor]) -> Optional[Tensor]:
+    """The grad_scale a fused kernel divides by: g / (s / c) = (g / s) * c.
+
+    A zero coefficient (an inf norm, or max_norm 0) gives an infinite grad_scale, hence zero
+    gradients, as torch's g * 0; an inf or nan norm skips the step anyway. None (nothing to
+    divide, and the kernel then does not write the gradients back) when there is no scaler and
+    a CPU coefficient is 1: reading it is no sync.
+    """
+    coef = coef.float()
+    if scaler_scale is None:
+        if coef.device.type == "cpu" and bool(coef >= 1.0):
+            return None
+        return coef.reciprocal()
+    return coef.reciprocal() * scaler_scale.to(device=coef.device, dtype=torch.float32)
+
+
+def _unscaled_norm(
+    grads: list[Tensor], scale: Tensor, norm_type: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """The norm of grads / scale and whether any grad is inf or nan, in one read per device."""
+    inv_scale = scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+    groups = clip._group_by_device(grads, None, backend, writes=False)
+    statistics, found = [], []
+    for device, group_backend, ts in groups:
+        statistic, found_inf = _ops.multi_tensor_unscale_norm(group_backend, ts, inv_scale.to(device), norm_type)
+        statistics.append(statistic)
+        found.append(found_inf.to(groups[0][0]))
+    empty = not any(t.numel() for t in grads)
+    total = clip._norm_from_statistics(statistics, groups[0][0], empty, norm_type)
+    return total, torch.stack(found).amax()
