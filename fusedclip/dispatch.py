@@ -6,8 +6,8 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-import fusedclip
 from fusedclip import clip
+from fusedclip.adaptive import AGC
 
 __all__ = ["dispatch_clip_grad"]
 
@@ -27,11 +27,13 @@ def dispatch_clip_grad(
         value: ``max_norm`` (mode "norm"), ``clip_value`` (mode "value") or the clip factor
             lambda of adaptive gradient clipping (mode "agc").
         mode: "norm" (:func:`fusedclip.clip_grad_norm_`), "value"
-            (:func:`fusedclip.clip_grad_value_`) or "agc" (``fusedclip.AGC(clip_factor=value)``).
+            (:func:`fusedclip.clip_grad_value_`) or "agc" (:class:`fusedclip.AGC` with
+            ``clip_factor=value`` and its default eps).
         norm_type: the norm of mode "norm"; mode "agc" takes the 2-norm only.
 
     Returns:
-        The total norm before clipping in mode "norm" (timm returns nothing), else None.
+        The global norm before clipping in modes "norm" and "agc" (timm returns nothing), None
+        in mode "value".
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -40,12 +42,6 @@ def dispatch_clip_grad(
     if mode == "value":
         clip.clip_grad_value_(parameters, value)
         return None
-    agc = getattr(fusedclip, "AGC", None)
-    if agc is None:
-        raise NotImplementedError(
-            "mode 'agc' needs fusedclip.AGC, which this build of fusedclip does not have"
-        )
     if float(norm_type) != 2.0:
         raise ValueError(f"mode 'agc' uses unit-wise 2-norms; norm_type must be 2.0, got {norm_type!r}")
-    agc(clip_factor=value)(parameters)
-    return None
+    return AGC(clip_factor=value)(parameters)
