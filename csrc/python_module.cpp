@@ -115,6 +115,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cuda_single_launch_max_bytes", &fusedclip::cuda::set_single_launch_max_bytes, py::arg("bytes"),
         "Largest grads (bytes) the fused CUDA clip runs as one cooperative launch; -1: the L2 size, 0: never.");
   m.def("cuda_single_launch_max_bytes", &fusedclip::cuda::single_launch_max_bytes);
+  m.def("cuda_kernels_run_on", &fusedclip::cuda::kernels_run_on, py::arg("device"),
+        "Whether the CUDA kernels of this build run on that CUDA device (its architecture is built).");
 #else
   m.attr("cuda_kernels") = false;
 #endif

@@ -67,9 +67,9 @@ _OPERATOR_BACKENDS = ("cpu", "cuda")
 
 @functools.lru_cache(maxsize=None)
 def _cuda_kernels_run_on(index: Optional[int]) -> bool:
-    """Whether the CUDA kernels' default build (sm_80 and sm_90 code, compute_90 PTX) runs on
-    the GPU: compute capability 8.0 or newer. Older GPUs take backend "torch" under "auto"."""
-    return torch.cuda.get_device_capability(index)[0] >= 8
+    """Whether the CUDA kernels were built for the GPU's architecture (TORCH_CUDA_ARCH_LIST at
+    build time); a GPU they were not built for takes another backend under "auto"."""
+    return _C.cuda_kernels_run_on(torch.cuda.current_device() if index is None else index)
 
 
 try:

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import subprocess
+import sysconfig
 import sys
 import tempfile
 import time
@@ -150,10 +151,13 @@ def glue_command(out_dir: str) -> Optional[list[str]]:
             f.write("#pragma once\n")
         includes = includes + [os.path.join(out_dir, "stub")]
     command = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DFUSEDCLIP_WITH_CUDA",
+               "-DCPU_CAPABILITY=DEFAULT",  # what python_module.cpp needs of the CPU build
                "-I", os.path.join(ROOT, "csrc")]
-    for path in includes + [cuda_include]:
+    for path in includes + [cuda_include, sysconfig.get_paths()["include"]]:
         command += ["-isystem", path]  # torch's own headers warn under -Wextra
-    return command + sorted(glob.glob(os.path.join(CUDA_DIR, "*.cpp")))
+    # python_module.cpp too: its CUDA entry points are compiled only with FUSEDCLIP_WITH_CUDA.
+    python_module = os.path.join(ROOT, "csrc", "python_module.cpp")
+    return command + sorted(glob.glob(os.path.join(CUDA_DIR, "*.cpp"))) + [python_module]
 
 
 def check_glue(out_dir: str) -> Optional[list[str]]:

@@ -74,6 +74,11 @@ class single_launch:
         _ops._C.set_cuda_single_launch_max_bytes(self.previous)
 
 
+def test_kernels_run_on_this_gpu_and_auto_takes_them():
+    assert _ops._C.cuda_kernels_run_on(torch.cuda.current_device())
+    assert _ops.resolve_backend("auto", torch.device("cuda")) == "cuda"
+
+
 @pytest.mark.parametrize("norm_type", STAT_NORM_TYPES, ids=norm_id)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.complex64])
 def test_statistics_total_and_per_tensor(dtype, norm_type):

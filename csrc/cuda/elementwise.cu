@@ -33,4 +33,9 @@ cudaError_t launch_clamp(const TensorTable& table, double lo, double hi, cudaStr
   return cudaGetLastError();
 }
 
+cudaError_t kernel_image_status() {
+  cudaFuncAttributes attributes;
+  return cudaFuncGetAttributes(&attributes, scale_kernel);
+}
+
 }  // namespace fusedclip::cuda

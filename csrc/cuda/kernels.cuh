@@ -101,6 +101,10 @@ cudaError_t launch_scale(const TensorTable& table, const Coef& coef, cudaStream_
 // tensors = min(max(tensors, lo), hi); nan stays nan.
 cudaError_t launch_clamp(const TensorTable& table, double lo, double hi, cudaStream_t stream);
 
+// cudaSuccess when this build holds machine code or PTX that the current device can run; a GPU
+// older than the build's architectures gives an error (no kernel image).
+cudaError_t kernel_image_status();
+
 // The single-launch clip: a persistent cooperative kernel that computes the norm (params as for
 // launch_norm, with one launch, total and coef set), syncs the grid, finishes the norm in block 0,
 // syncs again and scales, walking the chunks in reverse so that what the norm read last, still in

@@ -30,6 +30,13 @@ std::atomic<int64_t> single_launch_bytes{-1};
 void set_single_launch_max_bytes(int64_t bytes) { single_launch_bytes.store(bytes); }
 int64_t single_launch_max_bytes() { return single_launch_bytes.load(); }
 
+bool kernels_run_on(int device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaError_t status = kernel_image_status();
+  (void)cudaGetLastError();  // a missing image is an answer here, not an error to leave pending
+  return status == cudaSuccess;
+}
+
 namespace {
 
 // --- checks ----------------------------------------------------------------------------------

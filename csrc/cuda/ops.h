@@ -12,4 +12,8 @@ namespace fusedclip::cuda {
 void set_single_launch_max_bytes(int64_t bytes);
 int64_t single_launch_max_bytes();
 
+// Whether this build's kernels run on CUDA device `device` (its architectures include the
+// device's, or PTX the driver can compile for it). Sets no device and leaves no error behind.
+bool kernels_run_on(int device);
+
 }  // namespace fusedclip::cuda
