@@ -559,11 +559,15 @@ def test_kernels_compile_for_sm90():
                 compiled = compile_kernel(fn, acc, DTYPE=dtype, ACC=acc, ALIGNED=aligned, BLOCK=2048)
                 if dtype == tl.bfloat16 and aligned:
                     assert "st.global.v4.b32" in compiled.asm["ptx"], fn
-        for kind in range(6):
-            norm = compile_kernel(kernels.norm_chunks, acc, DTYPE=dtype, ACC=acc, KIND=kind,
-                                  FINISH=True, ALIGNED=True, BLOCK=2048, FINAL_BLOCK=1024)
-            if dtype == tl.bfloat16:
-                assert "ld.global.v4.b32" in norm.asm["ptx"], kind
+        for out in {acc, tl.float64}:  # a float64 tensor in the list makes the output float64
+            for kind in range(6):
+                norm = compile_kernel(kernels.norm_chunks, out, DTYPE=dtype, ACC=acc, OUT=out,
+                                      KIND=kind, FINISH=True, ALIGNED=True, BLOCK=2048,
+                                      FINAL_BLOCK=1024)
+                if dtype == tl.bfloat16:
+                    assert "ld.global.v4.b32" in norm.asm["ptx"], kind
+                if kind == kernels.POWER_SUM.value:  # |x|^p and the root: float64 pow
+                    assert "__nv_pow" in norm.asm["llir"] and "lg2.approx" not in norm.asm["ptx"]
     for acc in (tl.float32, tl.float64):
         for kind in range(6):
             compile_kernel(kernels.per_tensor, acc, KIND=kind, ACC=acc, BLOCK=1024)

@@ -114,88 +114,187 @@ class _Table:
     n_chunks: int
     n_tensors: int
     launches: list[_Launch]
-    shares_memory: bool  # two tensors overlap: in-place ops must run them one by one
     host_copy: Optional[Tensor] = None  # the pinned source of the copy, kept while it may run
 
 
-def _build_table(views: list[Tensor], device: torch.device) -> _Table:
-    """The table of contiguous real tensors (one per original tensor, in order)."""
+@dataclasses.dataclass
+class _Operands:
+    """What a call runs its kernels on: a table of spans (one per tensor) and what it needs."""
+
+    table: _Table
+    out: torch.dtype  # the call's statistic and norm dtype: float64 when any tensor is float64
+    shares_memory: bool  # two tensors overlap: in-place ops must run them one by one
+    has_complex: bool
+    # The tensors with each truly strided one replaced by its dense copy (complex stays complex);
+    # None when none is strided (cached operands hold no tensor).
+    dense: Optional[list[Tensor]]
+    write_back: list[tuple[Tensor, Tensor]]  # (strided original, dense copy) to copy back
+    temporaries: list[Tensor]  # what the table points into besides the tensors (kept alive)
+
+
+def _build_table(spans: list[tuple[int, int, torch.dtype]], device: torch.device) -> _Table:
+    """The table of spans (address, numel, dtype): one per tensor, in order."""
     by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, v in enumerate(views):
-        if v.numel():
-            by_dtype.setdefault(v.dtype, []).append(i)
+    for i, (_, n, dtype) in enumerate(spans):
+        if n:
+            by_dtype.setdefault(dtype, []).append(i)
     addresses: list[int] = []
     lengths: list[int] = []
-    first = [0] * len(views)
-    count = [0] * len(views)
+    first = [0] * len(spans)
+    count = [0] * len(spans)
     launches = []
     for dtype, indices in by_dtype.items():
         launch_first = len(addresses)
-        aligned = all(views[i].data_ptr() % 16 == 0 for i in indices)
+        aligned = all(spans[i][0] % 16 == 0 for i in indices)
+        size = _ITEM_SIZES[dtype]
         for i in indices:
-            v = views[i]
-            base, size, n = v.data_ptr(), v.element_size(), v.numel()
+            base, n, _ = spans[i]
             first[i], count[i] = len(addresses), -(-n // CHUNK)
             addresses.extend(range(base, base + n * size, CHUNK * size))
             lengths.extend([CHUNK] * (count[i] - 1) + [n - (count[i] - 1) * CHUNK])
         launches.append(_Launch(dtype, launch_first, len(addresses) - launch_first, aligned))
     host = torch.tensor(addresses + lengths + first + count, dtype=torch.int64)
     if device.type == "cuda":
+        # Copied on the current stream; the table is only ever used on that stream (the cache
+        # key holds it), so every kernel that reads it is ordered after the copy, and the
+        # caching allocator reuses its memory, once evicted, in that stream's order.
         host = host.pin_memory()
-        table = host.to(device, non_blocking=True)  # no sync; the cache keeps `host` alive
+        table = host.to(device, non_blocking=True)
     else:
         table = host
-    return _Table(table, len(addresses), len(views), launches, _any_memory_shared(views), host)
+    return _Table(table, len(addresses), len(spans), launches, host)
 
 
-def _any_memory_shared(views: list[Tensor]) -> bool:
-    ranges = sorted(
-        (v.data_ptr(), v.data_ptr() + v.numel() * v.element_size()) for v in views if v.numel()
-    )
+_ITEM_SIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _TRITON_DTYPES}
+
+
+def _is_dense(t: Tensor) -> bool:
+    """t's elements fill [data_ptr, data_ptr + numel) exactly once (contiguous, channels_last,
+    transposed, ...): every op here is elementwise and order-free, so it is one flat span."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _extent(t: Tensor) -> tuple[int, int]:
+    """[first byte, last byte + 1) of the memory t's elements occupy (strides are >= 0)."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _any_memory_shared(tensors: list[Tensor]) -> bool:
+    ranges = sorted(_extent(t) for t in tensors if t.numel())
     return any(a[1] > b[0] for a, b in zip(ranges, ranges[1:]))
 
 
-_CACHE_SIZE = 16
-_cache: "collections.OrderedDict[tuple, _Table]" = collections.OrderedDict()
-
-
-def _cached_table(tensors: list[Tensor], views: list[Tensor], write: bool) -> _Table:
-    """The table of views (the tensors themselves, or their real view for complex writes), from
-    the cache when these addresses, sizes and dtypes were seen before."""
+def _prepare(tensors: list[Tensor], op: str, writes: bool, check: bool = True) -> _Operands:
+    """Checks tensors (raising, before anything is written, on those the kernels do not take)
+    and makes their operands in one pass: each real tensor that is dense in memory is a span of
+    its own memory; a complex one is its real view to write, |z| (a temporary) to read; a truly
+    strided one (t[::2]) is read through a contiguous copy, written through one copied back."""
     device = tensors[0].device
-    key = (device, write, tuple((t.data_ptr(), t.numel(), t.dtype) for t in tensors))
-    table = _cache.get(key)
-    if table is None:
-        table = _build_table(views, device)
-        _cache[key] = table
+    if check:
+        reason = device_supported(device)
+        if reason is not None:
+            raise RuntimeError(f"fusedclip_triton.{op}: {reason}")
+        writes_to_inference = writes and not torch.is_inference_mode_enabled()
+    spans, dense, write_back, temporaries = [], [], [], []
+    has_complex = False
+    for i, t in enumerate(tensors):
+        if check:
+            if t.device != device:
+                raise RuntimeError(
+                    f"fusedclip_triton.{op}: all tensors must be on one device, but tensor 0 is on "
+                    f"{device} and tensor {i} on {t.device}"
+                )
+            if t.layout != torch.strided:
+                raise RuntimeError(f"fusedclip_triton.{op}: tensor {i} has layout {t.layout}; only "
+                                   "dense (strided) tensors are supported")
+            if t.dtype not in _SUPPORTED_DTYPES:
+                raise RuntimeError(f"fusedclip_triton.{op}: tensor {i} has dtype {t.dtype}; "
+                                   "expected float32, float64, float16, bfloat16 or complex")
+            if writes_to_inference and t.is_inference():
+                raise RuntimeError(
+                    f"fusedclip_triton.{op}: tensor {i} is an inference tensor, which cannot be "
+                    "modified in place outside torch.inference_mode()"
+                )
+        contiguous = t.is_contiguous() or _is_dense(t)
+        if not contiguous and writes and torch._debug_has_internal_overlap(t) == 1:
+            raise RuntimeError(
+                f"fusedclip_triton.{op}: tensor {i} has internally overlapping memory (an "
+                "expanded tensor) and cannot be modified in place; clone it first"
+            )
+        if not contiguous:
+            copy = t.contiguous()
+            (write_back.append((t, copy)) if writes else temporaries.append(copy))
+            t = copy
+        dense.append(t)
+        if t.is_complex():
+            has_complex = True
+            if writes:
+                t = torch.view_as_real(t)
+            else:
+                t = t.abs()
+                temporaries.append(t)
+        spans.append((t.data_ptr(), t.numel(), t.dtype))
+    # Checked on the originals: a grad and a strided view of it overlap, copies or not.
+    shares_memory = writes and len(tensors) > 1 and _any_memory_shared(tensors)
+    return _Operands(
+        _build_table(spans, device), reference.accumulate_dtype(tensors), shares_memory,
+        has_complex, dense if write_back or temporaries else None, write_back, temporaries,
+    )
+
+
+def _key(tensors: list[Tensor], writes: bool) -> Optional[tuple]:
+    """What decides a list's operands: each tensor's address, dtype, shape and strides (and
+    whether it is an inference tensor, for a write), the device and the current stream. None
+    when some tensor has no address (not strided): _prepare then says why it is refused.
+
+    A hit stands for the checks too: a tensor's address fixes its device (CUDA's unified
+    addressing gives host and every device disjoint ranges), and the rest is in the key."""
+    device = tensors[0].device
+    try:
+        if writes:
+            items = tuple([(t.data_ptr(), t.dtype, t.shape, t.stride(), t.is_inference()) for t in tensors])
+        else:
+            items = tuple([(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors])
+    except RuntimeError:
+        return None
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return device, stream, writes, torch.is_inference_mode_enabled(), items
+
+
+_CACHE_SIZE = 16
+_cache: "collections.OrderedDict[tuple, _Operands]" = collections.OrderedDict()
+# Tables built while a CUDA graph was captured: the graph reads them (and copies the pinned host
+# buffer into the device table) at every replay, so they live as long as the process.
+_captured: list[_Table] = []
+
+
+def _operands(tensors: list[Tensor], op: str, writes: bool) -> _Operands:
+    """_prepare's operands, from the cache when the list was seen before (the same grads every
+    step) and needs no copies or temporaries: no checks, no table built, no host-to-device copy.
+
+    While the current stream captures a CUDA graph nothing is read from or added to the cache
+    (a table copied during capture holds its bytes only at replay); the table is kept in
+    ``_captured`` instead. Cache entries are only ever used on the stream that built them."""
+    capturing = tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()
+    key = None if capturing else _key(tensors, writes)
+    operands = _cache.get(key) if key is not None else None
+    if operands is not None:
+        _cache.move_to_end(key)
+        return operands
+    operands = _prepare(tensors, op, writes)
+    if capturing:
+        _captured.append(operands.table)
+    elif key is not None and not operands.write_back and not operands.temporaries:
+        _cache[key] = operands
         if len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
-    else:
-        _cache.move_to_end(key)
-    return table
-
-
-def _read_table(tensors: list[Tensor]) -> tuple[_Table, list[Tensor]]:
-    """The table for reading, and the temporaries it points into (kept alive by the caller)."""
-    views = [t.abs() if t.is_complex() else t.contiguous() for t in tensors]
-    if all(v is t for v, t in zip(views, tensors)):
-        return _cached_table(tensors, views, write=False), []
-    return _build_table(views, tensors[0].device), views
-
-
-def _write_table(tensors: list[Tensor]) -> tuple[_Table, list[tuple[Tensor, Tensor]]]:
-    """The table for in-place writes, and the (original, contiguous copy) pairs to copy back."""
-    views, write_back = [], []
-    for t in tensors:
-        real = torch.view_as_real(t) if t.is_complex() else t
-        if not real.is_contiguous():
-            dense = real.contiguous()
-            write_back.append((real, dense))
-            real = dense
-        views.append(real)
-    if not write_back:
-        return _cached_table(tensors, views, write=True), []
-    return _build_table(views, tensors[0].device), write_back
+    return operands
 
 
 # --- launchers ------------------------------------------------------------------------------------
@@ -214,26 +313,24 @@ def _launch(kernel, device: torch.device, grid: int, *args, **constexprs) -> Non
 
 
 def _norm(
-    tensors: list[Tensor], norm_type: float, per_tensor: bool, max_norm: Optional[float]
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[_Table]]:
-    """(statistic, per-tensor statistics, total norm, coefficient, table); the norm and the
-    coefficient only when max_norm is given (else unwritten); the table when it points into the
-    tensors themselves (no temporaries), so that an in-place pass can use it too."""
-    device = tensors[0].device
-    acc = reference.accumulate_dtype(tensors)
+    operands: _Operands, device: torch.device, norm_type: float, per_tensor: bool,
+    max_norm: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(statistic, per-tensor statistics, total norm, coefficient) of a read operands' tensors;
+    the norm and the coefficient only when max_norm is given (else unwritten)."""
+    table, out = operands.table, operands.out
     kind = _kind(norm_type)
-    table, temporaries = _read_table(tensors)
-    statistic = torch.empty((), dtype=acc, device=device)
-    total = torch.empty((), dtype=acc, device=device)
-    coef = torch.empty((), dtype=acc, device=device)
-    per = torch.empty((len(tensors) if per_tensor else 0,), dtype=acc, device=device)
-    identity = reference.statistic_identity(norm_type)
+    statistic = torch.empty((), dtype=out, device=device)
+    total = torch.empty((), dtype=out, device=device)
+    coef = torch.empty((), dtype=out, device=device)
+    per = torch.empty((table.n_tensors if per_tensor else 0,), dtype=out, device=device)
     if table.n_chunks == 0:  # no elements: the identity, and the norm of nothing is 0
+        identity = reference.statistic_identity(norm_type)
         statistic.fill_(identity)
         per.fill_(identity)
         total.zero_()
         coef.copy_(reference.clip_coefficient(total, 0.0 if max_norm is None else max_norm))
-        return statistic, per, total, coef, None
+        return statistic, per, total, coef
     partials = torch.empty((table.n_chunks,), dtype=torch.float64, device=device)
     ticket = torch.zeros((1,), dtype=torch.int32, device=device)
     for launch in table.launches:
@@ -242,34 +339,37 @@ def _norm(
             table.table, table.n_chunks, launch.first_chunk, partials, ticket,
             _bits(norm_type), statistic, total, coef,
             _bits(max_norm if max_norm is not None else 0.0), _EPS_BITS,
-            DTYPE=_TRITON_DTYPES[launch.dtype], ACC=_accumulate(acc), KIND=kind,
-            FINISH=max_norm is not None, ALIGNED=launch.aligned, BLOCK=BLOCK,
-            FINAL_BLOCK=FINAL_BLOCK,
+            DTYPE=_TRITON_DTYPES[launch.dtype], ACC=_accumulate(launch.dtype),
+            OUT=_TRITON_DTYPES[out], KIND=kind, FINISH=max_norm is not None,
+            ALIGNED=launch.aligned, BLOCK=BLOCK, FINAL_BLOCK=FINAL_BLOCK,
         )
     if per_tensor:
         _launch(
-            kernels.per_tensor, device, len(tensors),
-            table.table, table.n_chunks, len(tensors), partials, per,
-            KIND=kind, ACC=_accumulate(acc), BLOCK=FINAL_BLOCK,
+            kernels.per_tensor, device, table.n_tensors,
+            table.table, table.n_chunks, table.n_tensors, partials, per,
+            KIND=kind, ACC=_TRITON_DTYPES[out], BLOCK=FINAL_BLOCK,
         )
-    direct = not temporaries
-    del temporaries  # kernels are stream-ordered: the caching allocator reuses them safely after
-    return statistic, per, total, coef, table if direct else None
+    # Temporaries are freed when the caller drops operands: kernels are stream-ordered, so the
+    # caching allocator reuses their memory safely after.
+    return statistic, per, total, coef
 
 
-def _transform(tensors: list[Tensor], kernel, *args, table: Optional[_Table] = None) -> None:
-    """Runs an in-place kernel (scale or clamp) over every chunk of tensors (through ``table``
-    when given: a read table without temporaries); tensors sharing memory run one at a time in
-    list order, so shared bytes change once per tensor, as in torch."""
+def _transform(tensors: list[Tensor], op: str, kernel, *args, operands: Optional[_Operands] = None) -> None:
+    """Runs an in-place kernel (scale or clamp) over every chunk of tensors (write operands:
+    _operands(tensors, op, writes=True) unless given), then copies the dense copies of strided
+    tensors back. Tensors sharing memory run one at a time in list order, so shared bytes change
+    once per tensor, as in torch.
+
+    A copy back writes the values the kernel left in the copy: when the scale kernel writes
+    nothing (coef >= 1), the same bits as before go back (memory written, values unchanged)."""
     device = tensors[0].device
-    if table is None:
-        table, write_back = _write_table(tensors)
-    else:
-        write_back = []
-    if table.shares_memory and len(tensors) > 1:
+    if operands is None:
+        operands = _operands(tensors, op, writes=True)
+    if operands.shares_memory:
         for t in tensors:
-            _transform([t], kernel, *args)
+            _transform([t], op, kernel, *args)
         return
+    table = operands.table
     for launch in table.launches:
         _launch(
             kernel, device, launch.n_chunks,
@@ -277,46 +377,8 @@ def _transform(tensors: list[Tensor], kernel, *args, table: Optional[_Table] = N
             DTYPE=_TRITON_DTYPES[launch.dtype], ACC=_accumulate(launch.dtype),
             ALIGNED=launch.aligned, BLOCK=BLOCK,
         )
-    for original, dense in write_back:
+    for original, dense in operands.write_back:
         original.copy_(dense)
-
-
-def _scale(tensors: list[Tensor], coef: Tensor, table: Optional[_Table] = None) -> None:
-    _transform(tensors, kernels.scale_chunks, coef, table=table)
-
-
-# --- argument checks ------------------------------------------------------------------------------
-
-
-def _check(tensors: list[Tensor], op: str, writes: bool) -> None:
-    """Raises, before anything is written, on tensors the kernels do not take."""
-    device = tensors[0].device
-    reason = device_supported(device)
-    if reason is not None:
-        raise RuntimeError(f"fusedclip_triton.{op}: {reason}")
-    for i, t in enumerate(tensors):
-        if t.device != device:
-            raise RuntimeError(
-                f"fusedclip_triton.{op}: all tensors must be on one device, but tensor 0 is on "
-                f"{device} and tensor {i} on {t.device}"
-            )
-        if t.layout != torch.strided:
-            raise RuntimeError(f"fusedclip_triton.{op}: tensor {i} has layout {t.layout}; only "
-                               "dense (strided) tensors are supported")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise RuntimeError(f"fusedclip_triton.{op}: tensor {i} has dtype {t.dtype}; expected "
-                               "float32, float64, float16, bfloat16 or complex")
-        if writes:
-            if torch._debug_has_internal_overlap(t) == 1:
-                raise RuntimeError(
-                    f"fusedclip_triton.{op}: tensor {i} has internally overlapping memory (an "
-                    "expanded tensor) and cannot be modified in place; clone it first"
-                )
-            if t.is_inference() and not torch.is_inference_mode_enabled():
-                raise RuntimeError(
-                    f"fusedclip_triton.{op}: tensor {i} is an inference tensor, which cannot be "
-                    "modified in place outside torch.inference_mode()"
-                )
 
 
 def _check_norm_type(norm_type: float) -> None:
@@ -342,8 +404,8 @@ def multi_tensor_norm(
     if not tensors:
         identity = reference.statistic_identity(norm_type)
         return torch.tensor(identity), torch.empty(0)
-    _check(tensors, "multi_tensor_norm", writes=False)
-    statistic, per, _, _, _ = _norm(tensors, norm_type, per_tensor, None)
+    operands = _operands(tensors, "multi_tensor_norm", writes=False)
+    statistic, per, _, _ = _norm(operands, tensors[0].device, norm_type, per_tensor, None)
     return statistic, per
 
 
@@ -360,11 +422,11 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
                            f"tensor, got shape {tuple(coef.shape)} and dtype {coef.dtype}")
     if not tensors:
         return
-    _check(tensors, "multi_tensor_scale_", writes=True)
+    operands = _operands(tensors, "multi_tensor_scale_", writes=True)
     if coef.device != tensors[0].device:
         raise RuntimeError(f"fusedclip_triton.multi_tensor_scale_: coef is on {coef.device}, the "
                            f"tensors on {tensors[0].device}")
-    _scale(tensors, coef)
+    _transform(tensors, "multi_tensor_scale_", kernels.scale_chunks, coef, operands=operands)
 
 
 @torch.library.custom_op(
@@ -376,12 +438,13 @@ def multi_tensor_clamp_(tensors: list[Tensor], min: float, max: float) -> None: 
     """tensors = min(max(tensors, min), max) in place, one pass; nan stays nan."""
     if not tensors:
         return
-    _check(tensors, "multi_tensor_clamp_", writes=True)
-    for i, t in enumerate(tensors):
-        if t.is_complex():
-            raise RuntimeError(f"fusedclip_triton.multi_tensor_clamp_: tensor {i} is complex; "
-                               "clamping is not defined for complex values")
-    _transform(tensors, kernels.clamp_chunks, _bits(min), _bits(max))
+    operands = _operands(tensors, "multi_tensor_clamp_", writes=True)
+    if operands.has_complex:
+        i = next(i for i, t in enumerate(tensors) if t.is_complex())
+        raise RuntimeError(f"fusedclip_triton.multi_tensor_clamp_: tensor {i} is complex; "
+                           "clamping is not defined for complex values")
+    _transform(tensors, "multi_tensor_clamp_", kernels.clamp_chunks, _bits(min), _bits(max),
+               operands=operands)
 
 
 @torch.library.custom_op(
@@ -395,9 +458,15 @@ def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) ->
     _check_norm_type(norm_type)
     if not tensors:
         return torch.tensor(0.0)
-    _check(tensors, "clip_grad_norm_", writes=True)
-    _, _, total, coef, table = _norm(tensors, norm_type, False, max_norm)
-    _scale(tensors, coef, table)
+    operands = _operands(tensors, "clip_grad_norm_", writes=True)
+    # The norm reads what the scale writes (strided grads copied once); complex grads are read
+    # as |z|, temporaries of their own.
+    read = operands
+    if operands.has_complex:
+        dense = tensors if operands.dense is None else operands.dense
+        read = _prepare(dense, "clip_grad_norm_", writes=False, check=False)
+    _, _, total, coef = _norm(read, tensors[0].device, norm_type, False, max_norm)
+    _transform(tensors, "clip_grad_norm_", kernels.scale_chunks, coef, operands=operands)
     return total
 
 
