@@ -36,6 +36,11 @@ import triton.language as tl
 from torch import Tensor
 
 from fusedclip import reference
+
+try:
+    from fusedclip._C import triton_table_key as _c_table_key
+except (ImportError, OSError):  # the C++ extension is not built: keys are made in Python (slower)
+    _c_table_key = None
 from fusedclip.triton import kernels
 
 __all__ = ["INTERPRETED", "device_supported", "multi_tensor_norm", "multi_tensor_scale_", "multi_tensor_clamp_", "clip_grad_norm_"]
@@ -180,14 +185,14 @@ def _is_dense(t: Tensor) -> bool:
 
 
 def _extent(t: Tensor) -> tuple[int, int]:
-    """[first byte, last byte + 1) of the memory t's elements occupy (strides are >= 0)."""
+    """[first byte, last byte + 1) of the memory a non-empty t's elements occupy (strides >= 0)."""
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
-def _any_memory_shared(tensors: list[Tensor]) -> bool:
-    ranges = sorted(_extent(t) for t in tensors if t.numel())
-    return any(a[1] > b[0] for a, b in zip(ranges, ranges[1:]))
+def _any_overlap(extents: list[tuple[int, int]]) -> bool:
+    extents.sort()
+    return any(a[1] > b[0] for a, b in zip(extents, extents[1:]))
 
 
 def _prepare(tensors: list[Tensor], op: str, writes: bool, check: bool = True) -> _Operands:
@@ -201,8 +206,8 @@ def _prepare(tensors: list[Tensor], op: str, writes: bool, check: bool = True) -
         if reason is not None:
             raise RuntimeError(f"fusedclip_triton.{op}: {reason}")
         writes_to_inference = writes and not torch.is_inference_mode_enabled()
-    spans, dense, write_back, temporaries = [], [], [], []
-    has_complex = False
+    spans, extents, dense, write_back, temporaries = [], [], [], [], []
+    has_complex = has_float64 = False
     for i, t in enumerate(tensors):
         if check:
             if t.device != device:
@@ -221,18 +226,25 @@ def _prepare(tensors: list[Tensor], op: str, writes: bool, check: bool = True) -
                     f"fusedclip_triton.{op}: tensor {i} is an inference tensor, which cannot be "
                     "modified in place outside torch.inference_mode()"
                 )
-        contiguous = t.is_contiguous() or _is_dense(t)
-        if not contiguous and writes and torch._debug_has_internal_overlap(t) == 1:
-            raise RuntimeError(
-                f"fusedclip_triton.{op}: tensor {i} has internally overlapping memory (an "
-                "expanded tensor) and cannot be modified in place; clone it first"
-            )
-        if not contiguous:
+        dtype = t.dtype
+        has_float64 = has_float64 or dtype in reference._FLOAT64_DTYPES
+        if t.is_contiguous() or _is_dense(t):
+            if writes:
+                extents.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+        else:
+            if writes and torch._debug_has_internal_overlap(t) == 1:
+                raise RuntimeError(
+                    f"fusedclip_triton.{op}: tensor {i} has internally overlapping memory (an "
+                    "expanded tensor) and cannot be modified in place; clone it first"
+                )
+            if writes:
+                # Checked on the original: a grad and a strided view of it overlap, copy or not.
+                extents.append(_extent(t))
             copy = t.contiguous()
             (write_back.append((t, copy)) if writes else temporaries.append(copy))
             t = copy
         dense.append(t)
-        if t.is_complex():
+        if dtype.is_complex:
             has_complex = True
             if writes:
                 t = torch.view_as_real(t)
@@ -240,29 +252,33 @@ def _prepare(tensors: list[Tensor], op: str, writes: bool, check: bool = True) -
                 t = t.abs()
                 temporaries.append(t)
         spans.append((t.data_ptr(), t.numel(), t.dtype))
-    # Checked on the originals: a grad and a strided view of it overlap, copies or not.
-    shares_memory = writes and len(tensors) > 1 and _any_memory_shared(tensors)
+    shares_memory = writes and len(tensors) > 1 and _any_overlap([e for e in extents if e[0] != e[1]])
     return _Operands(
-        _build_table(spans, device), reference.accumulate_dtype(tensors), shares_memory,
+        _build_table(spans, device), torch.float64 if has_float64 else torch.float32, shares_memory,
         has_complex, dense if write_back or temporaries else None, write_back, temporaries,
     )
 
 
 def _key(tensors: list[Tensor], writes: bool) -> Optional[tuple]:
-    """What decides a list's operands: each tensor's address, dtype, shape and strides (and
-    whether it is an inference tensor, for a write), the device and the current stream. None
-    when some tensor has no address (not strided): _prepare then says why it is refused.
+    """What decides a list's operands: each tensor's address, numel, dtype, whether it is dense
+    in memory (a dense tensor is one span whatever its strides; a list with one that is not is
+    never cached) and whether it is an inference tensor; the device, the current stream and
+    inference mode. None when some tensor has no address (not strided): _prepare then says why
+    it is refused.
 
     A hit stands for the checks too: a tensor's address fixes its device (CUDA's unified
     addressing gives host and every device disjoint ranges), and the rest is in the key."""
     device = tensors[0].device
-    try:
-        if writes:
-            items = tuple([(t.data_ptr(), t.dtype, t.shape, t.stride(), t.is_inference()) for t in tensors])
-        else:
-            items = tuple([(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors])
-    except RuntimeError:
-        return None
+    if _c_table_key is not None:
+        items = _c_table_key(tensors)  # ~20 ns a tensor
+        if items is None:
+            return None
+    else:
+        try:
+            items = tuple([(t.data_ptr(), t.numel(), t.dtype, t.is_contiguous() or _is_dense(t),
+                            t.is_inference()) for t in tensors])
+        except RuntimeError:
+            return None
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     return device, stream, writes, torch.is_inference_mode_enabled(), items
 
