@@ -526,6 +526,20 @@ def test_cache_hit_skips_checks_and_table(device, monkeypatch):
         torch.ops.fusedclip_triton.multi_tensor_norm(grads[:2], 2.0)
 
 
+def test_in_place_operators_bump_version_counters(device):
+    """Autograd sees every in-place write: each written tensor's version counter moves."""
+    grads = on(device, make_grads([(10,), (CHUNK + 2,), (0,)], torch.float32, seed=50))
+    for op, args in ((torch.ops.fusedclip_triton.clip_grad_norm_, (0.1, 2.0)),
+                     (torch.ops.fusedclip_triton.multi_tensor_scale_, (torch.tensor(0.5, device=device),)),
+                     (torch.ops.fusedclip_triton.multi_tensor_clamp_, (-0.1, 0.1))):
+        versions = [g._version for g in grads]
+        op(grads, *args)
+        assert all(g._version > v for g, v in zip(grads, versions)), op
+    versions = [g._version for g in grads]
+    torch.ops.fusedclip_triton.multi_tensor_norm(grads, 2.0)
+    assert [g._version for g in grads] == versions
+
+
 def test_bad_input_raises_before_writing(device):
     grads = on(device, make_grads([(10,), (5,)], torch.float32, seed=21))
     originals = clone_all(grads)

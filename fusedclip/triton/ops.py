@@ -21,11 +21,14 @@ contiguous copy and copy it back (the same bits when nothing was scaled).
 While a CUDA graph is captured, tables are built anew (their copy runs at each replay), never
 taken from or put in the cache, and kept for the process's life, as the graph reads them.
 
-The operators are ``torch.library.custom_op``\\ s, not ``triton_op``\\ s: a triton_op's body
-must be traceable with fake tensors (that is how torch.compile sees its kernels), and a table
-of raw addresses cannot be built from fake tensors, which have none. As custom ops with fake
-kernels, torch.compile(fullgraph=True) puts them in its graph as single nodes, as it does the
-C++ operators.
+The operators are defined with ``torch.library.Library`` (one kernel for every device, fake
+kernels for torch.compile and opcheck, and an ADInplaceOrView kernel that bumps the written
+tensors' version counters in one call), not as ``triton_op``\ s: a triton_op's body must be
+traceable with fake tensors (that is how torch.compile sees its kernels), and a table of raw
+addresses cannot be built from fake tensors, which have none. With fake kernels,
+torch.compile(fullgraph=True) puts them in its graph as single nodes, as it does the C++
+operators. (``torch.library.custom_op`` would bump version counters one tensor at a time in
+Python: ~0.35 ms at 1,000 tensors.)
 """
 
 from __future__ import annotations
@@ -410,12 +413,34 @@ def _check_norm_type(norm_type: float) -> None:
 
 # --- operators --------------------------------------------------------------------------------------
 
+_library = torch.library.Library("fusedclip_triton", "DEF")
 
-@torch.library.custom_op(
-    "fusedclip_triton::multi_tensor_norm",
-    mutates_args=(),
-    schema="(Tensor[] tensors, float norm_type, bool per_tensor=False) -> (Tensor, Tensor)",
-)
+
+def _operator(schema: str, mutates: bool = False):
+    """Defines ``fusedclip_triton::<schema>`` with the decorated function as its kernel for every
+    device, and returns the operator. An in-place operator (its first argument the list it
+    writes) bumps the version counters of that list in one call before running: what a
+    ``custom_op`` does one tensor at a time in Python (~0.35 ms at 1,000 tensors)."""
+
+    def define(kernel):
+        name = schema.split("(")[0]
+        _library.define(schema)
+        _library.impl(name, kernel, "CompositeExplicitAutograd")
+        op = getattr(torch.ops.fusedclip_triton, name)
+        if mutates:
+            below = torch._C._after_ADInplaceOrView_keyset
+
+            def bump_versions(keyset, tensors, *args):
+                torch._C._increment_version(tensors)
+                return op.default.redispatch(keyset & below, tensors, *args)
+
+            _library.impl(name, bump_versions, "ADInplaceOrView", with_keyset=True)
+        return op
+
+    return define
+
+
+@_operator("multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor=False) -> (Tensor, Tensor)")
 def multi_tensor_norm(
     tensors: list[Tensor], norm_type: float, per_tensor: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -431,11 +456,7 @@ def multi_tensor_norm(
     return statistic, per
 
 
-@torch.library.custom_op(
-    "fusedclip_triton::multi_tensor_scale_",
-    mutates_args=("tensors",),
-    schema="(Tensor(a!)[] tensors, Tensor coef) -> ()",
-)
+@_operator("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()", mutates=True)
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     """tensors *= coef in place, in float32 (float64 for float64 tensors), rounded once; coef is
     read on the device, and nothing is written when coef >= 1."""
@@ -451,11 +472,7 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     _transform(tensors, "multi_tensor_scale_", kernels.scale_chunks, coef, operands=operands)
 
 
-@torch.library.custom_op(
-    "fusedclip_triton::multi_tensor_clamp_",
-    mutates_args=("tensors",),
-    schema="(Tensor(a!)[] tensors, float min, float max) -> ()",
-)
+@_operator("multi_tensor_clamp_(Tensor(a!)[] tensors, float min, float max) -> ()", mutates=True)
 def multi_tensor_clamp_(tensors: list[Tensor], min: float, max: float) -> None:  # noqa: A002
     """tensors = min(max(tensors, min), max) in place, one pass; nan stays nan."""
     if not tensors:
@@ -469,11 +486,7 @@ def multi_tensor_clamp_(tensors: list[Tensor], min: float, max: float) -> None: 
                operands=operands)
 
 
-@torch.library.custom_op(
-    "fusedclip_triton::clip_grad_norm_",
-    mutates_args=("tensors",),
-    schema="(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor",
-)
+@_operator("clip_grad_norm_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor", mutates=True)
 def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
     """Norm, coefficient min(max_norm / (norm + 1e-6), 1) and scale, in one norm launch and one
     scale launch per dtype, with no host sync; returns the norm."""
@@ -495,23 +508,23 @@ def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) ->
 # --- fake kernels: shapes and dtypes, for torch.compile and opcheck -------------------------------
 
 
-@multi_tensor_norm.register_fake
+@torch.library.register_fake("fusedclip_triton::multi_tensor_norm")
 def _(tensors, norm_type, per_tensor=False):
     acc = reference.accumulate_dtype(tensors)
     count = len(tensors) if per_tensor else 0
     return tensors[0].new_empty((), dtype=acc), tensors[0].new_empty((count,), dtype=acc)
 
 
-@multi_tensor_scale_.register_fake
+@torch.library.register_fake("fusedclip_triton::multi_tensor_scale_")
 def _(tensors, coef):
     return None
 
 
-@multi_tensor_clamp_.register_fake
+@torch.library.register_fake("fusedclip_triton::multi_tensor_clamp_")
 def _(tensors, min, max):  # noqa: A002
     return None
 
 
-@clip_grad_norm_.register_fake
+@torch.library.register_fake("fusedclip_triton::clip_grad_norm_")
 def _(tensors, max_norm, norm_type):
     return tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))
