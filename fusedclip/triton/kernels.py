@@ -27,8 +27,6 @@ runs these kernels on a machine without a GPU. The variable must be set before t
 imported (it decides what ``triton.jit`` and triton.language's own functions are).
 """
 
-import os
-
 import triton
 import triton.language as tl
 
@@ -48,7 +46,8 @@ _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
 
 # The interpreter has no libdevice: there float64 pow is exp2(p log2 x) in numpy's float64.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# (triton.jit reads the same knob to decide whether it interprets.)
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
 if not _INTERPRETED:
     from triton.language.extra import libdevice
 
