@@ -23,7 +23,7 @@ taken from or put in the cache, and kept for the process's life, as the graph re
 
 The operators are defined with ``torch.library.Library`` (one kernel for every device, fake
 kernels for torch.compile and opcheck, and an ADInplaceOrView kernel that bumps the written
-tensors' version counters in one call), not as ``triton_op``\ s: a triton_op's body must be
+tensors' version counters in one call), not as triton_ops: a triton_op's body must be
 traceable with fake tensors (that is how torch.compile sees its kernels), and a table of raw
 addresses cannot be built from fake tensors, which have none. With fake kernels,
 torch.compile(fullgraph=True) puts them in its graph as single nodes, as it does the C++
