@@ -160,7 +160,7 @@ def _build_table(spans: list[tuple[int, int, torch.dtype]], device: torch.device
     for dtype, indices in by_dtype.items():
         launch_first = len(addresses)
         aligned = all(spans[i][0] % 16 == 0 for i in indices)
-        size = _ITEM_SIZES[dtype]
+        size = dtype.itemsize
         for i in indices:
             base, n, _ = spans[i]
             first[i], count[i] = len(addresses), -(-n // CHUNK)
@@ -177,9 +177,6 @@ def _build_table(spans: list[tuple[int, int, torch.dtype]], device: torch.device
     else:
         table = host
     return _Table(table, len(addresses), len(spans), launches, host)
-
-
-_ITEM_SIZES = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in _TRITON_DTYPES}
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -250,7 +247,10 @@ def _prepare(tensors: list[Tensor], op: str, writes: bool, check: bool = True) -
                 # Checked on the original: a grad and a strided view of it overlap, copy or not.
                 extents.append(_extent(t))
             copy = t.contiguous()
-            (write_back.append((t, copy)) if writes else temporaries.append(copy))
+            if writes:
+                write_back.append((t, copy))
+            else:
+                temporaries.append(copy)
             t = copy
         dense.append(t)
         if dtype.is_complex:
