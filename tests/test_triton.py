@@ -618,9 +618,16 @@ def test_clip_in_a_cuda_graph():
         for _ in range(2):  # warm-up off the default stream, as capture requires
             fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
     torch.cuda.current_stream().wait_stream(stream)
+    from fusedclip.triton import ops as triton_ops
+
+    warmed = list(triton_ops._cache.values())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+    assert any(triton_ops._captured[-1] is o for o in warmed)  # the warm-up's table
+    for seed in range(triton_ops._CACHE_SIZE + 4):  # evicts it from the cache; reuses memory
+        other = on(torch.device("cuda"), make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=200 + seed))
+        fusedclip.get_total_norm(other, backend="triton")
     for scale in (1.0, 3.0, 1e-9):  # clips, clips, does not clip
         inputs = [s * scale for s in source]
         for g, s in zip(grads, inputs):
@@ -635,8 +642,9 @@ def test_clip_in_a_cuda_graph():
 @pytest.mark.cuda
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
 def test_cuda_graph_tables_outlive_the_cache():
-    """A graph captured on grads never seen before builds their table during capture: kept apart
-    (the cache is untouched), it still replays correctly after the cache has turned over."""
+    """A graph captured on grads never used before builds their table during capture (copied
+    from pinned memory at each replay): kept apart (the cache is untouched), it still replays
+    correctly after the cache has turned over."""
     from fusedclip.triton import ops as triton_ops
 
     cuda = torch.device("cuda")
@@ -651,6 +659,7 @@ def test_cuda_graph_tables_outlive_the_cache():
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
     assert set(triton_ops._cache) == cached and len(triton_ops._captured) == captured + 1
+    assert triton_ops._captured[-1].table.host_copy.is_pinned()
     for seed in range(triton_ops._CACHE_SIZE + 4):  # evicts every entry; reuses freed memory
         other = on(cuda, make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=100 + seed))
         fusedclip.get_total_norm(other, backend="triton")

@@ -18,8 +18,10 @@ and order-free. Truly strided tensors (t[::2]) and complex tensors read for a no
 temporary) go through temporaries, built per call; in-place ops write a strided tensor's
 contiguous copy and copy it back (the same bits when nothing was scaled).
 
-While a CUDA graph is captured, tables are built anew (their copy runs at each replay), never
-taken from or put in the cache, and kept for the process's life, as the graph reads them.
+A CUDA graph captured on a list used before (the warm-up) reads that list's cached table; one
+never used before gets its table built during capture (copied at each replay from a pinned host
+buffer); either way the graph's tables are kept for the process's life, never freed by an
+eviction.
 
 The operators are defined with ``torch.library.Library`` (one kernel for every device, fake
 kernels for torch.compile and opcheck, and an ADInplaceOrView kernel that bumps the written
@@ -169,10 +171,7 @@ def _build_table(spans: list[tuple[int, int, torch.dtype]], device: torch.device
         launches.append(_Launch(dtype, launch_first, len(addresses) - launch_first, aligned))
     host = torch.tensor(addresses + lengths + first + count, dtype=torch.int64)
     if device.type == "cuda":
-        # Copied on the current stream; the table is only ever used on that stream (the cache
-        # key holds it), so every kernel that reads it is ordered after the copy, and the
-        # caching allocator reuses its memory, once evicted, in that stream's order.
-        host = host.pin_memory()
+        host = host.pin_memory()  # a non-blocking copy, on the current stream (see _cache)
         table = host.to(device, non_blocking=True)
     else:
         table = host
@@ -271,13 +270,11 @@ def _prepare(tensors: list[Tensor], op: str, writes: bool, check: bool = True) -
 def _key(tensors: list[Tensor], writes: bool) -> Optional[tuple]:
     """What decides a list's operands: each tensor's address, numel, dtype, whether it is dense
     in memory (a dense tensor is one span whatever its strides; a list with one that is not is
-    never cached) and whether it is an inference tensor; the device, the current stream and
-    inference mode. None when some tensor has no address (not strided): _prepare then says why
-    it is refused.
+    never cached) and whether it is an inference tensor; the device and inference mode. None
+    when some tensor has no address (not strided): _prepare then says why it is refused.
 
     A hit stands for the checks too: a tensor's address fixes its device (CUDA's unified
     addressing gives host and every device disjoint ranges), and the rest is in the key."""
-    device = tensors[0].device
     if _c_table_key is not None:
         items = _c_table_key(tensors)  # ~20 ns a tensor
         if items is None:
@@ -288,35 +285,46 @@ def _key(tensors: list[Tensor], writes: bool) -> Optional[tuple]:
                             t.is_inference()) for t in tensors])
         except RuntimeError:
             return None
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    return device, stream, writes, torch.is_inference_mode_enabled(), items
+    return tensors[0].device, writes, torch.is_inference_mode_enabled(), items
 
 
 _CACHE_SIZE = 16
+# (stream, _key) -> operands. A table is copied on the current stream and used only on it, so
+# every kernel reading it is ordered after its copy, and once evicted the caching allocator
+# reuses its memory in that stream's order.
 _cache: "collections.OrderedDict[tuple, _Operands]" = collections.OrderedDict()
-# Tables built while a CUDA graph was captured: the graph reads them (and copies the pinned host
-# buffer into the device table) at every replay, so they live as long as the process.
-_captured: list[_Table] = []
+# Operands a captured CUDA graph reads: never freed (an eviction from the cache drops only the
+# cache's reference), as the graph reads their tables at every replay.
+_captured: list[_Operands] = []
 
 
 def _operands(tensors: list[Tensor], op: str, writes: bool) -> _Operands:
-    """_prepare's operands, from the cache when the list was seen before (the same grads every
-    step) and needs no copies or temporaries: no checks, no table built, no host-to-device copy.
+    """_prepare's operands, from the cache when the list was seen before on this stream (the
+    same grads every step) and needs no copies or temporaries: no checks, no table built, no
+    host-to-device copy.
 
-    While the current stream captures a CUDA graph nothing is read from or added to the cache
-    (a table copied during capture holds its bytes only at replay); the table is kept in
-    ``_captured`` instead. Cache entries are only ever used on the stream that built them."""
-    capturing = tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()
-    key = None if capturing else _key(tensors, writes)
-    operands = _cache.get(key) if key is not None else None
+    While the current stream captures a CUDA graph, the cached operands of the list are used
+    whatever stream made them (torch.cuda.graph synchronizes the device before capture, so
+    their copy is done), and kept in ``_captured`` for the graph. Without any (the list was
+    never used eagerly, or needs copies) they are built during capture: the graph then copies
+    the table from a pinned host buffer at each replay, kept alive with them, and they are not
+    cached (the device table holds its bytes only once the graph has run)."""
+    device = tensors[0].device
+    key = _key(tensors, writes)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        operands = next((o for (_, k), o in _cache.items() if k == key), None) if key else None
+        if operands is None:
+            operands = _prepare(tensors, op, writes)
+        _captured.append(operands)
+        return operands
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    operands = _cache.get((stream, key)) if key is not None else None
     if operands is not None:
-        _cache.move_to_end(key)
+        _cache.move_to_end((stream, key))
         return operands
     operands = _prepare(tensors, op, writes)
-    if capturing:
-        _captured.append(operands.table)
-    elif key is not None and not operands.write_back and not operands.temporaries:
-        _cache[key] = operands
+    if key is not None and not operands.write_back and not operands.temporaries:
+        _cache[(stream, key)] = operands
         if len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return operands
