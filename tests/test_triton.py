@@ -550,6 +550,8 @@ def test_bad_input_raises_before_writing(device):
         torch.ops.fusedclip_triton.multi_tensor_clamp_(grads + [torch.randn(3, dtype=torch.complex64, device=device)], -1.0, 1.0)
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.fusedclip_triton.clip_grad_norm_(grads + [torch.ones(3, dtype=torch.int32, device=device)], 0.1, 2.0)
+    with pytest.raises(RuntimeError, match="layout"):  # no address: the cache key refuses it too
+        torch.ops.fusedclip_triton.clip_grad_norm_(grads + [torch.ones(3, device=device).to_sparse()], 0.1, 2.0)
     with pytest.raises(RuntimeError, match="norm_type must not be nan"):
         torch.ops.fusedclip_triton.clip_grad_norm_(grads, 0.1, float("nan"))
     with pytest.raises(ValueError, match="max_norm"):
