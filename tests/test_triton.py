@@ -390,6 +390,88 @@ def test_non_contiguous_grads(device, dtype):
     assert_bitwise_equal(cpu(grads), expected)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_dense_non_contiguous_grads_are_spans(device, layout):
+    """A grad that fills its memory exactly once (channels_last, transposed) is one flat span:
+    never copied, its table cached, left bit for bit when nothing is clipped, and clipped in
+    place when it is."""
+    from fusedclip.triton import ops as triton_ops
+
+    base = on(device, make_grads([(3, 5, 4, 7), (CHUNK + 9, 3)], torch.float32, seed=40))
+    if layout == "channels_last":
+        grads = [base[0].to(memory_format=torch.channels_last), base[1].t().contiguous().t()]
+    else:
+        grads = [base[0].permute(3, 1, 0, 2), base[1].t()]
+    assert not any(g.is_contiguous() for g in grads)
+    operands = triton_ops._prepare(grads, "test", writes=True)
+    assert not operands.write_back and not operands.temporaries
+    originals = clone_all(grads)
+    truth = oracle_norm(cpu(originals), 2.0)
+    total = fusedclip.clip_grad_norm_(params_with(grads), 2.0 * truth, backend="triton")
+    assert_norm_close(total.cpu(), truth, 1e-5)
+    assert_bitwise_equal(cpu(grads), cpu(originals))
+    cached = len(triton_ops._cache)
+    total = fusedclip.clip_grad_norm_(params_with(grads), 0.5 * truth, backend="triton")
+    assert len(triton_ops._cache) == cached  # the same list: a hit
+    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(cpu(originals), total.cpu(), 0.5 * truth))
+
+
+def test_strided_grads_copied_once_and_values_kept_when_not_clipped(device, monkeypatch):
+    """A truly strided grad goes through one contiguous copy per clip (the norm reads what the
+    scale writes); when nothing is clipped the copy written back holds the same bits."""
+    base = on(device, make_grads([(3 * CHUNK + 6,)], torch.bfloat16, seed=41))[0]
+    grads = [base[::3], on(device, make_grads([(100,)], torch.bfloat16, seed=42))[0]]
+    originals = clone_all(grads)
+    whole = base.clone()
+    truth = oracle_norm(cpu(originals), 2.0)
+    copies = []
+    contiguous = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous",
+                        lambda self, *a, **k: copies.append(self) or contiguous(self, *a, **k))
+    torch.ops.fusedclip_triton.clip_grad_norm_(grads, 2.0 * truth, 2.0)
+    assert len(copies) == 1
+    assert_bitwise_equal(cpu([base]), cpu([whole]))
+    total = torch.ops.fusedclip_triton.clip_grad_norm_(grads, 0.5 * truth, 2.0)
+    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(cpu(originals), total.cpu(), 0.5 * truth))
+    assert_bitwise_equal(cpu([base[1::3], base[2::3]]), cpu([whole[1::3], whole[2::3]]))
+
+
+def test_mixed_dtypes_accumulate_each_chunk_in_its_own_dtype(device):
+    """float32 chunks accumulate in float32 even when a float64 tensor makes the output float64,
+    as the CPU backend does: 1 + 2^-24 (the sum of squares of [1, 2^-12]) rounds to 1 in
+    float32 (a tie, to even), and would stay 1 + 2^-24 in float64."""
+    grads = [torch.tensor([1.0, 2.0**-12]), torch.zeros(3, dtype=torch.float64)]
+    cpu_statistic, _ = torch.ops.fusedclip.multi_tensor_norm(clone_all(grads), 2.0, False)
+    statistic, _ = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), 2.0, False)
+    assert statistic.dtype == torch.float64
+    assert float(statistic) == float(cpu_statistic) == 1.0
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16] * 3
+    grads = make_grads([(CHUNK + 77,), (500,), (3000,), (CHUNK - 3,)] * 3, dtypes, seed=43)
+    for norm_type in (2.0, 1.0, 3.0):
+        cpu_statistic, _ = torch.ops.fusedclip.multi_tensor_norm(clone_all(grads), norm_type, False)
+        statistic, _ = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, False)
+        assert float(statistic) == pytest.approx(float(cpu_statistic), rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("norm_type", [3.5, 0.5, -1.5, 1.25])
+def test_general_p_matches_float64_oracle(device, norm_type):
+    """|x|^p and the root in float64 (pow): float64 data within 1e-13 of the float64 oracle, and
+    float32 data (subnormals included) within float32's own rounding."""
+    grads = make_grads([(CHUNK + 5,), (300,)], torch.float64, seed=44, scale=3.0)
+    truth = oracle_norm(grads, norm_type)
+    total = torch.ops.fusedclip_triton.clip_grad_norm_(on(device, grads), 1e300, norm_type)
+    assert float(total) == pytest.approx(truth, rel=1e-13, abs=0)
+    grads = make_grads([(CHUNK + 5,), (300,)], torch.float32, seed=46)
+    if 0 < norm_type < 1:  # sums of |x|^p of subnormals (|x| ~ 1e-39) stay normal floats
+        grads.append(make_grads([(2000,)], torch.float32, seed=45)[0] * 1e-39)
+    per_truth = [oracle_statistic(g, norm_type) for g in grads]
+    _, per = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, True)
+    for value, want in zip(per.tolist(), per_truth):
+        assert value == pytest.approx(want, rel=2e-7, abs=0)
+    total = torch.ops.fusedclip_triton.clip_grad_norm_(on(device, grads), 1e30, norm_type)
+    assert float(total) == pytest.approx(oracle_norm(grads, norm_type), rel=2e-7, abs=0)
+
+
 def test_clip_grad_value(device):
     grads = make_grads(SHAPES, torch.float16, seed=17, scale=3.0)
     theirs = params_with(clone_all(grads))
@@ -428,6 +510,36 @@ def test_table_cache_follows_addresses(device):
                           oracle_norm(cpu(other), 2.0), 1e-5)
 
 
+def test_cache_hit_skips_checks_and_table(device, monkeypatch):
+    """A list seen before takes its operands from the cache: nothing is checked or built."""
+    from fusedclip.triton import ops as triton_ops
+
+    grads = on(device, make_grads([(100,), (CHUNK + 1,), (7, 3)], torch.float32, seed=47))
+    first = torch.ops.fusedclip_triton.multi_tensor_norm(grads, 2.0)[0]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("operands built on a cache hit")
+
+    monkeypatch.setattr(triton_ops, "_prepare", refuse)
+    assert torch.equal(torch.ops.fusedclip_triton.multi_tensor_norm(grads, 2.0)[0], first)
+    with pytest.raises(AssertionError, match="cache hit"):  # another list: a miss
+        torch.ops.fusedclip_triton.multi_tensor_norm(grads[:2], 2.0)
+
+
+def test_in_place_operators_bump_version_counters(device):
+    """Autograd sees every in-place write: each written tensor's version counter moves."""
+    grads = on(device, make_grads([(10,), (CHUNK + 2,), (0,)], torch.float32, seed=50))
+    for op, args in ((torch.ops.fusedclip_triton.clip_grad_norm_, (0.1, 2.0)),
+                     (torch.ops.fusedclip_triton.multi_tensor_scale_, (torch.tensor(0.5, device=device),)),
+                     (torch.ops.fusedclip_triton.multi_tensor_clamp_, (-0.1, 0.1))):
+        versions = [g._version for g in grads]
+        op(grads, *args)
+        assert all(g._version > v for g, v in zip(grads, versions)), op
+    versions = [g._version for g in grads]
+    torch.ops.fusedclip_triton.multi_tensor_norm(grads, 2.0)
+    assert [g._version for g in grads] == versions
+
+
 def test_bad_input_raises_before_writing(device):
     grads = on(device, make_grads([(10,), (5,)], torch.float32, seed=21))
     originals = clone_all(grads)
@@ -438,6 +550,8 @@ def test_bad_input_raises_before_writing(device):
         torch.ops.fusedclip_triton.multi_tensor_clamp_(grads + [torch.randn(3, dtype=torch.complex64, device=device)], -1.0, 1.0)
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.fusedclip_triton.clip_grad_norm_(grads + [torch.ones(3, dtype=torch.int32, device=device)], 0.1, 2.0)
+    with pytest.raises(RuntimeError, match="layout"):  # no address: the cache key refuses it too
+        torch.ops.fusedclip_triton.clip_grad_norm_(grads + [torch.ones(3, device=device).to_sparse()], 0.1, 2.0)
     with pytest.raises(RuntimeError, match="norm_type must not be nan"):
         torch.ops.fusedclip_triton.clip_grad_norm_(grads, 0.1, float("nan"))
     with pytest.raises(ValueError, match="max_norm"):
@@ -506,9 +620,16 @@ def test_clip_in_a_cuda_graph():
         for _ in range(2):  # warm-up off the default stream, as capture requires
             fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
     torch.cuda.current_stream().wait_stream(stream)
+    from fusedclip.triton import ops as triton_ops
+
+    warmed = list(triton_ops._cache.values())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+    assert any(triton_ops._captured[-1] is o for o in warmed)  # the warm-up's table
+    for seed in range(triton_ops._CACHE_SIZE + 4):  # evicts it from the cache; reuses memory
+        other = on(torch.device("cuda"), make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=200 + seed))
+        fusedclip.get_total_norm(other, backend="triton")
     for scale in (1.0, 3.0, 1e-9):  # clips, clips, does not clip
         inputs = [s * scale for s in source]
         for g, s in zip(grads, inputs):
@@ -518,6 +639,73 @@ def test_clip_in_a_cuda_graph():
         truth = oracle_norm(inputs, 2.0)
         assert_norm_close(total.cpu(), truth, 1e-5)
         assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(inputs, total.cpu(), 0.1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
+def test_cuda_graph_tables_outlive_the_cache():
+    """A graph captured on grads never used before builds their table during capture (copied
+    from pinned memory at each replay): kept apart (the cache is untouched), it still replays
+    correctly after the cache has turned over."""
+    from fusedclip.triton import ops as triton_ops
+
+    cuda = torch.device("cuda")
+    source = make_grads(SHAPES, torch.float32, seed=48)
+    fusedclip.clip_grad_norm_(params_with(on(cuda, source)), 0.1, backend="triton")  # compiles
+    torch.cuda.synchronize()
+    grads = on(cuda, source)
+    params = params_with(grads)
+    cached = set(triton_ops._cache)
+    captured = len(triton_ops._captured)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
+    assert set(triton_ops._cache) == cached and len(triton_ops._captured) == captured + 1
+    assert triton_ops._captured[-1].table.host_copy.is_pinned()
+    for seed in range(triton_ops._CACHE_SIZE + 4):  # evicts every entry; reuses freed memory
+        other = on(cuda, make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=100 + seed))
+        fusedclip.get_total_norm(other, backend="triton")
+    for scale in (1.0, 1e-9):  # clips, does not clip
+        inputs = [s * scale for s in source]
+        for g, s in zip(grads, inputs):
+            g.copy_(s)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_norm_close(total.cpu(), oracle_norm(inputs, 2.0), 1e-5)
+        assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(inputs, total.cpu(), 0.1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
+def test_tables_are_per_stream():
+    """The first use of a list on another stream builds that stream's own table (ordered after
+    its own copy), and gives the same result."""
+    from fusedclip.triton import ops as triton_ops
+
+    grads = on(torch.device("cuda"), make_grads(SHAPES, torch.float32, seed=49))
+    first = fusedclip.get_total_norm(grads, backend="triton")
+    cached = len(triton_ops._cache)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        second = fusedclip.get_total_norm(grads, backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    assert len(triton_ops._cache) == min(cached + 1, triton_ops._CACHE_SIZE)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="reads the compiled kernels' parameters")
+def test_kernel_scalars_compile_one_variant():
+    """Sizes and float64 bit patterns never specialize a kernel (an int 1 or a multiple of 16
+    would), and the bits are typed int64 whatever their value (0.0's bits would be int32)."""
+    from fusedclip.triton import kernels
+
+    for fn in (kernels.norm_chunks, kernels.per_tensor, kernels.scale_chunks, kernels.clamp_chunks):
+        for param in fn.params:
+            if param.name in ("n_chunks", "first_chunk", "n_tensors") or param.name.endswith("_bits"):
+                assert param.do_not_specialize, (fn, param.name)
+            if param.name.endswith("_bits"):
+                assert param.annotation_type == "i64", (fn, param.name)
 
 
 # --- compiled for a GPU, without one ------------------------------------------------------------------
@@ -559,11 +747,15 @@ def test_kernels_compile_for_sm90():
                 compiled = compile_kernel(fn, acc, DTYPE=dtype, ACC=acc, ALIGNED=aligned, BLOCK=2048)
                 if dtype == tl.bfloat16 and aligned:
                     assert "st.global.v4.b32" in compiled.asm["ptx"], fn
-        for kind in range(6):
-            norm = compile_kernel(kernels.norm_chunks, acc, DTYPE=dtype, ACC=acc, KIND=kind,
-                                  FINISH=True, ALIGNED=True, BLOCK=2048, FINAL_BLOCK=1024)
-            if dtype == tl.bfloat16:
-                assert "ld.global.v4.b32" in norm.asm["ptx"], kind
+        for out in {acc, tl.float64}:  # a float64 tensor in the list makes the output float64
+            for kind in range(6):
+                norm = compile_kernel(kernels.norm_chunks, out, DTYPE=dtype, ACC=acc, OUT=out,
+                                      KIND=kind, FINISH=True, ALIGNED=True, BLOCK=2048,
+                                      FINAL_BLOCK=1024)
+                if dtype == tl.bfloat16:
+                    assert "ld.global.v4.b32" in norm.asm["ptx"], kind
+                if kind == kernels.POWER_SUM.value:  # |x|^p and the root: float64 pow
+                    assert "__nv_pow" in norm.asm["llir"] and "lg2.approx" not in norm.asm["ptx"]
     for acc in (tl.float32, tl.float64):
         for kind in range(6):
             compile_kernel(kernels.per_tensor, acc, KIND=kind, ACC=acc, BLOCK=1024)

@@ -16,15 +16,16 @@ two tensors, so a tensor of 10 elements is one program and a tensor of 10^8 elem
 10,000 tensors are one launch.
 
 Scalars that must be exact in float64 (p, max_norm, clamp bounds) travel as the int64 bits of
-a float64 (Triton passes Python floats as float32) and are turned back with a bitcast.
+a float64 (Triton passes Python floats as float32) and are turned back with a bitcast. They are
+annotated ``tl.int64`` (Triton would type the bits of 0.0 as int32 and compile a variant for
+it), and they and the table's sizes are in ``do_not_specialize``, so that no value compiles a
+kernel of its own.
 
 Triton compiles them for GPU tensors. In a process started with TRITON_INTERPRET=1, Triton's
 interpreter (numpy underneath) runs them on CPU tensors instead: that is how the test suite
 runs these kernels on a machine without a GPU. The variable must be set before triton is
 imported (it decides what ``triton.jit`` and triton.language's own functions are).
 """
-
-from __future__ import annotations
 
 import triton
 import triton.language as tl
@@ -44,6 +45,22 @@ _SUM = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
 
+# The interpreter has no libdevice: there float64 pow is exp2(p log2 x) in numpy's float64.
+# (triton.jit reads the same knob to decide whether it interprets.)
+_INTERPRETED = tl.constexpr(bool(triton.knobs.runtime.interpret))
+if not _INTERPRETED:
+    from triton.language.extra import libdevice
+
+
+@triton.jit
+def _pow64(x, p):
+    """x^p in float64 (x >= 0): libdevice's pow (correctly rounded to ~1 ulp), as std::pow;
+    0 -> 0 for p > 0 and inf for p < 0."""
+    if _INTERPRETED:
+        return tl.exp2(p * tl.log2(x))
+    else:
+        return libdevice.pow(x, p)
+
 
 @triton.jit
 def _round(x, DTYPE: tl.constexpr):
@@ -62,34 +79,39 @@ def _round(x, DTYPE: tl.constexpr):
         return x.to(DTYPE)
 
 
-@triton.jit(do_not_specialize=["p_bits", "max_norm_bits", "eps_bits"])
+@triton.jit(do_not_specialize=["n_chunks", "first_chunk", "p_bits", "max_norm_bits", "eps_bits"])
 def norm_chunks(
     table, n_chunks, first_chunk,  # the call's table; this launch's chunks start at first_chunk
     partials,                      # float64 statistic of chunk c -> partials[c]
     ticket,                        # int32 counter of finished programs over every launch of the call
-    p_bits,                        # p as float64 bits (POWER_SUM)
-    statistic,                     # out: the statistic of all chunks (ACC)
-    total_norm, coef,              # out, with FINISH: the norm, min(max_norm / (norm + eps), 1)
-    max_norm_bits, eps_bits,       # float64 bits of max_norm and 1e-6 (FINISH)
-    DTYPE: tl.constexpr, ACC: tl.constexpr, KIND: tl.constexpr, FINISH: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FINAL_BLOCK: tl.constexpr,
+    p_bits: tl.int64,              # p as float64 bits (POWER_SUM)
+    statistic,                     # out: the statistic of all chunks (OUT)
+    total_norm, coef,              # out, with FINISH: the norm, min(max_norm / (norm + eps), 1) (OUT)
+    max_norm_bits: tl.int64, eps_bits: tl.int64,  # float64 bits of max_norm and 1e-6 (FINISH)
+    DTYPE: tl.constexpr, ACC: tl.constexpr, OUT: tl.constexpr, KIND: tl.constexpr,
+    FINISH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, FINAL_BLOCK: tl.constexpr,
 ):
     r"""Statistic of one chunk; the last program of the call reduces every partial.
 
-    A chunk x of n elements, widened to ACC (float32, float64 for float64 data) gives
+    A chunk x of n elements, widened to ACC, this launch's accumulator (float32, float64 for
+    float64 data; a list of several dtypes accumulates each in its own, as the CPU backend does)
+    gives
 
     .. math::
         s = \sum x^2,\ \sum |x|,\ \sum |x|^p,\ \max |x|,\ \min |x|,\ \#\{x \neq 0\}
 
     accumulated in BLOCK lanes and reduced by a fixed tree (``tl.reduce``), so every run gives the
-    same bits. max and min drop nan in hardware: nans are counted and make s nan.
+    same bits. max and min drop nan in hardware: nans are counted and make s nan. The terms
+    :math:`|x|^p` of a general p are computed and summed in float64 (as std::pow in double on the
+    CPU), the chunk's sum rounded to ACC.
 
     Each program then takes a ticket (an atomic increment, release/acquire). The program that
     takes the last ticket, n_chunks - 1, knows every partial is written: it combines them in
     float64 in a fixed order (lane k takes partials k, k + FINAL_BLOCK, ...; then a tree) and
-    writes the statistic, and with FINISH the norm (the p-th root, IEEE-rounded square root for
-    p = 2) and the clip coefficient, computed as torch computes it:
-    ``min(max_norm * (1 / (norm + 1e-6)), 1)`` in ACC, nan kept.
+    writes the statistic in OUT (the call's dtype: float64 when any tensor is float64), and with
+    FINISH the norm (the p-th root by float64 pow, IEEE-rounded square root for p = 2) and the
+    clip coefficient, computed as torch computes it:
+    ``min(max_norm * (1 / (norm + 1e-6)), 1)`` in OUT, nan kept.
     """
     chunk = first_chunk + tl.program_id(0)
     address = tl.load(table + chunk)
@@ -100,10 +122,12 @@ def norm_chunks(
     lanes = tl.arange(0, BLOCK)
     if KIND == MIN:
         acc = tl.full([BLOCK], float("inf"), ACC)
+    elif KIND == POWER_SUM:
+        acc = tl.full([BLOCK], 0, tl.float64)
     else:
         acc = tl.full([BLOCK], 0, ACC)
     nans = tl.full([BLOCK], 0, tl.int32)
-    p = p_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    p = p_bits.to(tl.int64).to(tl.float64, bitcast=True)
     for start in range(0, n, BLOCK):
         mask = start + lanes < n
         if start + BLOCK <= n:  # a whole block: no mask, so that loads are vectorized
@@ -116,8 +140,7 @@ def norm_chunks(
         elif KIND == ABS_SUM:
             acc += a
         elif KIND == POWER_SUM:
-            # |x|^p = 2^(p log2 |x|): 0 -> 0 for p > 0 and inf for p < 0, as pow gives
-            acc += tl.where(mask, tl.exp2(p * tl.log2(a)), 0.0)
+            acc += tl.where(mask, _pow64(a.to(tl.float64), p), 0.0)
         elif KIND == COUNT:
             acc += (x != 0.0).to(ACC)  # nan != 0: counted, as torch counts it
         elif KIND == MAX:
@@ -134,7 +157,7 @@ def norm_chunks(
         s = tl.reduce(acc, 0, _SUM)
     if KIND == MAX or KIND == MIN:
         s = tl.where(tl.reduce(nans, 0, _SUM) > 0, float("nan"), s)
-    tl.store(partials + chunk, s.to(tl.float64))
+    tl.store(partials + chunk, s.to(ACC).to(tl.float64))
 
     # Every thread's store lands before the ticket is taken (barrier + the atomic's release).
     tl.debug_barrier()
@@ -165,32 +188,32 @@ def norm_chunks(
         else:
             s64 = tl.reduce(total, 0, _SUM)
         s64 = tl.where(tl.reduce(total_nans, 0, _SUM) > 0, float("nan"), s64)
-        statistic_value = s64.to(ACC)
+        statistic_value = s64.to(OUT)
         tl.store(statistic, statistic_value)
         if FINISH:
             # IEEE-rounded square root and division, as torch's: float32 sqrt and / are
             # approximate in Triton (float64 ones are exact, and have no _rn form)
-            one = tl.full([], 1.0, ACC)
+            one = tl.full([], 1.0, OUT)
             if KIND == SQUARE_SUM:
-                if ACC == tl.float64:
+                if OUT == tl.float64:
                     norm = tl.sqrt(statistic_value)
                 else:
                     norm = tl.sqrt_rn(statistic_value)
             elif KIND == POWER_SUM:
-                norm = tl.exp2(tl.log2(statistic_value) * (one / p))
+                norm = _pow64(statistic_value.to(tl.float64), 1.0 / p).to(OUT)
             else:
                 norm = statistic_value
             tl.store(total_norm, norm)
-            eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-            max_norm = max_norm_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
-            if ACC == tl.float64:
+            eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True).to(OUT)
+            max_norm = max_norm_bits.to(tl.int64).to(tl.float64, bitcast=True).to(OUT)
+            if OUT == tl.float64:
                 c = one / (norm + eps) * max_norm
             else:
                 c = tl.div_rn(one, norm + eps) * max_norm
-            tl.store(coef, tl.where(c > 1.0, 1.0, c).to(ACC))
+            tl.store(coef, tl.where(c > 1.0, 1.0, c).to(OUT))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks", "n_tensors"])
 def per_tensor(
     table, n_chunks, n_tensors,  # the call's table (see the module docstring)
     partials,                       # float64 chunk partials written by norm_chunks
@@ -230,7 +253,7 @@ def per_tensor(
     tl.store(out + t, s.to(ACC))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks", "first_chunk"])
 def scale_chunks(
     table, n_chunks, first_chunk,  # the call's table; this launch's chunks start at first_chunk
     coef,                         # a one-element float tensor on the device
@@ -261,10 +284,10 @@ def scale_chunks(
                 tl.store(x_ptr + start + lanes, _round(x * factor, DTYPE), mask=mask)
 
 
-@triton.jit(do_not_specialize=["lo_bits", "hi_bits"])
+@triton.jit(do_not_specialize=["n_chunks", "first_chunk", "lo_bits", "hi_bits"])
 def clamp_chunks(
     table, n_chunks, first_chunk,  # the call's table; this launch's chunks start at first_chunk
-    lo_bits, hi_bits,             # the bounds as float64 bits
+    lo_bits: tl.int64, hi_bits: tl.int64,  # the bounds as float64 bits
     DTYPE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """x = min(max(x, lo), hi) in place, one pass, compared in ACC with the bounds rounded to
