@@ -11,6 +11,7 @@ triton is a test dependency: without it this file fails to import, it is never s
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import subprocess
@@ -514,6 +515,9 @@ def test_cache_hit_skips_checks_and_table(device, monkeypatch):
     """A list seen before takes its operands from the cache: nothing is checked or built."""
     from fusedclip.triton import ops as triton_ops
 
+    # An empty cache: a table depends only on addresses, sizes and dtypes, so an earlier test's
+    # list at the same (reused) addresses would otherwise make the last call below a hit.
+    monkeypatch.setattr(triton_ops, "_cache", collections.OrderedDict())
     grads = on(device, make_grads([(100,), (CHUNK + 1,), (7, 3)], torch.float32, seed=47))
     first = torch.ops.fusedclip_triton.multi_tensor_norm(grads, 2.0)[0]
 
