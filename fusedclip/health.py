@@ -233,6 +233,7 @@ class GradientMonitor:
         self._history: deque = deque(maxlen=history_size)
         self._logged_through = 0
         self._state: Optional[dict[str, Tensor]] = None
+        self._update_backend = "torch"  # of monitor_update_, chosen with the state's device
 
     # --- per step ---------------------------------------------------------------------------
 
@@ -268,6 +269,7 @@ class GradientMonitor:
             raise ValueError("total_norm must be a one-element tensor")
         with torch.no_grad():
             per = per_parameter.detach().to(torch.float64 if per_parameter.dtype == torch.float64 else torch.float32)
+            per = per.contiguous()
             self._update(per)
             state = self._state
             self.step += 1
@@ -277,40 +279,34 @@ class GradientMonitor:
         if self.writer is not None and self.step % self.log_every == 0:
             self.log()
 
+    def _backend_of_update(self, device: torch.device) -> str:
+        """"cpu" (the C++ operator) where the clip's backend for the device is "cpu", else "torch"
+        (the same math in ATen ops, on any device)."""
+        if device.type != "cpu" or _ops._C is None:
+            return "torch"
+        try:
+            return "cpu" if _ops.resolve_backend(self.backend, device) == "cpu" else "torch"
+        except (RuntimeError, ValueError):  # a GPU-only backend: the norms came from elsewhere
+            return "torch"
+
     def _update(self, norms: Tensor) -> None:
+        """One step of the statistics and flags: one fused operator on CPU (the C++ kernel of
+        reference.monitor_update_), the reference's ops elsewhere."""
         if self._state is None or self._state["mean"].device != norms.device:
-            zeros = torch.zeros_like(norms)
-            counts = torch.zeros(norms.shape, dtype=torch.int64, device=norms.device)
-            self._state = {"mean": zeros, "var": zeros, "count": counts, "below": counts,
-                           "explosions": counts, "exploding": counts.bool(), "vanishing": counts.bool()}
+            counts = lambda: torch.zeros(norms.shape, dtype=torch.int64, device=norms.device)  # noqa: E731
+            self._state = {"mean": torch.zeros_like(norms), "var": torch.zeros_like(norms), "count": counts(),
+                           "below": counts(), "explosions": counts(),
+                           "exploding": counts().bool(), "vanishing": counts().bool()}
+            self._update_backend = self._backend_of_update(norms.device)
         s = self._state
-        mean, var, count = s["mean"], s["var"], s["count"]
-        finite = norms.isfinite()
-        warm = count >= self.warmup_steps
-        deviation = torch.where(finite, norms - mean, 0.0)
-        square = deviation.square()
-        # z = (n - mu) / sqrt(var + 1e-12) > z_threshold, squared: no sqrt on the per-step path
-        # (ATen's sqrt of a few thousand elements enters a parallel region, milliseconds on a busy
-        # CPU).
-        spike = (deviation > 0) & (square > self.z_threshold**2 * (var + 1e-12))
-        exploding = ~finite | (warm & spike)
-        if self.explode_threshold is not None:
-            exploding = exploding | (norms > self.explode_threshold)
-        # One update for both phases, with w the weight of the new norm and d = n - mu:
-        # mu += w d; var += w (k d^2 - var). Over the warm-up w = 1/(count + 1) and k = 1 - w:
-        # Welford's exact mean and population variance. After it w = 1 - alpha and k = (1 - w)^2:
-        # ZClip's EMAs (its variance uses n minus the new mean, which is (1 - w) d). A non-finite
-        # norm has w = 0 (and d = 0).
-        weight = torch.where(warm, 1.0 - self.alpha, (count + 1).to(norms.dtype).reciprocal())
-        weight = torch.where(finite, weight, 0.0)
-        keep = 1.0 - weight
-        s["mean"] = mean + weight * deviation
-        s["var"] = var + weight * (torch.where(warm, keep.square(), keep) * square - var)
-        s["count"] = count + finite
-        s["below"] = torch.where(norms < self.vanish_eps, s["below"] + 1, 0)
-        s["explosions"] = s["explosions"] + exploding
-        s["exploding"] = exploding
-        s["vanishing"] = s["below"] >= self.vanish_steps
+        if s["mean"].dtype != norms.dtype:  # float32 and float64 steps: the statistics go float64
+            s["mean"], s["var"] = s["mean"].double(), s["var"].double()
+            norms = norms.double()
+        # The flags are new tensors every step: the history keeps each step's.
+        s["exploding"], s["vanishing"] = _ops.monitor_update_(
+            self._update_backend, norms, s["mean"], s["var"], s["count"], s["below"], s["explosions"],
+            self.alpha, self.warmup_steps, self.z_threshold, self.explode_threshold, self.vanish_eps,
+            self.vanish_steps)
 
     # --- reading (synchronises) ---------------------------------------------------------------
 
