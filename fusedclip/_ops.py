@@ -214,13 +214,13 @@ def multi_tensor_unscale_norm(
 
 
 def monitor_update_(backend: str, norms: Tensor, mean: Tensor, var: Tensor, count: Tensor, below: Tensor,
-                    explosions: Tensor, alpha: float, warmup_steps: int, z_threshold: float,
-                    explode_threshold: Optional[float], vanish_eps: float, vanish_steps: int) -> tuple[Tensor, Tensor]:
-    """GradientMonitor's per-step update in place; returns (exploding, vanishing). See
-    reference.monitor_update_."""
+                    explosions: Tensor, exploding: Tensor, vanishing: Tensor, alpha: float, warmup_steps: int,
+                    z_threshold: float, explode_threshold: Optional[float], vanish_eps: float,
+                    vanish_steps: int) -> None:
+    """GradientMonitor's per-step update, in place; see reference.monitor_update_."""
     op = torch.ops.fusedclip.monitor_update_ if backend == "cpu" else reference.monitor_update_
-    return op(norms, mean, var, count, below, explosions, alpha, warmup_steps, z_threshold,
-              explode_threshold, vanish_eps, vanish_steps)
+    op(norms, mean, var, count, below, explosions, exploding, vanishing, alpha, warmup_steps, z_threshold,
+       explode_threshold, vanish_eps, vanish_steps)
 
 
 # --- entry points that take parameters (backend "cpu") ----------------------------------------
@@ -317,6 +317,6 @@ if _C is not None:
         return statistic, tensors[0].new_empty((), dtype=torch.float32)
 
     @torch.library.register_fake("fusedclip::monitor_update_")
-    def _monitor_update_fake(norms, mean, var, count, below, explosions, alpha, warmup_steps, z_threshold,
-                             explode_threshold, vanish_eps, vanish_steps):
-        return norms.new_empty(norms.shape, dtype=torch.bool), norms.new_empty(norms.shape, dtype=torch.bool)
+    def _monitor_update_fake(norms, mean, var, count, below, explosions, exploding, vanishing, alpha,
+                             warmup_steps, z_threshold, explode_threshold, vanish_eps, vanish_steps):
+        return None

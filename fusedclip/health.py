@@ -229,7 +229,8 @@ class GradientMonitor:
         self.log_per_parameter = log_per_parameter
         self.backend = backend
         self.step = 0  # steps recorded
-        # (step, total, per-parameter norms, exploding flags, vanishing flags), device tensors
+        # (step, total, per-parameter norms, exploding flags, vanishing flags), device tensors; the
+        # flags are None for steps recorded without a writer (log() is their only reader)
         self._history: deque = deque(maxlen=history_size)
         self._logged_through = 0
         self._state: Optional[dict[str, Tensor]] = None
@@ -240,8 +241,10 @@ class GradientMonitor:
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """:func:`fusedclip.clip_grad_norm_` on the monitored parameters, recording the norms of
         the same read; returns the global norm before clipping."""
-        total, per = clip_grad_norm_with_norms_(self.params, max_norm, self.norm_type, backend=self.backend)
-        self.record(total, per)
+        max_norm = clip._non_negative(max_norm, "max_norm")
+        with torch.no_grad():
+            total, per = _clip_with_norms(self.params, max_norm, self.norm_type, self.backend)
+            self._record(total, per)  # float32 or float64, contiguous: recorded as they are
         return total
 
     def observe(self) -> Tensor:
@@ -268,14 +271,19 @@ class GradientMonitor:
         if not isinstance(total_norm, Tensor) or total_norm.numel() != 1:
             raise ValueError("total_norm must be a one-element tensor")
         with torch.no_grad():
-            per = per_parameter.detach().to(torch.float64 if per_parameter.dtype == torch.float64 else torch.float32)
-            per = per.contiguous()
-            self._update(per)
-            state = self._state
-            self.step += 1
-            self._history.append(
-                (self.step, total_norm.detach().reshape(()), per, state["exploding"], state["vanishing"])
-            )
+            dtype = torch.float64 if per_parameter.dtype == torch.float64 else torch.float32
+            self._record(total_norm.detach(), per_parameter.detach().to(dtype).contiguous())
+
+    def _record(self, total_norm: Tensor, norms: Tensor) -> None:
+        """record() of checked norms: contiguous, float32 or float64, detached."""
+        self._update(norms)
+        self.step += 1
+        # Each step's flags are kept only for log(), the one reader of them (a copy: the state's
+        # flags are overwritten in place every step).
+        flags = (None, None)
+        if self.writer is not None:
+            flags = (self._state["exploding"].clone(), self._state["vanishing"].clone())
+        self._history.append((self.step, total_norm.reshape(()), norms) + flags)
         if self.writer is not None and self.step % self.log_every == 0:
             self.log()
 
@@ -302,10 +310,9 @@ class GradientMonitor:
         if s["mean"].dtype != norms.dtype:  # float32 and float64 steps: the statistics go float64
             s["mean"], s["var"] = s["mean"].double(), s["var"].double()
             norms = norms.double()
-        # The flags are new tensors every step: the history keeps each step's.
-        s["exploding"], s["vanishing"] = _ops.monitor_update_(
+        _ops.monitor_update_(
             self._update_backend, norms, s["mean"], s["var"], s["count"], s["below"], s["explosions"],
-            self.alpha, self.warmup_steps, self.z_threshold, self.explode_threshold, self.vanish_eps,
+            s["exploding"], s["vanishing"], self.alpha, self.warmup_steps, self.z_threshold, self.explode_threshold, self.vanish_eps,
             self.vanish_steps)
 
     # --- reading (synchronises) ---------------------------------------------------------------
@@ -369,15 +376,20 @@ class GradientMonitor:
         pending = [entry for entry in self._history if entry[0] > self._logged_through]
         if not pending:
             return
-        steps, totals, pers, explode_counts, vanish_counts = zip(*pending)
+        steps, totals, pers, exploding, vanishing = zip(*pending)
         totals = torch.stack(list(totals)).double().cpu().tolist()
         pers = torch.stack(list(pers)).double().cpu()
-        explode_counts = torch.stack(list(explode_counts)).sum(1).cpu().tolist()
-        vanish_counts = torch.stack(list(vanish_counts)).sum(1).cpu().tolist()
+        # Flag counts of the steps recorded while a writer was set (only those keep their flags).
+        flagged = [k for k, flags in enumerate(exploding) if flags is not None]
+        counts = {}
+        if flagged:
+            pairs = torch.stack([torch.stack([exploding[k], vanishing[k]]) for k in flagged]).sum(2).cpu().tolist()
+            counts = dict(zip(flagged, pairs))
         for k, step in enumerate(steps):
             self.writer.add_scalar("grad_norm/total", totals[k], step)
-            self.writer.add_scalar("grad_health/exploding", explode_counts[k], step)
-            self.writer.add_scalar("grad_health/vanishing", vanish_counts[k], step)
+            if k in counts:
+                self.writer.add_scalar("grad_health/exploding", counts[k][0], step)
+                self.writer.add_scalar("grad_health/vanishing", counts[k][1], step)
             finite = pers[k][pers[k].isfinite()]
             if finite.numel():
                 self.writer.add_histogram("grad_norm/per_parameter", finite, step)

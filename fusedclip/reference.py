@@ -234,19 +234,21 @@ def monitor_update_(
     count: Tensor,
     below: Tensor,
     explosions: Tensor,
+    exploding: Tensor,
+    vanishing: Tensor,
     alpha: float,
     warmup_steps: int,
     z_threshold: float,
     explode_threshold: Optional[float],
     vanish_eps: float,
     vanish_steps: int,
-) -> tuple[Tensor, Tensor]:
+) -> None:
     r"""GradientMonitor's per-step update: the definition of the ``monitor_update_`` operator.
 
     Per entry, with :math:`n` the norm (float32 or float64), :math:`\mu, \sigma^2` = ``mean``,
     ``var`` (the norms' dtype) and :math:`c` = ``count`` (int64, finite norms seen so far),
-    updates ``mean``, ``var``, ``count``, ``below`` and ``explosions`` in place and returns this
-    step's ``(exploding, vanishing)`` flags (bool). A non-finite norm changes none of
+    updates ``mean``, ``var``, ``count``, ``below`` and ``explosions`` in place and writes this
+    step's flags into ``exploding`` and ``vanishing`` (bool). A non-finite norm changes none of
     :math:`\mu, \sigma^2, c`. Computed in the norms' dtype, every op rounded on its own (the C++
     kernel repeats these ops one by one and matches bitwise).
     """
@@ -256,9 +258,9 @@ def monitor_update_(
     square = deviation.square()
     # z = (n - mu) / sqrt(var + 1e-12) > z_threshold, squared: no sqrt.
     spike = (deviation > 0) & (square > z_threshold**2 * (var + 1e-12))
-    exploding = ~finite | (warm & spike)
+    explodes = ~finite | (warm & spike)
     if explode_threshold is not None:
-        exploding = exploding | (norms > explode_threshold)
+        explodes = explodes | (norms > explode_threshold)
     # One update for both phases, with w the weight of the new norm and d = n - mu:
     # mu += w d; var += w (k d^2 - var). Over the warm-up w = 1/(c + 1) and k = 1 - w: Welford's
     # exact mean and population variance. After it w = 1 - alpha and k = (1 - w)^2: ZClip's EMAs
@@ -272,5 +274,6 @@ def monitor_update_(
     var.copy_(new_var)
     count.add_(finite)
     below.copy_(torch.where(norms < vanish_eps, below + 1, 0))
-    explosions.add_(exploding)
-    return exploding, below >= vanish_steps
+    explosions.add_(explodes)
+    exploding.copy_(explodes)
+    torch.ge(below, vanish_steps, out=vanishing)

@@ -240,9 +240,11 @@ def test_monitor_logs_to_tensorboard(tmp_path):
     params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
     with SummaryWriter(log_dir=str(tmp_path)) as writer:
         monitor = fusedclip.GradientMonitor(zip("abc", params), writer=writer, log_every=4, warmup_steps=4)
+        flag_counts = []
         for step in range(10):
             monitored_step(step, params)
             monitor.observe()
+            flag_counts.append((len(monitor.exploding()), len(monitor.vanishing())))
         monitor.log()  # steps 9 and 10; steps 1-8 were logged at steps 4 and 8
         writer.flush()
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
@@ -255,6 +257,10 @@ def test_monitor_logs_to_tensorboard(tmp_path):
     b = events.Scalars("grad_norm/b")
     assert [e.value for e in b] == pytest.approx(history["per_parameter"][:, 1].tolist(), rel=1e-6, abs=1e-12)
     assert [e.value for e in events.Scalars("grad_health/exploding")][6] >= 1  # c is nan at step 7
+    # Each step's own flags, not the last step's.
+    assert [e.value for e in events.Scalars("grad_health/exploding")] == [e for e, _ in flag_counts]
+    assert [e.value for e in events.Scalars("grad_health/vanishing")] == [v for _, v in flag_counts]
+    assert len(set(flag_counts)) > 1
     assert [e.step for e in events.Histograms("grad_norm/per_parameter")] == list(range(1, 11))
 
 
@@ -262,8 +268,9 @@ def test_monitor_logs_to_tensorboard(tmp_path):
 
 
 def _monitor_state(size, dtype):
+    """mean, var, count, below, explosions, exploding, vanishing."""
     return [torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype)] + [
-        torch.zeros(size, dtype=torch.int64) for _ in range(3)]
+        torch.zeros(size, dtype=torch.int64) for _ in range(3)] + [torch.zeros(size, dtype=torch.bool) for _ in range(2)]
 
 
 def _norm_steps(steps, size, dtype, seed):
@@ -293,12 +300,12 @@ def test_monitor_update_op_is_bitwise_the_reference(dtype, settings):
     ours, theirs = _monitor_state(size, dtype), _monitor_state(size, dtype)
     flags = {"exploding": 0, "vanishing": 0}
     for norms in _norm_steps(60, size, dtype, seed=21):
-        got = torch.ops.fusedclip.monitor_update_(norms, *ours, *settings.values())
-        want = fusedclip.reference.monitor_update_(norms, *theirs, *settings.values())
-        for a, b in zip(list(got) + ours, list(want) + theirs):
+        torch.ops.fusedclip.monitor_update_(norms, *ours, *settings.values())
+        fusedclip.reference.monitor_update_(norms, *theirs, *settings.values())
+        for a, b in zip(ours, theirs):
             assert a.dtype == b.dtype and torch.equal(a, b)  # the state holds no nan
-        flags["exploding"] += int(got[0].sum())
-        flags["vanishing"] += int(got[1].sum())
+        flags["exploding"] += int(ours[5].sum())
+        flags["vanishing"] += int(ours[6].sum())
     assert flags["exploding"] > 0 and flags["vanishing"] > 0 and int(ours[2].min()) > 0
 
 
@@ -318,7 +325,8 @@ def test_monitor_update_op_refuses_before_writing():
     for bad, match in ((lambda s: s.__setitem__(0, torch.zeros(5, dtype=torch.float64)), "mean"),
                        (lambda s: s.__setitem__(1, torch.zeros(4)), "var"),
                        (lambda s: s.__setitem__(2, torch.zeros(5, dtype=torch.int32)), "count"),
-                       (lambda s: s.__setitem__(4, torch.zeros(10, dtype=torch.int64)[::2]), "explosions")):
+                       (lambda s: s.__setitem__(4, torch.zeros(10, dtype=torch.int64)[::2]), "explosions"),
+                       (lambda s: s.__setitem__(6, torch.zeros(5, dtype=torch.uint8)), "vanishing")):
         state = _monitor_state(5, torch.float32)
         bad(state)
         originals = [t.clone() for t in state]
@@ -330,21 +338,22 @@ def test_monitor_update_op_refuses_before_writing():
                                             *args)
 
 
-def test_monitor_backends_agree_bitwise_and_history_keeps_each_step():
+def test_monitor_backends_agree_bitwise():
     params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
     monitors = {b: fusedclip.GradientMonitor(zip("abc", params), alpha=0.9, warmup_steps=4, vanish_steps=3,
                                              backend=b) for b in BACKENDS}
     assert monitors["cpu"]._backend_of_update(torch.device("cpu")) == "cpu"
     assert monitors["torch"]._backend_of_update(torch.device("cpu")) == "torch"
+    flagged = {"exploding": set(), "vanishing": set()}
     for step in range(14):
         monitored_step(step, params)
         total, per = fusedclip.get_norms([p.grad for p in params])  # the same norms for both
         for b in BACKENDS:
             monitors[b].record(total, per)
+        assert monitors["cpu"].exploding() == monitors["torch"].exploding()
+        flagged["exploding"].update(monitors["cpu"].exploding())
+        flagged["vanishing"].update(monitors["cpu"].vanishing())
     states = [monitors[b]._state for b in BACKENDS]
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
-    for b in BACKENDS:
-        exploding = [entry[3].tolist() for entry in monitors[b]._history]
-        assert exploding[8] == [True, False, False] and exploding[6] == [False, False, True]
-        assert exploding[13] == [False, False, False]
+    assert flagged == {"exploding": {"a", "c"}, "vanishing": {"b"}}

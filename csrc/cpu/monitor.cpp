@@ -19,7 +19,6 @@
 
 #include <cmath>
 #include <string>
-#include <tuple>
 
 namespace fusedclip::cpu {
 namespace {
@@ -84,12 +83,11 @@ void update(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& v
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> monitor_update_(const at::Tensor& norms, const at::Tensor& mean,
-                                                   const at::Tensor& var, const at::Tensor& count,
-                                                   const at::Tensor& below, const at::Tensor& explosions,
-                                                   double alpha, int64_t warmup_steps, double z_threshold,
-                                                   c10::optional<double> explode_threshold, double vanish_eps,
-                                                   int64_t vanish_steps) {
+void monitor_update_(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& var,
+                     const at::Tensor& count, const at::Tensor& below, const at::Tensor& explosions,
+                     const at::Tensor& exploding, const at::Tensor& vanishing, double alpha, int64_t warmup_steps,
+                     double z_threshold, c10::optional<double> explode_threshold, double vanish_eps,
+                     int64_t vanish_steps) {
   TORCH_CHECK(norms.scalar_type() == at::kFloat || norms.scalar_type() == at::kDouble,
               "fusedclip.monitor_update_: norms must be float32 or float64, got ", norms.scalar_type());
   TORCH_CHECK(norms.dim() == 1, "fusedclip.monitor_update_: norms must be 1-dim, got shape ", norms.sizes());
@@ -100,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor> monitor_update_(const at::Tensor& norms, cons
   check_state(count, "count", at::kLong, size);
   check_state(below, "below", at::kLong, size);
   check_state(explosions, "explosions", at::kLong, size);
-  at::Tensor exploding = at::empty({size}, norms.options().dtype(at::kBool));
-  at::Tensor vanishing = at::empty({size}, norms.options().dtype(at::kBool));
+  check_state(exploding, "exploding", at::kBool, size);
+  check_state(vanishing, "vanishing", at::kBool, size);
   if (norms.scalar_type() == at::kDouble) {
     update<double>(norms, mean, var, count, below, explosions, exploding, vanishing, alpha, warmup_steps,
                    z_threshold, explode_threshold, vanish_eps, vanish_steps);
@@ -109,7 +107,6 @@ std::tuple<at::Tensor, at::Tensor> monitor_update_(const at::Tensor& norms, cons
     update<float>(norms, mean, var, count, below, explosions, exploding, vanishing, alpha, warmup_steps,
                   z_threshold, explode_threshold, vanish_eps, vanish_steps);
   }
-  return {exploding, vanishing};
 }
 
 }  // namespace
