@@ -357,3 +357,17 @@ def test_monitor_backends_agree_bitwise():
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     assert flagged == {"exploding": {"a", "c"}, "vanishing": {"b"}}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_monitor_records_strided_and_mixed_dtype_norms(backend):
+    monitor = fusedclip.GradientMonitor([("a", torch.nn.Parameter(torch.zeros(2))),
+                                         ("b", torch.nn.Parameter(torch.zeros(2)))], warmup_steps=2, backend=backend)
+    monitor.record(torch.tensor(2.0), torch.tensor([1.0, 0.0, 3.0, 0.0])[::2])  # strided float32
+    monitor.record(torch.tensor(2.0, dtype=torch.float64), torch.tensor([2.0, 5.0], dtype=torch.float64))
+    monitor.record(torch.tensor(2.0, dtype=torch.float16), torch.tensor([3.0, 4.0], dtype=torch.float16))
+    state = monitor._state
+    assert state["mean"].dtype == torch.float64  # a float64 step makes the statistics float64
+    assert state["count"].tolist() == [3, 3]
+    # Warm-up of 2 (Welford), then an EMA step with alpha 0.97.
+    assert state["mean"].tolist() == pytest.approx([0.97 * 1.5 + 0.03 * 3.0, 0.97 * 4.0 + 0.03 * 4.0])
