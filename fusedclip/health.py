@@ -301,10 +301,13 @@ class GradientMonitor:
         """One step of the statistics and flags: one fused operator on CPU (the C++ kernel of
         reference.monitor_update_), the reference's ops elsewhere."""
         if self._state is None or self._state["mean"].device != norms.device:
-            counts = lambda: torch.zeros(norms.shape, dtype=torch.int64, device=norms.device)  # noqa: E731
-            self._state = {"mean": torch.zeros_like(norms), "var": torch.zeros_like(norms), "count": counts(),
-                           "below": counts(), "explosions": counts(),
-                           "exploding": counts().bool(), "vanishing": counts().bool()}
+            # One tensor each: the operator updates them in place.
+            def zeros(dtype: torch.dtype) -> Tensor:
+                return torch.zeros(norms.shape, dtype=dtype, device=norms.device)
+
+            self._state = {"mean": zeros(norms.dtype), "var": zeros(norms.dtype), "count": zeros(torch.int64),
+                           "below": zeros(torch.int64), "explosions": zeros(torch.int64),
+                           "exploding": zeros(torch.bool), "vanishing": zeros(torch.bool)}
             self._update_backend = self._backend_of_update(norms.device)
         s = self._state
         if s["mean"].dtype != norms.dtype:  # float32 and float64 steps: the statistics go float64
@@ -312,8 +315,8 @@ class GradientMonitor:
             norms = norms.double()
         _ops.monitor_update_(
             self._update_backend, norms, s["mean"], s["var"], s["count"], s["below"], s["explosions"],
-            s["exploding"], s["vanishing"], self.alpha, self.warmup_steps, self.z_threshold, self.explode_threshold, self.vanish_eps,
-            self.vanish_steps)
+            s["exploding"], s["vanishing"], self.alpha, self.warmup_steps, self.z_threshold,
+            self.explode_threshold, self.vanish_eps, self.vanish_steps)
 
     # --- reading (synchronises) ---------------------------------------------------------------
 
