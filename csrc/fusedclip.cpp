@@ -36,4 +36,11 @@ TORCH_LIBRARY(fusedclip, m) {
   // float tensor on the tensors' device, the product in float32, float64 for float64 tensors) and
   // found_inf, a 0-dim float32 tensor: 1 when any element of the tensors is inf or nan, else 0.
   m.def("multi_tensor_unscale_norm(Tensor[] tensors, Tensor inv_scale, float norm_type) -> (Tensor, Tensor)");
+  // GradientMonitor's per-step update (fusedclip.reference.monitor_update_ defines the math): per
+  // entry of norms (float32 or float64, one norm per parameter), updates in place the running
+  // mean and var (norms' dtype), the int64 counts of finite norms (count), of consecutive norms
+  // below vanish_eps (below) and of steps flagged exploding (explosions), and writes this step's
+  // flags into exploding and vanishing (bool).
+  m.def("monitor_update_(Tensor norms, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, Tensor(d!) below, Tensor(e!) explosions, Tensor(f!) exploding, Tensor(g!) vanishing, float alpha, int warmup_steps, float z_threshold, float? explode_threshold, float vanish_eps, int vanish_steps) -> ()");
 }
+

@@ -36,6 +36,7 @@ __all__ = [
     "multi_tensor_scale_per_tensor_",
     "clip_grad_norm_with_norms_",
     "multi_tensor_unscale_norm",
+    "monitor_update_",
 ]
 
 logger = logging.getLogger("fusedclip")
@@ -212,6 +213,16 @@ def multi_tensor_unscale_norm(
     return reference.multi_tensor_unscale_norm(tensors, inv_scale, norm_type)
 
 
+def monitor_update_(backend: str, norms: Tensor, mean: Tensor, var: Tensor, count: Tensor, below: Tensor,
+                    explosions: Tensor, exploding: Tensor, vanishing: Tensor, alpha: float, warmup_steps: int,
+                    z_threshold: float, explode_threshold: Optional[float], vanish_eps: float,
+                    vanish_steps: int) -> None:
+    """GradientMonitor's per-step update, in place; see reference.monitor_update_."""
+    op = torch.ops.fusedclip.monitor_update_ if backend == "cpu" else reference.monitor_update_
+    op(norms, mean, var, count, below, explosions, exploding, vanishing, alpha, warmup_steps, z_threshold,
+       explode_threshold, vanish_eps, vanish_steps)
+
+
 # --- entry points that take parameters (backend "cpu") ----------------------------------------
 # They read the grads in C++ (see csrc/python_module.cpp); each returns None / False when it did
 # not run (a parameter that is not exactly a Tensor or Parameter, or no grads), and raises,
@@ -304,3 +315,8 @@ if _C is not None:
         _check_one_device(tensors, "multi_tensor_unscale_norm")
         statistic = tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))
         return statistic, tensors[0].new_empty((), dtype=torch.float32)
+
+    @torch.library.register_fake("fusedclip::monitor_update_")
+    def _monitor_update_fake(norms, mean, var, count, below, explosions, exploding, vanishing, alpha,
+                             warmup_steps, z_threshold, explode_threshold, vanish_eps, vanish_steps):
+        return None

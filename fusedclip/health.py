@@ -229,18 +229,22 @@ class GradientMonitor:
         self.log_per_parameter = log_per_parameter
         self.backend = backend
         self.step = 0  # steps recorded
-        # (step, total, per-parameter norms, exploding flags, vanishing flags), device tensors
+        # (step, total, per-parameter norms, exploding flags, vanishing flags), device tensors; the
+        # flags are None for steps recorded without a writer (log() is their only reader)
         self._history: deque = deque(maxlen=history_size)
         self._logged_through = 0
         self._state: Optional[dict[str, Tensor]] = None
+        self._update_backend = "torch"  # of monitor_update_, chosen with the state's device
 
     # --- per step ---------------------------------------------------------------------------
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """:func:`fusedclip.clip_grad_norm_` on the monitored parameters, recording the norms of
         the same read; returns the global norm before clipping."""
-        total, per = clip_grad_norm_with_norms_(self.params, max_norm, self.norm_type, backend=self.backend)
-        self.record(total, per)
+        max_norm = clip._non_negative(max_norm, "max_norm")
+        with torch.no_grad():
+            total, per = _clip_with_norms(self.params, max_norm, self.norm_type, self.backend)
+            self._record(total, per)  # float32 or float64, contiguous: recorded as they are
         return total
 
     def observe(self) -> Tensor:
@@ -267,50 +271,52 @@ class GradientMonitor:
         if not isinstance(total_norm, Tensor) or total_norm.numel() != 1:
             raise ValueError("total_norm must be a one-element tensor")
         with torch.no_grad():
-            per = per_parameter.detach().to(torch.float64 if per_parameter.dtype == torch.float64 else torch.float32)
-            self._update(per)
-            state = self._state
-            self.step += 1
-            self._history.append(
-                (self.step, total_norm.detach().reshape(()), per, state["exploding"], state["vanishing"])
-            )
+            dtype = torch.float64 if per_parameter.dtype == torch.float64 else torch.float32
+            self._record(total_norm.detach(), per_parameter.detach().to(dtype).contiguous())
+
+    def _record(self, total_norm: Tensor, norms: Tensor) -> None:
+        """record() of checked norms: contiguous, float32 or float64, detached."""
+        self._update(norms)
+        self.step += 1
+        # Each step's flags are kept only for log(), the one reader of them (a copy: the state's
+        # flags are overwritten in place every step).
+        flags = (None, None)
+        if self.writer is not None:
+            flags = (self._state["exploding"].clone(), self._state["vanishing"].clone())
+        self._history.append((self.step, total_norm.reshape(()), norms) + flags)
         if self.writer is not None and self.step % self.log_every == 0:
             self.log()
 
+    def _backend_of_update(self, device: torch.device) -> str:
+        """"cpu" (the C++ operator) where the clip's backend for the device is "cpu", else "torch"
+        (the same math in ATen ops, on any device)."""
+        if device.type != "cpu" or _ops._C is None:
+            return "torch"
+        try:
+            return "cpu" if _ops.resolve_backend(self.backend, device) == "cpu" else "torch"
+        except (RuntimeError, ValueError):  # a GPU-only backend: the norms came from elsewhere
+            return "torch"
+
     def _update(self, norms: Tensor) -> None:
+        """One step of the statistics and flags: one fused operator on CPU (the C++ kernel of
+        reference.monitor_update_), the reference's ops elsewhere."""
         if self._state is None or self._state["mean"].device != norms.device:
-            zeros = torch.zeros_like(norms)
-            counts = torch.zeros(norms.shape, dtype=torch.int64, device=norms.device)
-            self._state = {"mean": zeros, "var": zeros, "count": counts, "below": counts,
-                           "explosions": counts, "exploding": counts.bool(), "vanishing": counts.bool()}
+            # One tensor each: the operator updates them in place.
+            def zeros(dtype: torch.dtype) -> Tensor:
+                return torch.zeros(norms.shape, dtype=dtype, device=norms.device)
+
+            self._state = {"mean": zeros(norms.dtype), "var": zeros(norms.dtype), "count": zeros(torch.int64),
+                           "below": zeros(torch.int64), "explosions": zeros(torch.int64),
+                           "exploding": zeros(torch.bool), "vanishing": zeros(torch.bool)}
+            self._update_backend = self._backend_of_update(norms.device)
         s = self._state
-        mean, var, count = s["mean"], s["var"], s["count"]
-        finite = norms.isfinite()
-        warm = count >= self.warmup_steps
-        deviation = torch.where(finite, norms - mean, 0.0)
-        square = deviation.square()
-        # z = (n - mu) / sqrt(var + 1e-12) > z_threshold, squared: no sqrt on the per-step path
-        # (ATen's sqrt of a few thousand elements enters a parallel region, milliseconds on a busy
-        # CPU).
-        spike = (deviation > 0) & (square > self.z_threshold**2 * (var + 1e-12))
-        exploding = ~finite | (warm & spike)
-        if self.explode_threshold is not None:
-            exploding = exploding | (norms > self.explode_threshold)
-        # One update for both phases, with w the weight of the new norm and d = n - mu:
-        # mu += w d; var += w (k d^2 - var). Over the warm-up w = 1/(count + 1) and k = 1 - w:
-        # Welford's exact mean and population variance. After it w = 1 - alpha and k = (1 - w)^2:
-        # ZClip's EMAs (its variance uses n minus the new mean, which is (1 - w) d). A non-finite
-        # norm has w = 0 (and d = 0).
-        weight = torch.where(warm, 1.0 - self.alpha, (count + 1).to(norms.dtype).reciprocal())
-        weight = torch.where(finite, weight, 0.0)
-        keep = 1.0 - weight
-        s["mean"] = mean + weight * deviation
-        s["var"] = var + weight * (torch.where(warm, keep.square(), keep) * square - var)
-        s["count"] = count + finite
-        s["below"] = torch.where(norms < self.vanish_eps, s["below"] + 1, 0)
-        s["explosions"] = s["explosions"] + exploding
-        s["exploding"] = exploding
-        s["vanishing"] = s["below"] >= self.vanish_steps
+        if s["mean"].dtype != norms.dtype:  # float32 and float64 steps: the statistics go float64
+            s["mean"], s["var"] = s["mean"].double(), s["var"].double()
+            norms = norms.double()
+        _ops.monitor_update_(
+            self._update_backend, norms, s["mean"], s["var"], s["count"], s["below"], s["explosions"],
+            s["exploding"], s["vanishing"], self.alpha, self.warmup_steps, self.z_threshold,
+            self.explode_threshold, self.vanish_eps, self.vanish_steps)
 
     # --- reading (synchronises) ---------------------------------------------------------------
 
@@ -373,15 +379,20 @@ class GradientMonitor:
         pending = [entry for entry in self._history if entry[0] > self._logged_through]
         if not pending:
             return
-        steps, totals, pers, explode_counts, vanish_counts = zip(*pending)
+        steps, totals, pers, exploding, vanishing = zip(*pending)
         totals = torch.stack(list(totals)).double().cpu().tolist()
         pers = torch.stack(list(pers)).double().cpu()
-        explode_counts = torch.stack(list(explode_counts)).sum(1).cpu().tolist()
-        vanish_counts = torch.stack(list(vanish_counts)).sum(1).cpu().tolist()
+        # Flag counts of the steps recorded while a writer was set (only those keep their flags).
+        flagged = [k for k, flags in enumerate(exploding) if flags is not None]
+        counts = {}
+        if flagged:
+            pairs = torch.stack([torch.stack([exploding[k], vanishing[k]]) for k in flagged]).sum(2).cpu().tolist()
+            counts = dict(zip(flagged, pairs))
         for k, step in enumerate(steps):
             self.writer.add_scalar("grad_norm/total", totals[k], step)
-            self.writer.add_scalar("grad_health/exploding", explode_counts[k], step)
-            self.writer.add_scalar("grad_health/vanishing", vanish_counts[k], step)
+            if k in counts:
+                self.writer.add_scalar("grad_health/exploding", counts[k][0], step)
+                self.writer.add_scalar("grad_health/vanishing", counts[k][1], step)
             finite = pers[k][pers[k].isfinite()]
             if finite.numel():
                 self.writer.add_histogram("grad_norm/per_parameter", finite, step)

@@ -11,6 +11,7 @@ missing and the path for devices that have no fused kernels yet.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ __all__ = [
     "multi_tensor_scale_per_tensor_",
     "per_tensor_norms",
     "clip_grad_norm_with_norms_",
+    "monitor_update_",
 ]
 
 _FLOAT64_DTYPES = (torch.float64, torch.complex128)
@@ -223,3 +225,55 @@ def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type
     total = total_norm_from_statistic(statistic, norm_type, not any(t.numel() for t in tensors))
     multi_tensor_scale_(tensors, clip_coefficient(total, max_norm))
     return total, per_tensor_norms(per_statistic, tensors, norm_type)
+
+
+def monitor_update_(
+    norms: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    below: Tensor,
+    explosions: Tensor,
+    exploding: Tensor,
+    vanishing: Tensor,
+    alpha: float,
+    warmup_steps: int,
+    z_threshold: float,
+    explode_threshold: Optional[float],
+    vanish_eps: float,
+    vanish_steps: int,
+) -> None:
+    r"""GradientMonitor's per-step update: the definition of the ``monitor_update_`` operator.
+
+    Per entry, with :math:`n` the norm (float32 or float64), :math:`\mu, \sigma^2` = ``mean``,
+    ``var`` (the norms' dtype) and :math:`c` = ``count`` (int64, finite norms seen so far),
+    updates ``mean``, ``var``, ``count``, ``below`` and ``explosions`` in place and writes this
+    step's flags into ``exploding`` and ``vanishing`` (bool). A non-finite norm changes none of
+    :math:`\mu, \sigma^2, c`. Computed in the norms' dtype, every op rounded on its own (the C++
+    kernel repeats these ops one by one and matches bitwise).
+    """
+    finite = norms.isfinite()
+    warm = count >= warmup_steps
+    deviation = torch.where(finite, norms - mean, 0.0)
+    square = deviation.square()
+    # z = (n - mu) / sqrt(var + 1e-12) > z_threshold, squared: no sqrt.
+    spike = (deviation > 0) & (square > z_threshold**2 * (var + 1e-12))
+    explodes = ~finite | (warm & spike)
+    if explode_threshold is not None:
+        explodes = explodes | (norms > explode_threshold)
+    # One update for both phases, with w the weight of the new norm and d = n - mu:
+    # mu += w d; var += w (k d^2 - var). Over the warm-up w = 1/(c + 1) and k = 1 - w: Welford's
+    # exact mean and population variance. After it w = 1 - alpha and k = (1 - w)^2: ZClip's EMAs
+    # (its variance uses n minus the new mean, which is (1 - w) d). A non-finite norm has w = 0
+    # (and d = 0).
+    weight = torch.where(warm, 1.0 - alpha, (count + 1).to(norms.dtype).reciprocal())
+    weight = torch.where(finite, weight, 0.0)
+    keep = 1.0 - weight
+    new_var = var + weight * (torch.where(warm, keep.square(), keep) * square - var)
+    mean.copy_(mean + weight * deviation)
+    var.copy_(new_var)
+    count.add_(finite)
+    below.copy_(torch.where(norms < vanish_eps, below + 1, 0))
+    explosions.add_(explodes)
+    exploding.copy_(explodes)
+    torch.ge(below, vanish_steps, out=vanishing)

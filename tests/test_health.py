@@ -240,9 +240,11 @@ def test_monitor_logs_to_tensorboard(tmp_path):
     params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
     with SummaryWriter(log_dir=str(tmp_path)) as writer:
         monitor = fusedclip.GradientMonitor(zip("abc", params), writer=writer, log_every=4, warmup_steps=4)
+        flag_counts = []
         for step in range(10):
             monitored_step(step, params)
             monitor.observe()
+            flag_counts.append((len(monitor.exploding()), len(monitor.vanishing())))
         monitor.log()  # steps 9 and 10; steps 1-8 were logged at steps 4 and 8
         writer.flush()
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
@@ -255,4 +257,117 @@ def test_monitor_logs_to_tensorboard(tmp_path):
     b = events.Scalars("grad_norm/b")
     assert [e.value for e in b] == pytest.approx(history["per_parameter"][:, 1].tolist(), rel=1e-6, abs=1e-12)
     assert [e.value for e in events.Scalars("grad_health/exploding")][6] >= 1  # c is nan at step 7
+    # Each step's own flags, not the last step's.
+    assert [e.value for e in events.Scalars("grad_health/exploding")] == [e for e, _ in flag_counts]
+    assert [e.value for e in events.Scalars("grad_health/vanishing")] == [v for _, v in flag_counts]
+    assert len(set(flag_counts)) > 1
     assert [e.step for e in events.Histograms("grad_norm/per_parameter")] == list(range(1, 11))
+
+
+# --- monitor_update_: the fused per-step update -----------------------------------------------------
+
+
+def _monitor_state(size, dtype):
+    """mean, var, count, below, explosions, exploding, vanishing."""
+    return [torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype)] + [
+        torch.zeros(size, dtype=torch.int64) for _ in range(3)] + [torch.zeros(size, dtype=torch.bool) for _ in range(2)]
+
+
+def _norm_steps(steps, size, dtype, seed):
+    """Per step, norms around a per-entry scale with spikes, zeros, tiny values, nan and inf."""
+    gen = seeded(seed)
+    scale = torch.rand(size, generator=gen, dtype=torch.float64) * 10
+    for _ in range(steps):
+        norms = scale * (1 + 0.1 * torch.randn(size, generator=gen, dtype=torch.float64)).abs()
+        kind = torch.randint(0, 40, (size,), generator=gen)
+        norms[kind == 0] = norms[kind == 0] * 1e3
+        norms[kind == 1] = 0.0
+        norms[kind == 2] = 1e-9
+        norms[kind == 3] = float("nan")
+        norms[kind == 4] = float("inf")
+        norms[:3] = 0.0  # always vanishing
+        yield norms.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("settings", [
+    dict(alpha=0.97, warmup_steps=25, z_threshold=3.0, explode_threshold=None, vanish_eps=1e-8, vanish_steps=10),
+    dict(alpha=0.9, warmup_steps=4, z_threshold=2.7, explode_threshold=50.0, vanish_eps=1e-7, vanish_steps=3),
+    dict(alpha=0.0, warmup_steps=1, z_threshold=0.0, explode_threshold=0.3, vanish_eps=1e-30, vanish_steps=1),
+], ids=["defaults", "short-warmup", "edge"])
+def test_monitor_update_op_is_bitwise_the_reference(dtype, settings):
+    size = 1031
+    ours, theirs = _monitor_state(size, dtype), _monitor_state(size, dtype)
+    flags = {"exploding": 0, "vanishing": 0}
+    for norms in _norm_steps(60, size, dtype, seed=21):
+        torch.ops.fusedclip.monitor_update_(norms, *ours, *settings.values())
+        fusedclip.reference.monitor_update_(norms, *theirs, *settings.values())
+        for a, b in zip(ours, theirs):
+            assert a.dtype == b.dtype and torch.equal(a, b)  # the state holds no nan
+        flags["exploding"] += int(ours[5].sum())
+        flags["vanishing"] += int(ours[6].sum())
+    assert flags["exploding"] > 0 and flags["vanishing"] > 0 and int(ours[2].min()) > 0
+
+
+def test_opcheck_monitor_update_():
+    norms = next(_norm_steps(1, 37, torch.float32, seed=22))
+    state = _monitor_state(37, torch.float32)
+    state[2].fill_(5)  # past the warm-up: the EMA branch
+    torch.library.opcheck(torch.ops.fusedclip.monitor_update_.default,
+                          (norms, *state, 0.97, 3, 3.0, 2.0, 1e-8, 10))
+    torch.library.opcheck(torch.ops.fusedclip.monitor_update_.default,
+                          (norms.double(), *_monitor_state(37, torch.float64), 0.9, 3, 3.0, None, 1e-8, 2))
+
+
+def test_monitor_update_op_refuses_before_writing():
+    norms = torch.ones(5)
+    args = (0.97, 3, 3.0, None, 1e-8, 10)
+    for bad, match in ((lambda s: s.__setitem__(0, torch.zeros(5, dtype=torch.float64)), "mean"),
+                       (lambda s: s.__setitem__(1, torch.zeros(4)), "var"),
+                       (lambda s: s.__setitem__(2, torch.zeros(5, dtype=torch.int32)), "count"),
+                       (lambda s: s.__setitem__(4, torch.zeros(10, dtype=torch.int64)[::2]), "explosions"),
+                       (lambda s: s.__setitem__(6, torch.zeros(5, dtype=torch.uint8)), "vanishing")):
+        state = _monitor_state(5, torch.float32)
+        bad(state)
+        originals = [t.clone() for t in state]
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fusedclip.monitor_update_(norms, *state, *args)
+        assert all(torch.equal(a, b) for a, b in zip(state, originals))
+    with pytest.raises(RuntimeError, match="norms"):
+        torch.ops.fusedclip.monitor_update_(torch.ones(5, dtype=torch.float16), *_monitor_state(5, torch.float16),
+                                            *args)
+
+
+def test_monitor_backends_agree_bitwise():
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
+    monitors = {b: fusedclip.GradientMonitor(zip("abc", params), alpha=0.9, warmup_steps=4, vanish_steps=3,
+                                             backend=b) for b in BACKENDS}
+    assert monitors["cpu"]._backend_of_update(torch.device("cpu")) == "cpu"
+    assert monitors["torch"]._backend_of_update(torch.device("cpu")) == "torch"
+    flagged = {"exploding": set(), "vanishing": set()}
+    for step in range(14):
+        monitored_step(step, params)
+        total, per = fusedclip.get_norms([p.grad for p in params])  # the same norms for both
+        for b in BACKENDS:
+            monitors[b].record(total, per)
+        assert monitors["cpu"].exploding() == monitors["torch"].exploding()
+        flagged["exploding"].update(monitors["cpu"].exploding())
+        flagged["vanishing"].update(monitors["cpu"].vanishing())
+    states = [monitors[b]._state for b in BACKENDS]
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    assert flagged == {"exploding": {"a", "c"}, "vanishing": {"b"}}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_monitor_records_strided_and_mixed_dtype_norms(backend):
+    monitor = fusedclip.GradientMonitor([("a", torch.nn.Parameter(torch.zeros(2))),
+                                         ("b", torch.nn.Parameter(torch.zeros(2)))], warmup_steps=2, backend=backend)
+    monitor.record(torch.tensor(2.0), torch.tensor([1.0, 0.0, 3.0, 0.0])[::2])  # strided float32
+    monitor.record(torch.tensor(2.0, dtype=torch.float64), torch.tensor([2.0, 5.0], dtype=torch.float64))
+    monitor.record(torch.tensor(2.0, dtype=torch.float16), torch.tensor([3.0, 4.0], dtype=torch.float16))
+    state = monitor._state
+    assert state["mean"].dtype == torch.float64  # a float64 step makes the statistics float64
+    assert state["count"].tolist() == [3, 3]
+    # Warm-up of 2 (Welford), then an EMA step with alpha 0.97.
+    assert state["mean"].tolist() == pytest.approx([0.97 * 1.5 + 0.03 * 3.0, 0.97 * 4.0 + 0.03 * 4.0])

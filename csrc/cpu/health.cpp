@@ -11,20 +11,30 @@ namespace {
 // thousand elements enter a parallel region, which costs a scheduler time slice (milliseconds) on
 // a busy machine. A tensor with no elements has norm 0 for every p (the root of the identity is
 // not 0 for p = -inf or p < 0). sqrt in float64 then rounded to float32 is float32's sqrt.
-at::Tensor per_tensor_roots(const at::Tensor& statistics, at::TensorList tensors, double norm_type) {
-  at::Tensor norms = statistics.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
-  double* value = norms.data_ptr<double>();
+template <typename T>
+void take_roots(T* value, at::TensorList tensors, double norm_type) {
   const bool is_root = !(norm_type == 0.0 || norm_type == 1.0 || std::isinf(norm_type));
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (tensors[i].numel() == 0) {
-      value[i] = 0.0;
+      value[i] = T(0);
     } else if (norm_type == 2.0) {
-      value[i] = std::sqrt(value[i]);
+      value[i] = static_cast<T>(std::sqrt(static_cast<double>(value[i])));
     } else if (is_root) {
-      value[i] = std::pow(value[i], 1.0 / norm_type);
+      value[i] = static_cast<T>(std::pow(static_cast<double>(value[i]), 1.0 / norm_type));
     }
   }
-  return norms.to(statistics.scalar_type());
+}
+
+// In place on the statistics, which the norm pass returned as a new contiguous tensor: no copy and
+// no conversion on the per-step path of a GradientMonitor.
+at::Tensor per_tensor_roots(const at::Tensor& statistics, at::TensorList tensors, double norm_type) {
+  TORCH_INTERNAL_ASSERT(statistics.is_contiguous() && statistics.numel() == static_cast<int64_t>(tensors.size()));
+  if (statistics.scalar_type() == at::kDouble) {
+    take_roots(statistics.data_ptr<double>(), tensors, norm_type);
+  } else {
+    take_roots(statistics.data_ptr<float>(), tensors, norm_type);
+  }
+  return statistics;
 }
 
 std::tuple<at::Tensor, at::Tensor> clip_grad_norm_with_norms_(at::TensorList tensors, double max_norm,

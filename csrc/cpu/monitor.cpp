@@ -1,0 +1,118 @@
+// CPU kernel of monitor_update_ (schema in csrc/fusedclip.cpp): GradientMonitor's per-step update
+// of its per-parameter statistics and flags, in one loop over the entries. It replaces about
+// thirty ATen elementwise ops on vectors of one entry per parameter, each of which costs more in
+// dispatch than its arithmetic at a few thousand entries.
+//
+// Every step below is one ATen op of fusedclip.reference.monitor_update_ (the definition), done
+// in the norms' dtype with each product and sum rounded on its own, so the results are bitwise
+// those of the reference. Contraction into fused multiply-adds would change roundings, hence
+// the pragmas.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+namespace fusedclip::cpu {
+namespace {
+
+void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t size) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == size &&
+                  t.is_contiguous(),
+              "fusedclip.monitor_update_: ", name, " must be a contiguous 1-dim ", dtype,
+              " CPU tensor of size ", size, ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ",
+              t.device());
+}
+
+template <typename T>
+void update(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
+            const at::Tensor& below, const at::Tensor& explosions, const at::Tensor& exploding,
+            const at::Tensor& vanishing, double alpha, int64_t warmup_steps, double z_threshold,
+            c10::optional<double> explode_threshold, double vanish_eps, int64_t vanish_steps) {
+  // Python float arguments enter the reference's ops as scalars cast to the norms' dtype.
+  const T ema_weight = static_cast<T>(1.0 - alpha);
+  const T z_squared = static_cast<T>(z_threshold * z_threshold);
+  const T var_eps = static_cast<T>(1e-12);
+  const T vanish = static_cast<T>(vanish_eps);
+  const bool has_explode = explode_threshold.has_value();
+  const T explode = has_explode ? static_cast<T>(*explode_threshold) : T(0);
+  const T* n_ptr = norms.data_ptr<T>();
+  T* mean_ptr = mean.data_ptr<T>();
+  T* var_ptr = var.data_ptr<T>();
+  int64_t* count_ptr = count.data_ptr<int64_t>();
+  int64_t* below_ptr = below.data_ptr<int64_t>();
+  int64_t* explosions_ptr = explosions.data_ptr<int64_t>();
+  bool* exploding_ptr = exploding.data_ptr<bool>();
+  bool* vanishing_ptr = vanishing.data_ptr<bool>();
+  for (int64_t i = 0; i < norms.numel(); ++i) {
+    const T n = n_ptr[i];
+    const T mu = mean_ptr[i];
+    const T sigma2 = var_ptr[i];
+    const bool finite = std::isfinite(n);
+    const bool warm = count_ptr[i] >= warmup_steps;
+    const T deviation = finite ? T(n - mu) : T(0);
+    const T square = deviation * deviation;
+    const T spread = sigma2 + var_eps;
+    const bool spike = deviation > T(0) && square > T(z_squared * spread);
+    bool explodes = !finite || (warm && spike);
+    if (has_explode) {
+      explodes = explodes || n > explode;
+    }
+    T weight = warm ? ema_weight : T(T(1) / static_cast<T>(count_ptr[i] + 1));
+    weight = finite ? weight : T(0);
+    const T keep = T(1) - weight;
+    const T factor = warm ? T(keep * keep) : keep;
+    const T step_mean = weight * deviation;
+    mean_ptr[i] = mu + step_mean;
+    const T scaled = factor * square;
+    const T difference = scaled - sigma2;
+    const T step_var = weight * difference;
+    var_ptr[i] = sigma2 + step_var;
+    count_ptr[i] += finite;
+    below_ptr[i] = n < vanish ? below_ptr[i] + 1 : 0;
+    explosions_ptr[i] += explodes;
+    exploding_ptr[i] = explodes;
+    vanishing_ptr[i] = below_ptr[i] >= vanish_steps;
+  }
+}
+
+void monitor_update_(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& var,
+                     const at::Tensor& count, const at::Tensor& below, const at::Tensor& explosions,
+                     const at::Tensor& exploding, const at::Tensor& vanishing, double alpha, int64_t warmup_steps,
+                     double z_threshold, c10::optional<double> explode_threshold, double vanish_eps,
+                     int64_t vanish_steps) {
+  TORCH_CHECK(norms.scalar_type() == at::kFloat || norms.scalar_type() == at::kDouble,
+              "fusedclip.monitor_update_: norms must be float32 or float64, got ", norms.scalar_type());
+  TORCH_CHECK(norms.dim() == 1, "fusedclip.monitor_update_: norms must be 1-dim, got shape ", norms.sizes());
+  const int64_t size = norms.size(0);
+  check_state(norms, "norms", norms.scalar_type(), size);
+  check_state(mean, "mean", norms.scalar_type(), size);
+  check_state(var, "var", norms.scalar_type(), size);
+  check_state(count, "count", at::kLong, size);
+  check_state(below, "below", at::kLong, size);
+  check_state(explosions, "explosions", at::kLong, size);
+  check_state(exploding, "exploding", at::kBool, size);
+  check_state(vanishing, "vanishing", at::kBool, size);
+  if (norms.scalar_type() == at::kDouble) {
+    update<double>(norms, mean, var, count, below, explosions, exploding, vanishing, alpha, warmup_steps,
+                   z_threshold, explode_threshold, vanish_eps, vanish_steps);
+  } else {
+    update<float>(norms, mean, var, count, below, explosions, exploding, vanishing, alpha, warmup_steps,
+                  z_threshold, explode_threshold, vanish_eps, vanish_steps);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("monitor_update_", &monitor_update_);
+}
+
+}  // namespace fusedclip::cpu
