@@ -79,6 +79,38 @@ def _round(x, DTYPE: tl.constexpr):
         return x.to(DTYPE)
 
 
+@triton.jit
+def _combine_partials(partials, count, KIND: tl.constexpr, BLOCK: tl.constexpr, VOLATILE: tl.constexpr):
+    """The float64 partials partials[0:count] combined in a fixed order (lane-wise over blocks of
+    BLOCK, then a fixed tree), nan if any is nan; the identity (0, or inf for min) when count is 0.
+    VOLATILE reads past the cache: partials written by other programs of the same launch."""
+    lanes = tl.arange(0, BLOCK)
+    if KIND == MIN:
+        total = tl.full([BLOCK], float("inf"), tl.float64)
+    else:
+        total = tl.full([BLOCK], 0, tl.float64)
+    nans = tl.full([BLOCK], 0, tl.int32)
+    for start in range(0, count, BLOCK):
+        mask = start + lanes < count
+        if KIND == MIN:
+            v = tl.load(partials + start + lanes, mask=mask, other=float("inf"), volatile=VOLATILE)
+            total = tl.minimum(total, v)
+        elif KIND == MAX:
+            v = tl.load(partials + start + lanes, mask=mask, other=0.0, volatile=VOLATILE)
+            total = tl.maximum(total, v)
+        else:
+            v = tl.load(partials + start + lanes, mask=mask, other=0.0, volatile=VOLATILE)
+            total += v
+        nans += (v != v).to(tl.int32)
+    if KIND == MAX:
+        s = tl.reduce(total, 0, _MAX)
+    elif KIND == MIN:
+        s = tl.reduce(total, 0, _MIN)
+    else:
+        s = tl.reduce(total, 0, _SUM)
+    return tl.where(tl.reduce(nans, 0, _SUM) > 0, float("nan"), s)
+
+
 @triton.jit(do_not_specialize=["n_chunks", "first_chunk", "p_bits", "max_norm_bits", "eps_bits"])
 def norm_chunks(
     table, n_chunks, first_chunk,  # the call's table; this launch's chunks start at first_chunk
@@ -163,31 +195,7 @@ def norm_chunks(
     tl.debug_barrier()
     done = tl.atomic_add(ticket, 1, sem="acq_rel")
     if done == n_chunks - 1:
-        final_lanes = tl.arange(0, FINAL_BLOCK)
-        if KIND == MIN:
-            total = tl.full([FINAL_BLOCK], float("inf"), tl.float64)
-        else:
-            total = tl.full([FINAL_BLOCK], 0, tl.float64)
-        total_nans = tl.full([FINAL_BLOCK], 0, tl.int32)
-        for base in range(0, n_chunks, FINAL_BLOCK):
-            in_range = base + final_lanes < n_chunks
-            if KIND == MIN:
-                v = tl.load(partials + base + final_lanes, mask=in_range, other=float("inf"), volatile=True)
-                total = tl.minimum(total, v)
-            elif KIND == MAX:
-                v = tl.load(partials + base + final_lanes, mask=in_range, other=0.0, volatile=True)
-                total = tl.maximum(total, v)
-            else:
-                v = tl.load(partials + base + final_lanes, mask=in_range, other=0.0, volatile=True)
-                total += v
-            total_nans += (v != v).to(tl.int32)
-        if KIND == MAX:
-            s64 = tl.reduce(total, 0, _MAX)
-        elif KIND == MIN:
-            s64 = tl.reduce(total, 0, _MIN)
-        else:
-            s64 = tl.reduce(total, 0, _SUM)
-        s64 = tl.where(tl.reduce(total_nans, 0, _SUM) > 0, float("nan"), s64)
+        s64 = _combine_partials(partials, n_chunks, KIND, FINAL_BLOCK, True)
         statistic_value = s64.to(OUT)
         tl.store(statistic, statistic_value)
         if FINISH:
@@ -225,31 +233,7 @@ def per_tensor(
     t = tl.program_id(0)
     first = tl.load(table + 2 * n_chunks + t)
     count = tl.load(table + 2 * n_chunks + n_tensors + t)
-    lanes = tl.arange(0, BLOCK)
-    if KIND == MIN:
-        total = tl.full([BLOCK], float("inf"), tl.float64)
-    else:
-        total = tl.full([BLOCK], 0, tl.float64)
-    nans = tl.full([BLOCK], 0, tl.int32)
-    for start in range(0, count, BLOCK):
-        mask = start + lanes < count
-        if KIND == MIN:
-            v = tl.load(partials + first + start + lanes, mask=mask, other=float("inf"))
-            total = tl.minimum(total, v)
-        elif KIND == MAX:
-            v = tl.load(partials + first + start + lanes, mask=mask, other=0.0)
-            total = tl.maximum(total, v)
-        else:
-            v = tl.load(partials + first + start + lanes, mask=mask, other=0.0)
-            total += v
-        nans += (v != v).to(tl.int32)
-    if KIND == MAX:
-        s = tl.reduce(total, 0, _MAX)
-    elif KIND == MIN:
-        s = tl.reduce(total, 0, _MIN)
-    else:
-        s = tl.reduce(total, 0, _SUM)
-    s = tl.where(tl.reduce(nans, 0, _SUM) > 0, float("nan"), s)
+    s = _combine_partials(partials + first, count, KIND, BLOCK, False)
     tl.store(out + t, s.to(ACC))
 
 
