@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels.cuh"
 
@@ -307,5 +308,20 @@ __device__ __forceinline__ double read_coef(const Coef& coef) {
 // The ScaleOp of a coefficient, its float32 form rounded from the float64 one, as the CPU kernels
 // round theirs.
 __device__ __forceinline__ ScaleOp scale_op(double coef) { return {static_cast<float>(coef), coef}; }
+
+// launch(std::integral_constant<NormKind, k>{}) for the runtime kind k: the one switch from a
+// norm kind to the kernel templated on it.
+template <typename Launch>
+cudaError_t launch_for_kind(NormKind kind, const Launch& launch) {
+  switch (kind) {
+    case NormKind::kAbsSum: return launch(std::integral_constant<NormKind, NormKind::kAbsSum>{});
+    case NormKind::kSquareSum: return launch(std::integral_constant<NormKind, NormKind::kSquareSum>{});
+    case NormKind::kPowerSum: return launch(std::integral_constant<NormKind, NormKind::kPowerSum>{});
+    case NormKind::kMax: return launch(std::integral_constant<NormKind, NormKind::kMax>{});
+    case NormKind::kMin: return launch(std::integral_constant<NormKind, NormKind::kMin>{});
+    case NormKind::kCount: return launch(std::integral_constant<NormKind, NormKind::kCount>{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace fusedclip::cuda

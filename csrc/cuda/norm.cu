@@ -37,15 +37,7 @@ cudaError_t launch(const TensorTable& table, const NormParams& params, cudaStrea
 }  // namespace
 
 cudaError_t launch_norm(const TensorTable& table, const NormParams& params, cudaStream_t stream) {
-  switch (params.kind) {
-    case NormKind::kAbsSum: return launch<NormKind::kAbsSum>(table, params, stream);
-    case NormKind::kSquareSum: return launch<NormKind::kSquareSum>(table, params, stream);
-    case NormKind::kPowerSum: return launch<NormKind::kPowerSum>(table, params, stream);
-    case NormKind::kMax: return launch<NormKind::kMax>(table, params, stream);
-    case NormKind::kMin: return launch<NormKind::kMin>(table, params, stream);
-    case NormKind::kCount: return launch<NormKind::kCount>(table, params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return launch_for_kind(params.kind, [&](auto kind) { return launch<decltype(kind)::value>(table, params, stream); });
 }
 
 }  // namespace fusedclip::cuda
