@@ -214,6 +214,22 @@ def assert_scaled_like_oracle(actual, originals, oracle_total: float, max_norm: 
         )
 
 
+class OpsSpy:
+    """Counts the calls of one fusedclip._ops function (patched for the test's duration)."""
+
+    def __init__(self, monkeypatch, name: str):
+        from fusedclip import _ops
+
+        self.calls = 0
+        original = getattr(_ops, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(_ops, name, counted)
+
+
 def assert_norm_close(actual: torch.Tensor, expected: float, rtol: float) -> None:
     value = float(actual)
     if math.isnan(expected):

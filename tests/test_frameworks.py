@@ -14,19 +14,7 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import _ops
-
-
-class _Spy:
-    def __init__(self, monkeypatch, name):
-        self.calls = 0
-        original = getattr(_ops, name)
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(_ops, name, counted)
+from conftest import OpsSpy
 
 
 def _data(seed=0, n=64):
@@ -60,7 +48,7 @@ def test_accelerate_clip_grad_norm_through_the_patch(monkeypatch):
                 opt.step()
         return norms, [p.detach().clone() for p in model.parameters()]
 
-    spy = _Spy(monkeypatch, "clip_grad_norm_of_params")
+    spy = OpsSpy(monkeypatch, "clip_grad_norm_of_params")
     ref_norms, ref_params = train(patched=False)
     assert spy.calls == 0
     norms, params = train(patched=True)
@@ -108,7 +96,7 @@ def test_lightning_gradient_clip_val_through_the_patch(monkeypatch, tmp_path):
                 trainer.fit(module, loader)
         return module
 
-    spy = _Spy(monkeypatch, "clip_grad_norm_of_params")
+    spy = OpsSpy(monkeypatch, "clip_grad_norm_of_params")
     ref = train(patched=False)
     assert spy.calls == 0
     ours = train(patched=True)

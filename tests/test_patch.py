@@ -9,8 +9,7 @@ import torch
 import torch.nn.utils.clip_grad
 
 import fusedclip
-from fusedclip import _ops
-from conftest import make_grads, params_with
+from conftest import OpsSpy, make_grads, params_with
 
 NAMES = ("clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")
 MODULES = (torch.nn.utils, torch.nn.utils.clip_grad)
@@ -57,23 +56,9 @@ def test_context_manager(originals):
     assert not fusedclip.is_torch_patched()
 
 
-class _Spy:
-    """Counts the calls of one fusedclip._ops function."""
-
-    def __init__(self, monkeypatch, name):
-        self.calls = 0
-        original = getattr(_ops, name)
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(_ops, name, counted)
-
-
 def test_patched_calls_run_fusedclip(originals, monkeypatch):
-    norm_spy = _Spy(monkeypatch, "clip_grad_norm_of_params")
-    clamp_spy = _Spy(monkeypatch, "clamp_grads_of_params_")
+    norm_spy = OpsSpy(monkeypatch, "clip_grad_norm_of_params")
+    clamp_spy = OpsSpy(monkeypatch, "clamp_grads_of_params_")
     grads = make_grads([(100,), (7, 3)], torch.float32, seed=1, scale=4.0)
     params = params_with([g.clone() for g in grads])
     ref = params_with([g.clone() for g in grads])
