@@ -104,4 +104,6 @@ def _extensions():
     ]
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)})
+# ninja compiles the sources in parallel and, on a rebuild, only those that changed (torch falls
+# back to one file at a time, with a warning, where ninja is not installed).
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExtension})

@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-"$PYTHON" -m pip install -q "setuptools>=64" wheel
+"$PYTHON" -m pip install -q "setuptools>=64" wheel ninja
 # --no-build-isolation: build against the torch installed above instead of downloading another.
 # The constraint pins that torch, so no extra's dependency can replace it. The `integration` extra
 # (Accelerate, Lightning) is optional: when it cannot be installed, its tests skip.
