@@ -12,8 +12,9 @@ What is reduced over what:
 * ``process_group`` (a group or a sequence of groups, reduced in turn): the grads given on the
   ranks of the group are disjoint parts of the model (tensor-parallel shards counted once,
   pipeline stages, expert-parallel experts).
-* DTensor grads: their local shards, over the mesh dimensions whose placement is ``Shard``;
-  ``Replicate`` dimensions hold copies and are never summed. A ``Partial`` placement is a sum
+* DTensor grads: their local shards, over the mesh dimensions whose placement splits the
+  tensor (``Shard``, FSDP2's ``_StridedShard``, any other splitting placement); ``Replicate``
+  dimensions hold copies and are never summed. A ``Partial`` placement is a sum
   still pending, and the norm of a sum is not the sum of the norms, so the norm is taken of a
   copy redistributed to ``Replicate`` on those dimensions (one collective over that grad); the
   in-place scale is linear, so the pending local parts are scaled as they are.
@@ -36,6 +37,7 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from fusedclip import _ops, clip, reference
@@ -67,9 +69,20 @@ def as_tensor(total_norm: Tensor) -> Tensor:
     return total_norm
 
 
+def _splits(placement: Any) -> bool:
+    """Whether a placement splits the tensor over its mesh dim (each rank holds a disjoint part).
+
+    Decided by what the placement means, not by its class: a DTensor placement either copies the
+    tensor (Replicate), holds a pending sum (Partial, and its subclasses), or splits it, whatever
+    its layout (Shard, _StridedShard, which FSDP2 gives a tensor-parallel parameter and which is
+    not a Shard, and any splitting placement torch adds).
+    """
+    return not (placement.is_replicate() or placement.is_partial())
+
+
 def _shard_dims(placements: Sequence[Any]) -> tuple[int, ...]:
     """The mesh dims over which a DTensor's local tensors are disjoint parts (not copies)."""
-    return tuple(d for d, p in enumerate(placements) if p.is_shard())
+    return tuple(d for d, p in enumerate(placements) if _splits(p))
 
 
 class _Parts:
@@ -124,13 +137,14 @@ class _Parts:
 # --- the reduction --------------------------------------------------------------------------------
 
 
-def reduce_op(norm_type: float) -> "dist.ReduceOp":
-    """How statistics combine across ranks: MAX for inf, MIN for -inf, else SUM (0: counts)."""
+def reduce_op(norm_type: float) -> str:
+    """How statistics combine across ranks: "max" for inf, "min" for -inf, else "sum" (0: counts),
+    as torch's functional all_reduce names them."""
     if norm_type == math.inf:
-        return dist.ReduceOp.MAX
+        return "max"
     if norm_type == -math.inf:
-        return dist.ReduceOp.MIN
-    return dist.ReduceOp.SUM
+        return "min"
+    return "sum"
 
 
 def collective_device(group: Optional["dist.ProcessGroup"]) -> torch.device:
@@ -184,18 +198,21 @@ class _Statistic:
 
     def combine(self, rows: Tensor) -> Tensor:
         """Rows (k x columns) combined as the all-reduce combines them, in row order."""
-        if self.op == dist.ReduceOp.MAX:
+        if self.op == "max":
             return rows.amax(0)
-        if self.op == dist.ReduceOp.MIN:
+        if self.op == "min":
             return rows.amin(0)
         return rows.sum(0)
 
-    def all_reduce_(self, rows: Tensor, group: Optional["dist.ProcessGroup"]) -> Tensor:
-        """In place over ``group``; rows are moved to the group's device when they are not there."""
+    def all_reduce(self, rows: Tensor, group: Optional["dist.ProcessGroup"]) -> Tensor:
+        """Rows reduced over ``group``, on the group's device (moved there when they are not).
+
+        torch's functional all-reduce, as DTensor's own reductions issue it: collective counters
+        (CommDebugMode) see the collectives torch.nn.utils issues, and torch.compile traces it.
+        """
         device = collective_device(group)
         on_device = rows if rows.device == device else rows.to(device)
-        dist.all_reduce(on_device, op=self.op, group=group)
-        return on_device
+        return funcol.wait_tensor(funcol.all_reduce(on_device, self.op, group or dist.group.WORLD))
 
     def total_norm(self, row: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The norm from a reduced row, in ``dtype`` on ``device``."""
@@ -262,8 +279,8 @@ def _reduce_mesh(mesh: Any, rows_by_key: dict, stat: _Statistic) -> Tensor:
     device = rows[0].device
     for dim in range(mesh.ndim):
         needs = [i for i, (_, dims) in enumerate(keys) if dim in dims]
-        if needs:
-            reduced = stat.all_reduce_(torch.stack([rows[i] for i in needs]), mesh.get_group(dim))
+        if needs and mesh.size(dim) > 1:  # a dim of one rank has nothing to reduce (as torch)
+            reduced = stat.all_reduce(torch.stack([rows[i] for i in needs]), mesh.get_group(dim))
             for j, i in enumerate(needs):
                 rows[i] = reduced[j].to(device)
     return stat.combine(torch.stack(rows))
@@ -306,7 +323,7 @@ def total_norm(
     rows += [_reduce_mesh(mesh, rows_by_key, stat) for mesh in parts.meshes]
     row = stat.combine(torch.stack([r.to(rows[0].device) for r in rows]))
     for group in groups:
-        row = stat.all_reduce_(row, group)
+        row = stat.all_reduce(row, group)
     return stat.total_norm(row, dtype, device), parts
 
 
@@ -454,7 +471,7 @@ class NormHookState:
         stat = _Statistic(self.norm_type)
         row = stat.row(statistic, True, statistic.device)
         for group in groups:
-            row = stat.all_reduce_(row, group)
+            row = stat.all_reduce(row, group)
         return stat.total_norm(row, dtype, statistic.device)
 
     def clip_grad_norm_(

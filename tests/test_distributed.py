@@ -52,9 +52,16 @@ CASES = {}  # gloo, every world size
 NCCL_CASES = {}  # NCCL, one GPU
 
 
-def case(fn):
-    CASES[fn.__name__] = fn
-    return fn
+CASE_WORLD_SIZES = {}  # a case run at some world sizes only
+
+
+def case(fn=None, *, world_sizes=WORLD_SIZES):
+    def register(fn):
+        CASES[fn.__name__] = fn
+        CASE_WORLD_SIZES[fn.__name__] = world_sizes
+        return fn
+
+    return register(fn) if fn is not None else register
 
 
 def nccl_case(fn):
@@ -459,6 +466,145 @@ def fsdp2_fully_shard(rank, world_size):
         )
 
 
+def assert_same_on_every_rank(total: torch.Tensor) -> None:
+    """Every rank holds the same norm (bit for bit): ranks then scale their shards alike."""
+    mine = float(whole(total))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    assert all(v == mine or (v != v and mine != mine) for v in every), every
+
+
+@case
+def dtensor_strided_shard(rank, world_size):
+    """_StridedShard (FSDP2's data-parallel placement of a tensor-parallel parameter) splits the
+    tensor over its mesh dim as Shard does, although it is not a Shard: it is reduced."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    arange = torch.arange(1.0, 9.0)
+    g = distribute_tensor(arange.clone(), mesh, [_StridedShard(0, split_factor=2)])
+    total = fusedclip.get_total_norm([g])
+    assert_norm_close(total.full_tensor(), oracle_norm([arange], 2.0), 1e-6)
+    assert_same_on_every_rank(total)
+
+    grads = make_grads([(8, 3), (12,), (4, 4)], [torch.float32, torch.bfloat16, torch.float64], seed=16)
+    placements = [[_StridedShard(0, split_factor=2)], [_StridedShard(0, split_factor=3)], [Shard(1)]]
+
+    def shard(gs):
+        return [distribute_tensor(g.clone(), mesh, p) for g, p in zip(gs, placements)]
+
+    dtensor_check(grads, shard)
+    for norm_type in NORM_TYPES:
+        assert_same_on_every_rank(fusedclip.get_total_norm(shard(grads), norm_type))
+
+
+def comm_counts(fn) -> dict:
+    """{collective op: count} of what fn() issues, as CommDebugMode counts it."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mode = CommDebugMode()
+    with mode:
+        fn()
+    return {op: n for op, n in mode.get_comm_counts().items() if n}
+
+
+@case
+def dtensor_collectives_as_torch(rank, world_size):
+    """fusedclip issues torch's functional all-reduce, as many as torch.nn.utils does: one per
+    mesh dim of more than one rank for clip_grad_norm_, and for get_total_norm once its norm is made whole."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    funcol = torch.ops.c10d_functional.all_reduce
+    mesh = mesh_2d(world_size)
+    grads = make_grads([(8, 6), (9, 5), (7,)], torch.float32, seed=17)
+    placements = [(Shard(0), Shard(1)), (Shard(0), Shard(0)), (Shard(0), Replicate())]
+
+    def params():  # built outside the counted calls (distribute_tensor scatters)
+        return params_with(distribute_tensor(g.clone(), mesh, list(p)) for g, p in zip(grads, placements))
+
+    for norm_type in (2.0, 1.0, math.inf):
+        ps, qs = params(), params()
+        theirs = comm_counts(lambda: torch.nn.utils.clip_grad_norm_(ps, 0.1, norm_type, foreach=True))
+        ours = comm_counts(lambda: fusedclip.clip_grad_norm_(qs, 0.1, norm_type))
+        dims = sum(mesh.size(d) > 1 for d in range(mesh.ndim))  # a dim of one rank: none
+        assert ours == theirs == {funcol: dims}, (ours, theirs)
+        ps, qs = [p.grad for p in params()], [p.grad for p in params()]
+        theirs = comm_counts(lambda: torch.nn.utils.get_total_norm(ps, norm_type).full_tensor())
+        ours = comm_counts(lambda: fusedclip.get_total_norm(qs, norm_type).full_tensor())
+        assert ours == theirs, (ours, theirs)
+    # A process group: one functional all-reduce per group, none in place.
+    plain = my_share(global_grads(seed=18), rank, world_size)
+    for norm_type in (2.0, math.inf):
+        counts = comm_counts(lambda: fusedclip.get_total_norm(plain, norm_type, process_group=world()))
+        assert counts == {funcol: 1}, counts
+        counts = comm_counts(
+            lambda: fusedclip.clip_grad_norm_(params_with([g.clone() for g in plain]), 0.1,
+                                              norm_type, process_group=[world(), world()])
+        )
+        assert counts == {funcol: 2}, counts
+
+
+class TensorParallelMLP(torch.nn.Module):
+    """Two column-/row-parallel pairs around a layer norm (replicated over tp), float64."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(19)
+        self.up, self.down = torch.nn.Linear(6, 8), torch.nn.Linear(8, 6)
+        self.norm = torch.nn.LayerNorm(6)
+        self.up2, self.down2 = torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(4, 3)
+        self.double()
+
+    def forward(self, x):
+        h = self.norm(self.down(torch.relu(self.up(x))) + x)
+        return self.down2(torch.tanh(self.up2(h))).square().sum()
+
+
+@case(world_sizes=(4,))  # a (dp, tp) = (2, 2) mesh
+def fsdp2_with_tensor_parallel(rank, world_size):
+    """FSDP2 over dp of a tensor-parallel model (parallelize_module, then fully_shard): the
+    column-parallel weights get _StridedShard over dp, and the layer norm, not tensor-parallel,
+    lives on the dp mesh alone (torch.nn.utils.get_total_norm refuses that mix of meshes). Every
+    norm type against one process."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh = mesh_2d(world_size)
+    dp_rank = mesh.get_local_rank("dp")
+    batches = [torch.randn(5, 6, generator=seeded(200 + r), dtype=torch.float64) for r in range(2)]
+    reference = TensorParallelMLP()
+    sum(reference(x) for x in batches).div(2).backward()
+    expected_grads = [p.grad for p in reference.parameters()]
+
+    model = parallelize_module(TensorParallelMLP(), mesh["tp"], {
+        "up": ColwiseParallel(), "down": RowwiseParallel(),
+        "up2": ColwiseParallel(), "down2": RowwiseParallel(),
+    })
+    fully_shard(model, mesh=mesh["dp"])
+    placements = [p.grad_placements if hasattr(p, "grad_placements") else p.placements
+                  for p in model.parameters()]
+    assert any(isinstance(pl, _StridedShard) for ps in placements for pl in ps), placements
+    for norm_type in NORM_TYPES:
+        model.zero_grad()
+        model(batches[dp_rank]).backward()
+        expected = oracle_norm(expected_grads, norm_type)
+        grads = [p.grad for p in model.parameters()]
+        total = fusedclip.get_total_norm(grads, norm_type)
+        assert_norm_close(whole(total), expected, 1e-9)
+        assert_same_on_every_rank(total)
+        max_norm = 0.5 * expected if expected else 1.0
+        total = fusedclip.clip_grad_norm_(model.parameters(), max_norm, norm_type)
+        assert_norm_close(whole(total), expected, 1e-9)
+        assert_same_on_every_rank(total)
+        assert_scaled_like_oracle(
+            [p.grad.full_tensor() for p in model.parameters()], expected_grads, expected, max_norm,
+            1e-9,
+        )
+
+
 # --- DDP ------------------------------------------------------------------------------------------
 
 
@@ -640,6 +786,8 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str, backend: s
     )
     failures = {}
     for name, fn in (NCCL_CASES if backend == "nccl" else CASES).items():
+        if backend != "nccl" and world_size not in CASE_WORLD_SIZES[name]:
+            continue
         try:
             fn(rank, world_size)
         except BaseException:  # noqa: BLE001 (reported to the parent, case by case)
@@ -690,8 +838,10 @@ def assert_case_passed(results, name):
     assert not failed, "\n".join(f"rank {rank}:\n{tb}" for rank, tb in failed.items())
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name, world_size",
+    [(name, size) for size in WORLD_SIZES for name in CASES if size in CASE_WORLD_SIZES[name]],
+)
 def test_gloo(name, world_size):
     assert_case_passed(run_world(world_size), name)
 
