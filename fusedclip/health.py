@@ -160,11 +160,16 @@ class GradientMonitor:
     * **vanishing** when :math:`n <` ``vanish_eps`` for ``vanish_steps`` consecutive steps.
 
     Reading anything (:meth:`summary`, :meth:`exploding`, :meth:`vanishing`, :meth:`history`,
-    :meth:`log`) copies to the host and synchronises. With a ``writer`` (a
-    ``torch.utils.tensorboard.SummaryWriter``), every ``log_every`` steps :meth:`log` writes the
-    scalars of every step since the last log (one sync per ``log_every`` steps): the global norm,
-    each parameter's norm (``log_per_parameter``), the counts of exploding and vanishing
-    parameters, and a histogram of the per-parameter norms.
+    :meth:`log`, :meth:`flush`) copies to the host and synchronises. With a ``writer`` (a
+    ``torch.utils.tensorboard.SummaryWriter``), :meth:`log` writes the scalars of every step since
+    the last log (one sync), by itself at each step that is a multiple of ``log_every``: the global
+    norm, each parameter's norm (``log_per_parameter``), the counts of exploding and vanishing
+    parameters, and a histogram of the per-parameter norms. The steps after the last multiple are
+    written by :meth:`flush`, :meth:`close` or leaving a ``with`` block; no step is written twice.
+
+    Records are numbered ``global_step + 1``, ``global_step + 2``, ... (their TensorBoard step), so
+    a resumed run that passes the :attr:`step` it saved logs the steps of an uninterrupted run; its
+    statistics start afresh, with a new warm-up.
 
     Args:
         named_parameters: a module, or ``(name, parameter)`` pairs such as
@@ -174,8 +179,21 @@ class GradientMonitor:
         z_threshold, alpha, warmup_steps: the z-score spike test.
         vanish_eps, vanish_steps: the vanishing test.
         history_size: steps kept for :meth:`history` and logging.
-        writer, log_every, log_per_parameter: TensorBoard logging.
+        writer, log_every, log_per_parameter: TensorBoard logging. The writer stays the
+            caller's: the monitor flushes it but never closes it.
+        global_step: steps taken before this monitor (a resumed run's saved ``step``).
         backend: as in :func:`fusedclip.clip_grad_norm_`.
+
+    Attributes:
+        step: the number of the last recorded step (``global_step`` before the first).
+
+    Example::
+
+        with GradientMonitor(model, writer=writer, global_step=checkpoint["step"]) as monitor:
+            for batch in loader:
+                ...
+                monitor.clip_grad_norm_(1.0)
+        checkpoint["step"] = monitor.step
     """
 
     def __init__(
@@ -193,6 +211,7 @@ class GradientMonitor:
         writer: Any = None,
         log_every: int = 100,
         log_per_parameter: bool = True,
+        global_step: int = 0,
         backend: str = "auto",
     ):
         if isinstance(named_parameters, torch.nn.Module):
@@ -215,6 +234,8 @@ class GradientMonitor:
                             ("history_size", history_size), ("log_every", log_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+            raise ValueError(f"global_step must be a non-negative int, got {global_step!r}")
         self.names = [name for name, _ in pairs]
         self.params = [p for _, p in pairs]
         self.norm_type = clip._norm_type(norm_type)
@@ -228,11 +249,11 @@ class GradientMonitor:
         self.log_every = log_every
         self.log_per_parameter = log_per_parameter
         self.backend = backend
-        self.step = 0  # steps recorded
+        self.step = global_step  # the last recorded step's number: global_step + steps recorded
         # (step, total, per-parameter norms, exploding flags, vanishing flags), device tensors; the
         # flags are None for steps recorded without a writer (log() is their only reader)
         self._history: deque = deque(maxlen=history_size)
-        self._logged_through = 0
+        self._logged_through = global_step  # the last step written to the writer
         self._state: Optional[dict[str, Tensor]] = None
         self._update_backend = "torch"  # of monitor_update_, chosen with the state's device
 
@@ -400,3 +421,23 @@ class GradientMonitor:
                 for name, value in zip(self.names, pers[k].tolist()):
                     self.writer.add_scalar(f"grad_norm/{name}", value, step)
         self._logged_through = steps[-1]
+
+    def flush(self) -> None:
+        """Writes every step not yet written (those since the last multiple of ``log_every``, of
+        the last ``history_size`` kept) and flushes ``writer``; without a writer, does nothing."""
+        if self.writer is None:
+            return
+        self.log()
+        self.writer.flush()
+
+    def close(self) -> None:
+        """:meth:`flush`. The writer is the caller's and stays open; the monitor can record on
+        (the next steps wait for the next log or flush)."""
+        self.flush()
+
+    def __enter__(self) -> GradientMonitor:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Calls :meth:`close`, also when the block raised: the steps up to the error are written."""
+        self.close()

@@ -3,6 +3,7 @@ the float64 oracle and a plain implementation of the monitor's statistics writte
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -262,6 +263,154 @@ def test_monitor_logs_to_tensorboard(tmp_path):
     assert [e.value for e in events.Scalars("grad_health/vanishing")] == [v for _, v in flag_counts]
     assert len(set(flag_counts)) > 1
     assert [e.step for e in events.Histograms("grad_norm/per_parameter")] == list(range(1, 11))
+
+
+class RecordingWriter:
+    """A writer that records what the monitor writes, and refuses to be closed by it (it is the
+    caller's)."""
+
+    def __init__(self):
+        self.scalars, self.histograms, self.flushes = [], [], 0
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step, value))
+
+    def add_histogram(self, tag, values, step):
+        self.histograms.append((tag, step))
+
+    def flush(self):
+        self.flushes += 1
+
+    def close(self):
+        raise AssertionError("the monitor closed the caller's writer")
+
+    def steps(self, tag="grad_norm/total"):
+        return [step for t, step, _ in self.scalars if t == tag]
+
+    def values(self, tag):
+        return [value for t, _, value in self.scalars if t == tag]
+
+
+TAGS = ["grad_norm/total", "grad_norm/a", "grad_norm/b", "grad_norm/c", "grad_health/exploding",
+        "grad_health/vanishing"]
+
+
+@pytest.mark.parametrize("finish", ["flush", "close", "with"])
+def test_monitor_flush_writes_the_steps_since_the_last_log_once(tmp_path, finish):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    def written():
+        events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+        events.Reload()
+        scalars = {tag: [e.step for e in events.Scalars(tag)] for tag in TAGS}
+        return scalars, [e.step for e in events.Histograms("grad_norm/per_parameter")]
+
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    monitor = fusedclip.GradientMonitor(zip("abc", params), writer=writer, log_every=10, warmup_steps=4)
+    with monitor if finish == "with" else contextlib.nullcontext() as entered:
+        assert entered is (monitor if finish == "with" else None)
+        for step in range(25):
+            monitored_step(step, params)
+            monitor.observe()
+    if finish != "with":
+        getattr(monitor, finish)()
+    # Read back while the writer is open (the flush of the writer itself: the RecordingWriter tests).
+    scalars, histograms = written()
+    assert scalars == {tag: list(range(1, 26)) for tag in TAGS}  # steps 21-25 too, each once
+    assert histograms == list(range(1, 26))
+    totals = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    totals.Reload()
+    assert [e.value for e in totals.Scalars("grad_norm/total")] == pytest.approx(
+        monitor.history()["total"].tolist(), rel=1e-6, nan_ok=True)
+    monitor.flush()  # nothing left to write
+    monitor.close()
+    writer.flush()
+    assert written() == (scalars, histograms)
+    writer.close()
+
+
+def test_monitor_flush_writes_each_step_once_and_leaves_the_writer_open():
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
+    writer = RecordingWriter()
+    monitor = fusedclip.GradientMonitor(zip("abc", params), writer=writer, log_every=10)
+    for step in range(25):
+        monitored_step(step, params)
+        monitor.observe()
+    assert writer.steps() == list(range(1, 21)) and writer.flushes == 0  # logged at steps 10 and 20
+    monitor.flush()
+    assert writer.steps() == list(range(1, 26)) and writer.flushes == 1
+    assert [step for _, step in writer.histograms] == list(range(1, 26))
+    written = (list(writer.scalars), list(writer.histograms))
+    monitor.flush()
+    monitor.close()  # flushes; does not close the caller's writer (RecordingWriter.close raises)
+    assert (writer.scalars, writer.histograms) == written and writer.flushes == 3
+    monitored_step(25, params)
+    monitor.observe()  # still usable after close(): step 26 waits for step 30 or the next flush
+    assert writer.steps() == list(range(1, 26))
+    monitor.flush()
+    assert writer.steps() == list(range(1, 27))
+
+
+def test_monitor_resumed_with_global_step_logs_at_the_run_steps():
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
+    whole = RecordingWriter()
+    with fusedclip.GradientMonitor(zip("abc", params), writer=whole, log_every=10) as monitor:
+        for step in range(25):
+            monitored_step(step, params)
+            monitor.observe()
+    # The same 25 steps, stopped after 13 and resumed from the saved step.
+    first, second = RecordingWriter(), RecordingWriter()
+    with fusedclip.GradientMonitor(zip("abc", params), writer=first, log_every=10) as before:
+        for step in range(13):
+            monitored_step(step, params)
+            before.observe()
+    resumed = fusedclip.GradientMonitor(zip("abc", params), writer=second, log_every=10, global_step=before.step)
+    assert resumed.step == 13 and resumed.history()["step"] == []
+    for step in range(13, 25):
+        monitored_step(step, params)
+        resumed.observe()
+        if resumed.step == 20:  # logged at the run's step 20, not after 10 steps of this monitor
+            assert second.steps() == list(range(14, 21))
+    assert second.steps() == list(range(14, 21))
+    resumed.close()
+    assert resumed.history()["step"] == list(range(14, 26)) and "25 steps" in resumed.summary()
+    for tag in TAGS:
+        assert first.steps(tag) + second.steps(tag) == whole.steps(tag) == list(range(1, 26)), tag
+    for tag in TAGS[:4]:  # the norms (the flags depend on statistics, which restart with the monitor)
+        assert first.values(tag) + second.values(tag) == pytest.approx(whole.values(tag), nan_ok=True), tag
+    assert [s for _, s in first.histograms + second.histograms] == [s for _, s in whole.histograms]
+
+
+def test_monitor_context_manager_writes_the_rest_when_the_loop_raises():
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
+    writer = RecordingWriter()
+    with pytest.raises(RuntimeError, match="diverged"):
+        with fusedclip.GradientMonitor(zip("abc", params), writer=writer, log_every=10) as monitor:
+            for step in range(7):
+                monitored_step(step, params)
+                monitor.observe()
+            raise RuntimeError("diverged")
+    # The steps before the error are written (and the writer flushed, not closed).
+    assert writer.steps() == list(range(1, 8)) and writer.flushes == 1
+    # Without a writer there is nothing to write: flush(), close() and the with block do nothing.
+    with fusedclip.GradientMonitor(zip("abc", params)) as monitor:
+        monitored_step(0, params)
+        monitor.observe()
+        monitor.flush()
+    monitor.close()
+    assert monitor.step == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, True, "3", None, torch.tensor(3)], ids=repr)
+def test_monitor_bad_global_step_raises(bad):
+    p = torch.nn.Parameter(torch.zeros(3))
+    writer = RecordingWriter()
+    with pytest.raises(ValueError, match="global_step must be a non-negative int"):
+        fusedclip.GradientMonitor([("p", p)], writer=writer, global_step=bad)
+    assert writer.scalars == [] and writer.flushes == 0
+    assert fusedclip.GradientMonitor([("p", p)], global_step=0).step == 0
 
 
 # --- monitor_update_: the fused per-step update -----------------------------------------------------
