@@ -15,7 +15,7 @@ from fusedclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_no
 from fusedclip.health import GradientMonitor, clip_grad_norm_with_norms_, get_norms
 from fusedclip.dispatch import dispatch_clip_grad
 from fusedclip.optim import ClipOptimizer
-from fusedclip.patch import is_torch_patched, patch_torch, unpatch_torch
+from fusedclip.patch import is_timm_patched, is_torch_patched, patch_timm, patch_torch, unpatch_timm, unpatch_torch
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,9 @@ __all__ = [
     "patch_torch",
     "unpatch_torch",
     "is_torch_patched",
+    "patch_timm",
+    "unpatch_timm",
+    "is_timm_patched",
     "dispatch_clip_grad",
     "ClipOptimizer",
     "available_backends",
