@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from fusedclip import _ops, reference
 
@@ -93,6 +94,28 @@ def _non_negative(value: Union[float, Tensor], name: str) -> float:
     return value
 
 
+def _max_norm(value: Union[float, Tensor]) -> Union[float, Tensor]:
+    """max_norm as a float, or as a 0-d tensor when given as a tensor.
+
+    A tensor is checked without a host sync: read on the CPU (free) in eager mode, else checked
+    where it lives (``torch._assert_async``: on a GPU the device raises, asynchronously), so
+    torch.compile traces it without a guard on its value. Its coefficient is torch's true
+    division ``max_norm / (norm + 1e-6)`` (see reference.clip_coefficient), so the fused
+    operators, whose max_norm is a float, do not run it. A float under torch.compile stays
+    symbolic (a schedule that changes it every step compiles twice, as torch's does).
+    """
+    if not isinstance(value, Tensor):
+        return _non_negative(value, "max_norm")
+    if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError("max_norm must be a real number or a one-element real tensor")
+    value = value.reshape(())
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        _non_negative(value, "max_norm")
+    else:  # nan fails `>= 0` too
+        torch._assert_async(value >= 0, "max_norm must be a non-negative number")
+    return value
+
+
 def _norm_type(norm_type: Union[float, str]) -> float:
     try:
         value = float(norm_type)
@@ -100,6 +123,10 @@ def _norm_type(norm_type: Union[float, str]) -> float:
         raise ValueError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
     if value != value:  # nan; math.isnan does not trace when torch.compile makes it symbolic
         raise ValueError("norm_type must not be nan")
+    if torch.compiler.is_compiling():
+        # The norm type picks the kernel and the root: one graph per norm type (as torch's
+        # vector_norm), where a norm type that changed would otherwise become a symbolic float.
+        value = guard_scalar(value)
     return value
 
 
@@ -322,7 +349,7 @@ def clip_grads_with_norm_(
     coefficient is 1; DTensor gradients are scaled shard by shard.
     """
     with torch.no_grad():
-        max_norm = _non_negative(max_norm, "max_norm")
+        max_norm = _max_norm(max_norm)
         if type(total_norm) is not Tensor and _is_distributed([total_norm], None):
             from fusedclip import distributed
 
@@ -405,10 +432,11 @@ def clip_grad_norm_(
             parameters, max_norm, norm_type, grad_scaler=grad_scaler, optimizer=optimizer, backend=backend
         )
     with torch.no_grad():
-        max_norm = _non_negative(max_norm, "max_norm")
+        max_norm = _max_norm(max_norm)
         norm_type = _norm_type(norm_type)
         params = _as_list(parameters, warn_if_empty_generator=True)
-        if process_group is None and not error_if_nonfinite and _cpu_fast_path(backend):
+        fused = isinstance(max_norm, float) and not error_if_nonfinite  # the fused operators' max_norm
+        if process_group is None and fused and _cpu_fast_path(backend):
             total = _on_cpu_grads(_ops.clip_grad_norm_of_params, params, max_norm, norm_type)
             if total is not None:
                 return total
@@ -422,7 +450,7 @@ def clip_grad_norm_(
         if not grads:
             return torch.tensor(0.0)
         groups = _group_by_device(grads, foreach, backend, writes=True)
-        if len(groups) == 1 and not error_if_nonfinite:
+        if len(groups) == 1 and fused and not torch.compiler.is_compiling():
             _, group_backend, ts = groups[0]
             return _ops.clip_grad_norm_(group_backend, ts, max_norm, norm_type)
         total = _total_norm(groups, norm_type)

@@ -182,7 +182,7 @@ class _Statistic:
         self.norm_type = norm_type
         self.op = reduce_op(norm_type)
         self.sign = -1.0 if norm_type == -math.inf else 1.0
-        self.nan_column = math.isinf(norm_type)
+        self.nan_column = norm_type in (math.inf, -math.inf)
         self.elements_column = norm_type < 0
 
     def row(self, statistic: Optional[Tensor], has_elements: bool, device: torch.device) -> Tensor:

@@ -11,7 +11,7 @@ missing and the path for devices that have no fused kernels yet.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -69,7 +69,7 @@ def _tensor_statistic(t: Tensor, norm_type: float, acc: torch.dtype) -> Tensor:
         return torch.full((), statistic_identity(norm_type), dtype=acc, device=t.device)
     if t.is_complex():
         t = t.abs()
-    if math.isinf(norm_type):
+    if norm_type in (math.inf, -math.inf):
         return torch.linalg.vector_norm(t, norm_type, dtype=acc)  # a max or a min: exact
     flat = t.reshape(-1)
     whole = flat.numel() // _ROW * _ROW
@@ -152,18 +152,41 @@ def total_norm_from_statistic(statistic: Tensor, norm_type: float, empty: bool) 
     """The norm from its statistic: the p-th root for finite p other than 0 and 1.
 
     The same ATen ops as the C++ fused op (csrc/cpu/kernels.cpp), so both give the same bits.
+    norm_type is compared, not passed to math.isinf, which torch.compile cannot trace when the
+    norm type is a symbolic float (one that changed between calls).
     """
     if empty:  # the norm of no elements is 0 whatever p, as for no tensors at all
         return torch.zeros_like(statistic)
     if norm_type == 2.0:
         return statistic.sqrt()
-    if norm_type in (0.0, 1.0) or math.isinf(norm_type):
+    if norm_type in (0.0, 1.0) or norm_type in (math.inf, -math.inf):
         return statistic
+    if torch.compiler.is_compiling():
+        return torch.ops.fusedclip.pth_root(statistic, norm_type)
     return statistic.pow(1.0 / norm_type)
 
 
-def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
-    """min(max_norm / (total_norm + 1e-6), 1), computed as torch computes it (bitwise)."""
+@torch.library.custom_op("fusedclip::pth_root", mutates_args=())
+def _pth_root(statistic: Tensor, norm_type: float) -> Tensor:
+    """statistic ** (1 / norm_type) by ATen, which torch.compile keeps as it is: Inductor's own
+    pow differs from ATen's in the last bit for a third of float32 scalars, and a compiled norm
+    should have eager's bits."""
+    return statistic.pow(1.0 / norm_type)
+
+
+@_pth_root.register_fake
+def _(statistic: Tensor, norm_type: float) -> Tensor:
+    return torch.empty_like(statistic)
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: Union[float, Tensor]) -> Tensor:
+    """min(max_norm / (total_norm + 1e-6), 1), computed as torch computes it (bitwise).
+
+    torch's ``max_norm / (total_norm + 1e-6)`` is ``reciprocal() * max_norm`` for a float
+    max_norm (Tensor.__rtruediv__) and a true division for a tensor one (0-d here).
+    """
+    if isinstance(max_norm, Tensor):
+        return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
     return ((total_norm + 1e-6).reciprocal() * max_norm).clamp(max=1.0)
 
 

@@ -4,6 +4,7 @@ kernels) and gives eager's results. Compiling is slow on a small CPU machine: fe
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -74,3 +75,70 @@ def test_training_step_compiles_fullgraph():
             for p, q in zip(compiled_model.parameters(), eager.parameters()):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _counting_backend():
+    """A torch.compile backend that counts compiles (graphs) and runs them as traced."""
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    return backend, compiles
+
+
+@pytest.mark.parametrize("api", ["fusedclip", "torch"])
+def test_max_norm_schedule_compiles_at_most_twice(api):
+    """A float max_norm that changes every call (a schedule): as torch, one compile with the
+    first value, one with max_norm symbolic, then no more, and eager's results."""
+    clip_fn = fusedclip.clip_grad_norm_ if api == "fusedclip" else torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm):
+        return clip_fn(params, max_norm)
+
+    grads = make_grads([(64, 3), (1000,), (7,)], [torch.float32, torch.bfloat16, torch.float32], seed=62)
+    eager_params, compiled_params = params_with(clone_all(grads)), params_with(clone_all(grads))
+    backend, compiles = _counting_backend()
+    compiled = torch.compile(clip, backend=backend, fullgraph=True)
+    for step in range(12):
+        max_norm = 2.0 * 0.8**step  # clips from the start, more each step
+        expected = clip(eager_params, max_norm)
+        total = compiled(compiled_params, max_norm)
+        assert torch.equal(total, expected)
+        assert_bitwise_equal([p.grad for p in compiled_params], [p.grad for p in eager_params])
+    assert len(compiles) <= 2, len(compiles)
+
+
+@pytest.mark.parametrize("api", ["fusedclip", "torch"])
+def test_tensor_max_norm_compiles_once(api):
+    """A tensor max_norm is traced (no host read of it, no guard on its value): one compile for
+    every value, the results of eager."""
+    clip_fn = fusedclip.clip_grad_norm_ if api == "fusedclip" else torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm):
+        return clip_fn(params, max_norm)
+
+    grads = make_grads([(33, 5), (100,)], torch.float32, seed=63)
+    eager_params, compiled_params = params_with(clone_all(grads)), params_with(clone_all(grads))
+    backend, compiles = _counting_backend()
+    compiled = torch.compile(clip, backend=backend, fullgraph=True)
+    for step in range(5):
+        max_norm = torch.tensor(3.0 * 0.7**step)
+        expected = clip(eager_params, max_norm)
+        total = compiled(compiled_params, max_norm)
+        assert torch.equal(total, expected)
+        assert_bitwise_equal([p.grad for p in compiled_params], [p.grad for p in eager_params])
+    assert len(compiles) == 1, len(compiles)
+
+
+def test_compiled_negative_tensor_max_norm_raises_before_any_write():
+    """The check of a tensor max_norm is traced (on the device), ahead of the scale."""
+    grads = make_grads([(20, 3), (9,)], torch.float32, seed=64)
+    params = params_with(clone_all(grads))
+    compiled = torch.compile(lambda ps, m: fusedclip.clip_grad_norm_(ps, m), fullgraph=True)
+    compiled(params_with(clone_all(grads)), torch.tensor(0.5))
+    for bad in (-1.0, math.nan):
+        with pytest.raises(RuntimeError, match="max_norm must be a non-negative number"):
+            compiled(params, torch.tensor(bad))
+        assert_bitwise_equal([p.grad for p in params], grads)
