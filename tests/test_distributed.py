@@ -546,6 +546,43 @@ def dtensor_collectives_as_torch(rank, world_size):
         assert counts == {funcol: 2}, counts
 
 
+@case
+def dtensor_compiled_traces_the_collectives(rank, world_size):
+    """torch.compile(fullgraph=True) of a clip of DTensor grads: the functional all-reduce is in
+    the graph, and the results are eager's."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = mesh_2d(world_size)
+    grads = make_grads([(8, 6), (9, 5), (7,)], torch.float32, seed=20)
+    placements = [(Shard(0), Shard(1)), (Shard(0), Shard(0)), (Shard(0), Replicate())]
+
+    def params():  # DTensor parameters with DTensor grads, as FSDP2 makes them
+        out = []
+        for g, p in zip(grads, placements):
+            param = distribute_tensor(torch.zeros_like(g), mesh, list(p)).requires_grad_()
+            param.grad = distribute_tensor(g.clone(), mesh, list(p))
+            out.append(param)
+        return out
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ps: fusedclip.clip_grad_norm_(ps, 0.1), backend=backend, fullgraph=True)
+    eager, traced = params(), params()
+    expected = fusedclip.clip_grad_norm_(eager, 0.1)
+    total = compiled(traced)
+    assert torch.equal(whole(total), whole(expected))
+    for p, q in zip(traced, eager):
+        assert torch.equal(p.grad.full_tensor(), q.grad.full_tensor())
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("all_reduce" in t for t in targets), targets
+    torch._dynamo.reset()
+
+
 class TensorParallelMLP(torch.nn.Module):
     """Two column-/row-parallel pairs around a layer norm (replicated over tp), float64."""
 
