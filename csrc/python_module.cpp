@@ -27,7 +27,9 @@ namespace {
 // The defined grads of params, or nothing when an item is not exactly a Tensor or a Parameter (a
 // subclass may define .grad its own way) or a grad is not on the CPU: then the caller takes its
 // Python path, which groups by device and validates.
-std::optional<std::vector<at::Tensor>> grads_of(const py::list& params) {
+// positions, when given, receives the index in params of each grad returned.
+std::optional<std::vector<at::Tensor>> grads_of(const py::list& params,
+                                                std::vector<int64_t>* positions = nullptr) {
   const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
   std::vector<at::Tensor> grads;
   grads.reserve(n);
@@ -38,6 +40,7 @@ std::optional<std::vector<at::Tensor>> grads_of(const py::list& params) {
     if (!grad.defined()) continue;
     if (!grad.device().is_cpu()) return std::nullopt;
     grads.push_back(grad);
+    if (positions != nullptr) positions->push_back(static_cast<int64_t>(i));
   }
   return grads;
 }
@@ -87,18 +90,16 @@ bool clamp_grads_of(const py::list& params, double lo, double hi) {
 py::object clip_grad_norm_with_norms_of(const py::list& params, double max_norm, double norm_type) {
   static const auto op = find_op<std::tuple<at::Tensor, at::Tensor>(at::TensorList, double, double)>(
       "fusedclip::clip_grad_norm_with_norms_");
-  auto grads = grads_of(params);
+  // Where each grad came from, read with the grads: the operator runs without the GIL, and
+  // another thread may assign a .grad meanwhile.
+  std::vector<int64_t> positions;
+  auto grads = grads_of(params, &positions);
   if (!grads || grads->empty()) return py::none();
   auto [total, per_grad] = call_below_autograd(op, *grads, max_norm, norm_type);
-  const Py_ssize_t n = PyList_GET_SIZE(params.ptr());
-  if (static_cast<Py_ssize_t>(grads->size()) == n) return py::make_tuple(total, per_grad);
-  at::Tensor per_param = at::zeros({static_cast<int64_t>(n)}, per_grad.options());
-  int64_t next = 0;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (THPVariable_Unpack(PyList_GET_ITEM(params.ptr(), i)).grad().defined()) {
-      per_param.select(0, i).copy_(per_grad.select(0, next++));
-    }
-  }
+  const int64_t n = static_cast<int64_t>(PyList_GET_SIZE(params.ptr()));
+  if (static_cast<int64_t>(grads->size()) == n) return py::make_tuple(total, per_grad);
+  at::Tensor per_param = at::zeros({n}, per_grad.options());
+  per_param.index_copy_(0, at::tensor(positions, at::kLong), per_grad);
   return py::make_tuple(total, per_param);
 }
 

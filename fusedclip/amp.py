@@ -127,6 +127,13 @@ def unscale_and_clip_grad_norm_(
                 "unscales the optimizer's gradients"
             )
         groups = clip._group_by_device(optimizer_grads, None, backend, writes=True)
+        for i, g in enumerate(optimizer_grads):  # checked before anything is unscaled
+            if g.is_complex() and id(g) not in clipped_ids:
+                raise TypeError(
+                    f"gradient {i} of optimizer is complex ({g.dtype}) and not in `parameters`: "
+                    "the scaler's unscale (torch._amp_foreach_non_finite_check_and_unscale_) "
+                    "does not take complex gradients"
+                )
 
         scale = grad_scaler._scale
         # As torch's unscale_: the reciprocal in float64, rounded once to float32.

@@ -227,10 +227,20 @@ class _Statistic:
 
 
 def _process_groups(process_group: Optional[ProcessGroups]) -> list:
+    """process_group as a list of groups, checked (before any collective or write)."""
     if process_group is None:
         return []
     if isinstance(process_group, dist.ProcessGroup):
         return [process_group]
+    if not isinstance(process_group, Sequence) or isinstance(process_group, (str, bytes)):
+        raise TypeError(
+            "process_group must be a torch.distributed.ProcessGroup or a sequence of them, got "
+            f"{type(process_group).__name__}"
+        )
+    if not process_group:
+        raise ValueError(
+            "process_group must name at least one group (pass None to reduce over no group)"
+        )
     groups = list(process_group)
     for i, group in enumerate(groups):
         if not isinstance(group, dist.ProcessGroup):
@@ -246,7 +256,7 @@ def _local_statistic(
 ) -> Tensor:
     """The statistic of tensors on this rank. A CPU list goes to the C++ operator whole, which
     validates it itself; the general path validates in Python and groups by device."""
-    if tensors[0].device.type == "cpu" and clip._cpu_fast_path(backend):
+    if clip._first_on_cpu(tensors) and clip._cpu_fast_path(backend):
         result = clip._on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type)
         if result is not None:
             return result[0]
@@ -335,14 +345,15 @@ def scale_(tensors: list[Tensor], coef: Tensor, foreach: Optional[bool], backend
     """
     if not tensors:
         return
-    on_cpu = tensors[0].device.type == "cpu" and coef.device.type == "cpu"
-    if on_cpu and clip._cpu_fast_path(backend):
-        try:
-            _ops.multi_tensor_scale_("cpu", tensors, coef)
-            return
-        except (RuntimeError, TypeError):
-            pass
+    on_cpu = clip._first_on_cpu(tensors) and coef.device.type == "cpu"
+    if on_cpu and clip._cpu_fast_path(backend) and clip._on_cpu_grads(_scale_on_cpu, tensors, coef):
+        return
     clip._scale_groups(clip._group_by_device(tensors, foreach, backend, writes=True), coef)
+
+
+def _scale_on_cpu(tensors: list[Tensor], coef: Tensor) -> bool:
+    _ops.multi_tensor_scale_("cpu", tensors, coef)
+    return True
 
 
 def as_returned(total: Tensor, parts: _Parts) -> Tensor:

@@ -34,14 +34,14 @@ def run_grouped(tensors: list[Tensor], backend: str, writes: bool, fn: Callable[
 
     The C++ operators validate every tensor before writing anything, so the CPU group skips the
     Python checks (a loop that costs more than the kernels at thousands of tensors). fn must
-    write only in its last operator call: when the operators refuse the tensors, nothing has been
-    written, and the general path then raises the precise error or regroups.
+    write only in its last operator call and return something other than None: when the operators
+    refuse the tensors, nothing has been written, and the general path then raises the precise
+    error or regroups (see clip._on_cpu_grads).
     """
-    if tensors[0].device.type == "cpu" and clip._cpu_fast_path(backend):
-        try:
-            return fn([(torch.device("cpu"), "cpu", tensors)])
-        except (RuntimeError, TypeError):
-            pass
+    if clip._first_on_cpu(tensors) and clip._cpu_fast_path(backend):
+        result = clip._on_cpu_grads(fn, [(torch.device("cpu"), "cpu", tensors)])
+        if result is not None:
+            return result
     return fn(clip._group_by_device(tensors, None, backend, writes))
 
 
@@ -104,7 +104,8 @@ def _clip_with_norms(params: list, max_norm: float, norm_type: float, backend: s
         result = clip._on_cpu_grads(_ops.clip_grad_norm_with_norms_of_params, params, max_norm, norm_type)
         if result is not None:
             return result
-    grads = clip._grads_of(params)
+    param_grads = clip._param_grads(params)  # read once: the norms are reported against these
+    grads = [g for g in param_grads if g is not None]
     if not grads:
         return torch.tensor(0.0), torch.zeros(len(params))
     groups = clip._group_by_device(grads, None, backend, writes=True)
@@ -114,7 +115,7 @@ def _clip_with_norms(params: list, max_norm: float, norm_type: float, backend: s
     else:
         total, per = norms_of_groups(groups, grads, norm_type)
         clip._scale_groups(groups, reference.clip_coefficient(total, max_norm))
-    return total, _per_parameter(per, [p.grad is not None for p in params])
+    return total, _per_parameter(per, [g is not None for g in param_grads])
 
 
 def clip_grad_norm_with_norms_(

@@ -81,7 +81,12 @@ class ClipOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.max_norm = clip._non_negative(max_norm, "max_norm")
         self.norm_type = clip._norm_type(norm_type)
-        _ops.resolve_backend(backend, torch.device("cpu"))  # raises for an unknown name
+        if backend not in _ops.BACKENDS:
+            raise ValueError(f"backend must be one of {_ops.BACKENDS}, got {backend!r}")
+        # Raises, with the reason, for a backend that cannot run the parameters' devices.
+        devices = {p.device for group in optimizer.param_groups for p in group["params"]}
+        for device in sorted(devices, key=str):
+            _ops.resolve_backend(backend, device)
         self.backend = backend
         if not isinstance(fold, bool):
             raise TypeError(f"fold must be True or False, got {fold!r}")

@@ -563,6 +563,18 @@ def test_bad_input_raises_before_writing(device):
     assert_bitwise_equal(cpu(grads), cpu(originals))
 
 
+def test_clip_optimizer_takes_backend_triton(device):
+    """ClipOptimizer accepts "triton" for parameters the Triton kernels run (and clips with it)."""
+    grads = on(device, make_grads([(30,), (4, 5)], torch.float32, seed=22, scale=3.0))
+    params, expected = params_with(clone_all(grads)), params_with(clone_all(grads))
+    opt = fusedclip.ClipOptimizer(torch.optim.SGD(params, lr=0.0), 0.5, backend="triton")
+    total = opt.step()
+    expected_total = fusedclip.clip_grad_norm_(expected, 0.5, backend="torch")
+    torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=0)
+    for p, q in zip(params, expected):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_compile_fullgraph(device):
     torch._dynamo.reset()
 
