@@ -12,7 +12,8 @@ import torch
 
 import fusedclip
 from fusedclip import _ops
-from conftest import BACKENDS, ULP, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with, seeded
+from conftest import (BACKENDS, ULP, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with,
+                      rand_tensor, seeded)
 
 ops = torch.ops.fusedclip
 
@@ -229,6 +230,54 @@ def test_agc_refuses_before_writing(backend):
             fusedclip.AGC(**kwargs)
     with pytest.raises(TypeError, match="exclude"):
         fusedclip.AGC(exclude=[3])
+
+
+def shared_grad_case(case: str, dtype, seed=12):
+    """Parameters whose gradients share memory, and the tensor that holds all of it.
+
+    Every unit clips on its first occurrence (gradients about 100x their limit). "twice": the
+    same gradient for two parameters, the second's limit half the first's in some rows (they clip
+    again) and twice it in the others (they do not). The views: the second parameter's limits
+    are small enough that its units clip after the first's have.
+    """
+    gen = seeded(seed)
+    if case in ("twice", "twice_contiguous"):
+        g = rand_tensor((6, 5), dtype, gen, 10.0)
+        g = g.t() if case == "twice" else g.t().contiguous()
+        w1 = rand_tensor(g.shape, dtype, gen)
+        row_scale = torch.tensor([0.5, 2.0, 0.5, 2.0, 0.5], dtype=torch.float64).reshape(-1, 1)
+        w2 = (w1.double() * row_scale).to(dtype)
+        return [(g, w1), (g, w2)], g
+    base = rand_tensor((4, 10), dtype, gen, 10.0)
+    view = {"transpose": base.t(), "transpose_first": base.t(), "strided": base[:, ::2],
+            "rows": base[1:]}[case]
+    w_base = rand_tensor(base.shape, dtype, gen)
+    w_view = rand_tensor(view.shape, dtype, gen, 0.01)
+    pairs = [(base, w_base), (view, w_view)]
+    return (pairs[::-1] if case == "transpose_first" else pairs), base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["twice", "transpose", "transpose_first", "strided", "twice_contiguous", "rows"])
+def test_agc_shared_grads_clip_in_list_order(case, dtype):
+    """Each occurrence of shared memory is clipped in list order, as the per-tensor loop of
+    backend "torch" does: a later occurrence sees the earlier clips."""
+    results = {}
+    for backend in ("cpu", "torch"):
+        pairs, storage = shared_grad_case(case, dtype)
+        original = storage.clone()
+        params = []
+        for g, w in pairs:
+            p = torch.nn.Parameter(w)
+            p.grad = g
+            params.append(p)
+        total = fusedclip.AGC(clip_factor=0.1, backend=backend)(params)
+        assert not torch.equal(storage, original)
+        results[backend] = (total, storage)
+    (cpu_total, cpu_grads), (torch_total, torch_grads) = results["cpu"], results["torch"]
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(cpu_grads, torch_grads, rtol=rtol, atol=0)
+    torch.testing.assert_close(cpu_total, torch_total, rtol=rtol, atol=0)
 
 
 def test_agc_no_grads():
