@@ -72,7 +72,9 @@ class AGC:
     with :math:`\lambda` = ``clip_factor`` (default 0.01) and :math:`\epsilon` = ``eps``
     (default 1e-3). On the CPU one fused pass reads every parameter once and every gradient once
     and rewrites, from the cache, only the units that clip (timm runs about six kernels and two
-    temporaries per parameter). Stateless; a nan gradient unit becomes nan, as in timm.
+    temporaries per parameter). Stateless; a nan gradient unit becomes nan, as in timm. A
+    parameter and its gradient may differ in dtype (a tensor's ``grad_dtype``): each is read in
+    its own.
 
     Args:
         clip_factor: :math:`\lambda`, non-negative.
@@ -119,6 +121,8 @@ class AGC:
 
     @staticmethod
     def _check_params(pairs: list[tuple[Tensor, Tensor]]) -> None:
+        """Refuses, before any gradient is written, every pair the kernels cannot clip (as the
+        C++ operator does). A parameter may have another real dtype than its gradient."""
         for i, (g, p) in enumerate(pairs):
             if g.is_complex():
                 raise TypeError(f"gradient {i} is complex; AGC is defined for real tensors")

@@ -280,6 +280,59 @@ def test_agc_shared_grads_clip_in_list_order(case, dtype):
     torch.testing.assert_close(cpu_total, torch_total, rtol=rtol, atol=0)
 
 
+needs_grad_dtype = pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"),
+                                      reason="a gradient of another dtype needs Tensor.grad_dtype")
+
+
+def params_with_grad_dtypes(dtype_pairs, seed):
+    """agc_case's parameters and gradients (units 10x or 1e-3x their limit) rounded to the given
+    (parameter dtype, gradient dtype) pairs; torch allows them to differ once grad_dtype is None."""
+    params = []
+    for source, (param_dtype, grad_dtype) in zip(agc_case(torch.float64, seed), dtype_pairs):
+        p = torch.nn.Parameter(source.detach().to(param_dtype))
+        p.grad_dtype = None
+        p.grad = source.grad.to(grad_dtype)
+        params.append(p)
+    return params
+
+
+MIXED_DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float32), (torch.float32, torch.bfloat16),
+                     (torch.bfloat16, torch.float64), (torch.float16, torch.float32), (torch.float64, torch.float16),
+                     (torch.float32, torch.float64)]
+
+
+@needs_grad_dtype
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_parameter_and_gradient_dtypes_may_differ(backend):
+    """Each tensor is read in its own dtype (the kernel's rule): both backends clip as timm's loop
+    does, the float64 parameter of a float32 gradient included."""
+    params = params_with_grad_dtypes(MIXED_DTYPE_PAIRS, seed=13)
+    originals = [p.grad.clone() for p in params]
+    expected = reference_agc(params, 0.01, 1e-3)
+    total = fusedclip.AGC(backend=backend)(params)
+    assert float(total) == pytest.approx(oracle_norm(originals, 2.0), rel=1e-5)
+    for p, o, e in zip(params, originals, expected):
+        assert p.grad.dtype == o.dtype
+        assert_close_to(p.grad, e, p.grad.dtype)
+
+
+@needs_grad_dtype
+@pytest.mark.parametrize("bad_dtype", [torch.int32, torch.complex64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_refused_parameter_leaves_every_gradient_alone(backend, bad_dtype):
+    """A parameter the kernels cannot read, after pairs of differing dtypes, is refused by index
+    and dtype before any gradient is written."""
+    params = params_with_grad_dtypes(MIXED_DTYPE_PAIRS[:3], seed=14)
+    bad = torch.zeros(4, dtype=bad_dtype)
+    bad.grad_dtype = None
+    bad.grad = torch.randn(4, generator=seeded(15))
+    grads = [p.grad for p in params] + [bad.grad]
+    originals = clone_all(grads)
+    with pytest.raises(TypeError, match=rf"parameter 3 has dtype {bad_dtype}"):
+        fusedclip.AGC(backend=backend)(params + [bad])
+    assert_bitwise_equal(grads, originals)
+
+
 def test_agc_no_grads():
     p = torch.nn.Parameter(torch.randn(3))
     assert float(fusedclip.AGC()([p])) == 0.0

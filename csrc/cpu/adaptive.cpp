@@ -19,6 +19,8 @@ struct Unit {
   Segment grad;
 };
 
+// A parameter may have another dtype than its gradient (torch allows it through grad_dtype):
+// each segment is read in its own dtype.
 void check_agc_param(const at::Tensor& p, int64_t i, const at::Tensor& grad) {
   TORCH_CHECK(p.defined() && p.layout() == at::kStrided && p.device().is_cpu(),
               "fusedclip.multi_tensor_agc_: parameter ", i, " must be a dense CPU tensor");
