@@ -137,10 +137,11 @@ class AGC:
         grads = [g for g, _ in pairs]
         params = [p for _, p in pairs]
         if grads[0].device.type == "cpu" and clip._cpu_fast_path(self.backend):
-            try:  # the operator validates everything before writing
-                return _ops.multi_tensor_agc_("cpu", grads, params, self.clip_factor, self.eps)[0]
-            except (RuntimeError, TypeError):
-                pass  # the general path below says why, or regroups
+            # The operator validates everything before writing; when it refuses, the general
+            # path below says why, or regroups.
+            result = clip._on_cpu_grads(_ops.multi_tensor_agc_, "cpu", grads, params, self.clip_factor, self.eps)
+            if result is not None:
+                return result[0]
         groups = clip._group_by_device(grads, None, self.backend, writes=True)
         self._check_params(pairs)
         statistics = []

@@ -22,17 +22,17 @@ struct Unit {
 // A parameter may have another dtype than its gradient (torch allows it through grad_dtype):
 // each segment is read in its own dtype.
 void check_agc_param(const at::Tensor& p, int64_t i, const at::Tensor& grad) {
-  TORCH_CHECK(p.defined() && p.layout() == at::kStrided && p.device().is_cpu(),
-              "fusedclip.multi_tensor_agc_: parameter ", i, " must be a dense CPU tensor");
+  TORCH_CHECK_TYPE(p.defined() && p.layout() == at::kStrided && p.device().is_cpu(),
+                   "fusedclip.multi_tensor_agc_: parameter ", i, " must be a dense CPU tensor");
   const auto dtype = p.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              "fusedclip.multi_tensor_agc_: parameter ", i, " has dtype ", dtype,
-              "; expected float32, float64, float16 or bfloat16");
-  TORCH_CHECK(!grad.is_complex(), "fusedclip.multi_tensor_agc_: gradient ", i,
-              " is complex; AGC is defined for real tensors");
-  TORCH_CHECK(p.sizes() == grad.sizes(), "fusedclip.multi_tensor_agc_: parameter ", i,
-              " has shape ", p.sizes(), " but its gradient has shape ", grad.sizes());
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   "fusedclip.multi_tensor_agc_: parameter ", i, " has dtype ", dtype,
+                   "; expected float32, float64, float16 or bfloat16");
+  TORCH_CHECK_TYPE(!grad.is_complex(), "fusedclip.multi_tensor_agc_: gradient ", i,
+                   " is complex; AGC is defined for real tensors");
+  TORCH_CHECK_VALUE(p.sizes() == grad.sizes(), "fusedclip.multi_tensor_agc_: parameter ", i,
+                    " has shape ", p.sizes(), " but its gradient has shape ", grad.sizes());
 }
 
 // Clips one unit in place; returns the sum of squares of its gradient before clipping.
@@ -106,11 +106,11 @@ void clip_pass(at::TensorList grads, at::TensorList params, size_t first, size_t
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::TensorList params,
                                                      double clip_factor, double eps) {
-  TORCH_CHECK(grads.size() == params.size(), "fusedclip.multi_tensor_agc_: got ", grads.size(),
-              " gradients but ", params.size(), " parameters");
-  TORCH_CHECK(clip_factor >= 0, "fusedclip.multi_tensor_agc_: clip_factor must be >= 0, got ",
-              clip_factor);
-  TORCH_CHECK(eps >= 0, "fusedclip.multi_tensor_agc_: eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(grads.size() == params.size(), "fusedclip.multi_tensor_agc_: got ",
+                    grads.size(), " gradients but ", params.size(), " parameters");
+  TORCH_CHECK_VALUE(clip_factor >= 0,
+                    "fusedclip.multi_tensor_agc_: clip_factor must be >= 0, got ", clip_factor);
+  TORCH_CHECK_VALUE(eps >= 0, "fusedclip.multi_tensor_agc_: eps must be >= 0, got ", eps);
   check_writable(grads, "multi_tensor_agc_");
   at::ScalarType acc = at::kFloat;
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -141,11 +141,12 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::T
 
 // tensors[i] *= coefs[i] in place; tensor i is not written when coefs[i] >= 1.
 void multi_tensor_scale_per_tensor_(at::TensorList tensors, const at::Tensor& coefs) {
-  TORCH_CHECK(coefs.dim() == 1 && coefs.numel() == static_cast<int64_t>(tensors.size()) &&
-                  coefs.is_floating_point() && coefs.device().is_cpu(),
-              "fusedclip.multi_tensor_scale_per_tensor_: coefs must be a 1-dim float CPU tensor "
-              "with one coefficient per tensor (", tensors.size(), "), got ", coefs.sizes(), " ",
-              coefs.scalar_type(), " on ", coefs.device());
+  TORCH_CHECK_TYPE(coefs.is_floating_point() && coefs.device().is_cpu(),
+                   "fusedclip.multi_tensor_scale_per_tensor_: coefs must be a float CPU tensor, got ",
+                   coefs.scalar_type(), " on ", coefs.device());
+  TORCH_CHECK_VALUE(coefs.dim() == 1 && coefs.numel() == static_cast<int64_t>(tensors.size()),
+                    "fusedclip.multi_tensor_scale_per_tensor_: coefs must be 1-dim with one "
+                    "coefficient per tensor (", tensors.size(), "), got shape ", coefs.sizes());
   check_writable(tensors, "multi_tensor_scale_per_tensor_");
   const at::Tensor as_double = coefs.to(at::kDouble).contiguous();  // a CPU tensor: no sync
   const double* coef = as_double.data_ptr<double>();
