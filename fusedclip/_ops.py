@@ -255,11 +255,12 @@ def _check_one_device(tensors: list[Tensor], op: str) -> None:
     """The operators take the tensors of one device. A list mixing CPU and meta tensors is
     dispatched to the Meta kernel (these fake impls) by the dispatcher, which would otherwise
     return an uninitialised norm and write nothing; refusing it sends clip.py to its per-device
-    path, which raises as torch does."""
+    path, which raises as torch does. A TypeError, as the C++ operators refuse a tensor before
+    writing: the Python layer falls back only on TypeError and ValueError."""
     device = tensors[0].device
     for i, t in enumerate(tensors):
         if t.device != device:
-            raise RuntimeError(
+            raise TypeError(
                 f"fusedclip.{op}: all tensors must be on one device, but tensor 0 is on {device} "
                 f"and tensor {i} on {t.device}"
             )

@@ -72,7 +72,9 @@ class AGC:
     with :math:`\lambda` = ``clip_factor`` (default 0.01) and :math:`\epsilon` = ``eps``
     (default 1e-3). On the CPU one fused pass reads every parameter once and every gradient once
     and rewrites, from the cache, only the units that clip (timm runs about six kernels and two
-    temporaries per parameter). Stateless; a nan gradient unit becomes nan, as in timm.
+    temporaries per parameter). Stateless; a nan gradient unit becomes nan, as in timm. A
+    parameter and its gradient may differ in dtype (a tensor's ``grad_dtype``): each is read in
+    its own.
 
     Args:
         clip_factor: :math:`\lambda`, non-negative.
@@ -119,6 +121,8 @@ class AGC:
 
     @staticmethod
     def _check_params(pairs: list[tuple[Tensor, Tensor]]) -> None:
+        """Refuses, before any gradient is written, every pair the kernels cannot clip (as the
+        C++ operator does). A parameter may have another real dtype than its gradient."""
         for i, (g, p) in enumerate(pairs):
             if g.is_complex():
                 raise TypeError(f"gradient {i} is complex; AGC is defined for real tensors")
@@ -133,10 +137,11 @@ class AGC:
         grads = [g for g, _ in pairs]
         params = [p for _, p in pairs]
         if grads[0].device.type == "cpu" and clip._cpu_fast_path(self.backend):
-            try:  # the operator validates everything before writing
-                return _ops.multi_tensor_agc_("cpu", grads, params, self.clip_factor, self.eps)[0]
-            except (RuntimeError, TypeError):
-                pass  # the general path below says why, or regroups
+            # The operator validates everything before writing; when it refuses, the general
+            # path below says why, or regroups.
+            result = clip._on_cpu_grads(_ops.multi_tensor_agc_, "cpu", grads, params, self.clip_factor, self.eps)
+            if result is not None:
+                return result[0]
         groups = clip._group_by_device(grads, None, self.backend, writes=True)
         self._check_params(pairs)
         statistics = []

@@ -205,7 +205,10 @@ def multi_tensor_agc_(
 
     See the schema in csrc/fusedclip.cpp. Units are the slices along dim 0 of tensors with more
     than one dimension, else the whole tensor. Multiplies every unit (by 1 where it does not
-    clip), so that nothing here reads a device value on the host.
+    clip), so that nothing here reads a device value on the host. A parameter's dtype may differ
+    from its gradient's (torch allows it through ``grad_dtype``): each tensor's norm is taken in
+    its own accumulation dtype, as the C++ kernel reads it, and the coefficient is applied in the
+    gradient's.
     """
     acc = accumulate_dtype(grads)
     device = grads[0].device
@@ -215,11 +218,11 @@ def multi_tensor_agc_(
             per.append(torch.zeros((), dtype=acc, device=device))
             continue
         unit_dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
-        coef_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-        grad_norm = torch.linalg.vector_norm(g, 2.0, dim=unit_dims, dtype=coef_dtype)
-        param_norm = torch.linalg.vector_norm(p, 2.0, dim=unit_dims, dtype=coef_dtype)
+        grad_norm = torch.linalg.vector_norm(g, 2.0, dim=unit_dims, dtype=accumulate_dtype([g]))
+        param_norm = torch.linalg.vector_norm(p, 2.0, dim=unit_dims, dtype=accumulate_dtype([p]))
         max_norm = param_norm.clamp(min=eps) * clip_factor
         coef = torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=1e-6))
+        coef = coef.to(grad_norm.dtype)
         g.mul_(coef.reshape(coef.shape + (1,) * (g.dim() - coef.dim())))
         per.append(grad_norm.double().square().sum().to(acc))
     stats = torch.stack(per)

@@ -12,7 +12,8 @@ import torch
 
 import fusedclip
 from fusedclip import _ops
-from conftest import BACKENDS, ULP, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with, seeded
+from conftest import (BACKENDS, ULP, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with,
+                      rand_tensor, seeded)
 
 ops = torch.ops.fusedclip
 
@@ -110,7 +111,7 @@ def test_multi_tensor_scale_per_tensor_refuses_bad_coefs(backend):
     grads = make_grads([(3,), (4,)], torch.float32, seed=4)
     originals = clone_all(grads)
     for coefs in (torch.tensor([0.5]), torch.tensor([[0.5, 0.5]]), torch.tensor([1, 0])):
-        with pytest.raises((RuntimeError, ValueError)):
+        with pytest.raises((TypeError, ValueError)):
             if backend == "cpu":
                 _ops.multi_tensor_scale_per_tensor_(backend, grads, coefs)
             else:  # the torch backend relies on the callers' checks; the C++ operator checks itself
@@ -229,6 +230,107 @@ def test_agc_refuses_before_writing(backend):
             fusedclip.AGC(**kwargs)
     with pytest.raises(TypeError, match="exclude"):
         fusedclip.AGC(exclude=[3])
+
+
+def shared_grad_case(case: str, dtype, seed=12):
+    """Parameters whose gradients share memory, and the tensor that holds all of it.
+
+    Every unit clips on its first occurrence (gradients about 100x their limit). "twice": the
+    same gradient for two parameters, the second's limit half the first's in some rows (they clip
+    again) and twice it in the others (they do not). The views: the second parameter's limits
+    are small enough that its units clip after the first's have.
+    """
+    gen = seeded(seed)
+    if case in ("twice", "twice_contiguous"):
+        g = rand_tensor((6, 5), dtype, gen, 10.0)
+        g = g.t() if case == "twice" else g.t().contiguous()
+        w1 = rand_tensor(g.shape, dtype, gen)
+        row_scale = torch.tensor([0.5, 2.0, 0.5, 2.0, 0.5], dtype=torch.float64).reshape(-1, 1)
+        w2 = (w1.double() * row_scale).to(dtype)
+        return [(g, w1), (g, w2)], g
+    base = rand_tensor((4, 10), dtype, gen, 10.0)
+    view = {"transpose": base.t(), "transpose_first": base.t(), "strided": base[:, ::2],
+            "rows": base[1:]}[case]
+    w_base = rand_tensor(base.shape, dtype, gen)
+    w_view = rand_tensor(view.shape, dtype, gen, 0.01)
+    pairs = [(base, w_base), (view, w_view)]
+    return (pairs[::-1] if case == "transpose_first" else pairs), base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["twice", "transpose", "transpose_first", "strided", "twice_contiguous", "rows"])
+def test_agc_shared_grads_clip_in_list_order(case, dtype):
+    """Each occurrence of shared memory is clipped in list order, as the per-tensor loop of
+    backend "torch" does: a later occurrence sees the earlier clips."""
+    results = {}
+    for backend in ("cpu", "torch"):
+        pairs, storage = shared_grad_case(case, dtype)
+        original = storage.clone()
+        params = []
+        for g, w in pairs:
+            p = torch.nn.Parameter(w)
+            p.grad = g
+            params.append(p)
+        total = fusedclip.AGC(clip_factor=0.1, backend=backend)(params)
+        assert not torch.equal(storage, original)
+        results[backend] = (total, storage)
+    (cpu_total, cpu_grads), (torch_total, torch_grads) = results["cpu"], results["torch"]
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(cpu_grads, torch_grads, rtol=rtol, atol=0)
+    torch.testing.assert_close(cpu_total, torch_total, rtol=rtol, atol=0)
+
+
+needs_grad_dtype = pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"),
+                                      reason="a gradient of another dtype needs Tensor.grad_dtype")
+
+
+def params_with_grad_dtypes(dtype_pairs, seed):
+    """agc_case's parameters and gradients (units 10x or 1e-3x their limit) rounded to the given
+    (parameter dtype, gradient dtype) pairs; torch allows them to differ once grad_dtype is None."""
+    params = []
+    for source, (param_dtype, grad_dtype) in zip(agc_case(torch.float64, seed), dtype_pairs):
+        p = torch.nn.Parameter(source.detach().to(param_dtype))
+        p.grad_dtype = None
+        p.grad = source.grad.to(grad_dtype)
+        params.append(p)
+    return params
+
+
+MIXED_DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float32), (torch.float32, torch.bfloat16),
+                     (torch.bfloat16, torch.float64), (torch.float16, torch.float32), (torch.float64, torch.float16),
+                     (torch.float32, torch.float64)]
+
+
+@needs_grad_dtype
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_parameter_and_gradient_dtypes_may_differ(backend):
+    """Each tensor is read in its own dtype (the kernel's rule): both backends clip as timm's loop
+    does, the float64 parameter of a float32 gradient included."""
+    params = params_with_grad_dtypes(MIXED_DTYPE_PAIRS, seed=13)
+    originals = [p.grad.clone() for p in params]
+    expected = reference_agc(params, 0.01, 1e-3)
+    total = fusedclip.AGC(backend=backend)(params)
+    assert float(total) == pytest.approx(oracle_norm(originals, 2.0), rel=1e-5)
+    for p, o, e in zip(params, originals, expected):
+        assert p.grad.dtype == o.dtype
+        assert_close_to(p.grad, e, p.grad.dtype)
+
+
+@needs_grad_dtype
+@pytest.mark.parametrize("bad_dtype", [torch.int32, torch.complex64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_agc_refused_parameter_leaves_every_gradient_alone(backend, bad_dtype):
+    """A parameter the kernels cannot read, after pairs of differing dtypes, is refused by index
+    and dtype before any gradient is written."""
+    params = params_with_grad_dtypes(MIXED_DTYPE_PAIRS[:3], seed=14)
+    bad = torch.zeros(4, dtype=bad_dtype)
+    bad.grad_dtype = None
+    bad.grad = torch.randn(4, generator=seeded(15))
+    grads = [p.grad for p in params] + [bad.grad]
+    originals = clone_all(grads)
+    with pytest.raises(TypeError, match=rf"parameter 3 has dtype {bad_dtype}"):
+        fusedclip.AGC(backend=backend)(params + [bad])
+    assert_bitwise_equal(grads, originals)
 
 
 def test_agc_no_grads():

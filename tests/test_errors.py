@@ -192,7 +192,7 @@ def test_operators_refuse_mixed_devices(op):
         "multi_tensor_clamp_": (tensors, -0.1, 0.1),
         "clip_grad_norm_": (tensors, 0.01, 2.0),
     }[op]
-    _refused(lambda: getattr(torch.ops.fusedclip, op)(*args), grads, RuntimeError,
+    _refused(lambda: getattr(torch.ops.fusedclip, op)(*args), grads, TypeError,
              "all tensors must be on one device")
 
 
@@ -280,3 +280,71 @@ def test_inference_tensor_grad_refused_and_versions_untouched(backend, entry):
     _refused(calls[entry], grads, RuntimeError, "inference tensor")
     if backend == "cpu":  # the C++ kernels check every tensor before bumping any version
         assert [g._version for g in grads] == versions
+
+
+# --- the operators' own checks: ValueError or TypeError, before any write ------------------------
+# The Python layer falls back to its general path on these two only (a refusal, nothing written);
+# a RuntimeError from an operator means writes may have begun.
+
+
+def _operator_refusals():
+    """(name, call on grads, expected exception, message) for each check an operator makes
+    before it writes."""
+    ops = torch.ops.fusedclip
+    with torch.inference_mode():
+        frozen = torch.randn(5)
+    expanded = torch.randn(1, 5).expand(4, 5)
+    ints = torch.ones(6, dtype=torch.int32)
+    complex_grad = torch.randn(6, dtype=torch.complex64)
+
+    def same_shape_params(grads):
+        return [torch.randn_like(g) for g in grads]
+
+    def agc(grads, params=None, clip_factor=0.01, eps=1e-3):
+        params = same_shape_params(grads) if params is None else params
+        return ops.multi_tensor_agc_(grads, params, clip_factor, eps)
+
+    return [
+        ("norm nan norm_type", lambda g: ops.multi_tensor_norm(g, math.nan, False), ValueError, "nan"),
+        ("norm int tensor", lambda g: ops.multi_tensor_norm(g + [ints], 2.0, False), TypeError, "dtype"),
+        ("scale coef shape", lambda g: ops.multi_tensor_scale_(g, torch.ones(2)), ValueError, "one-element"),
+        ("scale int coef", lambda g: ops.multi_tensor_scale_(g, torch.tensor(0)), TypeError, "one-element"),
+        ("scale expanded", lambda g: ops.multi_tensor_scale_(g + [expanded], torch.tensor(0.5)), ValueError,
+         "internally overlapping"),
+        ("scale inference", lambda g: ops.multi_tensor_scale_(g + [frozen], torch.tensor(0.5)), ValueError,
+         "inference tensor"),
+        ("clamp complex", lambda g: ops.multi_tensor_clamp_(g + [complex_grad], -0.1, 0.1), TypeError, "complex"),
+        ("clip nan norm_type", lambda g: ops.clip_grad_norm_(g, 0.01, math.nan), ValueError, "nan"),
+        ("clip int tensor", lambda g: ops.clip_grad_norm_(g + [ints], 0.01, 2.0), TypeError, "dtype"),
+        ("clip with norms expanded", lambda g: ops.clip_grad_norm_with_norms_(g + [expanded], 0.01, 2.0),
+         ValueError, "internally overlapping"),
+        ("agc list lengths", lambda g: agc(g, same_shape_params(g)[1:]), ValueError, "parameters"),
+        ("agc clip_factor", lambda g: agc(g, clip_factor=-1.0), ValueError, "clip_factor"),
+        ("agc eps", lambda g: agc(g, eps=-1.0), ValueError, "eps"),
+        ("agc int parameter", lambda g: agc(g + [torch.randn(6)], same_shape_params(g) + [ints]), TypeError,
+         "parameter 4 has dtype"),
+        ("agc parameter shape", lambda g: agc(g + [torch.randn(6)], same_shape_params(g) + [torch.randn(3, 2)]),
+         ValueError, "shape"),
+        ("agc complex gradient", lambda g: agc(g + [complex_grad], same_shape_params(g) + [torch.randn(6)]),
+         TypeError, "complex"),
+        ("per-tensor scale int coefs", lambda g: ops.multi_tensor_scale_per_tensor_(g, torch.zeros(len(g), dtype=torch.int64)),
+         TypeError, "float"),
+        ("per-tensor scale coefs shape", lambda g: ops.multi_tensor_scale_per_tensor_(g, torch.full((len(g) + 1,), 0.5)),
+         ValueError, "one coefficient per tensor"),
+        ("unscale inv_scale shape", lambda g: ops.multi_tensor_unscale_norm(g, torch.ones(2), 2.0), ValueError,
+         "inv_scale"),
+        ("unscale int inv_scale", lambda g: ops.multi_tensor_unscale_norm(g, torch.tensor(1), 2.0), TypeError,
+         "inv_scale"),
+        ("_of inference grad", lambda g: fusedclip._ops._C.clip_grad_norm_of(params_with(g + [frozen]), 0.01, 2.0),
+         ValueError, "inference tensor"),
+        ("_of complex clamp", lambda g: fusedclip._ops._C.clamp_grads_of(params_with(g + [complex_grad]), -0.1, 0.1),
+         TypeError, "complex"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_operator_refusals())),
+                         ids=[name for name, *_ in _operator_refusals()])
+def test_operator_checks_raise_value_or_type_error_before_writing(case):
+    _, call, exc, match = _operator_refusals()[case]
+    grads = _grads(seed=43)
+    _refused(lambda: call(grads), grads, exc, match)

@@ -471,18 +471,19 @@ def test_opcheck_monitor_update_():
 def test_monitor_update_op_refuses_before_writing():
     norms = torch.ones(5)
     args = (0.97, 3, 3.0, None, 1e-8, 10)
-    for bad, match in ((lambda s: s.__setitem__(0, torch.zeros(5, dtype=torch.float64)), "mean"),
-                       (lambda s: s.__setitem__(1, torch.zeros(4)), "var"),
-                       (lambda s: s.__setitem__(2, torch.zeros(5, dtype=torch.int32)), "count"),
-                       (lambda s: s.__setitem__(4, torch.zeros(10, dtype=torch.int64)[::2]), "explosions"),
-                       (lambda s: s.__setitem__(6, torch.zeros(5, dtype=torch.uint8)), "vanishing")):
+    for bad, exc, match in ((lambda s: s.__setitem__(0, torch.zeros(5, dtype=torch.float64)), TypeError, "mean"),
+                            (lambda s: s.__setitem__(1, torch.zeros(4)), ValueError, "var"),
+                            (lambda s: s.__setitem__(2, torch.zeros(5, dtype=torch.int32)), TypeError, "count"),
+                            (lambda s: s.__setitem__(4, torch.zeros(10, dtype=torch.int64)[::2]), ValueError,
+                             "explosions"),
+                            (lambda s: s.__setitem__(6, torch.zeros(5, dtype=torch.uint8)), TypeError, "vanishing")):
         state = _monitor_state(5, torch.float32)
         bad(state)
         originals = [t.clone() for t in state]
-        with pytest.raises(RuntimeError, match=match):
+        with pytest.raises(exc, match=match):
             torch.ops.fusedclip.monitor_update_(norms, *state, *args)
         assert all(torch.equal(a, b) for a, b in zip(state, originals))
-    with pytest.raises(RuntimeError, match="norms"):
+    with pytest.raises(TypeError, match="norms"):
         torch.ops.fusedclip.monitor_update_(torch.ones(5, dtype=torch.float16), *_monitor_state(5, torch.float16),
                                             *args)
 

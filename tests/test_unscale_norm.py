@@ -92,7 +92,9 @@ def test_reads_only():
 
 
 def test_bad_inv_scale_raises():
-    with pytest.raises(RuntimeError, match="inv_scale must be a one-element float tensor"):
+    with pytest.raises(ValueError, match="inv_scale must be a one-element float tensor"):
         ops.multi_tensor_unscale_norm([torch.randn(3)], torch.ones(2), 2.0)
-    with pytest.raises(RuntimeError, match="norm_type must not be nan"):
+    with pytest.raises(TypeError, match="inv_scale must be a one-element float tensor"):
+        ops.multi_tensor_unscale_norm([torch.randn(3)], torch.tensor(1), 2.0)
+    with pytest.raises(ValueError, match="norm_type must not be nan"):
         ops.multi_tensor_unscale_norm([torch.randn(3)], torch.tensor(1.0), math.nan)

@@ -19,18 +19,20 @@ struct Unit {
   Segment grad;
 };
 
+// A parameter may have another dtype than its gradient (torch allows it through grad_dtype):
+// each segment is read in its own dtype.
 void check_agc_param(const at::Tensor& p, int64_t i, const at::Tensor& grad) {
-  TORCH_CHECK(p.defined() && p.layout() == at::kStrided && p.device().is_cpu(),
-              "fusedclip.multi_tensor_agc_: parameter ", i, " must be a dense CPU tensor");
+  TORCH_CHECK_TYPE(p.defined() && p.layout() == at::kStrided && p.device().is_cpu(),
+                   "fusedclip.multi_tensor_agc_: parameter ", i, " must be a dense CPU tensor");
   const auto dtype = p.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              "fusedclip.multi_tensor_agc_: parameter ", i, " has dtype ", dtype,
-              "; expected float32, float64, float16 or bfloat16");
-  TORCH_CHECK(!grad.is_complex(), "fusedclip.multi_tensor_agc_: gradient ", i,
-              " is complex; AGC is defined for real tensors");
-  TORCH_CHECK(p.sizes() == grad.sizes(), "fusedclip.multi_tensor_agc_: parameter ", i,
-              " has shape ", p.sizes(), " but its gradient has shape ", grad.sizes());
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   "fusedclip.multi_tensor_agc_: parameter ", i, " has dtype ", dtype,
+                   "; expected float32, float64, float16 or bfloat16");
+  TORCH_CHECK_TYPE(!grad.is_complex(), "fusedclip.multi_tensor_agc_: gradient ", i,
+                   " is complex; AGC is defined for real tensors");
+  TORCH_CHECK_VALUE(p.sizes() == grad.sizes(), "fusedclip.multi_tensor_agc_: parameter ", i,
+                    " has shape ", p.sizes(), " but its gradient has shape ", grad.sizes());
 }
 
 // Clips one unit in place; returns the sum of squares of its gradient before clipping.
@@ -49,28 +51,18 @@ double clip_unit(const Unit& unit, double clip_factor, double eps) {
   return grad_sq;
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::TensorList params,
-                                                     double clip_factor, double eps) {
-  TORCH_CHECK(grads.size() == params.size(), "fusedclip.multi_tensor_agc_: got ", grads.size(),
-              " gradients but ", params.size(), " parameters");
-  TORCH_CHECK(clip_factor >= 0, "fusedclip.multi_tensor_agc_: clip_factor must be >= 0, got ",
-              clip_factor);
-  TORCH_CHECK(eps >= 0, "fusedclip.multi_tensor_agc_: eps must be >= 0, got ", eps);
-  check_writable(grads, "multi_tensor_agc_");
-  at::ScalarType acc = at::kFloat;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    check_agc_param(params[i], static_cast<int64_t>(i), grads[i]);
-    if (grads[i].scalar_type() == at::kDouble) acc = at::kDouble;
-  }
-  bump_versions(grads);
-
+// Clips gradients [first, last) of the list in one parallel pass over runs of whole units, and
+// adds each unit's sum of squares to total and to per[its tensor], in unit order: the same bits
+// for any thread count.
+void clip_pass(at::TensorList grads, at::TensorList params, size_t first, size_t last,
+               double clip_factor, double eps, std::vector<double>& per, double& total) {
   // Units are rows of the row-major layout: other layouts go through contiguous temporaries.
   std::vector<at::Tensor> keep_alive;
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (gradient, contiguous copy)
   std::vector<Unit> units;
   std::vector<int64_t> task_end;  // tasks are runs of whole units of about one chunk
   int64_t task_numel = 0;
-  for (size_t i = 0; i < grads.size(); ++i) {
+  for (size_t i = first; i < last; ++i) {
     if (grads[i].numel() == 0) continue;
     at::Tensor grad = grads[i].contiguous();
     if (!grad.is_same(grads[i])) write_back.emplace_back(grads[i], grad);
@@ -97,10 +89,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::T
   if (task_numel > 0) task_end.push_back(static_cast<int64_t>(units.size()));
 
   std::vector<double> unit_sq(units.size());
-  const auto num_tasks = static_cast<int64_t>(task_end.size());
-  // Gradients that share memory run in one thread in list order, as torch's per-tensor loop.
-  const int64_t grain = any_memory_shared(grads) ? std::max<int64_t>(num_tasks, 1) : 1;
-  at::parallel_for(0, num_tasks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(task_end.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t u = t == 0 ? 0 : task_end[t - 1]; u < task_end[t]; ++u) {
         unit_sq[u] = clip_unit(units[u], clip_factor, eps);
@@ -109,14 +98,41 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::T
   });
   for (auto& [original, dense] : write_back) original.copy_(dense);
 
-  // Partials combined in unit order: the same bits for any thread count.
-  const auto num_tensors = static_cast<int64_t>(grads.size());
-  std::vector<double> per(num_tensors, 0.0);
-  double total = 0.0;
   for (size_t u = 0; u < units.size(); ++u) {
     total += unit_sq[u];
     per[units[u].grad.tensor] += unit_sq[u];
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::TensorList params,
+                                                     double clip_factor, double eps) {
+  TORCH_CHECK_VALUE(grads.size() == params.size(), "fusedclip.multi_tensor_agc_: got ",
+                    grads.size(), " gradients but ", params.size(), " parameters");
+  TORCH_CHECK_VALUE(clip_factor >= 0,
+                    "fusedclip.multi_tensor_agc_: clip_factor must be >= 0, got ", clip_factor);
+  TORCH_CHECK_VALUE(eps >= 0, "fusedclip.multi_tensor_agc_: eps must be >= 0, got ", eps);
+  check_writable(grads, "multi_tensor_agc_");
+  at::ScalarType acc = at::kFloat;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_agc_param(params[i], static_cast<int64_t>(i), grads[i]);
+    if (grads[i].scalar_type() == at::kDouble) acc = at::kDouble;
+  }
+  bump_versions(grads);
+
+  const auto num_tensors = static_cast<int64_t>(grads.size());
+  std::vector<double> per(num_tensors, 0.0);
+  double total = 0.0;
+  if (any_memory_shared(grads)) {
+    // Gradients that share memory are clipped one tensor at a time in list order, as torch's
+    // per-tensor loop clips them: each tensor's contiguous temporary is written back before the
+    // next tensor is read, so a later occurrence sees the earlier clips and none is undone.
+    for (size_t i = 0; i < grads.size(); ++i) {
+      clip_pass(grads, params, i, i + 1, clip_factor, eps, per, total);
+    }
+  } else {
+    clip_pass(grads, params, 0, grads.size(), clip_factor, eps, per, total);
+  }
+
   const auto options = at::TensorOptions().dtype(acc);
   at::Tensor per_tensor = at::empty({num_tensors}, options);
   per_tensor.copy_(at::from_blob(per.data(), {num_tensors}, at::kDouble));
@@ -125,11 +141,12 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::T
 
 // tensors[i] *= coefs[i] in place; tensor i is not written when coefs[i] >= 1.
 void multi_tensor_scale_per_tensor_(at::TensorList tensors, const at::Tensor& coefs) {
-  TORCH_CHECK(coefs.dim() == 1 && coefs.numel() == static_cast<int64_t>(tensors.size()) &&
-                  coefs.is_floating_point() && coefs.device().is_cpu(),
-              "fusedclip.multi_tensor_scale_per_tensor_: coefs must be a 1-dim float CPU tensor "
-              "with one coefficient per tensor (", tensors.size(), "), got ", coefs.sizes(), " ",
-              coefs.scalar_type(), " on ", coefs.device());
+  TORCH_CHECK_TYPE(coefs.is_floating_point() && coefs.device().is_cpu(),
+                   "fusedclip.multi_tensor_scale_per_tensor_: coefs must be a float CPU tensor, got ",
+                   coefs.scalar_type(), " on ", coefs.device());
+  TORCH_CHECK_VALUE(coefs.dim() == 1 && coefs.numel() == static_cast<int64_t>(tensors.size()),
+                    "fusedclip.multi_tensor_scale_per_tensor_: coefs must be 1-dim with one "
+                    "coefficient per tensor (", tensors.size(), "), got shape ", coefs.sizes());
   check_writable(tensors, "multi_tensor_scale_per_tensor_");
   const at::Tensor as_double = coefs.to(at::kDouble).contiguous();  // a CPU tensor: no sync
   const double* coef = as_double.data_ptr<double>();

@@ -14,9 +14,12 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(at::TensorList tensors, dou
 }
 
 void multi_tensor_scale_(at::TensorList tensors, const at::Tensor& coef) {
-  TORCH_CHECK(coef.numel() == 1 && coef.is_floating_point(),
-              "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, got ",
-              coef.sizes(), " ", coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.numel() == 1,
+                    "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, got "
+                    "shape ", coef.sizes());
+  TORCH_CHECK_TYPE(coef.is_floating_point(),
+                   "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, got ",
+                   coef.scalar_type());
   check_writable(tensors, "multi_tensor_scale_");
   scale_writable(tensors, coef.item<double>());  // a CPU tensor: reading it is no device sync
 }
@@ -24,8 +27,8 @@ void multi_tensor_scale_(at::TensorList tensors, const at::Tensor& coef) {
 void multi_tensor_clamp_(at::TensorList tensors, double lo, double hi) {
   check_writable(tensors, "multi_tensor_clamp_");
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(!tensors[i].is_complex(), "fusedclip.multi_tensor_clamp_: tensor ", i,
-                " is complex; clamping is not defined for complex values");
+    TORCH_CHECK_TYPE(!tensors[i].is_complex(), "fusedclip.multi_tensor_clamp_: tensor ", i,
+                     " is complex; clamping is not defined for complex values");
   }
   transform_writable(tensors, ClampOp{lo, hi});
 }

@@ -220,7 +220,7 @@ inline std::tuple<at::Tensor, at::Tensor> norm_statistic(const TensorTable& tabl
 }
 
 inline void check_norm_type(double norm_type) {
-  TORCH_CHECK(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
+  TORCH_CHECK_VALUE(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
 }
 
 // ---------------------------------------------------------------------------------------------

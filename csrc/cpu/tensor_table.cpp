@@ -13,15 +13,15 @@ bool is_supported_real(at::ScalarType t) {
 }
 
 void check_input(const at::Tensor& t, int64_t index) {
-  TORCH_CHECK(t.defined(), "fusedclip: tensor ", index, " is undefined");
-  TORCH_CHECK(t.layout() == at::kStrided, "fusedclip: tensor ", index,
-              " has layout ", t.layout(), "; only dense (strided) tensors are supported");
-  TORCH_CHECK(t.device().is_cpu(), "fusedclip: the CPU kernels take CPU tensors, but tensor ",
-              index, " is on ", t.device());
-  TORCH_CHECK(is_supported_real(t.scalar_type()) || t.scalar_type() == at::kComplexFloat ||
-                  t.scalar_type() == at::kComplexDouble,
-              "fusedclip: tensor ", index, " has dtype ", t.scalar_type(),
-              "; expected float32, float64, float16, bfloat16 or complex");
+  TORCH_CHECK_TYPE(t.defined(), "fusedclip: tensor ", index, " is undefined");
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided, "fusedclip: tensor ", index,
+                   " has layout ", t.layout(), "; only dense (strided) tensors are supported");
+  TORCH_CHECK_TYPE(t.device().is_cpu(), "fusedclip: the CPU kernels take CPU tensors, but tensor ",
+                   index, " is on ", t.device());
+  TORCH_CHECK_TYPE(is_supported_real(t.scalar_type()) || t.scalar_type() == at::kComplexFloat ||
+                       t.scalar_type() == at::kComplexDouble,
+                   "fusedclip: tensor ", index, " has dtype ", t.scalar_type(),
+                   "; expected float32, float64, float16, bfloat16 or complex");
 }
 
 }  // namespace
@@ -88,14 +88,14 @@ void TensorTable::write_back() {
 void check_writable(at::TensorList tensors, const char* op_name) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     check_input(tensors[i], static_cast<int64_t>(i));
-    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, "fusedclip.",
-                op_name, ": tensor ", i,
-                " has internally overlapping memory (an expanded tensor) and cannot be modified "
-                "in place; clone it first");
-    TORCH_CHECK(!tensors[i].is_inference() || c10::InferenceMode::is_enabled(), "fusedclip.",
-                op_name, ": tensor ", i,
-                " is an inference tensor, which cannot be modified in place outside "
-                "torch.inference_mode()");
+    TORCH_CHECK_VALUE(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, "fusedclip.",
+                      op_name, ": tensor ", i,
+                      " has internally overlapping memory (an expanded tensor) and cannot be "
+                      "modified in place; clone it first");
+    TORCH_CHECK_VALUE(!tensors[i].is_inference() || c10::InferenceMode::is_enabled(), "fusedclip.",
+                      op_name, ": tensor ", i,
+                      " is an inference tensor, which cannot be modified in place outside "
+                      "torch.inference_mode()");
   }
 }
 

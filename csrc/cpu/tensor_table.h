@@ -71,7 +71,8 @@ class TensorTable {
 
 // Raises (before anything is written) if a tensor cannot be modified in place: internal overlap
 // (an expanded tensor), an inference tensor outside inference mode, or a dtype the kernels do not
-// take.
+// take. Every check made before a write raises TypeError or ValueError, never RuntimeError: the
+// Python layer takes such a refusal as "nothing written" and falls back to its general path.
 void check_writable(at::TensorList tensors, const char* op_name);
 
 // True when two tensors of the list may share memory (the same grad twice, a grad and its view).

@@ -52,36 +52,38 @@ DType dtype_of(at::ScalarType t) {
 }
 
 void check_inputs(at::TensorList tensors, const char* op) {
-  TORCH_CHECK(!tensors.empty(), "fusedclip.", op, ": expected at least one tensor");
+  TORCH_CHECK_VALUE(!tensors.empty(), "fusedclip.", op, ": expected at least one tensor");
   const at::Device device = tensors[0].device();
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.defined(), "fusedclip.", op, ": tensor ", i, " is undefined");
-    TORCH_CHECK(t.layout() == at::kStrided, "fusedclip.", op, ": tensor ", i, " has layout ",
-                t.layout(), "; only dense (strided) tensors are supported");
-    TORCH_CHECK(t.device() == device, "fusedclip.", op, ": all tensors must be on one device, but tensor 0 is on ",
-                device, " and tensor ", i, " on ", t.device());
+    TORCH_CHECK_TYPE(t.defined(), "fusedclip.", op, ": tensor ", i, " is undefined");
+    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "fusedclip.", op, ": tensor ", i, " has layout ",
+                     t.layout(), "; only dense (strided) tensors are supported");
+    TORCH_CHECK_TYPE(t.device() == device, "fusedclip.", op,
+                     ": all tensors must be on one device, but tensor 0 is on ", device, " and tensor ",
+                     i, " on ", t.device());
     const at::ScalarType s = t.scalar_type();
-    TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16 ||
-                    s == at::kComplexFloat || s == at::kComplexDouble,
-                "fusedclip.", op, ": tensor ", i, " has dtype ", s,
-                "; expected float32, float64, float16, bfloat16 or complex");
+    TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16 ||
+                         s == at::kComplexFloat || s == at::kComplexDouble,
+                     "fusedclip.", op, ": tensor ", i, " has dtype ", s,
+                     "; expected float32, float64, float16, bfloat16 or complex");
   }
 }
 
 void check_writable(at::TensorList tensors, const char* op) {
   check_inputs(tensors, op);
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, "fusedclip.", op, ": tensor ", i,
-                " has internally overlapping memory (an expanded tensor) and cannot be modified in place; "
-                "clone it first");
-    TORCH_CHECK(!tensors[i].is_inference() || c10::InferenceMode::is_enabled(), "fusedclip.", op, ": tensor ", i,
-                " is an inference tensor, which cannot be modified in place outside torch.inference_mode()");
+    TORCH_CHECK_VALUE(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, "fusedclip.", op, ": tensor ",
+                      i, " has internally overlapping memory (an expanded tensor) and cannot be modified in "
+                      "place; clone it first");
+    TORCH_CHECK_VALUE(!tensors[i].is_inference() || c10::InferenceMode::is_enabled(), "fusedclip.", op,
+                      ": tensor ", i, " is an inference tensor, which cannot be modified in place outside "
+                      "torch.inference_mode()");
   }
 }
 
 NormKind norm_kind(double norm_type) {
-  TORCH_CHECK(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
+  TORCH_CHECK_VALUE(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
   if (norm_type == 2.0) return NormKind::kSquareSum;
   if (norm_type == 1.0) return NormKind::kAbsSum;
   if (norm_type == 0.0) return NormKind::kCount;
@@ -233,12 +235,13 @@ void transform_writable(at::TensorList tensors, const Launch& launch) {
 }
 
 Coef coef_of(const at::Tensor& coef, const at::Device& device) {
-  TORCH_CHECK(coef.numel() == 1 && coef.is_floating_point(),
-              "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, got ", coef.sizes(), " ",
-              coef.scalar_type());
+  TORCH_CHECK_VALUE(coef.numel() == 1, "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, "
+                    "got shape ", coef.sizes());
+  TORCH_CHECK_TYPE(coef.is_floating_point(),
+                   "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, got ", coef.scalar_type());
   if (coef.device().is_cpu()) return {nullptr, DType::kFloat64, coef.item<double>()};  // no device sync
-  TORCH_CHECK(coef.device() == device, "fusedclip.multi_tensor_scale_: coef is on ", coef.device(),
-              " but the tensors are on ", device);
+  TORCH_CHECK_TYPE(coef.device() == device, "fusedclip.multi_tensor_scale_: coef is on ", coef.device(),
+                   " but the tensors are on ", device);
   return {coef.data_ptr(), dtype_of(coef.scalar_type()), 0.0};
 }
 
@@ -269,8 +272,8 @@ void multi_tensor_scale_(at::TensorList tensors, const at::Tensor& coef) {
 void multi_tensor_clamp_(at::TensorList tensors, double lo, double hi) {
   check_writable(tensors, "multi_tensor_clamp_");
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(!tensors[i].is_complex(), "fusedclip.multi_tensor_clamp_: tensor ", i,
-                " is complex; clamping is not defined for complex values");
+    TORCH_CHECK_TYPE(!tensors[i].is_complex(), "fusedclip.multi_tensor_clamp_: tensor ", i,
+                     " is complex; clamping is not defined for complex values");
   }
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   bump_versions(tensors);
