@@ -39,6 +39,9 @@ std::optional<std::vector<at::Tensor>> grads_of(const py::list& params,
     const at::Tensor& grad = THPVariable_Unpack(item).grad();
     if (!grad.defined()) continue;
     if (!grad.device().is_cpu()) return std::nullopt;
+    // A lazily conjugated or negated grad would meet torch's fallback, not the operator's
+    // checks: the Python path refuses it with the reason.
+    if (grad.is_conj() || grad.is_neg()) return std::nullopt;
     grads.push_back(grad);
     if (positions != nullptr) positions->push_back(static_cast<int64_t>(i));
   }

@@ -204,18 +204,29 @@ def _cpu_fast_path(backend: str) -> bool:
         return False
 
 
-def _on_cpu_grads(entry: Callable, *args):
+# What the C++ operators raise when they refuse a list, before writing anything: their own
+# checks (csrc/cpu/tensor_table.cpp) raise TypeError or ValueError, the dispatcher raises
+# NotImplementedError for a tensor it has no kernel for (a sparse grad).
+_REFUSALS = (TypeError, ValueError, NotImplementedError)
+
+
+def _on_cpu_grads(entry: Callable, *args, writes: bool = True):
     """entry(*args), a C++ entry point of backend "cpu"; None when it refused the grads.
 
-    The C++ operators check every tensor before writing anything and refuse with TypeError or
-    ValueError (csrc/cpu/tensor_table.cpp); the general path then says why, or regroups. Any
-    other error (an allocation that failed) may come after writes began, and propagates:
-    running the pass again would apply it twice. Entries return None (or False) themselves when
-    they do not take the list (see _ops).
+    A refusal comes before anything is written; the general path then says why, or regroups.
+    Any other error of an entry that writes (an allocation that failed) may come after writes
+    began, and propagates: running the pass again would apply it twice. An entry that only
+    reads (writes=False) writes nothing whatever fails, so any RuntimeError is taken as a refusal
+    too (a non-tensor item fails in torch's argument parser). Entries return None (or False)
+    themselves when they do not take the list (see _ops).
     """
     try:
         return entry(*args)
-    except (TypeError, ValueError):
+    except _REFUSALS:
+        return None
+    except RuntimeError:
+        if writes:
+            raise
         return None
 
 
@@ -333,7 +344,7 @@ def get_total_norm(
             return torch.tensor(0.0)
         total = None
         if process_group is None and _first_on_cpu(tensors) and _cpu_fast_path(backend):
-            result = _on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type)
+            result = _on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type, writes=False)
             if result is not None:
                 empty = not any(t.numel() for t in tensors)
                 total = reference.total_norm_from_statistic(result[0], norm_type, empty)

@@ -257,7 +257,7 @@ def _local_statistic(
     """The statistic of tensors on this rank. A CPU list goes to the C++ operator whole, which
     validates it itself; the general path validates in Python and groups by device."""
     if clip._first_on_cpu(tensors) and clip._cpu_fast_path(backend):
-        result = clip._on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type)
+        result = clip._on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type, writes=False)
         if result is not None:
             return result[0]
     groups = clip._group_by_device(tensors, foreach, backend, writes=False)

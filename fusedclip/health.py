@@ -39,7 +39,7 @@ def run_grouped(tensors: list[Tensor], backend: str, writes: bool, fn: Callable[
     error or regroups (see clip._on_cpu_grads).
     """
     if clip._first_on_cpu(tensors) and clip._cpu_fast_path(backend):
-        result = clip._on_cpu_grads(fn, [(torch.device("cpu"), "cpu", tensors)])
+        result = clip._on_cpu_grads(fn, [(torch.device("cpu"), "cpu", tensors)], writes=writes)
         if result is not None:
             return result
     return fn(clip._group_by_device(tensors, None, backend, writes))
