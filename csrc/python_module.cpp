@@ -25,8 +25,8 @@
 namespace {
 
 // The defined grads of params, or nothing when an item is not exactly a Tensor or a Parameter (a
-// subclass may define .grad its own way) or a grad is not on the CPU: then the caller takes its
-// Python path, which groups by device and validates.
+// subclass may define .grad its own way) or a grad is not a plain CPU tensor: then the caller
+// takes its Python path, which groups by device and validates.
 // positions, when given, receives the index in params of each grad returned.
 std::optional<std::vector<at::Tensor>> grads_of(const py::list& params,
                                                 std::vector<int64_t>* positions = nullptr) {
@@ -39,6 +39,9 @@ std::optional<std::vector<at::Tensor>> grads_of(const py::list& params,
     const at::Tensor& grad = THPVariable_Unpack(item).grad();
     if (!grad.defined()) continue;
     if (!grad.device().is_cpu()) return std::nullopt;
+    // A tensor subclass grad (a DTensor on a plain parameter) dispatches to Python, which the
+    // operators do not take: the Python path groups it.
+    if (grad.unsafeGetTensorImpl()->is_python_dispatch()) return std::nullopt;
     // A lazily conjugated or negated grad would meet torch's fallback, not the operator's
     // checks: the Python path refuses it with the reason.
     if (grad.is_conj() || grad.is_neg()) return std::nullopt;

@@ -14,12 +14,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(at::TensorList tensors, dou
 }
 
 void multi_tensor_scale_(at::TensorList tensors, const at::Tensor& coef) {
-  TORCH_CHECK_VALUE(coef.numel() == 1,
-                    "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, got "
-                    "shape ", coef.sizes());
-  TORCH_CHECK_TYPE(coef.is_floating_point(),
-                   "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, got ",
-                   coef.scalar_type());
+  check_scalar(coef, "multi_tensor_scale_", "coef");
   check_writable(tensors, "multi_tensor_scale_");
   scale_writable(tensors, coef.item<double>());  // a CPU tensor: reading it is no device sync
 }

@@ -99,6 +99,13 @@ void check_writable(at::TensorList tensors, const char* op_name) {
   }
 }
 
+void check_scalar(const at::Tensor& t, const char* op_name, const char* arg_name) {
+  TORCH_CHECK_VALUE(t.numel() == 1, "fusedclip.", op_name, ": ", arg_name,
+                    " must be a one-element float tensor, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.is_floating_point(), "fusedclip.", op_name, ": ", arg_name,
+                   " must be a one-element float tensor, got ", t.scalar_type());
+}
+
 bool any_memory_shared(at::TensorList tensors) {
   // The byte range each tensor can touch: [first element, one past its farthest element].
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;

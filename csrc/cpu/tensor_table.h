@@ -75,6 +75,10 @@ class TensorTable {
 // Python layer takes such a refusal as "nothing written" and falls back to its general path.
 void check_writable(at::TensorList tensors, const char* op_name);
 
+// Raises (before anything is written) unless t is a one-element floating-point tensor: a
+// scalar argument such as a coefficient or an inverse loss scale.
+void check_scalar(const at::Tensor& t, const char* op_name, const char* arg_name);
+
 // True when two tensors of the list may share memory (the same grad twice, a grad and its view).
 // In-place kernels then run tensor by tensor in list order, as torch's per-tensor ops do, instead
 // of in parallel, where two threads would read-modify-write the same bytes.

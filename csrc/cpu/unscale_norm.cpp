@@ -113,12 +113,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_unscale_norm(at::TensorList tens
                                                              const at::Tensor& inv_scale,
                                                              double norm_type) {
   check_norm_type(norm_type);
-  TORCH_CHECK_VALUE(inv_scale.numel() == 1,
-                    "fusedclip.multi_tensor_unscale_norm: inv_scale must be a one-element float tensor, "
-                    "got shape ", inv_scale.sizes());
-  TORCH_CHECK_TYPE(inv_scale.is_floating_point(),
-                   "fusedclip.multi_tensor_unscale_norm: inv_scale must be a one-element float tensor, got ",
-                   inv_scale.scalar_type());
+  check_scalar(inv_scale, "multi_tensor_unscale_norm", "inv_scale");
   const double inv = inv_scale.item<double>();  // a CPU tensor: reading it is no device sync
   const TensorTable table(tensors, Access::kRead);
   if (norm_type == 2.0) return reduce_unscaled<NormKind::kSquareSum>(table, norm_type, inv);
