@@ -39,12 +39,12 @@ std::optional<std::vector<at::Tensor>> grads_of(const py::list& params,
     const at::Tensor& grad = THPVariable_Unpack(item).grad();
     if (!grad.defined()) continue;
     if (!grad.device().is_cpu()) return std::nullopt;
-    // A tensor subclass grad (a DTensor on a plain parameter) dispatches to Python, which the
-    // operators do not take: the Python path groups it.
-    if (grad.unsafeGetTensorImpl()->is_python_dispatch()) return std::nullopt;
-    // A lazily conjugated or negated grad would meet torch's fallback, not the operator's
-    // checks: the Python path refuses it with the reason.
-    if (grad.is_conj() || grad.is_neg()) return std::nullopt;
+    // A tensor-subclass grad (a DTensor on a plain parameter) dispatches to Python, and a lazily
+    // conjugated or negated one to torch's fallback, not to the operators' checks: the Python
+    // path groups the first and refuses the others with the reason. One test of the key set.
+    static const c10::DispatchKeySet not_plain(
+        {c10::DispatchKey::Python, c10::DispatchKey::Conjugate, c10::DispatchKey::Negative});
+    if (grad.key_set().has_any(not_plain)) return std::nullopt;
     grads.push_back(grad);
     if (positions != nullptr) positions->push_back(static_cast<int64_t>(i));
   }
