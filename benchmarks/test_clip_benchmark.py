@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip.bench import WORKLOADS, make_parameters
+from fusedclip.bench.harness import WORKLOADS, make_parameters
 
 CASES = [w for name in WORKLOADS for w in WORKLOADS[name]() if w.on_cpu_by_default]
 IMPLEMENTATIONS = {"fusedclip": fusedclip.clip_grad_norm_, "torch": torch.nn.utils.clip_grad_norm_}
@@ -29,7 +29,7 @@ def test_clip_grad_norm(benchmark, workload, mode, implementation):
     spec, params, norm = workload
     grads = [p.grad for p in params]
     max_norm = norm * 1e-3 if mode == "clip" else norm * 1e3
-    refresh = 2.0 if mode == "clip" else 1.0  # see fusedclip/bench.py: every call clips
+    refresh = 2.0 if mode == "clip" else 1.0  # see fusedclip/bench/__init__.py: every call clips
     clip = IMPLEMENTATIONS[implementation]
     benchmark.extra_info.update(workload=spec.label, mode=mode, elements=spec.numel)
 

@@ -10,7 +10,7 @@ import torch
 
 import fusedclip
 from fusedclip import _ops
-from fusedclip.bench import WORKLOADS
+from fusedclip.bench.harness import WORKLOADS
 
 
 def info() -> int:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=15, help="timed repetitions per mode")
     bench.add_argument("--output", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
     bench.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,
-                       help="also time AGC and GradientMonitor (fusedclip/bench_health.py)")
+                       help="also time AGC and GradientMonitor (fusedclip/bench/health.py)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()

@@ -21,8 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fusedclip import _ops, clip, reference
-from fusedclip.health import Group, run_grouped
+from fusedclip import _core, _ops, clip, reference
 
 __all__ = ["AGC", "AutoClip", "ZClip", "PerTensorClip"]
 
@@ -38,7 +37,7 @@ def _positive_int(value, name: str) -> int:
 
 
 def _grads(parameters: Parameters) -> list[Tensor]:
-    return clip._grads_of(clip._as_list(parameters, warn_if_empty_generator=True))
+    return _core.grads_of(_core.as_list(parameters, warn_if_empty_generator=True))
 
 
 def _clip_by_global_norm(grads: list[Tensor], norm_type: float, backend: str, coefficient):
@@ -48,13 +47,13 @@ def _clip_by_global_norm(grads: list[Tensor], norm_type: float, backend: str, co
     that raises leaves the clipper as it was.
     """
 
-    def run(groups: list[Group]):
-        total = clip._total_norm(groups, norm_type)
+    def run(groups: list[_core.Group]):
+        total = _core.total_norm(groups, norm_type)
         coef, state = coefficient(total)
-        clip._scale_groups(groups, coef)
+        _core.scale_groups(groups, coef)
         return total, state
 
-    return run_grouped(grads, backend, True, run)
+    return _core.run_grouped(grads, backend, True, run)
 
 
 class AGC:
@@ -90,8 +89,8 @@ class AGC:
 
     def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3, *,
                  exclude: Iterable[Union[Tensor, str]] = (), backend: str = "auto"):
-        self.clip_factor = clip._non_negative(clip_factor, "clip_factor")
-        self.eps = clip._non_negative(eps, "eps")
+        self.clip_factor = _core.non_negative(clip_factor, "clip_factor")
+        self.eps = _core.non_negative(eps, "eps")
         exclude = [exclude] if isinstance(exclude, (Tensor, str)) else list(exclude)
         for i, item in enumerate(exclude):
             if not isinstance(item, (Tensor, str)):
@@ -103,7 +102,7 @@ class AGC:
     def _split(self, parameters) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor]]:
         """(grad, param) pairs to clip, and the excluded grads."""
         pairs, excluded = [], []
-        for i, item in enumerate(clip._as_list(parameters)):
+        for i, item in enumerate(_core.as_list(parameters)):
             name = None
             if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
                 name, item = item
@@ -136,13 +135,13 @@ class AGC:
         """Clips every pair; returns the sum of squares of the gradients before clipping."""
         grads = [g for g, _ in pairs]
         params = [p for _, p in pairs]
-        if grads[0].device.type == "cpu" and clip._cpu_fast_path(self.backend):
+        if grads[0].device.type == "cpu" and _core.cpu_fast_path(self.backend):
             # The operator validates everything before writing; when it refuses, the general
             # path below says why, or regroups.
-            result = clip._on_cpu_grads(_ops.multi_tensor_agc_, "cpu", grads, params, self.clip_factor, self.eps)
+            result = _core.on_cpu_grads(_ops.multi_tensor_agc_, "cpu", grads, params, self.clip_factor, self.eps)
             if result is not None:
                 return result[0]
-        groups = clip._group_by_device(grads, None, self.backend, writes=True)
+        groups = _core.group_by_device(grads, None, self.backend, writes=True)
         self._check_params(pairs)
         statistics = []
         for device, backend, ts in groups:
@@ -185,7 +184,7 @@ class AutoClip:
             raise ValueError(f"percentile must be a number in [0, 100], got {percentile!r}")
         self.percentile = float(percentile)
         self.history_size = _positive_int(history_size, "history_size")
-        self.norm_type = clip._norm_type(norm_type)
+        self.norm_type = _core.norm_type(norm_type)
         self.backend = backend
         self.history: Optional[Tensor] = None  # float64, nan where not yet filled
         self.next_slot: Optional[Tensor] = None
@@ -246,15 +245,15 @@ class ZClip:
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha < 1:
             raise ValueError(f"alpha must be a number in [0, 1), got {alpha!r}")
         self.alpha = float(alpha)
-        self.z_thresh = clip._non_negative(z_thresh, "z_thresh")
+        self.z_thresh = _core.non_negative(z_thresh, "z_thresh")
         if self.z_thresh == 0:
             raise ValueError("z_thresh must be positive")
-        self.max_grad_norm = None if max_grad_norm is None else clip._non_negative(max_grad_norm, "max_grad_norm")
-        self.eps = clip._non_negative(eps, "eps")
+        self.max_grad_norm = None if max_grad_norm is None else _core.non_negative(max_grad_norm, "max_grad_norm")
+        self.eps = _core.non_negative(eps, "eps")
         self.warmup_steps = _positive_int(warmup_steps, "warmup_steps")
-        self.clip_factor = clip._non_negative(clip_factor, "clip_factor")
+        self.clip_factor = _core.non_negative(clip_factor, "clip_factor")
         self.skip_update_on_spike = bool(skip_update_on_spike)
-        self.norm_type = clip._norm_type(norm_type)
+        self.norm_type = _core.norm_type(norm_type)
         self.backend = backend
         self.buffer: Optional[Tensor] = None
         self.warmup_count: Optional[Tensor] = None
@@ -316,8 +315,8 @@ class PerTensorClip:
     """
 
     def __init__(self, max_norm: float, norm_type: Union[float, str] = 2.0, *, backend: str = "auto"):
-        self.max_norm = clip._non_negative(max_norm, "max_norm")
-        self.norm_type = clip._norm_type(norm_type)
+        self.max_norm = _core.non_negative(max_norm, "max_norm")
+        self.norm_type = _core.norm_type(norm_type)
         self.backend = backend
 
     def __call__(self, parameters: Parameters) -> Tensor:
@@ -325,16 +324,16 @@ class PerTensorClip:
             grads = _grads(parameters)
             if not grads:
                 return torch.tensor(0.0)
-            return run_grouped(grads, self.backend, True, self._clip_groups)
+            return _core.run_grouped(grads, self.backend, True, self._clip_groups)
 
-    def _clip_groups(self, groups: list[Group]) -> Tensor:
+    def _clip_groups(self, groups: list[_core.Group]) -> Tensor:
         statistics, coefs = [], []
         for _, backend, ts in groups:
             statistic, per_statistic = _ops.multi_tensor_norm(backend, ts, self.norm_type, per_tensor=True)
             statistics.append(statistic)
             norms = reference.per_tensor_norms(per_statistic, ts, self.norm_type)
             coefs.append(reference.clip_coefficient(norms, self.max_norm))
-        total = clip._norm_of_group_statistics(groups, statistics, self.norm_type)
+        total = _core.norm_of_group_statistics(groups, statistics, self.norm_type)
         for (_, backend, ts), coef in zip(groups, coefs):
             _ops.multi_tensor_scale_per_tensor_(backend, ts, coef)
         return total

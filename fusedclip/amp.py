@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
-from fusedclip import _ops, clip, distributed, reference
+from fusedclip import _core, _ops, distributed, reference
 
 __all__ = ["unscale_and_clip_grad_norm_"]
 
@@ -77,7 +77,7 @@ def _scale_by(backend: str, grads: list[Tensor], factor: Tensor, inv_scale: Tens
 
 
 def unscale_and_clip_grad_norm_(
-    parameters: clip.TensorOrTensors,
+    parameters: _core.TensorOrTensors,
     max_norm: float,
     norm_type: float = 2.0,
     *,
@@ -97,19 +97,17 @@ def unscale_and_clip_grad_norm_(
     torch's unscale_ leaves float32 grads; the gradients are multiplied once by
     :math:`s^{-1} c` (torch multiplies by :math:`s^{-1}`, then by :math:`c`: a few ulps apart). found_inf is 1 when
     any gradient of the optimizer holds inf or nan. Gradients of the optimizer that are not in
-    ``parameters`` are unscaled by torch, not clipped, as the unfused sequence does. A disabled
-    scaler clips only.
+    ``parameters`` are unscaled by torch, not clipped, as the unfused sequence does.
 
-    Called through :func:`fusedclip.clip_grad_norm_` with ``grad_scaler=`` and ``optimizer=``.
+    Called through :func:`fusedclip.clip_grad_norm_` with ``grad_scaler=`` and ``optimizer=`` (which
+    clips only, for a disabled scaler).
 
     Returns:
         The total norm of the unscaled gradients before clipping (inf or nan when any is).
     """
     with torch.no_grad():
-        if not grad_scaler.is_enabled():
-            return clip.clip_grad_norm_(parameters, max_norm, norm_type, backend=backend)
-        max_norm = clip._non_negative(max_norm, "max_norm")
-        norm_type = clip._norm_type(norm_type)
+        max_norm = _core.non_negative(max_norm, "max_norm")
+        norm_type = _core.norm_type(norm_type)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         state = _check_stage(grad_scaler, optimizer)
@@ -119,14 +117,14 @@ def unscale_and_clip_grad_norm_(
                 "grad_scaler= does not take DTensor gradients (FSDP2, tensor parallel) yet: call "
                 "grad_scaler.unscale_(optimizer), then fusedclip.clip_grad_norm_"
             )
-        clipped = clip._grads_of(clip._as_list(parameters, warn_if_empty_generator=True))
+        clipped = _core.grads_of(_core.as_list(parameters, warn_if_empty_generator=True))
         clipped_ids = {id(g) for g in clipped}
         if len(clipped_ids) != len(clipped) or not clipped_ids <= {id(g) for g in optimizer_grads}:
             raise ValueError(
                 "every gradient of `parameters` must belong to `optimizer`, once: the scaler "
                 "unscales the optimizer's gradients"
             )
-        groups = clip._group_by_device(optimizer_grads, None, backend, writes=True)
+        groups = _core.group_by_device(optimizer_grads, None, backend, writes=True)
         for i, g in enumerate(optimizer_grads):  # checked before anything is unscaled
             if g.is_complex() and id(g) not in clipped_ids:
                 raise TypeError(
@@ -163,7 +161,7 @@ def unscale_and_clip_grad_norm_(
         if not statistics:
             total = torch.tensor(0.0)
         else:
-            total = clip._norm_from_statistics(statistics, first_device, empty, norm_type)
+            total = _core.norm_from_statistics(statistics, first_device, empty, norm_type)
             coef = reference.clip_coefficient(total, max_norm)
             factor = coef * inv_scale.to(device=coef.device, dtype=coef.dtype)
             for group_backend, to_clip in to_clip_per_group:

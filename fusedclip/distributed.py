@@ -25,26 +25,23 @@ statistic travels as float64 on the device that the group's backend needs (CUDA 
 CPU for gloo), so ranks whose grads differ in dtype, or that have none, still match.
 
 DDP averages the grads in backward, so after it every rank holds the same full grads and
-clipping needs no reduction at all. :func:`allreduce_norm_hook` goes further: it takes each
-bucket's statistic as soon as that bucket's all-reduce completes, overlapping the norm with the
-rest of backward.
+clipping needs no reduction at all; fusedclip.ddp's hook takes the norm while backward runs.
 """
 
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from fusedclip import _ops, clip, reference
+from fusedclip import _core, _ops, reference
 
-__all__ = ["NormHookState", "allreduce_norm_hook"]
+__all__ = ["get_total_norm", "clip_grad_norm_"]
 
-ProcessGroups = clip.ProcessGroups  # a ProcessGroup or a sequence of them
+ProcessGroups = _core.ProcessGroups  # a ProcessGroup or a sequence of them
 
 
 # --- DTensor grads --------------------------------------------------------------------------------
@@ -122,7 +119,7 @@ class _Parts:
 
         if self._partial:  # checked before their collectives (the other grads: see total_norm)
             local = [g.to_local() for g in self._partial]
-            clip._group_by_device(local, foreach, backend, writes=False)
+            _core.group_by_device(local, foreach, backend, writes=False)
         for g in self._partial:
             placements = [Replicate() if p.is_partial() else p for p in g.placements]
             whole = g.redistribute(g.device_mesh, placements).to_local()
@@ -168,7 +165,7 @@ def collective_device(group: Optional["dist.ProcessGroup"]) -> torch.device:
     return torch.device(device_type, torch.get_device_module(device_type).current_device())
 
 
-class _Statistic:
+class Statistic:
     """A rank's statistic with what the reduction must carry beside it, as one float64 row.
 
     Column 0 is the statistic. For inf and -inf norms column 1 marks a nan, since MAX and MIN
@@ -210,6 +207,8 @@ class _Statistic:
         torch's functional all-reduce, as DTensor's own reductions issue it: collective counters
         (CommDebugMode) see the collectives torch.nn.utils issues, and torch.compile traces it.
         """
+        import torch.distributed._functional_collectives as funcol  # not on torch without distributed
+
         device = collective_device(group)
         on_device = rows if rows.device == device else rows.to(device)
         return funcol.wait_tensor(funcol.all_reduce(on_device, self.op, group or dist.group.WORLD))
@@ -226,7 +225,7 @@ class _Statistic:
         return total
 
 
-def _process_groups(process_group: Optional[ProcessGroups]) -> list:
+def process_groups(process_group: Optional[ProcessGroups]) -> list:
     """process_group as a list of groups, checked (before any collective or write)."""
     if process_group is None:
         return []
@@ -256,17 +255,17 @@ def _local_statistic(
 ) -> Tensor:
     """The statistic of tensors on this rank. A CPU list goes to the C++ operator whole, which
     validates it itself; the general path validates in Python and groups by device."""
-    if clip._first_on_cpu(tensors) and clip._cpu_fast_path(backend):
-        result = clip._on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type, writes=False)
+    if _core.first_on_cpu(tensors) and _core.cpu_fast_path(backend):
+        result = _core.on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type, writes=False)
         if result is not None:
             return result[0]
-    groups = clip._group_by_device(tensors, foreach, backend, writes=False)
-    return clip._statistic(groups, norm_type)
+    groups = _core.group_by_device(tensors, foreach, backend, writes=False)
+    return _core.statistic(groups, norm_type)
 
 
 def _local_row(
     tensors: list[Tensor],
-    stat: _Statistic,
+    stat: Statistic,
     foreach: Optional[bool],
     backend: str,
     device: torch.device,
@@ -278,7 +277,7 @@ def _local_row(
     return stat.row(statistic, any(t.numel() for t in tensors), device)
 
 
-def _reduce_mesh(mesh: Any, rows_by_key: dict, stat: _Statistic) -> Tensor:
+def _reduce_mesh(mesh: Any, rows_by_key: dict, stat: Statistic) -> Tensor:
     """The statistic of a mesh's grads: each key's row reduced over its Shard dimensions.
 
     One all-reduce per mesh dimension that any key needs, of the stacked rows of the keys that
@@ -316,10 +315,10 @@ def total_norm(
 
     Returns the norm on this rank (a plain tensor) and the grads split in parts.
     """
-    groups = _process_groups(process_group)
+    groups = process_groups(process_group)
     parts = _Parts(grads)
     parts.resolve_partial(foreach, backend)
-    stat = _Statistic(norm_type)
+    stat = Statistic(norm_type)
     dtype, device = _output_place(parts, groups)
     # Every local statistic before the first collective: a grad that the operators refuse
     # raises here, before anything is written, and on every rank that holds the same grads.
@@ -345,10 +344,10 @@ def scale_(tensors: list[Tensor], coef: Tensor, foreach: Optional[bool], backend
     """
     if not tensors:
         return
-    on_cpu = clip._first_on_cpu(tensors) and coef.device.type == "cpu"
-    if on_cpu and clip._cpu_fast_path(backend) and clip._on_cpu_grads(_scale_on_cpu, tensors, coef):
+    on_cpu = _core.first_on_cpu(tensors) and coef.device.type == "cpu"
+    if on_cpu and _core.cpu_fast_path(backend) and _core.on_cpu_grads(_scale_on_cpu, tensors, coef):
         return
-    clip._scale_groups(clip._group_by_device(tensors, foreach, backend, writes=True), coef)
+    _core.scale_groups(_core.group_by_device(tensors, foreach, backend, writes=True), coef)
 
 
 def _scale_on_cpu(tensors: list[Tensor], coef: Tensor) -> bool:
@@ -388,7 +387,7 @@ def clip_grad_norm_(
 ) -> Tensor:
     total, parts = total_norm(grads, norm_type, foreach, backend, process_group)
     if error_if_nonfinite:
-        clip._raise_if_nonfinite(total, norm_type)  # the same global norm on every rank
+        _core.raise_if_nonfinite(total, norm_type)  # the same global norm on every rank
     scale_(parts.all_plain(), reference.clip_coefficient(total, max_norm), foreach, backend)
     return as_returned(total, parts)
 
@@ -413,116 +412,3 @@ def local_tensors_to_clamp(grads: list[Tensor]) -> list[Tensor]:
             "one, redistribute it first"
         )
     return parts.all_plain()
-
-
-# --- DDP: the norm while backward runs ------------------------------------------------------------
-
-
-class NormHookState:
-    r"""State of :func:`allreduce_norm_hook`: the statistics of the buckets reduced so far.
-
-    After backward, :meth:`total_norm` combines them (no pass over the grads, no collective)
-    and :meth:`clip_grad_norm_` also scales the grads::
-
-        state = NormHookState(norm_type=2.0)
-        ddp_model.register_comm_hook(state, allreduce_norm_hook)
-        loss.backward()
-        total = state.clip_grad_norm_(ddp_model.parameters(), max_norm=1.0)
-
-    Args:
-        process_group: the group DDP averages over (None: the default group).
-        norm_type: p of the norm, as in :func:`fusedclip.get_total_norm`.
-        backend: the fusedclip backend of the bucket statistics ("auto", "cpu", "torch").
-
-    The norm covers the grads DDP reduces (every parameter that requires a grad and that DDP
-    does not ignore), averaged: the norm that clipping after backward computes. (With
-    ``find_unused_parameters``, a parameter unused on every rank counts as zeros here but has no
-    grad after backward: the norms differ only for norm types -inf and below 0.)
-    """
-
-    def __init__(
-        self,
-        process_group: Optional["dist.ProcessGroup"] = None,
-        norm_type: Union[float, str] = 2.0,
-        backend: str = "auto",
-    ) -> None:
-        self.process_group = process_group
-        self.norm_type = clip._norm_type(norm_type)
-        self.backend = backend
-        self._statistics: dict[int, Tensor] = {}
-
-    def record(self, index: int, bucket_buffer: Tensor) -> None:
-        """Takes the statistic of a reduced bucket (called by the hook's callback)."""
-        backend = _ops.resolve_backend(self.backend, bucket_buffer.device)
-        statistic, _ = _ops.multi_tensor_norm(backend, [bucket_buffer], self.norm_type)
-        self._statistics[index] = statistic
-
-    def total_norm(self, process_group: Optional[ProcessGroups] = None) -> Tensor:
-        r"""The norm of the grads reduced since the last call, from the bucket statistics.
-
-        ``process_group``: groups to reduce the norm over besides DDP's (a pipeline-parallel
-        group when each stage runs its own DDP), as in :func:`fusedclip.get_total_norm`.
-        Raises RuntimeError when no bucket was reduced (before backward, or under no_sync).
-        """
-        if not self._statistics:
-            raise RuntimeError(
-                "NormHookState.total_norm: no gradient bucket was reduced since the last call "
-                "(call it after a backward of the DDP model that registered allreduce_norm_hook, "
-                "outside no_sync)"
-            )
-        statistics = [self._statistics[i] for i in sorted(self._statistics)]
-        self._statistics = {}
-        dtype = reference.accumulate_dtype(statistics)
-        statistic = reference.combine_statistics(
-            torch.stack([s.to(dtype) for s in statistics]), self.norm_type
-        )
-        groups = _process_groups(process_group)
-        if not groups:
-            return reference.total_norm_from_statistic(statistic, self.norm_type, empty=False)
-        stat = _Statistic(self.norm_type)
-        row = stat.row(statistic, True, statistic.device)
-        for group in groups:
-            row = stat.all_reduce(row, group)
-        return stat.total_norm(row, dtype, statistic.device)
-
-    def clip_grad_norm_(
-        self,
-        parameters: clip.TensorOrTensors,
-        max_norm: float,
-        error_if_nonfinite: bool = False,
-        *,
-        process_group: Optional[ProcessGroups] = None,
-    ) -> Tensor:
-        """Scales the grads of ``parameters`` by min(max_norm / (norm + 1e-6), 1), where norm is
-        :meth:`total_norm`; returns the norm. As fusedclip.clip_grad_norm_ after backward."""
-        total = self.total_norm(process_group)
-        if error_if_nonfinite:
-            clip._raise_if_nonfinite(total, self.norm_type)
-        clip.clip_grads_with_norm_(parameters, max_norm, total, backend=self.backend)
-        return total
-
-
-# Annotations evaluated (no `from __future__ import annotations` in this file): DDP checks that
-# a hook's are dist.GradBucket and Future[Tensor].
-def allreduce_norm_hook(
-    state: NormHookState, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: DDP's default all-reduce (average), then the bucket's statistic.
-
-    Register with ``ddp_model.register_comm_hook(state, allreduce_norm_hook)``. The statistic
-    is taken in the all-reduce's callback, when the averaged bucket is ready and while backward
-    still runs; see :class:`NormHookState`.
-    """
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    index = bucket.index()
-    if index == 0:  # the first bucket of a backward: drop what an unread backward left
-        state._statistics = {}
-    reduced = default_hooks.allreduce_hook(state.process_group, bucket)
-
-    def record(future: torch.futures.Future) -> Tensor:
-        buffer = future.value()
-        state.record(index, buffer)
-        return buffer
-
-    return reduced.then(record)

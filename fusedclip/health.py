@@ -12,57 +12,17 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
-from fusedclip import _ops, clip, reference
+from fusedclip import _core, _ops, reference
 
 __all__ = ["get_norms", "clip_grad_norm_with_norms_", "GradientMonitor"]
 
-Group = tuple[torch.device, str, list[Tensor]]
-
-
-# --- grouping and per-tensor norms (shared with fusedclip/adaptive.py) ----------------------------
-
-
-def run_grouped(tensors: list[Tensor], backend: str, writes: bool, fn: Callable[[list[Group]], Any]):
-    """fn(groups): the tensors as one CPU group when the C++ operators take them, else validated
-    and grouped by device.
-
-    The C++ operators validate every tensor before writing anything, so the CPU group skips the
-    Python checks (a loop that costs more than the kernels at thousands of tensors). fn must
-    write only in its last operator call and return something other than None: when the operators
-    refuse the tensors, nothing has been written, and the general path then raises the precise
-    error or regroups (see clip._on_cpu_grads).
-    """
-    if clip._first_on_cpu(tensors) and clip._cpu_fast_path(backend):
-        result = clip._on_cpu_grads(fn, [(torch.device("cpu"), "cpu", tensors)], writes=writes)
-        if result is not None:
-            return result
-    return fn(clip._group_by_device(tensors, None, backend, writes))
-
-
-def norms_of_groups(groups: list[Group], tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
-    """(global norm, per-tensor norms in the order of ``tensors``) in one read of every tensor."""
-    statistics, per_group = [], []
-    for _, backend, ts in groups:
-        statistic, per_statistic = _ops.multi_tensor_norm(backend, ts, norm_type, per_tensor=True)
-        statistics.append(statistic)
-        per_group.append(reference.per_tensor_norms(per_statistic, ts, norm_type))
-    total = clip._norm_of_group_statistics(groups, statistics, norm_type)
-    if len(groups) == 1:
-        return total, per_group[0].to(total.dtype)
-    # Groups hold the tensors of each device in first-seen device order: put them back in order.
-    position = {device: [] for device, _, _ in groups}
-    for i, t in enumerate(tensors):
-        position[t.device].append(i)
-    order = torch.tensor([i for device, _, _ in groups for i in position[device]])
-    per = torch.empty(len(tensors), dtype=total.dtype, device=total.device)
-    per[order.to(total.device)] = torch.cat([p.to(total.device, total.dtype) for p in per_group])
-    return total, per
+# --- per-parameter norms ---------------------------------------------------------------------------
 
 
 def _per_parameter(per_grad: Tensor, has_grad: list[bool]) -> Tensor:
@@ -92,29 +52,29 @@ def get_norms(
         ``(total, per_tensor)``; ``(tensor(0.), tensor([]))`` when there are no tensors.
     """
     with torch.no_grad():
-        norm_type = clip._norm_type(norm_type)
-        tensors = clip._as_list(tensors)
+        norm_type = _core.norm_type(norm_type)
+        tensors = _core.as_list(tensors)
         if not tensors:
             return torch.tensor(0.0), torch.zeros(0)
-        return run_grouped(tensors, backend, False, lambda groups: norms_of_groups(groups, tensors, norm_type))
+        return _core.run_grouped(tensors, backend, False, lambda groups: _core.norms_of_groups(groups, tensors, norm_type))
 
 
 def _clip_with_norms(params: list, max_norm: float, norm_type: float, backend: str) -> tuple[Tensor, Tensor]:
-    if clip._cpu_fast_path(backend):
-        result = clip._on_cpu_grads(_ops.clip_grad_norm_with_norms_of_params, params, max_norm, norm_type)
+    if _core.cpu_fast_path(backend):
+        result = _core.on_cpu_grads(_ops.clip_grad_norm_with_norms_of_params, params, max_norm, norm_type)
         if result is not None:
             return result
-    param_grads = clip._param_grads(params)  # read once: the norms are reported against these
+    param_grads = _core.param_grads(params)  # read once: the norms are reported against these
     grads = [g for g in param_grads if g is not None]
     if not grads:
         return torch.tensor(0.0), torch.zeros(len(params))
-    groups = clip._group_by_device(grads, None, backend, writes=True)
+    groups = _core.group_by_device(grads, None, backend, writes=True)
     if len(groups) == 1:
         _, group_backend, ts = groups[0]
         total, per = _ops.clip_grad_norm_with_norms_(group_backend, ts, max_norm, norm_type)
     else:
-        total, per = norms_of_groups(groups, grads, norm_type)
-        clip._scale_groups(groups, reference.clip_coefficient(total, max_norm))
+        total, per = _core.norms_of_groups(groups, grads, norm_type)
+        _core.scale_groups(groups, reference.clip_coefficient(total, max_norm))
     return total, _per_parameter(per, [g is not None for g in param_grads])
 
 
@@ -134,9 +94,9 @@ def clip_grad_norm_with_norms_(
     gradients as :math:`N`; no host sync.
     """
     with torch.no_grad():
-        max_norm = clip._non_negative(max_norm, "max_norm")
-        norm_type = clip._norm_type(norm_type)
-        params = clip._as_list(parameters, warn_if_empty_generator=True)
+        max_norm = _core.non_negative(max_norm, "max_norm")
+        norm_type = _core.norm_type(norm_type)
+        params = _core.as_list(parameters, warn_if_empty_generator=True)
         return _clip_with_norms(params, max_norm, norm_type, backend)
 
 
@@ -228,7 +188,7 @@ class GradientMonitor:
         if not pairs:
             raise ValueError("named_parameters holds no parameter that requires grad")
         if explode_threshold is not None:
-            explode_threshold = clip._non_negative(explode_threshold, "explode_threshold")
+            explode_threshold = _core.non_negative(explode_threshold, "explode_threshold")
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1), got {alpha}")
         for name, value in (("warmup_steps", warmup_steps), ("vanish_steps", vanish_steps),
@@ -239,12 +199,12 @@ class GradientMonitor:
             raise ValueError(f"global_step must be a non-negative int, got {global_step!r}")
         self.names = [name for name, _ in pairs]
         self.params = [p for _, p in pairs]
-        self.norm_type = clip._norm_type(norm_type)
+        self.norm_type = _core.norm_type(norm_type)
         self.explode_threshold = explode_threshold
-        self.z_threshold = clip._non_negative(z_threshold, "z_threshold")
+        self.z_threshold = _core.non_negative(z_threshold, "z_threshold")
         self.alpha = alpha
         self.warmup_steps = warmup_steps
-        self.vanish_eps = clip._non_negative(vanish_eps, "vanish_eps")
+        self.vanish_eps = _core.non_negative(vanish_eps, "vanish_eps")
         self.vanish_steps = vanish_steps
         self.writer = writer
         self.log_every = log_every
@@ -263,7 +223,7 @@ class GradientMonitor:
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """:func:`fusedclip.clip_grad_norm_` on the monitored parameters, recording the norms of
         the same read; returns the global norm before clipping."""
-        max_norm = clip._non_negative(max_norm, "max_norm")
+        max_norm = _core.non_negative(max_norm, "max_norm")
         with torch.no_grad():
             total, per = _clip_with_norms(self.params, max_norm, self.norm_type, self.backend)
             self._record(total, per)  # float32 or float64, contiguous: recorded as they are

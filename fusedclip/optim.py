@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from fusedclip import _ops, clip, reference
+from fusedclip import _core, _ops, clip, reference
 
 __all__ = ["ClipOptimizer"]
 
@@ -79,8 +79,8 @@ class ClipOptimizer(torch.optim.Optimizer):
         if isinstance(optimizer, ClipOptimizer):
             raise TypeError("optimizer is already a ClipOptimizer")
         self.optimizer = optimizer
-        self.max_norm = clip._non_negative(max_norm, "max_norm")
-        self.norm_type = clip._norm_type(norm_type)
+        self.max_norm = _core.non_negative(max_norm, "max_norm")
+        self.norm_type = _core.norm_type(norm_type)
         if backend not in _ops.BACKENDS:
             raise ValueError(f"backend must be one of {_ops.BACKENDS}, got {backend!r}")
         # Raises, with the reason, for a backend that cannot run the parameters' devices.
@@ -176,7 +176,7 @@ class ClipOptimizer(torch.optim.Optimizer):
             if not self.fused:
                 # A host read of the norm (a sync on a GPU) decides whether to step at all.
                 if bool(torch.isfinite(total)):
-                    clip._scale_groups(clip._group_by_device(grads, None, self.backend, writes=True), coef)
+                    _core.scale_groups(_core.group_by_device(grads, None, self.backend, writes=True), coef)
                     self.optimizer.step()
                 return total
             non_finite = (~torch.isfinite(total)).to(torch.float32)
@@ -188,7 +188,7 @@ class ClipOptimizer(torch.optim.Optimizer):
             else:
                 # The scale pass; coefficient 1 (nothing written) when the step will be skipped.
                 safe_coef = torch.where(non_finite > 0, torch.ones_like(coef), coef)
-                clip._scale_groups(clip._group_by_device(grads, None, self.backend, writes=True), safe_coef)
+                _core.scale_groups(_core.group_by_device(grads, None, self.backend, writes=True), safe_coef)
                 grad_scale = None
             self._fused_step(grad_scale, non_finite)
         return total
@@ -225,12 +225,12 @@ def _unscaled_norm(
 ) -> tuple[Tensor, Tensor]:
     """The norm of grads / scale and whether any grad is inf or nan, in one read per device."""
     inv_scale = scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
-    groups = clip._group_by_device(grads, None, backend, writes=False)
+    groups = _core.group_by_device(grads, None, backend, writes=False)
     statistics, found = [], []
     for device, group_backend, ts in groups:
         statistic, found_inf = _ops.multi_tensor_unscale_norm(group_backend, ts, inv_scale.to(device), norm_type)
         statistics.append(statistic)
         found.append(found_inf.to(groups[0][0]))
     empty = not any(t.numel() for t in grads)
-    total = clip._norm_from_statistics(statistics, groups[0][0], empty, norm_type)
+    total = _core.norm_from_statistics(statistics, groups[0][0], empty, norm_type)
     return total, torch.stack(found).amax()

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import fusedclip
+from fusedclip import ddp as fddp
 from fusedclip import distributed as fd
 
 
@@ -701,8 +702,8 @@ def ddp_norm_hook(rank, world_size):
     for norm_type in (2.0, 1.0, math.inf, -math.inf, 0.0, 3.5):
         ddp, reference = ddp_model_and_reference(world_size, bucket_cap_mb=0.001)
         plain, _ = ddp_model_and_reference(world_size, bucket_cap_mb=0.001)
-        state = fd.NormHookState(norm_type=norm_type)
-        ddp.register_comm_hook(state, fd.allreduce_norm_hook)
+        state = fddp.NormHookState(norm_type=norm_type)
+        ddp.register_comm_hook(state, fddp.allreduce_norm_hook)
         for step in (1, 2):
             batches = batches_of(step, world_size)
             for m in (ddp, plain):
@@ -743,8 +744,8 @@ def ddp_norm_hook_with_pipeline_group(rank, world_size):
     ddp = DistributedDataParallel(
         stage_model(stage), process_group=dp_groups[stage], bucket_cap_mb=0.0001
     )
-    state = fd.NormHookState(process_group=dp_groups[stage])
-    ddp.register_comm_hook(state, fd.allreduce_norm_hook)
+    state = fddp.NormHookState(process_group=dp_groups[stage])
+    ddp.register_comm_hook(state, fddp.allreduce_norm_hook)
     batches = [torch.randn(3, 5, generator=seeded(30 + r)) for r in range(dp)]
     ddp(batches[dp_rank]).square().sum().backward()
     averaged = []
@@ -801,8 +802,8 @@ def nccl_dtensor_and_ddp_hook(rank, world_size):
     layers = [torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2)]
     model = torch.nn.Sequential(*layers).cuda()
     ddp = DistributedDataParallel(model, device_ids=[rank], bucket_cap_mb=0.001)
-    state = fd.NormHookState()
-    ddp.register_comm_hook(state, fd.allreduce_norm_hook)
+    state = fddp.NormHookState()
+    ddp.register_comm_hook(state, fddp.allreduce_norm_hook)
     for _ in range(2):
         ddp.zero_grad()
         ddp(torch.randn(4, 8, device="cuda")).square().sum().backward()

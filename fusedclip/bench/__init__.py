@@ -14,140 +14,30 @@ for read-modify-write (and a copy for reference).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
-import math
 import os
-import platform
 import statistics
-import time
 from typing import Callable, Optional
 
 import torch
 
 import fusedclip
+from fusedclip.bench import health, training
+from fusedclip.bench.harness import (
+    TORCH,
+    WORKLOADS,
+    BandwidthProbe,
+    Workload,
+    best_device,
+    device_name,
+    gpt2_small_shapes,
+    make_parameters,
+    relative_difference,
+    time_call,
+)
 
 __all__ = ["WORKLOADS", "Workload", "make_parameters", "run", "main"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    name: str
-    dtype: torch.dtype
-    shapes: tuple[tuple[int, ...], ...]
-    bandwidth_bound: bool = True  # False: too few bytes for a bandwidth floor to mean anything
-    on_cpu_by_default: bool = True  # False: run on a CPU only when named (--workloads)
-
-    @property
-    def numel(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} {str(self.dtype).replace('torch.', '')}"
-
-
-def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
-    """GPT-2 small (124M): 148 parameter tensors, 124,439,808 elements."""
-    d, vocab, ctx, layers = 768, 50257, 1024, 12
-    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,)]  # ln_1, attention
-        shapes += [(d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # ln_2, MLP
-    shapes += [(d,), (d,)]  # ln_f
-    return tuple(shapes)
-
-
-def llama_3_2_1b_shapes() -> tuple[tuple[int, ...], ...]:
-    """Llama-3.2-1B: 146 parameter tensors, 1,235,814,400 elements (tied embeddings: the output
-    layer is the embedding). 32 query heads and 8 key-value heads of 64; RMSNorm weights."""
-    d, vocab, layers, ffn, head, kv_heads = 2048, 128256, 16, 8192, 64, 8
-    shapes: list[tuple[int, ...]] = [(vocab, d)]
-    for _ in range(layers):
-        shapes += [(d,), (d, d), (kv_heads * head, d), (kv_heads * head, d), (d, d)]  # attention
-        shapes += [(d,), (ffn, d), (ffn, d), (d, ffn)]  # MLP: gate, up, down
-    shapes += [(d,)]  # final norm
-    return tuple(shapes)
-
-
-WORKLOADS: dict[str, Callable[[], list[Workload]]] = {
-    "gpt2-124m": lambda: [
-        Workload("gpt2-124m", torch.float32, gpt2_small_shapes()),
-        Workload("gpt2-124m", torch.bfloat16, gpt2_small_shapes()),
-    ],
-    # 2.5 GB of bf16 grads (7.4 GB with the bandwidth probe): a GPU workload unless named.
-    "llama-1b": lambda: [
-        Workload("llama-1b", torch.bfloat16, llama_3_2_1b_shapes(), on_cpu_by_default=False)
-    ],
-    "many-small": lambda: [
-        Workload("many-small", torch.float32, ((64, 64),) * 4096),
-        Workload("many-small", torch.float16, ((64, 64),) * 4096),
-    ],
-    "tiny-10k": lambda: [Workload("tiny-10k", torch.float32, ((1000,),) * 10_000)],
-    # 1,000 tensors of 8 elements: almost no bytes, so the time is the host's cost per call.
-    "host-1k": lambda: [Workload("host-1k", torch.float32, ((8,),) * 1000, bandwidth_bound=False)],
-}
-
-
-def make_parameters(workload: Workload, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Parameters (storage left untouched) whose .grad is random data of the workload's shapes.
-
-    All parameters are allocated first and the gradients after them, last parameter first, as a
-    model's initialisation and then its backward allocate them.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    params = [
-        torch.nn.Parameter(torch.empty(shape, dtype=workload.dtype, device=device))
-        for shape in workload.shapes
-    ]
-    for p in reversed(params):
-        p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=workload.dtype)
-    return params
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], object], device: torch.device) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    fn()
-    _synchronize(device)
-    return time.perf_counter() - start
-
-
-class BandwidthProbe:
-    """Read, read-modify-write and copy bandwidth of one float32 tensor, in bytes per second.
-
-    Each workload gets its own probe of the same size as its gradients, allocated right after
-    them: the floor then reflects the same bytes in memory placed alike (and the same share of
-    them in cache), laid out as one tensor for torch's best kernels.
-    """
-
-    def __init__(self, device: torch.device, n_bytes: int):
-        n = max(n_bytes // 4, 1)
-        self.bytes = n * 4
-        self.device = device
-        self.a = torch.rand(n, device=device) + 0.5
-        self.b = torch.empty_like(self.a)
-        self.samples: dict[str, list[float]] = {"read": [], "rmw": [], "copy": []}
-
-    def sample(self) -> None:
-        self.samples["read"].append(self.bytes / _time(lambda: self.a.sum(), self.device))
-        self.samples["rmw"].append(2 * self.bytes / _time(lambda: self.a.mul_(1.0), self.device))
-        self.samples["copy"].append(2 * self.bytes / _time(lambda: self.b.copy_(self.a), self.device))
-
-    def median(self, kind: str, since: int = 0) -> float:
-        """The median of the samples of one kind, from sample number ``since`` on."""
-        return statistics.median(self.samples[kind][since:])
-
-
-def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = float(a.double()), float(b.double())
-    return abs(a - b) / max(abs(b), 1e-30)
 
 
 def run(
@@ -174,8 +64,8 @@ def run(
             probe = BandwidthProbe(device, n_bytes)
             for _ in range(warmup):
                 probe.sample()
-            norm = float(torch.nn.utils.get_total_norm(grads).float())
-            diff = _relative_difference(fusedclip.get_total_norm(grads), torch.nn.utils.get_total_norm(grads))
+            norm = float(TORCH["get_total_norm"](grads).float())
+            diff = relative_difference(fusedclip.get_total_norm(grads), TORCH["get_total_norm"](grads))
             for mode, max_norm in (("clip", norm * 1e-3), ("noclip", norm * 1e3)):
                 # Before every timed call the gradients are rewritten, untimed, as backward would
                 # have just written them: doubled in "clip" mode (exact in every dtype), so each
@@ -183,14 +73,14 @@ def run(
                 # multiplied by 1 in "noclip" mode, so both modes start from the same cache state.
                 refresh = 2.0 if mode == "clip" else 1.0
                 ours = lambda: fusedclip.clip_grad_norm_(params, max_norm, backend=backend)  # noqa: E731
-                theirs = lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)  # noqa: E731
+                theirs = lambda: TORCH["clip_grad_norm_"](params, max_norm)  # noqa: E731
                 t_ours, t_torch = [], []
                 first_sample = len(probe.samples["read"])
                 for i in range(warmup + repeats):
                     pair = [(ours, t_ours), (theirs, t_torch)]
                     for fn, times in pair if i % 2 == 0 else reversed(pair):
                         torch._foreach_mul_(grads, refresh)
-                        elapsed = _time(fn, device)
+                        elapsed = time_call(fn, device)
                         if i >= warmup:
                             times.append(elapsed)
                     probe.sample()
@@ -258,7 +148,7 @@ def run_cuda_launches(device: torch.device, repeats: int = 15, warmup: int = 3,
     for workload in CUDA_LAUNCH_WORKLOADS():
         params = make_parameters(workload, device)
         grads = [p.grad for p in params]
-        norm = float(torch.nn.utils.get_total_norm(grads).float())
+        norm = float(TORCH["get_total_norm"](grads).float())
         for mode, max_norm in (("clip", norm * 1e-3), ("noclip", norm * 1e3)):
             refresh = 2.0 if mode == "clip" else 1.0  # as in run()
             cuda = lambda: fusedclip.clip_grad_norm_(params, max_norm, backend="cuda")  # noqa: E731
@@ -266,7 +156,7 @@ def run_cuda_launches(device: torch.device, repeats: int = 15, warmup: int = 3,
                 "cuda two-launch": cuda,  # the two differ by the single-launch limit set below
                 "cuda single-launch": cuda,
                 "torch backend": lambda: fusedclip.clip_grad_norm_(params, max_norm, backend="torch"),
-                "torch.nn.utils": lambda: torch.nn.utils.clip_grad_norm_(params, max_norm),
+                "torch.nn.utils": lambda: TORCH["clip_grad_norm_"](params, max_norm),
             }
             times: dict[str, list[float]] = {name: [] for name in CUDA_LAUNCH_VARIANTS}
             try:
@@ -275,7 +165,7 @@ def run_cuda_launches(device: torch.device, repeats: int = 15, warmup: int = 3,
                     for name in CUDA_LAUNCH_VARIANTS[shift:] + CUDA_LAUNCH_VARIANTS[:shift]:
                         _ops._C.set_cuda_single_launch_max_bytes(single_launch_limit.get(name, previous_limit))
                         torch._foreach_mul_(grads, refresh)
-                        elapsed = _time(calls[name], device)
+                        elapsed = time_call(calls[name], device)
                         if i >= warmup:
                             times[name].append(elapsed)
             finally:
@@ -299,21 +189,6 @@ def cuda_launches_table(rows: list[dict]) -> str:
                      + " | ".join(f"{r[v + ' ms']:.3f}" for v in CUDA_LAUNCH_VARIANTS)
                      + f" | {r['single/two-launch']:.2f} |")
     return "\n".join(lines)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} cores)"
 
 
 HEADER = (
@@ -382,10 +257,6 @@ def plot(report: dict, path: str) -> bool:
     return True
 
 
-def best_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def main(args) -> int:
     device = torch.device(args.device) if args.device else best_device()
     print(f"fusedclip {fusedclip.__version__}, torch {torch.__version__}, {device_name(device)}, "
@@ -405,10 +276,8 @@ def main(args) -> int:
     print("floor: the row's bytes at the probe bandwidth measured during that row (read for the "
           "norm, read-modify-write for the scale)")
     if getattr(args, "health", False):
-        from fusedclip import bench_health
-
-        print(f"\n{bench_health.HEADER}")
-        report["health"] = bench_health.run(device, repeats=args.repeats)
+        print(f"\n{health.HEADER}")
+        report["health"] = health.run(device, repeats=args.repeats)
     training_table = _run_training(device, args, report)
     os.makedirs(args.output, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in report["device"].lower()).strip("-")
@@ -424,9 +293,7 @@ def main(args) -> int:
             f.write(f"\nBackend cuda, single launch against two launches:\n\n"
                     f"{cuda_launches_table(report['cuda_launches'])}\n")
         if "health" in report:
-            from fusedclip import bench_health
-
-            f.write(f"\n{bench_health.markdown_table(report['health'])}\n")
+            f.write(f"\n{health.markdown_table(report['health'])}\n")
         f.write(training_table)
     print(f"wrote {stem}.json and {stem}.md")
     if plot(report, stem + ".png"):
@@ -437,12 +304,10 @@ def main(args) -> int:
 
 
 def _run_training(device: torch.device, args, report: dict) -> str:
-    """The training-step benchmarks (fusedclip/bench_training.py), into report["training"];
+    """The training-step benchmarks (fusedclip/training.py), into report["training"];
     returns their Markdown table ("" when none ran)."""
-    from fusedclip import bench_training  # it imports this module
-
     if args.training == []:
         return ""
-    print(bench_training.HEADER)
-    report["training"] = bench_training.run(device, args.training, repeats=args.repeats)
-    return "\n" + bench_training.markdown_table(report["training"]) + "\n"
+    print(training.HEADER)
+    report["training"] = training.run(device, args.training, repeats=args.repeats)
+    return "\n" + training.markdown_table(report["training"]) + "\n"

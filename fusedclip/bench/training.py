@@ -21,12 +21,12 @@ from typing import Callable, Optional
 import torch
 
 import fusedclip
-from fusedclip import bench, patch
+from fusedclip.bench import harness
 
 __all__ = ["BENCHMARKS", "run", "format_row", "markdown_table"]
 
 # torch's own clip_grad_norm_, even when torch is patched.
-_torch_clip_grad_norm_ = patch.TORCH_FUNCTIONS[(torch.nn.utils, "clip_grad_norm_")]
+_torch_clip_grad_norm_ = harness.TORCH["clip_grad_norm_"]
 
 
 def _interleaved(
@@ -46,7 +46,7 @@ def _interleaved(
         pair = [(ours, t_ours), (theirs, t_theirs)]
         for fn, times in pair if i % 2 == 0 else reversed(pair):
             before()
-            elapsed = bench._time(fn, device)
+            elapsed = harness.time_call(fn, device)
             after()
             if i >= warmup:
                 times.append(elapsed)
@@ -54,13 +54,13 @@ def _interleaved(
 
 
 def _gpt2_parameters(device: torch.device) -> list[torch.nn.Parameter]:
-    return bench.make_parameters(bench.Workload("gpt2-124m", torch.float32, bench.gpt2_small_shapes()), device)
+    return harness.make_parameters(harness.Workload("gpt2-124m", torch.float32, harness.gpt2_small_shapes()), device)
 
 
 def amp_unscale_clip(device: torch.device, repeats: int, warmup: int) -> list[dict]:
     params = _gpt2_parameters(device)
     grads = [p.grad for p in params]
-    max_norm = float(torch.nn.utils.get_total_norm(grads)) * 1e-3  # every step clips
+    max_norm = float(harness.TORCH["get_total_norm"](grads)) * 1e-3  # every step clips
     scale = 2.0**16
     scaled = [g * scale for g in grads]
     optimizer = torch.optim.SGD(params, lr=0.0)  # owns the grads for the scaler; never stepped
@@ -84,7 +84,7 @@ def folded_adamw_step(device: torch.device, repeats: int, warmup: int) -> list[d
     params = _gpt2_parameters(device)
     grads = [p.grad for p in params]
     backward_grads = [g.clone() for g in grads]
-    norm = float(torch.nn.utils.get_total_norm(grads))
+    norm = float(harness.TORCH["get_total_norm"](grads))
     rows = []
     # A step that clips (the target), with the coefficient folded into the kernel (the default)
     # and with fusedclip's scale pass before the step (fold=False); and a step that does not

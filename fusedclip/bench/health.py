@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 import fusedclip
-from fusedclip.bench import WORKLOADS, Workload, _time, make_parameters
+from fusedclip.bench.harness import WORKLOADS, Workload, make_parameters, time_call
 
 __all__ = ["run", "timm_style_agc", "markdown_table", "HEADER"]
 
@@ -55,7 +55,7 @@ def _interleaved(ours: Callable, theirs: Callable, refresh: Callable, device, re
         pair = [(ours, t_ours), (theirs, t_theirs)]
         for fn, times in pair if i % 2 == 0 else reversed(pair):
             refresh()
-            elapsed = _time(fn, device)
+            elapsed = time_call(fn, device)
             if i >= warmup:
                 times.append(elapsed)
     return statistics.median(t_ours), statistics.median(t_theirs)

@@ -1,0 +1,327 @@
+"""What the public API and the features share: argument checks, grad collection and grouping,
+the C++ fast path, and the norm of grouped grads.
+
+clip.py (the public functions), amp, distributed, ddp, health, adaptive and optim build on this
+module; it imports only the operator layer (_ops) and the shared numerics (reference), so
+nothing here reaches back up.
+
+How a call runs: the grads of one device go to one backend (see fusedclip/_ops.py). When every
+grad is on the CPU, the C++ library reads the grads itself and runs the operator on the whole
+list, validating it before writing anything (a Python loop over 10,000 parameters costs more
+than the kernels): :func:`on_cpu_grads`. Anything it does not take (other devices, tensor
+subclasses, torch.compile) or refuses goes the general path: :func:`group_by_device` validates
+each grad in Python (raising a precise error) and groups them by device, each device with its
+own backend.
+"""
+
+from __future__ import annotations
+
+import numbers
+import types
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_scalar
+
+from fusedclip import _ops, reference
+
+# The grads of one device and the backend that runs them.
+Group = tuple[torch.device, str, list[Tensor]]
+
+TensorOrTensors = Union[Tensor, Iterable[Tensor]]
+# A torch.distributed ProcessGroup or a sequence of them (not imported: see fusedclip.distributed).
+ProcessGroups = Union[Any, Sequence[Any]]
+
+GRAD_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.complex128,
+)
+FOREACH_DEVICE_TYPES = ("cpu", "cuda", "xpu")
+
+
+# --- arguments ----------------------------------------------------------------------------------
+
+
+def as_list(items: TensorOrTensors, warn_if_empty_generator: bool = False) -> list:
+    if isinstance(items, Tensor):
+        return [items]
+    is_generator = isinstance(items, types.GeneratorType)
+    items = list(items)
+    if warn_if_empty_generator and is_generator and not items:
+        warnings.warn(
+            "`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3
+        )
+    return items
+
+
+def grads_of(parameters: list) -> list[Tensor]:
+    """The defined grads of parameters, each read once."""
+    return [g for g in param_grads(parameters) if g is not None]
+
+
+def param_grads(parameters: list) -> list[Optional[Tensor]]:
+    """parameters[i].grad for every i (None included), each read once."""
+    try:
+        # One .grad read per parameter (each costs ~100 ns: 1 ms at 10,000 parameters), and no
+        # `(g := p.grad)`, which torch.compile cannot trace in a comprehension.
+        return [p.grad for p in parameters]
+    except AttributeError:
+        for i, p in enumerate(parameters):
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    f"parameters[{i}] must be a torch.Tensor, got {type(p).__name__}"
+                ) from None
+        raise
+
+
+def non_negative(value: Union[float, Tensor], name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if isinstance(value, Tensor) and (value.numel() != 1 or value.is_complex()):
+        raise TypeError(f"{name} must be a real number or a one-element real tensor")
+    value = float(value)  # a device tensor syncs here, as in torch
+    # `not value >= 0` is true for nan and for negatives; unlike math.isnan it traces when
+    # torch.compile makes a float argument symbolic (a max_norm that changes between calls).
+    if not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value}")
+    return value
+
+
+def max_norm(value: Union[float, Tensor]) -> Union[float, Tensor]:
+    """max_norm as a float, or as a 0-d tensor when given as a tensor.
+
+    A tensor is checked without a host sync: read on the CPU (free) in eager mode, else checked
+    where it lives (``torch._assert_async``: on a GPU the device raises, asynchronously), so
+    torch.compile traces it without a guard on its value. Its coefficient is torch's true
+    division ``max_norm / (norm + 1e-6)`` (see reference.clip_coefficient), so the fused
+    operators, whose max_norm is a float, do not run it. A float under torch.compile stays
+    symbolic (a schedule that changes it every step compiles twice, as torch's does).
+    """
+    if not isinstance(value, Tensor):
+        return non_negative(value, "max_norm")
+    if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError("max_norm must be a real number or a one-element real tensor")
+    value = value.reshape(())
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        non_negative(value, "max_norm")
+    else:  # nan fails `>= 0` too
+        torch._assert_async(value >= 0, "max_norm must be a non-negative number")
+    return value
+
+
+def norm_type(norm_type: Union[float, str]) -> float:
+    try:
+        value = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a number or 'inf', got {norm_type!r}") from None
+    if value != value:  # nan; math.isnan does not trace when torch.compile makes it symbolic
+        raise ValueError("norm_type must not be nan")
+    if torch.compiler.is_compiling():
+        # The norm type picks the kernel and the root: one graph per norm type (as torch's
+        # vector_norm), where a norm type that changed would otherwise become a symbolic float.
+        value = guard_scalar(value)
+    return value
+
+
+def check_foreach(foreach: Optional[bool], device: torch.device) -> None:
+    if foreach and device.type not in FOREACH_DEVICE_TYPES:
+        raise RuntimeError(
+            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+        )
+
+
+def check_writable(i: int, g: Tensor) -> None:
+    """Raises if gradient i cannot be modified in place, before any gradient is."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot put these checks' Python bools in a graph; a zero stride on a dimension
+        # of size > 1 is the overlap of an expanded tensor, and the operators check again at run
+        # time, before writing.
+        if any(stride == 0 and size > 1 for size, stride in zip(g.shape, g.stride())):
+            raise ValueError(f"gradient {i} has internally overlapping memory (an expanded tensor)")
+        return
+    if torch._debug_has_internal_overlap(g) == 1:
+        raise ValueError(
+            f"gradient {i} has internally overlapping memory (an expanded tensor) and cannot be "
+            "modified in place"
+        )
+    if g.is_conj() or g.is_neg():
+        raise ValueError(
+            f"gradient {i} is a lazily conjugated or negated view and cannot be modified in "
+            "place; call .resolve_conj() / .resolve_neg() on it first"
+        )
+    if g.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"gradient {i} is an inference tensor, which cannot be modified in place outside "
+            "torch.inference_mode()"
+        )
+
+
+def group_by_device(
+    grads: list, foreach: Optional[bool], backend: str, writes: bool
+) -> list[Group]:
+    """Validates every grad and groups them by device, in first-seen order, with a backend each."""
+    groups: dict[torch.device, list[Tensor]] = {}
+    for i, g in enumerate(grads):
+        if not isinstance(g, Tensor):
+            raise TypeError(f"gradient {i} must be a torch.Tensor, got {type(g).__name__}")
+        if g.layout != torch.strided:
+            raise TypeError(
+                f"gradient {i} has layout {g.layout}; fusedclip clips dense gradients only "
+                "(convert sparse gradients with .to_dense())"
+            )
+        if g.dtype not in GRAD_DTYPES:
+            raise TypeError(
+                f"gradient {i} has dtype {g.dtype}; expected float32, float64, float16, "
+                "bfloat16 or complex"
+            )
+        if writes:
+            check_writable(i, g)
+        groups.setdefault(g.device, []).append(g)
+    for device in groups:
+        check_foreach(foreach, device)
+    return [(device, _ops.resolve_backend(backend, device), ts) for device, ts in groups.items()]
+
+
+def cpu_fast_path(backend: str) -> bool:
+    """True when CPU grads go to the C++ operators straight, validated there, not in Python."""
+    if torch.compiler.is_compiling():
+        return False  # trace the general path: its checks cost nothing at run time there
+    try:
+        return _ops.resolve_backend(backend, torch.device("cpu")) == "cpu"
+    except ValueError:  # a GPU backend: the general path resolves it per device (and says why not)
+        return False
+
+
+# What the C++ operators raise when they refuse a list, before writing anything: their own
+# checks (csrc/cpu/tensor_table.cpp) raise TypeError or ValueError, the dispatcher raises
+# NotImplementedError for a tensor it has no kernel for (a sparse grad).
+REFUSALS = (TypeError, ValueError, NotImplementedError)
+
+
+def on_cpu_grads(entry: Callable, *args, writes: bool = True):
+    """entry(*args), a C++ entry point of backend "cpu"; None when it refused the grads.
+
+    A refusal comes before anything is written; the general path then says why, or regroups.
+    Any other error of an entry that writes (an allocation that failed) may come after writes
+    began, and propagates: running the pass again would apply it twice. An entry that only
+    reads (writes=False) writes nothing whatever fails, so any RuntimeError is taken as a refusal
+    too (a non-tensor item fails in torch's argument parser). Entries return None (or False)
+    themselves when they do not take the list (see _ops).
+    """
+    try:
+        return entry(*args)
+    except REFUSALS:
+        return None
+    except RuntimeError:
+        if writes:
+            raise
+        return None
+
+
+def first_on_cpu(tensors: list) -> bool:
+    """Whether the first item is a CPU tensor (else the general path checks every item)."""
+    return isinstance(tensors[0], Tensor) and tensors[0].device.type == "cpu"
+
+
+# --- norms ----------------------------------------------------------------------------------------
+
+
+def group_statistics(groups: list[Group], norm_type: float) -> list[Tensor]:
+    """The norm statistic (before the root) of each group, on its own device."""
+    return [_ops.multi_tensor_norm(backend, ts, norm_type)[0] for _, backend, ts in groups]
+
+
+def combined_statistic(statistics: list[Tensor], first_device: torch.device, norm_type: float) -> Tensor:
+    """One statistic from the statistics of several devices' grads, on first_device."""
+    if len(statistics) == 1:
+        return statistics[0]
+    acc = torch.float64 if any(s.dtype == torch.float64 for s in statistics) else torch.float32
+    stacked = torch.stack([s.to(device=first_device, dtype=acc) for s in statistics])
+    return reference.combine_statistics(stacked, norm_type)
+
+
+def statistic(groups: list[Group], norm_type: float) -> Tensor:
+    """The norm statistic (before the root) over every group, on the first group's device."""
+    return combined_statistic(group_statistics(groups, norm_type), groups[0][0], norm_type)
+
+
+def norm_from_statistics(
+    statistics: list[Tensor], first_device: torch.device, empty: bool, norm_type: float
+) -> Tensor:
+    """The global norm from the statistics of each device's grads, on first_device."""
+    statistic = combined_statistic(statistics, first_device, norm_type)
+    return reference.total_norm_from_statistic(statistic, norm_type, empty)
+
+
+def norm_of_group_statistics(
+    groups: list[Group], statistics: list[Tensor], norm_type: float
+) -> Tensor:
+    """The global norm from one norm statistic per group, on the first group's device."""
+    empty = not any(t.numel() for _, _, ts in groups for t in ts)
+    return norm_from_statistics(statistics, groups[0][0], empty, norm_type)
+
+
+def total_norm(groups: list[Group], norm_type: float) -> Tensor:
+    """The global norm over every group, on the first group's device."""
+    return norm_of_group_statistics(groups, group_statistics(groups, norm_type), norm_type)
+
+
+def raise_if_nonfinite(total_norm: Tensor, norm_type: float) -> None:
+    if torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is "
+            "non-finite, so it cannot be clipped. To disable this error and scale the gradients "
+            "by the non-finite norm anyway, set `error_if_nonfinite=False`"
+        )
+
+
+def scale_groups(groups: list[Group], coef: Tensor) -> None:
+    for device, backend, ts in groups:
+        _ops.multi_tensor_scale_(backend, ts, coef.to(device))
+
+
+# --- running grouped grads -----------------------------------------------------------------------
+
+
+def run_grouped(tensors: list[Tensor], backend: str, writes: bool, fn: Callable[[list[Group]], Any]):
+    """fn(groups): the tensors as one CPU group when the C++ operators take them, else validated
+    and grouped by device.
+
+    The C++ operators validate every tensor before writing anything, so the CPU group skips the
+    Python checks (a loop that costs more than the kernels at thousands of tensors). fn must
+    write only in its last operator call and return something other than None: when the operators
+    refuse the tensors, nothing has been written, and the general path then raises the precise
+    error or regroups (see on_cpu_grads).
+    """
+    if first_on_cpu(tensors) and cpu_fast_path(backend):
+        result = on_cpu_grads(fn, [(torch.device("cpu"), "cpu", tensors)], writes=writes)
+        if result is not None:
+            return result
+    return fn(group_by_device(tensors, None, backend, writes))
+
+
+def norms_of_groups(groups: list[Group], tensors: list[Tensor], norm_type: float) -> tuple[Tensor, Tensor]:
+    """(global norm, per-tensor norms in the order of ``tensors``) in one read of every tensor."""
+    statistics, per_group = [], []
+    for _, backend, ts in groups:
+        statistic, per_statistic = _ops.multi_tensor_norm(backend, ts, norm_type, per_tensor=True)
+        statistics.append(statistic)
+        per_group.append(reference.per_tensor_norms(per_statistic, ts, norm_type))
+    total = norm_of_group_statistics(groups, statistics, norm_type)
+    if len(groups) == 1:
+        return total, per_group[0].to(total.dtype)
+    # Groups hold the tensors of each device in first-seen device order: put them back in order.
+    position = {device: [] for device, _, _ in groups}
+    for i, t in enumerate(tensors):
+        position[t.device].append(i)
+    order = torch.tensor([i for device, _, _ in groups for i in position[device]])
+    per = torch.empty(len(tensors), dtype=total.dtype, device=total.device)
+    per[order.to(total.device)] = torch.cat([p.to(total.device, total.dtype) for p in per_group])
+    return total, per
