@@ -26,6 +26,12 @@ def info() -> int:
     print("backends:")
     for name, reason in _ops.backend_status().items():
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+    table = _ops.operator_table()
+    backends = list(next(iter(table.values())))
+    print("operators (kernel: the backend's own; torch: reference.py runs it on that backend's device):")
+    print(f"  {'':<32}" + "".join(f"{b:<13}" for b in backends))
+    for op, row in table.items():
+        print(f"  {op:<32}" + "".join(f"{row[b]:<13}" for b in backends))
     return 0
 
 

@@ -37,6 +37,9 @@ __all__ = [
     "clip_grad_norm_with_norms_",
     "multi_tensor_unscale_norm",
     "monitor_update_",
+    "NATIVE_BACKENDS",
+    "KERNELS",
+    "operator_table",
 ]
 
 logger = logging.getLogger("fusedclip")
@@ -61,9 +64,6 @@ elif not getattr(_C, "cuda_kernels", False):
     )
 else:
     _CUDA_ERROR = None
-
-# The backends whose kernels are the torch.ops.fusedclip operators (registered by _C).
-_OPERATOR_BACKENDS = ("cpu", "cuda")
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,82 +135,101 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
 
 
-# --- the primitives, by backend ----------------------------------------------------------------
+# --- the operators, by backend --------------------------------------------------------------------
+
+# The backends with a kernel of their own for each operator. On a backend missing from an
+# operator's row the operator runs its pure-PyTorch kernel (reference.py) on that backend's
+# device: operator_table() says so, and `python -m fusedclip info` prints it.
+NATIVE_BACKENDS: dict[str, tuple[str, ...]] = {
+    "multi_tensor_norm": ("cpu", "cuda", "triton", "torch"),
+    "multi_tensor_scale_": ("cpu", "cuda", "triton", "torch"),
+    "multi_tensor_clamp_": ("cpu", "cuda", "triton", "torch"),
+    "clip_grad_norm_": ("cpu", "cuda", "triton", "torch"),
+    "multi_tensor_agc_": ("cpu", "torch"),
+    "multi_tensor_scale_per_tensor_": ("cpu", "torch"),
+    "clip_grad_norm_with_norms_": ("cpu", "torch"),
+    "multi_tensor_unscale_norm": ("cpu", "torch"),
+    "monitor_update_": ("cpu", "torch"),
+}
+
+
+def _kernel_table() -> dict[str, dict[str, object]]:
+    """KERNELS[operator][backend]: what runs the operator on each backend that can run here."""
+    namespaces = {"torch": reference}
+    if _C is not None:  # the C++ operators (csrc/fusedclip.cpp), CPU and CUDA kernels alike
+        namespaces["cpu"] = torch.ops.fusedclip
+    if _CUDA_ERROR is None:
+        namespaces["cuda"] = torch.ops.fusedclip
+    if _TRITON_ERROR is None:
+        namespaces["triton"] = torch.ops.fusedclip_triton
+    return {
+        op: {b: getattr(namespaces[b] if b in native else reference, op) for b in namespaces}
+        for op, native in NATIVE_BACKENDS.items()
+    }
+
+
+KERNELS = _kernel_table()
+
+
+def operator_table() -> dict[str, dict[str, str]]:
+    """For each operator and backend: "kernel" (its own), "torch" (reference.py runs it on that
+    backend's device) or "unavailable" (the backend cannot run here, see backend_status)."""
+    status = backend_status()
+    return {
+        op: {
+            b: "unavailable" if status[b] is not None else ("kernel" if b in native else "torch")
+            for b in ("cpu", "cuda", "triton", "torch")
+        }
+        for op, native in NATIVE_BACKENDS.items()
+    }
 
 
 def multi_tensor_norm(
     backend: str, tensors: list[Tensor], norm_type: float, per_tensor: bool = False
 ) -> tuple[Tensor, Tensor]:
     """The norm statistic before the root (and per tensor when asked); see csrc/fusedclip.cpp."""
-    if backend in _OPERATOR_BACKENDS:
-        return torch.ops.fusedclip.multi_tensor_norm(tensors, norm_type, per_tensor)
-    if backend == "triton":
-        return torch.ops.fusedclip_triton.multi_tensor_norm(tensors, norm_type, per_tensor)
-    return reference.multi_tensor_norm(tensors, norm_type, per_tensor)
+    return KERNELS["multi_tensor_norm"][backend](tensors, norm_type, per_tensor)
 
 
 def multi_tensor_scale_(backend: str, tensors: list[Tensor], coef: Tensor) -> None:
     """tensors *= coef in place; nothing is written when coef >= 1."""
-    if backend in _OPERATOR_BACKENDS:
-        torch.ops.fusedclip.multi_tensor_scale_(tensors, coef)
-    elif backend == "triton":
-        torch.ops.fusedclip_triton.multi_tensor_scale_(tensors, coef)
-    else:
-        reference.multi_tensor_scale_(tensors, coef)
+    KERNELS["multi_tensor_scale_"][backend](tensors, coef)
 
 
 def multi_tensor_clamp_(backend: str, tensors: list[Tensor], lo: float, hi: float) -> None:
     """tensors = clamp(tensors, lo, hi) in place, in one pass."""
-    if backend in _OPERATOR_BACKENDS:
-        torch.ops.fusedclip.multi_tensor_clamp_(tensors, lo, hi)
-    elif backend == "triton":
-        torch.ops.fusedclip_triton.multi_tensor_clamp_(tensors, lo, hi)
-    else:
-        reference.multi_tensor_clamp_(tensors, lo, hi)
+    KERNELS["multi_tensor_clamp_"][backend](tensors, lo, hi)
 
 
 def clip_grad_norm_(backend: str, tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
     """Norm, coefficient and scale of tensors on one device in one call; returns the norm."""
-    if backend in _OPERATOR_BACKENDS:
-        return torch.ops.fusedclip.clip_grad_norm_(tensors, max_norm, norm_type)
-    if backend == "triton":
-        return torch.ops.fusedclip_triton.clip_grad_norm_(tensors, max_norm, norm_type)
-    return reference.clip_grad_norm_(tensors, max_norm, norm_type)
+    return KERNELS["clip_grad_norm_"][backend](tensors, max_norm, norm_type)
 
 
 def multi_tensor_agc_(
     backend: str, grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float
 ) -> tuple[Tensor, Tensor]:
     """Unit-wise adaptive gradient clipping in place; returns the pre-clip sums of squares."""
-    if backend == "cpu":
-        return torch.ops.fusedclip.multi_tensor_agc_(grads, params, clip_factor, eps)
-    return reference.multi_tensor_agc_(grads, params, clip_factor, eps)
+    return KERNELS["multi_tensor_agc_"][backend](grads, params, clip_factor, eps)
 
 
 def multi_tensor_scale_per_tensor_(backend: str, tensors: list[Tensor], coefs: Tensor) -> None:
     """tensors[i] *= coefs[i] in place; tensor i is not written when coefs[i] >= 1."""
-    if backend == "cpu":
-        torch.ops.fusedclip.multi_tensor_scale_per_tensor_(tensors, coefs)
-    else:
-        reference.multi_tensor_scale_per_tensor_(tensors, coefs)
+    KERNELS["multi_tensor_scale_per_tensor_"][backend](tensors, coefs)
 
 
 def clip_grad_norm_with_norms_(
     backend: str, tensors: list[Tensor], max_norm: float, norm_type: float
 ) -> tuple[Tensor, Tensor]:
     """clip_grad_norm_ of tensors on one device, also returning the per-tensor norms."""
-    if backend == "cpu":
-        return torch.ops.fusedclip.clip_grad_norm_with_norms_(tensors, max_norm, norm_type)
-    return reference.clip_grad_norm_with_norms_(tensors, max_norm, norm_type)
+    return KERNELS["clip_grad_norm_with_norms_"][backend](tensors, max_norm, norm_type)
 
 
 def multi_tensor_unscale_norm(
     backend: str, tensors: list[Tensor], inv_scale: Tensor, norm_type: float
 ) -> tuple[Tensor, Tensor]:
     """The statistic of tensors * inv_scale and found_inf, in one read; see csrc/fusedclip.cpp."""
-    if backend == "cpu":
-        return torch.ops.fusedclip.multi_tensor_unscale_norm(tensors, inv_scale, norm_type)
-    return reference.multi_tensor_unscale_norm(tensors, inv_scale, norm_type)
+    return KERNELS["multi_tensor_unscale_norm"][backend](tensors, inv_scale, norm_type)
 
 
 def monitor_update_(backend: str, norms: Tensor, mean: Tensor, var: Tensor, count: Tensor, below: Tensor,
@@ -218,9 +237,8 @@ def monitor_update_(backend: str, norms: Tensor, mean: Tensor, var: Tensor, coun
                     z_threshold: float, explode_threshold: Optional[float], vanish_eps: float,
                     vanish_steps: int) -> None:
     """GradientMonitor's per-step update, in place; see reference.monitor_update_."""
-    op = torch.ops.fusedclip.monitor_update_ if backend == "cpu" else reference.monitor_update_
-    op(norms, mean, var, count, below, explosions, exploding, vanishing, alpha, warmup_steps, z_threshold,
-       explode_threshold, vanish_eps, vanish_steps)
+    KERNELS["monitor_update_"][backend](norms, mean, var, count, below, explosions, exploding, vanishing, alpha,
+                                        warmup_steps, z_threshold, explode_threshold, vanish_eps, vanish_steps)
 
 
 # --- entry points that take parameters (backend "cpu") ----------------------------------------

@@ -270,3 +270,23 @@ def test_norm_bits_do_not_depend_on_memory_order(norm_type):
     a, _ = torch.ops.fusedclip.multi_tensor_norm(forward, norm_type)
     b, _ = torch.ops.fusedclip.multi_tensor_norm(backward, norm_type)
     assert torch.equal(a, b)
+
+
+def test_operator_table_says_what_runs_each_operator():
+    """Every (operator, backend) that can run here has one kernel: the backend's own where the
+    table says "kernel", reference.py's where it says "torch" (no silent fallback elsewhere)."""
+    from fusedclip import _ops, reference
+
+    table = _ops.operator_table()
+    assert set(table) == set(_ops.NATIVE_BACKENDS) == set(_ops.KERNELS)
+    status = _ops.backend_status()
+    for op, row in table.items():
+        for backend, what in row.items():
+            if status[backend] is not None:
+                assert what == "unavailable" and backend not in _ops.KERNELS[op], (op, backend)
+                continue
+            kernel = _ops.KERNELS[op][backend]
+            if what == "torch" or backend == "torch":
+                assert kernel is getattr(reference, op), (op, backend)
+            else:
+                assert kernel is not getattr(reference, op) and what == "kernel", (op, backend)
