@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
-from fusedclip import _ops, reference
+from fusedclip import _ops, numerics, reference
 
 # The grads of one device and the backend that runs them.
 Group = tuple[torch.device, str, list[Tensor]]
@@ -84,7 +84,7 @@ def param_grads(parameters: list) -> list[Optional[Tensor]]:
 def non_negative(value: Union[float, Tensor], name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if isinstance(value, Tensor) and (value.numel() != 1 or value.is_complex()):
+    if isinstance(value, Tensor) and (value.numel() != 1 or value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must be a real number or a one-element real tensor")
     value = float(value)  # a device tensor syncs here, as in torch
     # `not value >= 0` is true for nan and for negatives; unlike math.isnan it traces when
@@ -99,10 +99,10 @@ def max_norm(value: Union[float, Tensor]) -> Union[float, Tensor]:
 
     A tensor is checked without a host sync: read on the CPU (free) in eager mode, else checked
     where it lives (``torch._assert_async``: on a GPU the device raises, asynchronously), so
-    torch.compile traces it without a guard on its value. Its coefficient is torch's true
-    division ``max_norm / (norm + 1e-6)`` (see reference.clip_coefficient), so the fused
-    operators, whose max_norm is a float, do not run it. A float under torch.compile stays
-    symbolic (a schedule that changes it every step compiles twice, as torch's does).
+    torch.compile traces it without a guard on its value. Its coefficient, computed on the
+    device from the tensor (numerics.clip_coefficient: torch's bits, as if read as a float),
+    runs outside the fused operators, whose max_norm is a float. A float under torch.compile
+    stays symbolic (a schedule that changes it every step compiles twice, as torch's does).
     """
     if not isinstance(value, Tensor):
         return non_negative(value, "max_norm")
@@ -230,6 +230,16 @@ def first_on_cpu(tensors: list) -> bool:
     return isinstance(tensors[0], Tensor) and tensors[0].device.type == "cpu"
 
 
+def plain_on_cpu(tensors: list) -> bool:
+    """Whether every item is a plain CPU tensor, one the C++ operators take as it is (not a
+    subclass, nor a lazily conjugated or negated view, which meet torch's dispatch before the
+    operators' checks). An in-place fast path of a list asks it first, so that anything else
+    gets the general path's precise error. One C++ call (~5 ns a tensor)."""
+    if torch.compiler.is_compiling():
+        return False  # the fast paths are eager only (see cpu_fast_path)
+    return _ops._C is not None and _ops._C.plain_cpu_tensors(tensors)
+
+
 # --- norms ----------------------------------------------------------------------------------------
 
 
@@ -244,7 +254,7 @@ def combined_statistic(statistics: list[Tensor], first_device: torch.device, nor
         return statistics[0]
     acc = torch.float64 if any(s.dtype == torch.float64 for s in statistics) else torch.float32
     stacked = torch.stack([s.to(device=first_device, dtype=acc) for s in statistics])
-    return reference.combine_statistics(stacked, norm_type)
+    return numerics.combine_statistics(stacked, norm_type)
 
 
 def statistic(groups: list[Group], norm_type: float) -> Tensor:
@@ -257,7 +267,7 @@ def norm_from_statistics(
 ) -> Tensor:
     """The global norm from the statistics of each device's grads, on first_device."""
     statistic = combined_statistic(statistics, first_device, norm_type)
-    return reference.total_norm_from_statistic(statistic, norm_type, empty)
+    return numerics.total_norm_from_statistic(statistic, norm_type, empty)
 
 
 def norm_of_group_statistics(
@@ -300,7 +310,8 @@ def run_grouped(tensors: list[Tensor], backend: str, writes: bool, fn: Callable[
     refuse the tensors, nothing has been written, and the general path then raises the precise
     error or regroups (see on_cpu_grads).
     """
-    if first_on_cpu(tensors) and cpu_fast_path(backend):
+    takes = plain_on_cpu(tensors) if writes else first_on_cpu(tensors)
+    if takes and cpu_fast_path(backend):
         result = on_cpu_grads(fn, [(torch.device("cpu"), "cpu", tensors)], writes=writes)
         if result is not None:
             return result

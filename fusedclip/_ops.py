@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedclip import reference
+from fusedclip import numerics, reference
 
 __all__ = [
     "BACKENDS",
@@ -289,7 +289,7 @@ if _C is not None:
     @torch.library.register_fake("fusedclip::multi_tensor_norm")
     def _multi_tensor_norm_fake(tensors, norm_type, per_tensor=False):
         _check_one_device(tensors, "multi_tensor_norm")
-        acc = reference.accumulate_dtype(tensors)
+        acc = numerics.accumulate_dtype(tensors)
         device = tensors[0].device
         count = len(tensors) if per_tensor else 0
         return tensors[0].new_empty((), dtype=acc, device=device), tensors[0].new_empty(
@@ -309,12 +309,12 @@ if _C is not None:
     @torch.library.register_fake("fusedclip::clip_grad_norm_")
     def _clip_grad_norm_fake(tensors, max_norm, norm_type):
         _check_one_device(tensors, "clip_grad_norm_")
-        return tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))
+        return tensors[0].new_empty((), dtype=numerics.accumulate_dtype(tensors))
 
     @torch.library.register_fake("fusedclip::multi_tensor_agc_")
     def _multi_tensor_agc_fake(grads, params, clip_factor, eps):
         _check_one_device(grads, "multi_tensor_agc_")
-        acc = reference.accumulate_dtype(grads)
+        acc = numerics.accumulate_dtype(grads)
         return grads[0].new_empty((), dtype=acc), grads[0].new_empty((len(grads),), dtype=acc)
 
     @torch.library.register_fake("fusedclip::multi_tensor_scale_per_tensor_")
@@ -325,14 +325,14 @@ if _C is not None:
     @torch.library.register_fake("fusedclip::clip_grad_norm_with_norms_")
     def _clip_grad_norm_with_norms_fake(tensors, max_norm, norm_type):
         _check_one_device(tensors, "clip_grad_norm_with_norms_")
-        acc = reference.accumulate_dtype(tensors)
+        acc = numerics.accumulate_dtype(tensors)
         return tensors[0].new_empty((), dtype=acc), tensors[0].new_empty((len(tensors),), dtype=acc)
 
 
     @torch.library.register_fake("fusedclip::multi_tensor_unscale_norm")
     def _multi_tensor_unscale_norm_fake(tensors, inv_scale, norm_type):
         _check_one_device(tensors, "multi_tensor_unscale_norm")
-        statistic = tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))
+        statistic = tensors[0].new_empty((), dtype=numerics.accumulate_dtype(tensors))
         return statistic, tensors[0].new_empty((), dtype=torch.float32)
 
     @torch.library.register_fake("fusedclip::monitor_update_")

@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fusedclip import _core, _ops, clip, reference
+from fusedclip import _core, _ops, clip, numerics, reference
 
 __all__ = ["AGC", "AutoClip", "ZClip", "PerTensorClip"]
 
@@ -135,7 +135,7 @@ class AGC:
         """Clips every pair; returns the sum of squares of the gradients before clipping."""
         grads = [g for g, _ in pairs]
         params = [p for _, p in pairs]
-        if grads[0].device.type == "cpu" and _core.cpu_fast_path(self.backend):
+        if _core.plain_on_cpu(grads) and _core.cpu_fast_path(self.backend):
             # The operator validates everything before writing; when it refuses, the general
             # path below says why, or regroups.
             result = _core.on_cpu_grads(_ops.multi_tensor_agc_, "cpu", grads, params, self.clip_factor, self.eps)
@@ -202,7 +202,7 @@ class AutoClip:
         history = torch.where(slot & finite, norm, history)
         next_slot = torch.where(finite, (next_slot + 1) % self.history_size, next_slot)
         threshold = torch.nanquantile(history, self.percentile / 100.0)
-        coef = torch.where(finite, reference.clip_coefficient(norm, threshold), 1.0)
+        coef = torch.where(finite, numerics.clip_coefficient(norm, threshold), 1.0)
         return coef, (history, next_slot, threshold)
 
     def __call__(self, parameters: Parameters) -> Tensor:
@@ -277,7 +277,7 @@ class ZClip:
         adaptive = (mean + self.z_thresh**2 * std / z) * self.clip_factor
         clip_value = torch.where(spike, adaptive, norm)
         limit = clip_value if self.max_grad_norm is None else clip_value.clamp(max=self.max_grad_norm)
-        coef = torch.where(finite & (norm > limit), limit / (norm + 1e-6), 1.0)
+        coef = torch.where(finite & (norm > limit), limit / (norm + numerics.CLIP_EPS), 1.0)
         # Warm-up: collect finite norms; the step that fills the buffer sets mean and variance.
         collect = finite & ~warm
         buffer = torch.where(collect & (torch.arange(self.warmup_steps, device=device) == count), norm, buffer)
@@ -332,7 +332,7 @@ class PerTensorClip:
             statistic, per_statistic = _ops.multi_tensor_norm(backend, ts, self.norm_type, per_tensor=True)
             statistics.append(statistic)
             norms = reference.per_tensor_norms(per_statistic, ts, self.norm_type)
-            coefs.append(reference.clip_coefficient(norms, self.max_norm))
+            coefs.append(numerics.clip_coefficient(norms, self.max_norm))
         total = _core.norm_of_group_statistics(groups, statistics, self.norm_type)
         for (_, backend, ts), coef in zip(groups, coefs):
             _ops.multi_tensor_scale_per_tensor_(backend, ts, coef)

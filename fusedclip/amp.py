@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.amp.grad_scaler import OptState
 
-from fusedclip import _core, _ops, distributed, reference
+from fusedclip import _core, _ops, distributed, numerics, reference
 
 __all__ = ["unscale_and_clip_grad_norm_"]
 
@@ -162,7 +162,7 @@ def unscale_and_clip_grad_norm_(
             total = torch.tensor(0.0)
         else:
             total = _core.norm_from_statistics(statistics, first_device, empty, norm_type)
-            coef = reference.clip_coefficient(total, max_norm)
+            coef = numerics.clip_coefficient(total, max_norm)
             factor = coef * inv_scale.to(device=coef.device, dtype=coef.dtype)
             for group_backend, to_clip in to_clip_per_group:
                 _scale_by(group_backend, to_clip, factor.to(to_clip[0].device), inv_scale)

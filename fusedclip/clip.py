@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fusedclip import _core, _ops, amp, distributed, reference
+from fusedclip import _core, _ops, amp, distributed, numerics
 from fusedclip._core import ProcessGroups, TensorOrTensors
 
 __all__ = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]
@@ -84,7 +84,7 @@ def get_total_norm(
             result = _core.on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type, writes=False)
             if result is not None:
                 empty = not any(t.numel() for t in tensors)
-                total = reference.total_norm_from_statistic(result[0], norm_type, empty)
+                total = numerics.total_norm_from_statistic(result[0], norm_type, empty)
         if total is None and _is_distributed(tensors, process_group):
             total = distributed.get_total_norm(tensors, norm_type, foreach, backend, process_group)
         if total is None:
@@ -121,7 +121,7 @@ def clip_grads_with_norm_(
             )
         total_norm = total_norm.reshape(())  # a (1,) norm scales a 0-d grad too
         params = _core.as_list(parameters)
-        coef = reference.clip_coefficient(total_norm, max_norm)
+        coef = numerics.clip_coefficient(total_norm, max_norm)
         if coef.device.type == "cpu" and _core.cpu_fast_path(backend):  # never copy a device scalar
             if _core.on_cpu_grads(_ops.scale_grads_of_params_, params, coef):
                 return
@@ -210,7 +210,7 @@ def clip_grad_norm_(
         total = _core.total_norm(groups, norm_type)
         if error_if_nonfinite:
             _core.raise_if_nonfinite(total, norm_type)
-        _core.scale_groups(groups, reference.clip_coefficient(total, max_norm))
+        _core.scale_groups(groups, numerics.clip_coefficient(total, max_norm))
         return total
 
 
@@ -243,4 +243,7 @@ def clip_grad_value_(
             if g.is_complex():
                 raise TypeError("clip_grad_value_ does not support complex gradients")
         for _, group_backend, ts in groups:
-            _ops.multi_tensor_clamp_(group_backend, ts, -clip_value, clip_value)
+            # Traced as ATen clamps (which Inductor fuses): the operators' bounds are floats, which
+            # a graph guards on, and a clip_value schedule would recompile at every value.
+            backend_here = "torch" if torch.compiler.is_compiling() else group_backend
+            _ops.multi_tensor_clamp_(backend_here, ts, -clip_value, clip_value)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fusedclip import _core, _ops, clip, distributed, reference
+from fusedclip import _core, _ops, clip, distributed, numerics
 
 __all__ = ["NormHookState", "allreduce_norm_hook"]
 
@@ -73,13 +73,13 @@ class NormHookState:
             )
         statistics = [self._statistics[i] for i in sorted(self._statistics)]
         self._statistics = {}
-        dtype = reference.accumulate_dtype(statistics)
-        statistic = reference.combine_statistics(
+        dtype = numerics.accumulate_dtype(statistics)
+        statistic = numerics.combine_statistics(
             torch.stack([s.to(dtype) for s in statistics]), self.norm_type
         )
         groups = distributed.process_groups(process_group)
         if not groups:
-            return reference.total_norm_from_statistic(statistic, self.norm_type, empty=False)
+            return numerics.total_norm_from_statistic(statistic, self.norm_type, empty=False)
         stat = distributed.Statistic(self.norm_type)
         row = stat.row(statistic, True, statistic.device)
         for group in groups:

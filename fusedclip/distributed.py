@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fusedclip import _core, _ops, reference
+from fusedclip import _core, _ops, numerics
 
 __all__ = ["get_total_norm", "clip_grad_norm_"]
 
@@ -185,7 +185,7 @@ class Statistic:
     def row(self, statistic: Optional[Tensor], has_elements: bool, device: torch.device) -> Tensor:
         # torch.full, not torch.tensor: a fill on the device, no copy from the host.
         if statistic is None:
-            statistic = torch.full((), reference.statistic_identity(self.norm_type), device=device)
+            statistic = torch.full((), numerics.statistic_identity(self.norm_type), device=device)
         columns = [statistic.to(device=device, dtype=torch.float64)]
         if self.nan_column:
             columns.append(columns[0].isnan().double() * self.sign)
@@ -219,7 +219,7 @@ class Statistic:
         statistic = row[0].to(dtype)
         if self.nan_column:
             statistic = torch.where(row[1] != 0, torch.full_like(statistic, math.nan), statistic)
-        total = reference.total_norm_from_statistic(statistic, self.norm_type, empty=False)
+        total = numerics.total_norm_from_statistic(statistic, self.norm_type, empty=False)
         if self.elements_column:
             total = torch.where(row[-1] != 0, total, torch.zeros_like(total))
         return total
@@ -246,6 +246,11 @@ def process_groups(process_group: Optional[ProcessGroups]) -> list:
             raise TypeError(
                 f"process_group[{i}] must be a torch.distributed.ProcessGroup, got "
                 f"{type(group).__name__}"
+            )
+        if any(group is other for other in groups[:i]):
+            raise ValueError(
+                f"process_group[{i}] repeats an earlier group: reducing over a group twice would "
+                "count its ranks' statistics twice"
             )
     return groups
 
@@ -300,7 +305,7 @@ def _output_place(parts: _Parts, process_groups: list) -> tuple[torch.dtype, tor
     grad's, else the first group's collective device)."""
     tensors = parts.all_plain()
     if tensors:
-        return reference.accumulate_dtype(tensors), tensors[0].device
+        return numerics.accumulate_dtype(tensors), tensors[0].device
     return torch.float32, collective_device(process_groups[0])
 
 
@@ -344,7 +349,7 @@ def scale_(tensors: list[Tensor], coef: Tensor, foreach: Optional[bool], backend
     """
     if not tensors:
         return
-    on_cpu = _core.first_on_cpu(tensors) and coef.device.type == "cpu"
+    on_cpu = _core.plain_on_cpu(tensors) and coef.device.type == "cpu"
     if on_cpu and _core.cpu_fast_path(backend) and _core.on_cpu_grads(_scale_on_cpu, tensors, coef):
         return
     _core.scale_groups(_core.group_by_device(tensors, foreach, backend, writes=True), coef)
@@ -388,7 +393,7 @@ def clip_grad_norm_(
     total, parts = total_norm(grads, norm_type, foreach, backend, process_group)
     if error_if_nonfinite:
         _core.raise_if_nonfinite(total, norm_type)  # the same global norm on every rank
-    scale_(parts.all_plain(), reference.clip_coefficient(total, max_norm), foreach, backend)
+    scale_(parts.all_plain(), numerics.clip_coefficient(total, max_norm), foreach, backend)
     return as_returned(total, parts)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from fusedclip import _core, _ops, reference
+from fusedclip import _core, _ops, numerics
 
 __all__ = ["get_norms", "clip_grad_norm_with_norms_", "GradientMonitor"]
 
@@ -74,7 +74,7 @@ def _clip_with_norms(params: list, max_norm: float, norm_type: float, backend: s
         total, per = _ops.clip_grad_norm_with_norms_(group_backend, ts, max_norm, norm_type)
     else:
         total, per = _core.norms_of_groups(groups, grads, norm_type)
-        _core.scale_groups(groups, reference.clip_coefficient(total, max_norm))
+        _core.scale_groups(groups, numerics.clip_coefficient(total, max_norm))
     return total, _per_parameter(per, [g is not None for g in param_grads])
 
 
@@ -209,6 +209,8 @@ class GradientMonitor:
         self.writer = writer
         self.log_every = log_every
         self.log_per_parameter = log_per_parameter
+        if backend not in _ops.BACKENDS:
+            raise ValueError(f"backend must be one of {_ops.BACKENDS}, got {backend!r}")
         self.backend = backend
         self.step = global_step  # the last recorded step's number: global_step + steps recorded
         # (step, total, per-parameter norms, exploding flags, vanishing flags), device tensors; the

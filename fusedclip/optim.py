@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from fusedclip import _core, _ops, clip, reference
+from fusedclip import _core, _ops, clip, numerics
 
 __all__ = ["ClipOptimizer"]
 
@@ -172,7 +172,7 @@ class ClipOptimizer(torch.optim.Optimizer):
                 found_inf = None
             else:
                 total, found_inf = _unscaled_norm(grads, scaler_scale, self.norm_type, self.backend)
-            coef = reference.clip_coefficient(total, self.max_norm)
+            coef = numerics.clip_coefficient(total, self.max_norm)
             if not self.fused:
                 # A host read of the norm (a sync on a GPU) decides whether to step at all.
                 if bool(torch.isfinite(total)):

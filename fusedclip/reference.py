@@ -11,51 +11,33 @@ missing and the path for devices that have no fused kernels yet.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from fusedclip.numerics import (
+    FLOAT64_DTYPES,
+    accumulate_dtype,
+    clip_coefficient,
+    combine_statistics,
+    statistic_identity,
+    total_norm_from_statistic,
+)
+
 __all__ = [
-    "accumulate_dtype",
     "multi_tensor_norm",
     "multi_tensor_scale_",
     "multi_tensor_clamp_",
     "multi_tensor_unscale_norm",
     "multiply_",
     "clip_grad_norm_",
-    "statistic_identity",
-    "combine_statistics",
-    "total_norm_from_statistic",
-    "clip_coefficient",
     "multi_tensor_agc_",
     "multi_tensor_scale_per_tensor_",
     "per_tensor_norms",
     "clip_grad_norm_with_norms_",
     "monitor_update_",
 ]
-
-_FLOAT64_DTYPES = (torch.float64, torch.complex128)
-
-
-def accumulate_dtype(tensors: list[Tensor]) -> torch.dtype:
-    """float64 when any tensor is float64 or complex128, else float32."""
-    return torch.float64 if any(t.dtype in _FLOAT64_DTYPES for t in tensors) else torch.float32
-
-
-def statistic_identity(norm_type: float) -> float:
-    """The statistic of no elements: +inf for the -inf norm (a min), 0 otherwise."""
-    return math.inf if norm_type == -math.inf else 0.0
-
-
-def combine_statistics(stats: Tensor, norm_type: float) -> Tensor:
-    """Reduces per-tensor statistics (in list order, float64 for sums) to one statistic."""
-    if norm_type == math.inf:
-        return stats.amax()  # amax propagates nan
-    if norm_type == -math.inf:
-        return stats.amin()
-    return stats.double().sum().to(stats.dtype)
-
 
 # torch.linalg.vector_norm reduces a long float32 vector with few partial sums: 2**20 equal values
 # come out 0.3% off (p=1), 100,000 fp16 values of 300 7e-5 off (p=2). Reducing rows of this many
@@ -97,8 +79,8 @@ def multi_tensor_norm(
 
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     """tensors *= coef in place, in float32 (float64 for float64 tensors), rounded once."""
-    if coef.device.type == "cpu" and bool(coef >= 1.0):
-        return  # reading a CPU tensor is no sync; elsewhere multiplying by 1 is exact anyway
+    if coef.device.type == "cpu" and not torch.compiler.is_compiling() and bool(coef >= 1.0):
+        return  # reading a CPU tensor is no sync (nor traceable); multiplying by 1 is exact anyway
     multiply_(tensors, coef)
 
 
@@ -124,7 +106,7 @@ def multi_tensor_unscale_norm(
     unscaled = []
     for t in tensors:
         wide = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-        real_dtype = torch.float64 if t.dtype in _FLOAT64_DTYPES else torch.float32
+        real_dtype = torch.float64 if t.dtype in FLOAT64_DTYPES else torch.float32
         unscaled.append(wide * inv_scale.to(device=t.device, dtype=real_dtype))
     statistic, _ = multi_tensor_norm(unscaled, norm_type)
     non_finite = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
@@ -146,48 +128,6 @@ def _bound_in(dtype: torch.dtype, value: float) -> float:
     if dtype == torch.float64:
         return value
     return float(torch.tensor(value, dtype=torch.float32).to(dtype))
-
-
-def total_norm_from_statistic(statistic: Tensor, norm_type: float, empty: bool) -> Tensor:
-    """The norm from its statistic: the p-th root for finite p other than 0 and 1.
-
-    The same ATen ops as the C++ fused op (csrc/cpu/kernels.cpp), so both give the same bits.
-    norm_type is compared, not passed to math.isinf, which torch.compile cannot trace when the
-    norm type is a symbolic float (one that changed between calls).
-    """
-    if empty:  # the norm of no elements is 0 whatever p, as for no tensors at all
-        return torch.zeros_like(statistic)
-    if norm_type == 2.0:
-        return statistic.sqrt()
-    if norm_type in (0.0, 1.0) or norm_type in (math.inf, -math.inf):
-        return statistic
-    if torch.compiler.is_compiling():
-        return torch.ops.fusedclip.pth_root(statistic, norm_type)
-    return statistic.pow(1.0 / norm_type)
-
-
-@torch.library.custom_op("fusedclip::pth_root", mutates_args=())
-def _pth_root(statistic: Tensor, norm_type: float) -> Tensor:
-    """statistic ** (1 / norm_type) by ATen, which torch.compile keeps as it is: Inductor's own
-    pow differs from ATen's in the last bit for a third of float32 scalars, and a compiled norm
-    should have eager's bits."""
-    return statistic.pow(1.0 / norm_type)
-
-
-@_pth_root.register_fake
-def _(statistic: Tensor, norm_type: float) -> Tensor:
-    return torch.empty_like(statistic)
-
-
-def clip_coefficient(total_norm: Tensor, max_norm: Union[float, Tensor]) -> Tensor:
-    """min(max_norm / (total_norm + 1e-6), 1), computed as torch computes it (bitwise).
-
-    torch's ``max_norm / (total_norm + 1e-6)`` is ``reciprocal() * max_norm`` for a float
-    max_norm (Tensor.__rtruediv__) and a true division for a tensor one (0-d here).
-    """
-    if isinstance(max_norm, Tensor):
-        return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    return ((total_norm + 1e-6).reciprocal() * max_norm).clamp(max=1.0)
 
 
 def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:

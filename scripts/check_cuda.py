@@ -58,15 +58,24 @@ def cu_sources() -> list[str]:
     return sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 
 
+# Torch-free headers shared by the CPU and CUDA kernels (the numeric rules): a .cu may include
+# them, and they are held to the same rule.
+SHARED_HEADERS = (os.path.join(ROOT, "csrc", "numerics.h"),)
+
+
 def include_violations() -> list[str]:
-    """Includes of the .cu/.cuh files that are neither CUDA runtime, standard library nor project."""
+    """Includes of the .cu/.cuh files (and the shared headers) that are neither CUDA runtime,
+    standard library nor project."""
     problems = []
-    for path in sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")) + glob.glob(os.path.join(CUDA_DIR, "*.cuh"))):
+    sources = glob.glob(os.path.join(CUDA_DIR, "*.cu")) + glob.glob(os.path.join(CUDA_DIR, "*.cuh"))
+    for path in sorted(sources) + list(SHARED_HEADERS):
         with open(path) as f:
             text = f.read()
         for kind, name in _INCLUDE.findall(text):
             if kind == '"':
-                ok = name.endswith(".cuh") and os.path.isfile(os.path.join(CUDA_DIR, name))
+                target = os.path.normpath(os.path.join(os.path.dirname(path), name))
+                in_cuda_dir = name.endswith(".cuh") and os.path.dirname(target) == CUDA_DIR
+                ok = os.path.isfile(target) and (in_cuda_dir or target in SHARED_HEADERS)
             else:
                 ok = name in ALLOWED_SYSTEM_HEADERS or bool(_STD_HEADER.match(name))
             if not ok:

@@ -142,3 +142,33 @@ def test_compiled_negative_tensor_max_norm_raises_before_any_write():
         with pytest.raises(RuntimeError, match="max_norm must be a non-negative number"):
             compiled(params, torch.tensor(bad))
         assert_bitwise_equal([p.grad for p in params], grads)
+
+
+def test_clip_value_schedule_compiles_at_most_twice():
+    """clip_grad_value_ with a clip_value that changes every call compiles as torch's does."""
+    grads = make_grads([(64, 3), (100,)], torch.float32, seed=65, scale=3.0)
+    backend, compiles = _counting_backend()
+    compiled = torch.compile(lambda ps, v: fusedclip.clip_grad_value_(ps, v), backend=backend, fullgraph=True)
+    for step in range(12):
+        value = 2.0 * 0.8**step
+        eager, traced = params_with(clone_all(grads)), params_with(clone_all(grads))
+        fusedclip.clip_grad_value_(eager, value)
+        compiled(traced, value)
+        assert_bitwise_equal([p.grad for p in traced], [p.grad for p in eager])
+    assert len(compiles) <= 2, len(compiles)
+
+
+def test_backend_torch_compiles_fullgraph():
+    """Backend "torch" (what CUDA tensors without kernels run) traces without a host read."""
+    grads = make_grads([(33, 5), (100,)], torch.float32, seed=66, scale=3.0)
+    eager, traced = params_with(clone_all(grads)), params_with(clone_all(grads))
+    compiled = torch.compile(lambda ps, m: fusedclip.clip_grad_norm_(ps, m, backend="torch"), fullgraph=True)
+    for max_norm in (0.5, 1e6):
+        expected = fusedclip.clip_grad_norm_(eager, max_norm, backend="torch")
+        assert torch.equal(compiled(traced, max_norm), expected)
+        assert_bitwise_equal([p.grad for p in traced], [p.grad for p in eager])
+    scale = torch.compile(lambda ps, n: fusedclip.clip_grads_with_norm_(ps, 0.1, n, backend="torch"),
+                          fullgraph=True)
+    scale(traced, torch.tensor(7.0))
+    fusedclip.clip_grads_with_norm_(eager, 0.1, torch.tensor(7.0), backend="torch")
+    assert_bitwise_equal([p.grad for p in traced], [p.grad for p in eager])

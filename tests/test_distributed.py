@@ -178,6 +178,8 @@ def bad_arguments_raise_before_any_collective(rank, world_size):
     params = params_with(grads)
     with pytest.raises(TypeError, match=r"process_group\[1\]"):
         fusedclip.clip_grad_norm_(params, 0.01, process_group=[dist.group.WORLD, "world"])
+    with pytest.raises(ValueError, match=r"process_group\[1\] repeats"):  # would count twice
+        fusedclip.get_total_norm(grads, process_group=[world(), world()])
     sparse = torch.randn(4).to_sparse()
     with pytest.raises(TypeError, match="layout"):
         fusedclip.clip_grad_norm_(params + params_with([sparse]), 0.01, process_group=world())
@@ -537,12 +539,13 @@ def dtensor_collectives_as_torch(rank, world_size):
         assert ours == theirs, (ours, theirs)
     # A process group: one functional all-reduce per group, none in place.
     plain = my_share(global_grads(seed=18), rank, world_size)
+    second = dist.new_group(list(range(world_size)))  # another group (here of the same ranks)
     for norm_type in (2.0, math.inf):
         counts = comm_counts(lambda: fusedclip.get_total_norm(plain, norm_type, process_group=world()))
         assert counts == {funcol: 1}, counts
         counts = comm_counts(
             lambda: fusedclip.clip_grad_norm_(params_with([g.clone() for g in plain]), 0.1,
-                                              norm_type, process_group=[world(), world()])
+                                              norm_type, process_group=[world(), second])
         )
         assert counts == {funcol: 2}, counts
 

@@ -223,3 +223,35 @@ def test_clip_optimizer_gpu_backends_refused_with_the_reason_for_cpu_parameters(
     params = params_with(clone_all(_grads(seed=78)))
     with pytest.raises((ValueError, RuntimeError), match=f"backend '{backend}'"):
         fusedclip.ClipOptimizer(torch.optim.SGD(params, lr=0.1), 0.1, backend=backend)
+
+
+@pytest.mark.parametrize("clipper", [
+    lambda: fusedclip.PerTensorClip(0.1), lambda: fusedclip.AutoClip(), lambda: fusedclip.ZClip(),
+    lambda: fusedclip.AGC(),
+], ids=["per_tensor", "autoclip", "zclip", "agc"])
+@pytest.mark.parametrize("view", ["conj", "neg"])
+def test_clippers_name_a_lazily_conjugated_or_negated_grad(clipper, view):
+    """Such a grad meets torch's dispatch before the C++ checks: the general path names it."""
+    complex_grad = torch.randn(5, dtype=torch.complex64)
+    lazy = complex_grad.conj() if view == "conj" else complex_grad.conj().imag
+    assert lazy.is_conj() or lazy.is_neg()
+    params = params_with([torch.randn(6, 2), lazy])
+    before = [p.grad.resolve_conj().resolve_neg().clone() for p in params]
+    with pytest.raises(ValueError, match="lazily conjugated or negated"):
+        clipper()(params)
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad.resolve_conj().resolve_neg(), b)
+
+
+def test_bool_tensor_clip_value_refused():
+    grads = _grads(seed=79)
+    params = params_with(clone_all(grads))
+    with pytest.raises(TypeError, match="clip_value must be a real number"):
+        fusedclip.clip_grad_value_(params, torch.tensor(True))
+    assert_bitwise_equal([p.grad for p in params], grads)
+
+
+def test_gradient_monitor_refuses_an_unknown_backend_when_made():
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fusedclip.GradientMonitor(model, backend="CPU")

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../numerics.h"
 #include "tensor_table.h"
 
 namespace fusedclip::cpu {
@@ -78,7 +79,7 @@ void for_each_segment(const TensorTable& table, int64_t begin, int64_t end, bool
 // max/min instructions do not.
 // ---------------------------------------------------------------------------------------------
 
-enum class NormKind { kAbsSum, kSquareSum, kPowerSum, kMax, kMin, kCount };
+using fusedclip::NormKind;  // csrc/numerics.h
 
 template <typename T>
 T nan_max(T a, T b) { return (std::isnan(b) || b > a) ? b : a; }
@@ -209,13 +210,14 @@ std::tuple<at::Tensor, at::Tensor> reduce_table(const TensorTable& table, double
 
 inline std::tuple<at::Tensor, at::Tensor> norm_statistic(const TensorTable& table, double norm_type,
                                                   bool per_tensor) {
-  if (norm_type == 2.0) return reduce_table<NormKind::kSquareSum>(table, norm_type, per_tensor);
-  if (norm_type == 1.0) return reduce_table<NormKind::kAbsSum>(table, norm_type, per_tensor);
-  if (norm_type == 0.0) return reduce_table<NormKind::kCount>(table, norm_type, per_tensor);
-  if (std::isinf(norm_type) && norm_type > 0) {
-    return reduce_table<NormKind::kMax>(table, norm_type, per_tensor);
+  switch (fusedclip::norm_kind(norm_type)) {
+    case NormKind::kSquareSum: return reduce_table<NormKind::kSquareSum>(table, norm_type, per_tensor);
+    case NormKind::kAbsSum: return reduce_table<NormKind::kAbsSum>(table, norm_type, per_tensor);
+    case NormKind::kCount: return reduce_table<NormKind::kCount>(table, norm_type, per_tensor);
+    case NormKind::kMax: return reduce_table<NormKind::kMax>(table, norm_type, per_tensor);
+    case NormKind::kMin: return reduce_table<NormKind::kMin>(table, norm_type, per_tensor);
+    case NormKind::kPowerSum: break;
   }
-  if (std::isinf(norm_type)) return reduce_table<NormKind::kMin>(table, norm_type, per_tensor);
   return reduce_table<NormKind::kPowerSum>(table, norm_type, per_tensor);
 }
 
@@ -328,18 +330,21 @@ inline void scale_writable(at::TensorList tensors, double coef, const TensorTabl
   transform_writable(tensors, ScaleOp{coef}, read_table);
 }
 
-// The total norm from its statistic: the p-th root for finite p other than 0 and 1. The same ATen
-// ops as fusedclip/_ops.py's total_norm_from_statistic, so both paths give the same bits.
+// The total norm from its statistic: the p-th root for finite p other than 0 and 1, taken in
+// float64 and rounded once (the correctly rounded sqrt; ATen's float32 sqrt of a scalar is not
+// always). The same ATen ops as fusedclip/numerics.py's total_norm_from_statistic, so both paths
+// give the same bits.
 inline at::Tensor total_norm_from_statistic(const at::Tensor& statistic, double norm_type, bool empty) {
   if (empty) return at::zeros_like(statistic);
-  if (norm_type == 2.0) return statistic.sqrt();
   if (norm_type == 1.0 || norm_type == 0.0 || std::isinf(norm_type)) return statistic;
-  return statistic.pow(1.0 / norm_type);
+  const at::Tensor wide = statistic.to(at::kDouble);
+  return (norm_type == 2.0 ? wide.sqrt() : wide.pow(1.0 / norm_type)).to(statistic.scalar_type());
 }
 
-// torch's clip coefficient, in the norm's dtype: max_norm * (1 / (norm + 1e-6)), clamped to 1.
+// torch's clip coefficient, in the norm's dtype: max_norm * (1 / (norm + 1e-6)), clamped to 1
+// (the ATen ops of the rule in csrc/numerics.h, on a device scalar).
 inline at::Tensor clip_coefficient(const at::Tensor& total, double max_norm) {
-  return ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+  return ((total + fusedclip::kClipEps).reciprocal() * max_norm).clamp_max(1.0);
 }
 
 }  // namespace fusedclip::cpu

@@ -181,20 +181,12 @@ __device__ double chunk_partial(const TensorTable& table, int c, double p) {
 }
 
 // The total norm from its statistic and torch's coefficient on it, in the norm's dtype A:
-// max_norm * (1 / (total + 1e-6)) clamped to 1, the operations and roundings of
-// ((total + 1e-6).reciprocal() * max_norm).clamp(max=1.0), nan kept.
+// The norm and the clip coefficient of csrc/numerics.h, written by the last block.
 template <NormKind kind, typename A>
 __device__ void write_total_and_coef(A statistic, const NormParams& params) {
-  A total;
-  if (params.empty) total = A(0);
-  else if constexpr (kind == NormKind::kSquareSum) total = sqrt(statistic);
-  else if constexpr (kind == NormKind::kPowerSum) total = pow(statistic, static_cast<A>(1.0 / params.p));
-  else total = statistic;
+  const A total = fusedclip::root_of_statistic<kind>(statistic, params.p, params.empty);
   if (params.total != nullptr) *static_cast<A*>(params.total) = total;
-  if (params.coef != nullptr) {
-    const A coef = static_cast<A>(params.max_norm) * (A(1) / (total + static_cast<A>(1e-6)));
-    *static_cast<A*>(params.coef) = (isnan(coef) || coef < A(1)) ? coef : A(1);
-  }
+  if (params.coef != nullptr) *static_cast<A*>(params.coef) = fusedclip::clip_coefficient(total, params.max_norm);
 }
 
 template <typename A>

@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "../numerics.h"
+
 namespace fusedclip::cuda {
 
 // 64K elements: 256 KB of float32 per block, as torch's multi-tensor apply; a multiple of every
@@ -38,7 +40,7 @@ enum class DType : uint8_t { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 // The statistic before the root: sum |x| (p = 1), sum x^2 (p = 2), sum |x|^p (other p),
 // max |x| (inf), min |x| (-inf), count of x != 0 (p = 0).
-enum class NormKind : int32_t { kAbsSum, kSquareSum, kPowerSum, kMax, kMin, kCount };
+using fusedclip::NormKind;  // csrc/numerics.h
 
 // Bytes per tensor: data pointer, size, first chunk, dtype.
 constexpr int kBytesPerTensor = sizeof(void*) + sizeof(int64_t) + sizeof(int32_t) + sizeof(uint8_t);

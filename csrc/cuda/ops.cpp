@@ -84,11 +84,7 @@ void check_writable(at::TensorList tensors, const char* op) {
 
 NormKind norm_kind(double norm_type) {
   TORCH_CHECK_VALUE(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
-  if (norm_type == 2.0) return NormKind::kSquareSum;
-  if (norm_type == 1.0) return NormKind::kAbsSum;
-  if (norm_type == 0.0) return NormKind::kCount;
-  if (std::isinf(norm_type)) return norm_type > 0 ? NormKind::kMax : NormKind::kMin;
-  return NormKind::kPowerSum;
+  return fusedclip::norm_kind(norm_type);
 }
 
 // --- dense real tensors and their tables ------------------------------------------------------

@@ -30,13 +30,16 @@ imported (it decides what ``triton.jit`` and triton.language's own functions are
 import triton
 import triton.language as tl
 
-# Kinds of statistic (constexpr KIND): sum x^2, sum |x|, sum |x|^p, max |x|, min |x|, count x != 0.
-SQUARE_SUM = tl.constexpr(0)
-ABS_SUM = tl.constexpr(1)
-POWER_SUM = tl.constexpr(2)
-MAX = tl.constexpr(3)
-MIN = tl.constexpr(4)
-COUNT = tl.constexpr(5)
+from fusedclip.numerics import NormKind
+
+# Kinds of statistic (constexpr KIND, fusedclip.numerics.NormKind): sum x^2, sum |x|, sum |x|^p,
+# max |x|, min |x|, count x != 0.
+SQUARE_SUM = tl.constexpr(NormKind.SQUARE_SUM.value)
+ABS_SUM = tl.constexpr(NormKind.ABS_SUM.value)
+POWER_SUM = tl.constexpr(NormKind.POWER_SUM.value)
+MAX = tl.constexpr(NormKind.MAX.value)
+MIN = tl.constexpr(NormKind.MIN.value)
+COUNT = tl.constexpr(NormKind.COUNT.value)
 
 # Reductions are tl.reduce with the combine functions of tl.sum / tl.max / tl.min: the same
 # reductions when compiled, and one numpy call each in the interpreter, where calling tl.sum

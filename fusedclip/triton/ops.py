@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedclip import reference
+from fusedclip import numerics, reference
 
 try:
     from fusedclip._C import triton_table_key as _c_table_key
@@ -70,7 +70,7 @@ _TRITON_DTYPES = {
     torch.bfloat16: tl.bfloat16,
 }
 _SUPPORTED_DTYPES = (*_TRITON_DTYPES, torch.complex64, torch.complex128)
-_EPS_BITS = struct.unpack("<q", struct.pack("<d", 1e-6))[0]
+_EPS_BITS = struct.unpack("<q", struct.pack("<d", numerics.CLIP_EPS))[0]
 
 # True in a process started with TRITON_INTERPRET=1: the kernels then run in Triton's
 # interpreter, which reads the tables' addresses as host memory, so they take CPU tensors only.
@@ -91,20 +91,6 @@ def device_supported(device: torch.device) -> Optional[str]:
 def _bits(value: float) -> int:
     """The float64 bits of value as a signed int64 (kernels bitcast them back)."""
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
-
-
-def _kind(norm_type: float) -> int:
-    if norm_type == 2.0:
-        return kernels.SQUARE_SUM.value
-    if norm_type == 1.0:
-        return kernels.ABS_SUM.value
-    if norm_type == 0.0:
-        return kernels.COUNT.value
-    if norm_type == math.inf:
-        return kernels.MAX.value
-    if norm_type == -math.inf:
-        return kernels.MIN.value
-    return kernels.POWER_SUM.value
 
 
 def _accumulate(dtype: torch.dtype):
@@ -232,7 +218,7 @@ def _prepare(tensors: list[Tensor], op: str, writes: bool, check: bool = True) -
                     "modified in place outside torch.inference_mode()"
                 )
         dtype = t.dtype
-        has_float64 = has_float64 or dtype in reference._FLOAT64_DTYPES
+        has_float64 = has_float64 or dtype in numerics.FLOAT64_DTYPES
         if t.is_contiguous() or _is_dense(t):
             if writes:
                 extents.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
@@ -352,17 +338,17 @@ def _norm(
     """(statistic, per-tensor statistics, total norm, coefficient) of a read operands' tensors;
     the norm and the coefficient only when max_norm is given (else unwritten)."""
     table, out = operands.table, operands.out
-    kind = _kind(norm_type)
+    kind = numerics.norm_kind(norm_type).value
     statistic = torch.empty((), dtype=out, device=device)
     total = torch.empty((), dtype=out, device=device)
     coef = torch.empty((), dtype=out, device=device)
     per = torch.empty((table.n_tensors if per_tensor else 0,), dtype=out, device=device)
     if table.n_chunks == 0:  # no elements: the identity, and the norm of nothing is 0
-        identity = reference.statistic_identity(norm_type)
+        identity = numerics.statistic_identity(norm_type)
         statistic.fill_(identity)
         per.fill_(identity)
         total.zero_()
-        coef.copy_(reference.clip_coefficient(total, 0.0 if max_norm is None else max_norm))
+        coef.copy_(numerics.clip_coefficient(total, 0.0 if max_norm is None else max_norm))
         return statistic, per, total, coef
     partials = torch.empty((table.n_chunks,), dtype=torch.float64, device=device)
     ticket = torch.zeros((1,), dtype=torch.int32, device=device)
@@ -457,7 +443,7 @@ def multi_tensor_norm(
     float32 (float64 when any tensor is float64), and per tensor when ``per_tensor``."""
     _check_norm_type(norm_type)
     if not tensors:
-        identity = reference.statistic_identity(norm_type)
+        identity = numerics.statistic_identity(norm_type)
         return torch.tensor(identity), torch.empty(0)
     operands = _operands(tensors, "multi_tensor_norm", writes=False)
     statistic, per, _, _ = _norm(operands, tensors[0].device, norm_type, per_tensor, None)
@@ -518,7 +504,7 @@ def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) ->
 
 @torch.library.register_fake("fusedclip_triton::multi_tensor_norm")
 def _(tensors, norm_type, per_tensor=False):
-    acc = reference.accumulate_dtype(tensors)
+    acc = numerics.accumulate_dtype(tensors)
     count = len(tensors) if per_tensor else 0
     return tensors[0].new_empty((), dtype=acc), tensors[0].new_empty((count,), dtype=acc)
 
@@ -535,4 +521,4 @@ def _(tensors, min, max):  # noqa: A002
 
 @torch.library.register_fake("fusedclip_triton::clip_grad_norm_")
 def _(tensors, max_norm, norm_type):
-    return tensors[0].new_empty((), dtype=reference.accumulate_dtype(tensors))
+    return tensors[0].new_empty((), dtype=numerics.accumulate_dtype(tensors))

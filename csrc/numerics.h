@@ -1,0 +1,56 @@
+// The numeric rules that the CPU and CUDA kernels share, in one place (C++'s side; Python's are
+// in fusedclip/numerics.py). Plain C++, no torch: the .cu files include it too.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define FUSEDCLIP_HOST_DEVICE __host__ __device__
+#else
+#define FUSEDCLIP_HOST_DEVICE
+#endif
+
+namespace fusedclip {
+
+// The statistic a norm type reduces, with the values of fusedclip.numerics.NormKind.
+enum class NormKind : int32_t {
+  kSquareSum = 0,  // p = 2: sum of x^2
+  kAbsSum = 1,     // p = 1: sum of |x|
+  kPowerSum = 2,   // any other finite p: sum of |x|^p
+  kMax = 3,        // inf: max |x|
+  kMin = 4,        // -inf: min |x|
+  kCount = 5,      // p = 0: the count of nonzero elements
+};
+
+// p -> the statistic it reduces (norm_type must not be nan: the callers check it first).
+inline NormKind norm_kind(double norm_type) {
+  if (norm_type == 2.0) return NormKind::kSquareSum;
+  if (norm_type == 1.0) return NormKind::kAbsSum;
+  if (norm_type == 0.0) return NormKind::kCount;
+  if (std::isinf(norm_type)) return norm_type > 0 ? NormKind::kMax : NormKind::kMin;
+  return NormKind::kPowerSum;
+}
+
+// torch's: the clip coefficient is max_norm / (norm + kClipEps), clamped to 1.
+constexpr double kClipEps = 1e-6;
+
+// The norm from its statistic: the p-th root for finite p other than 0 and 1 (0 for no elements),
+// taken in float64 and rounded once to A, as the CPU kernels take it.
+template <NormKind kind, typename A>
+FUSEDCLIP_HOST_DEVICE A root_of_statistic(A statistic, double p, bool empty) {
+  if (empty) return A(0);
+  if constexpr (kind == NormKind::kSquareSum) return static_cast<A>(sqrt(static_cast<double>(statistic)));
+  else if constexpr (kind == NormKind::kPowerSum) return static_cast<A>(pow(static_cast<double>(statistic), 1.0 / p));
+  else return statistic;
+}
+
+// min(max_norm * (1 / (total + kClipEps)), 1) with the operations and roundings of torch's
+// ((total + 1e-6).reciprocal() * max_norm).clamp(max=1.0), in the norm's type A; nan kept.
+template <typename A>
+FUSEDCLIP_HOST_DEVICE A clip_coefficient(A total, double max_norm) {
+  const A coef = static_cast<A>(max_norm) * (A(1) / (total + static_cast<A>(kClipEps)));
+  return (coef != coef || coef < A(1)) ? coef : A(1);
+}
+
+}  // namespace fusedclip

@@ -1,0 +1,132 @@
+"""The numeric rules that every backend follows, in one place (Python's side; the C++ and CUDA
+kernels' are in csrc/numerics.h, and tests/test_numerics.py checks that they agree).
+
+* The statistic before the root: the sum of |x|^p (a count for p = 0), the max for inf, the min
+  for -inf (:class:`NormKind`, :func:`norm_kind`); accumulated in float32 for fp16, bf16 and
+  float32, in float64 when any tensor is float64 (:func:`accumulate_dtype`); the statistic of no
+  elements is the identity of its reduction (:func:`statistic_identity`); partial statistics
+  combine in a fixed order, float64 for sums (:func:`combine_statistics`).
+* The norm from the statistic: the p-th root for finite p other than 0 and 1
+  (:func:`total_norm_from_statistic`).
+* The clip coefficient ``min(max_norm / (norm + CLIP_EPS), 1)`` computed as torch computes it
+  (:func:`clip_coefficient`).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CLIP_EPS",
+    "FLOAT64_DTYPES",
+    "NormKind",
+    "norm_kind",
+    "accumulate_dtype",
+    "statistic_identity",
+    "combine_statistics",
+    "total_norm_from_statistic",
+    "clip_coefficient",
+]
+
+CLIP_EPS = 1e-6  # torch's: the coefficient is max_norm / (norm + 1e-6)
+
+
+class NormKind(enum.IntEnum):
+    """The statistic a norm type reduces (the Triton kernels' KIND takes these values)."""
+
+    SQUARE_SUM = 0  # p = 2
+    ABS_SUM = 1  # p = 1
+    POWER_SUM = 2  # any other finite p
+    MAX = 3  # inf
+    MIN = 4  # -inf
+    COUNT = 5  # p = 0: the count of nonzero elements
+
+
+def norm_kind(norm_type: float) -> NormKind:
+    if norm_type == 2.0:
+        return NormKind.SQUARE_SUM
+    if norm_type == 1.0:
+        return NormKind.ABS_SUM
+    if norm_type == 0.0:
+        return NormKind.COUNT
+    if norm_type == math.inf:
+        return NormKind.MAX
+    if norm_type == -math.inf:
+        return NormKind.MIN
+    return NormKind.POWER_SUM
+
+
+FLOAT64_DTYPES = (torch.float64, torch.complex128)
+
+
+def accumulate_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """float64 when any tensor is float64 or complex128, else float32."""
+    return torch.float64 if any(t.dtype in FLOAT64_DTYPES for t in tensors) else torch.float32
+
+
+def statistic_identity(norm_type: float) -> float:
+    """The statistic of no elements: +inf for the -inf norm (a min), 0 otherwise."""
+    return math.inf if norm_type == -math.inf else 0.0
+
+
+def combine_statistics(stats: Tensor, norm_type: float) -> Tensor:
+    """Reduces per-tensor statistics (in list order, float64 for sums) to one statistic."""
+    if norm_type == math.inf:
+        return stats.amax()  # amax propagates nan
+    if norm_type == -math.inf:
+        return stats.amin()
+    return stats.double().sum().to(stats.dtype)
+
+
+def total_norm_from_statistic(statistic: Tensor, norm_type: float, empty: bool) -> Tensor:
+    """The norm from its statistic: the p-th root for finite p other than 0 and 1.
+
+    The root is taken in float64 and rounded once to the statistic's dtype: the correctly
+    rounded square root (ATen's float32 sqrt of a scalar is 1 ulp off for some values, 75 among
+    them), and the p-th root as the Triton kernels take it. The same ATen ops as the C++ fused op
+    (csrc/cpu/kernels.h), so both give the same bits. norm_type is compared, not passed to
+    math.isinf, which torch.compile cannot trace when the norm type is a symbolic float.
+    """
+    if empty:  # the norm of no elements is 0 whatever p, as for no tensors at all
+        return torch.zeros_like(statistic)
+    if norm_type == 2.0:
+        return statistic.double().sqrt().to(statistic.dtype)
+    if norm_type in (0.0, 1.0) or norm_type in (math.inf, -math.inf):
+        return statistic
+    if torch.compiler.is_compiling():
+        return torch.ops.fusedclip.pth_root(statistic, norm_type)
+    return _pth_root_of(statistic, norm_type)
+
+
+def _pth_root_of(statistic: Tensor, norm_type: float) -> Tensor:
+    return statistic.double().pow(1.0 / norm_type).to(statistic.dtype)
+
+
+@torch.library.custom_op("fusedclip::pth_root", mutates_args=())
+def _pth_root(statistic: Tensor, norm_type: float) -> Tensor:
+    """statistic ** (1 / norm_type) by ATen, which torch.compile keeps as it is: Inductor's own
+    pow differs from ATen's in the last bit for a third of float32 scalars, and a compiled norm
+    should have eager's bits."""
+    return _pth_root_of(statistic, norm_type)
+
+
+@_pth_root.register_fake
+def _(statistic: Tensor, norm_type: float) -> Tensor:
+    return torch.empty_like(statistic)
+
+
+def clip_coefficient(total_norm: Tensor, max_norm: Union[float, Tensor]) -> Tensor:
+    """min(max_norm / (total_norm + 1e-6), 1), computed as torch computes it (bitwise).
+
+    torch's ``max_norm / (total_norm + 1e-6)`` is ``reciprocal() * max_norm``
+    (Tensor.__rtruediv__). torch reads a tensor max_norm as a float first; here a 0-d tensor,
+    in the norm's dtype, multiplies as that float does, without a host read.
+    """
+    if isinstance(max_norm, Tensor):  # torch reads it as a float, which rounds to the norm's dtype
+        max_norm = max_norm.to(total_norm.dtype)
+    return ((total_norm + CLIP_EPS).reciprocal() * max_norm).clamp(max=1.0)

@@ -1,0 +1,94 @@
+"""fusedclip.numerics is the one Python home of the numeric rules; the backends agree with it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedclip
+from fusedclip import numerics
+from conftest import params_with
+
+# norms from tiny to huge, with max_norm below, at and above each
+NORMS = [1e-7, 3e-4, 0.5, 1.0 - 2**-24, 1.0, 7.0710678, 12345.678, 3.4e18]
+FACTORS = [1e-3, 0.5, 1.0, 2.0]
+
+
+def test_norm_kinds():
+    assert [numerics.norm_kind(p) for p in (2.0, 1.0, 3.5, math.inf, -math.inf, 0.0, -2.0)] == [
+        numerics.NormKind.SQUARE_SUM, numerics.NormKind.ABS_SUM, numerics.NormKind.POWER_SUM,
+        numerics.NormKind.MAX, numerics.NormKind.MIN, numerics.NormKind.COUNT, numerics.NormKind.POWER_SUM,
+    ]
+
+
+def test_triton_kinds_are_the_numerics_kinds():
+    pytest.importorskip("triton")
+    from fusedclip.triton import kernels
+
+    for kind in numerics.NormKind:
+        assert getattr(kernels, kind.name).value == kind.value
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_coefficient_bitwise_the_same_on_every_cpu_backend_and_torch(dtype):
+    """The coefficient applied by the C++ kernels, by reference.py and by torch.nn.utils gives
+    the same bits, over norms of every magnitude and max_norm below, at and above them."""
+    for norm in NORMS:
+        # one element of value `norm`: every backend's norm is exactly it (sqrt of the rounded
+        # square), so only the coefficient can differ
+        grads = [torch.tensor([norm], dtype=dtype)]
+        for factor in FACTORS:
+            max_norm = norm * factor
+            results = {}
+            for name, fn in (("torch.nn.utils", torch.nn.utils.clip_grad_norm_),
+                             ("cpu", lambda ps, m: fusedclip.clip_grad_norm_(ps, m, backend="cpu")),
+                             ("torch", lambda ps, m: fusedclip.clip_grad_norm_(ps, m, backend="torch"))):
+                params = params_with([g.clone() for g in grads])
+                total = fn(params, max_norm)
+                results[name] = (total, [p.grad for p in params])
+            theirs_total, theirs = results["torch.nn.utils"]
+            for name in ("cpu", "torch"):
+                total, clipped = results[name]
+                assert torch.equal(total, theirs_total), (name, norm, factor)
+                for a, b in zip(clipped, theirs):
+                    assert torch.equal(a, b), (name, norm, factor, a, b)
+            coef = numerics.clip_coefficient(theirs_total, max_norm)
+            assert torch.equal(theirs[0], grads[0] * coef) or float(coef) == 1.0
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+@pytest.mark.parametrize("max_dtype", [torch.float32, torch.float64, torch.int64])
+def test_tensor_max_norm_scales_as_torch_bitwise(backend, max_dtype):
+    """torch reads a tensor max_norm as a float; fusedclip keeps it on the device, and must still
+    give torch's bits."""
+    gen = torch.Generator().manual_seed(80)
+    for _ in range(60):
+        grads = [torch.randn(7, generator=gen) * 10, torch.randn(3, 2, generator=gen)]
+        total = torch.rand((), generator=gen) * 100 + 1
+        max_norm = (torch.rand((), generator=gen, dtype=torch.float64) * 50 + 1).to(max_dtype)
+        ours, theirs = params_with([g.clone() for g in grads]), params_with([g.clone() for g in grads])
+        fusedclip.clip_grads_with_norm_(ours, max_norm, total, backend=backend)
+        torch.nn.utils.clip_grads_with_norm_(theirs, max_norm, total)
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a.grad, b.grad), (max_norm, total)
+        ours, theirs = params_with([g.clone() for g in grads]), params_with([g.clone() for g in grads])
+        n_ours = fusedclip.clip_grad_norm_(ours, max_norm, backend=backend)
+        n_theirs = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        coef = numerics.clip_coefficient(n_theirs, float(max_norm))
+        for a, g in zip(ours, grads):  # our norm, torch's coefficient formula of it
+            assert torch.equal(a.grad, g * numerics.clip_coefficient(n_ours, float(max_norm))), coef
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
+def test_square_root_correctly_rounded(backend):
+    """The 2-norm is the correctly rounded square root of the statistic (as torch's): ATen's
+    float32 sqrt of a scalar is 1 ulp off for some values, 75 among them. Integer data: every
+    backend's sum of squares is exact."""
+    for values in ([3.0, 4.0, 1.0, 7.0], [1.0] * 3, [2.0, 5.0, 11.0], [6.0, 1.0, 2.0], [9.0, 13.0]):
+        g = torch.tensor(values)
+        ours = fusedclip.get_total_norm([g], backend=backend)
+        exact = torch.tensor(math.sqrt(float((g.double() ** 2).sum().float())), dtype=torch.float32)
+        assert torch.equal(ours, exact), (values, ours, exact)
+        assert torch.equal(ours, torch.nn.utils.get_total_norm([g])), values
