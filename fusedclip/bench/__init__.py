@@ -32,9 +32,9 @@ from fusedclip.bench.harness import (
     best_device,
     device_name,
     gpt2_small_shapes,
+    interleave,
     make_parameters,
     relative_difference,
-    time_call,
 )
 
 __all__ = ["WORKLOADS", "Workload", "make_parameters", "run", "main"]
@@ -74,16 +74,10 @@ def run(
                 refresh = 2.0 if mode == "clip" else 1.0
                 ours = lambda: fusedclip.clip_grad_norm_(params, max_norm, backend=backend)  # noqa: E731
                 theirs = lambda: TORCH["clip_grad_norm_"](params, max_norm)  # noqa: E731
-                t_ours, t_torch = [], []
                 first_sample = len(probe.samples["read"])
-                for i in range(warmup + repeats):
-                    pair = [(ours, t_ours), (theirs, t_torch)]
-                    for fn, times in pair if i % 2 == 0 else reversed(pair):
-                        torch._foreach_mul_(grads, refresh)
-                        elapsed = time_call(fn, device)
-                        if i >= warmup:
-                            times.append(elapsed)
-                    probe.sample()
+                times = interleave({"ours": ours, "torch": theirs}, device, repeats, warmup,
+                                   before=lambda _: torch._foreach_mul_(grads, refresh), between=probe.sample)
+                t_ours, t_torch = times["ours"], times["torch"]
                 moved = 3 * n_bytes if mode == "clip" else n_bytes
                 ms_ours, ms_torch = statistics.median(t_ours) * 1e3, statistics.median(t_torch) * 1e3
                 # The floor at the bandwidth measured between this row's own timings.
@@ -158,16 +152,13 @@ def run_cuda_launches(device: torch.device, repeats: int = 15, warmup: int = 3,
                 "torch backend": lambda: fusedclip.clip_grad_norm_(params, max_norm, backend="torch"),
                 "torch.nn.utils": lambda: TORCH["clip_grad_norm_"](params, max_norm),
             }
-            times: dict[str, list[float]] = {name: [] for name in CUDA_LAUNCH_VARIANTS}
+            def before(name: str) -> None:
+                _ops._C.set_cuda_single_launch_max_bytes(single_launch_limit.get(name, previous_limit))
+                torch._foreach_mul_(grads, refresh)
+
             try:
-                for i in range(warmup + repeats):
-                    shift = i % len(CUDA_LAUNCH_VARIANTS)
-                    for name in CUDA_LAUNCH_VARIANTS[shift:] + CUDA_LAUNCH_VARIANTS[:shift]:
-                        _ops._C.set_cuda_single_launch_max_bytes(single_launch_limit.get(name, previous_limit))
-                        torch._foreach_mul_(grads, refresh)
-                        elapsed = time_call(calls[name], device)
-                        if i >= warmup:
-                            times[name].append(elapsed)
+                times = interleave({name: calls[name] for name in CUDA_LAUNCH_VARIANTS}, device, repeats,
+                                   warmup, before=before)
             finally:
                 _ops._C.set_cuda_single_launch_max_bytes(previous_limit)
             row = {"workload": workload.label, "mode": mode, "tensors": len(workload.shapes),

@@ -19,7 +19,7 @@ import torch
 
 from fusedclip import patch
 
-__all__ = ["WORKLOADS", "Workload", "make_parameters", "time_call", "BandwidthProbe", "TORCH", "device_name",
+__all__ = ["WORKLOADS", "Workload", "make_parameters", "time_call", "interleave", "BandwidthProbe", "TORCH", "device_name",
            "best_device"]
 
 # torch's clipping functions as torch defines them (patch.TORCH_FUNCTIONS holds the originals).
@@ -112,6 +112,36 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def interleave(
+    calls: dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    before: Callable[[str], None] = lambda name: None,
+    after: Callable[[], None] = lambda: None,
+    between: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds of each timed call, by name, the warm-up left out.
+
+    Every repetition runs each call once, in an order rotated by one each time (for two calls:
+    alternating), so that drift in the machine's speed hits all of them alike. before(name) and
+    after() run untimed around each call (restoring the gradients, say), between() after each
+    repetition (a bandwidth probe).
+    """
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + repeats):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            before(name)
+            elapsed = time_call(calls[name], device)
+            after()
+            if i >= warmup:
+                times[name].append(elapsed)
+        between()
+    return times
 
 
 class BandwidthProbe:

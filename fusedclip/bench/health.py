@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 import fusedclip
-from fusedclip.bench.harness import WORKLOADS, Workload, make_parameters, time_call
+from fusedclip.bench.harness import WORKLOADS, Workload, interleave, make_parameters
 
 __all__ = ["run", "timm_style_agc", "markdown_table", "HEADER"]
 
@@ -48,17 +48,10 @@ def timm_style_agc(parameters, clip_factor: float = 0.01, eps: float = 1e-3) -> 
             grad.copy_(torch.where(grad_norm < max_norm, grad, clipped))
 
 
-def _interleaved(ours: Callable, theirs: Callable, refresh: Callable, device, repeats: int, warmup: int):
-    """Median seconds of ours and theirs, timed alternately, refresh() untimed before each."""
-    t_ours, t_theirs = [], []
-    for i in range(warmup + repeats):
-        pair = [(ours, t_ours), (theirs, t_theirs)]
-        for fn, times in pair if i % 2 == 0 else reversed(pair):
-            refresh()
-            elapsed = time_call(fn, device)
-            if i >= warmup:
-                times.append(elapsed)
-    return statistics.median(t_ours), statistics.median(t_theirs)
+def _medians(ours: Callable, theirs: Callable, refresh: Callable, device, repeats: int, warmup: int):
+    """Median seconds of ours and theirs, interleaved, refresh() untimed before each call."""
+    times = interleave({"ours": ours, "theirs": theirs}, device, repeats, warmup, before=lambda _: refresh())
+    return statistics.median(times["ours"]), statistics.median(times["theirs"])
 
 
 def _workload(name: str, dtype: torch.dtype) -> Workload:
@@ -81,7 +74,7 @@ def run(device: torch.device, repeats: int = 15, warmup: int = 3, log: Callable[
         p.data.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     grads = [p.grad for p in params]
     agc = fusedclip.AGC(clip_factor=0.01)
-    ours, theirs = _interleaved(lambda: agc(params), lambda: timm_style_agc(params, 0.01),
+    ours, theirs = _medians(lambda: agc(params), lambda: timm_style_agc(params, 0.01),
                                 lambda: torch._foreach_mul_(grads, 2.0), device, repeats, warmup)
     add({"benchmark": "AGC vs timm-style loop", "workload": workload.label, "mode": "clip",
          "fusedclip_ms": ours * 1e3, "baseline_ms": theirs * 1e3, "ratio": theirs / ours, "overhead_percent": "-"})
@@ -95,7 +88,7 @@ def run(device: torch.device, repeats: int = 15, warmup: int = 3, log: Callable[
         norm = float(fusedclip.get_total_norm(grads))
         monitor = fusedclip.GradientMonitor([(f"p{i}", p) for i, p in enumerate(params)])
         for mode, max_norm, refresh in (("clip", norm * 1e-3, 2.0), ("noclip", norm * 1e3, 1.0)):
-            ours, theirs = _interleaved(
+            ours, theirs = _medians(
                 lambda: monitor.clip_grad_norm_(max_norm),
                 lambda: fusedclip.clip_grad_norm_(params, max_norm),
                 lambda: torch._foreach_mul_(grads, refresh), device, repeats, warmup)

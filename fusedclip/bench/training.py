@@ -38,19 +38,11 @@ def _interleaved(
     repeats: int,
     warmup: int,
 ) -> tuple[list[float], list[float]]:
-    """Seconds of each timed call of ours and theirs, each preceded by before() and followed by
-    after()."""
-    t_ours: list[float] = []
-    t_theirs: list[float] = []
-    for i in range(warmup + repeats):
-        pair = [(ours, t_ours), (theirs, t_theirs)]
-        for fn, times in pair if i % 2 == 0 else reversed(pair):
-            before()
-            elapsed = harness.time_call(fn, device)
-            after()
-            if i >= warmup:
-                times.append(elapsed)
-    return t_ours, t_theirs
+    """Seconds of each timed call of ours and theirs (harness.interleave), each preceded by
+    before() and followed by after()."""
+    times = harness.interleave({"ours": ours, "theirs": theirs}, device, repeats, warmup,
+                               before=lambda _: before(), after=after)
+    return times["ours"], times["theirs"]
 
 
 def _gpt2_parameters(device: torch.device) -> list[torch.nn.Parameter]:
