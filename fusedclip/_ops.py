@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fusedclip import numerics, reference
+from fusedclip import fakes, reference
 
 __all__ = [
     "BACKENDS",
@@ -266,76 +266,7 @@ def clip_grad_norm_with_norms_of_params(
     return _C.clip_grad_norm_with_norms_of(params, max_norm, norm_type)
 
 
-# --- fake kernels: shapes and dtypes only, for torch.compile and opcheck -----------------------
-
-
-def _check_one_device(tensors: list[Tensor], op: str) -> None:
-    """The operators take the tensors of one device. A list mixing CPU and meta tensors is
-    dispatched to the Meta kernel (these fake impls) by the dispatcher, which would otherwise
-    return an uninitialised norm and write nothing; refusing it sends clip.py to its per-device
-    path, which raises as torch does. A TypeError, as the C++ operators refuse a tensor before
-    writing: the Python layer falls back only on TypeError and ValueError."""
-    device = tensors[0].device
-    for i, t in enumerate(tensors):
-        if t.device != device:
-            raise TypeError(
-                f"fusedclip.{op}: all tensors must be on one device, but tensor 0 is on {device} "
-                f"and tensor {i} on {t.device}"
-            )
-
+# --- fake kernels (fusedclip/fakes.py, one per schema) -----------------------------------------
 
 if _C is not None:
-
-    @torch.library.register_fake("fusedclip::multi_tensor_norm")
-    def _multi_tensor_norm_fake(tensors, norm_type, per_tensor=False):
-        _check_one_device(tensors, "multi_tensor_norm")
-        acc = numerics.accumulate_dtype(tensors)
-        device = tensors[0].device
-        count = len(tensors) if per_tensor else 0
-        return tensors[0].new_empty((), dtype=acc, device=device), tensors[0].new_empty(
-            (count,), dtype=acc, device=device
-        )
-
-    @torch.library.register_fake("fusedclip::multi_tensor_scale_")
-    def _multi_tensor_scale_fake(tensors, coef):
-        _check_one_device(tensors, "multi_tensor_scale_")
-        return None
-
-    @torch.library.register_fake("fusedclip::multi_tensor_clamp_")
-    def _multi_tensor_clamp_fake(tensors, lo, hi):
-        _check_one_device(tensors, "multi_tensor_clamp_")
-        return None
-
-    @torch.library.register_fake("fusedclip::clip_grad_norm_")
-    def _clip_grad_norm_fake(tensors, max_norm, norm_type):
-        _check_one_device(tensors, "clip_grad_norm_")
-        return tensors[0].new_empty((), dtype=numerics.accumulate_dtype(tensors))
-
-    @torch.library.register_fake("fusedclip::multi_tensor_agc_")
-    def _multi_tensor_agc_fake(grads, params, clip_factor, eps):
-        _check_one_device(grads, "multi_tensor_agc_")
-        acc = numerics.accumulate_dtype(grads)
-        return grads[0].new_empty((), dtype=acc), grads[0].new_empty((len(grads),), dtype=acc)
-
-    @torch.library.register_fake("fusedclip::multi_tensor_scale_per_tensor_")
-    def _multi_tensor_scale_per_tensor_fake(tensors, coefs):
-        _check_one_device(tensors, "multi_tensor_scale_per_tensor_")
-        return None
-
-    @torch.library.register_fake("fusedclip::clip_grad_norm_with_norms_")
-    def _clip_grad_norm_with_norms_fake(tensors, max_norm, norm_type):
-        _check_one_device(tensors, "clip_grad_norm_with_norms_")
-        acc = numerics.accumulate_dtype(tensors)
-        return tensors[0].new_empty((), dtype=acc), tensors[0].new_empty((len(tensors),), dtype=acc)
-
-
-    @torch.library.register_fake("fusedclip::multi_tensor_unscale_norm")
-    def _multi_tensor_unscale_norm_fake(tensors, inv_scale, norm_type):
-        _check_one_device(tensors, "multi_tensor_unscale_norm")
-        statistic = tensors[0].new_empty((), dtype=numerics.accumulate_dtype(tensors))
-        return statistic, tensors[0].new_empty((), dtype=torch.float32)
-
-    @torch.library.register_fake("fusedclip::monitor_update_")
-    def _monitor_update_fake(norms, mean, var, count, below, explosions, exploding, vanishing, alpha,
-                             warmup_steps, z_threshold, explode_threshold, vanish_eps, vanish_steps):
-        return None
+    fakes.register("fusedclip", fakes.FAKES)

@@ -290,3 +290,17 @@ def test_operator_table_says_what_runs_each_operator():
                 assert kernel is getattr(reference, op), (op, backend)
             else:
                 assert kernel is not getattr(reference, op) and what == "kernel", (op, backend)
+
+
+def test_triton_schemas_are_the_cpp_schemas():
+    """The Triton backend's operators have the C++ operators' schemas, so one fake kernel each
+    (fusedclip/fakes.py) serves both namespaces."""
+    pytest.importorskip("triton")
+    import fusedclip.triton  # noqa: F401  (registers torch.ops.fusedclip_triton)
+    from fusedclip import fakes
+
+    for name in ("multi_tensor_norm", "multi_tensor_scale_", "multi_tensor_clamp_", "clip_grad_norm_"):
+        cpp = getattr(torch.ops.fusedclip, name).default._schema
+        triton = getattr(torch.ops.fusedclip_triton, name).default._schema
+        assert str(cpp).replace("fusedclip::", "") == str(triton).replace("fusedclip_triton::", ""), name
+        assert name in fakes.FAKES

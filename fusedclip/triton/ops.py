@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusedclip import numerics, reference
+from fusedclip import fakes, numerics
 
 try:
     from fusedclip._C import triton_table_key as _c_table_key
@@ -502,23 +502,5 @@ def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) ->
 # --- fake kernels: shapes and dtypes, for torch.compile and opcheck -------------------------------
 
 
-@torch.library.register_fake("fusedclip_triton::multi_tensor_norm")
-def _(tensors, norm_type, per_tensor=False):
-    acc = numerics.accumulate_dtype(tensors)
-    count = len(tensors) if per_tensor else 0
-    return tensors[0].new_empty((), dtype=acc), tensors[0].new_empty((count,), dtype=acc)
-
-
-@torch.library.register_fake("fusedclip_triton::multi_tensor_scale_")
-def _(tensors, coef):
-    return None
-
-
-@torch.library.register_fake("fusedclip_triton::multi_tensor_clamp_")
-def _(tensors, min, max):  # noqa: A002
-    return None
-
-
-@torch.library.register_fake("fusedclip_triton::clip_grad_norm_")
-def _(tensors, max_norm, norm_type):
-    return tensors[0].new_empty((), dtype=numerics.accumulate_dtype(tensors))
+fakes.register("fusedclip_triton", ("multi_tensor_norm", "multi_tensor_scale_", "multi_tensor_clamp_",
+                                    "clip_grad_norm_"))
