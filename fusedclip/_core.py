@@ -2,8 +2,8 @@
 the C++ fast path, and the norm of grouped grads.
 
 clip.py (the public functions), amp, distributed, ddp, health, adaptive and optim build on this
-module; it imports only the operator layer (_ops) and the shared numerics (reference), so
-nothing here reaches back up.
+module; it imports only the operator layer (_ops), the numeric rules (numerics) and the
+pure-PyTorch kernels (reference), so nothing here reaches back up (tests/test_layering.py).
 
 How a call runs: the grads of one device go to one backend (see fusedclip/_ops.py). When every
 grad is on the CPU, the C++ library reads the grads itself and runs the operator on the whole
@@ -81,11 +81,16 @@ def param_grads(parameters: list) -> list[Optional[Tensor]]:
         raise
 
 
+def _check_scalar_tensor(value: Tensor, name: str) -> None:
+    if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real number or a one-element real tensor")
+
+
 def non_negative(value: Union[float, Tensor], name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if isinstance(value, Tensor) and (value.numel() != 1 or value.is_complex() or value.dtype == torch.bool):
-        raise TypeError(f"{name} must be a real number or a one-element real tensor")
+    if isinstance(value, Tensor):
+        _check_scalar_tensor(value, name)
     value = float(value)  # a device tensor syncs here, as in torch
     # `not value >= 0` is true for nan and for negatives; unlike math.isnan it traces when
     # torch.compile makes a float argument symbolic (a max_norm that changes between calls).
@@ -106,8 +111,7 @@ def max_norm(value: Union[float, Tensor]) -> Union[float, Tensor]:
     """
     if not isinstance(value, Tensor):
         return non_negative(value, "max_norm")
-    if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-        raise TypeError("max_norm must be a real number or a one-element real tensor")
+    _check_scalar_tensor(value, "max_norm")
     value = value.reshape(())
     if value.device.type == "cpu" and not torch.compiler.is_compiling():
         non_negative(value, "max_norm")
@@ -234,9 +238,8 @@ def plain_on_cpu(tensors: list) -> bool:
     """Whether every item is a plain CPU tensor, one the C++ operators take as it is (not a
     subclass, nor a lazily conjugated or negated view, which meet torch's dispatch before the
     operators' checks). An in-place fast path of a list asks it first, so that anything else
-    gets the general path's precise error. One C++ call (~5 ns a tensor)."""
-    if torch.compiler.is_compiling():
-        return False  # the fast paths are eager only (see cpu_fast_path)
+    gets the general path's precise error. One C++ call (~5 ns a tensor); asked after
+    cpu_fast_path, which is False under torch.compile (that call does not trace)."""
     return _ops._C is not None and _ops._C.plain_cpu_tensors(tensors)
 
 
@@ -252,7 +255,7 @@ def combined_statistic(statistics: list[Tensor], first_device: torch.device, nor
     """One statistic from the statistics of several devices' grads, on first_device."""
     if len(statistics) == 1:
         return statistics[0]
-    acc = torch.float64 if any(s.dtype == torch.float64 for s in statistics) else torch.float32
+    acc = numerics.accumulate_dtype(statistics)
     stacked = torch.stack([s.to(device=first_device, dtype=acc) for s in statistics])
     return numerics.combine_statistics(stacked, norm_type)
 
@@ -310,8 +313,7 @@ def run_grouped(tensors: list[Tensor], backend: str, writes: bool, fn: Callable[
     refuse the tensors, nothing has been written, and the general path then raises the precise
     error or regroups (see on_cpu_grads).
     """
-    takes = plain_on_cpu(tensors) if writes else first_on_cpu(tensors)
-    if takes and cpu_fast_path(backend):
+    if cpu_fast_path(backend) and (plain_on_cpu(tensors) if writes else first_on_cpu(tensors)):
         result = on_cpu_grads(fn, [(torch.device("cpu"), "cpu", tensors)], writes=writes)
         if result is not None:
             return result

@@ -91,6 +91,13 @@ def _triton_runs(device: torch.device) -> bool:
     return _TRITON_ERROR is None and _triton.ops.device_supported(device) is None
 
 
+def check_backend_name(backend: str) -> None:
+    """Raises ValueError unless backend is one of BACKENDS (for a check before the devices are
+    known; resolve_backend then says whether it runs them)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def resolve_backend(requested: str, device: torch.device) -> str:
     """The backend that runs tensors on ``device``, given the ``backend`` argument.
 
@@ -130,9 +137,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         if reason is not None:
             raise ValueError(f"backend 'triton' cannot run these gradients: {reason}")
         return "triton"
-    if requested == "torch":
-        return "torch"
-    raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    check_backend_name(requested)  # what is left: "torch", or a name that is no backend
+    return "torch"
 
 
 # --- the operators, by backend --------------------------------------------------------------------
@@ -178,7 +184,7 @@ def operator_table() -> dict[str, dict[str, str]]:
     return {
         op: {
             b: "unavailable" if status[b] is not None else ("kernel" if b in native else "torch")
-            for b in ("cpu", "cuda", "triton", "torch")
+            for b in status
         }
         for op, native in NATIVE_BACKENDS.items()
     }

@@ -135,7 +135,7 @@ class AGC:
         """Clips every pair; returns the sum of squares of the gradients before clipping."""
         grads = [g for g, _ in pairs]
         params = [p for _, p in pairs]
-        if _core.plain_on_cpu(grads) and _core.cpu_fast_path(self.backend):
+        if _core.cpu_fast_path(self.backend) and _core.plain_on_cpu(grads):
             # The operator validates everything before writing; when it refuses, the general
             # path below says why, or regroups.
             result = _core.on_cpu_grads(_ops.multi_tensor_agc_, "cpu", grads, params, self.clip_factor, self.eps)

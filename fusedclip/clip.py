@@ -242,8 +242,8 @@ def clip_grad_value_(
         for g in (g for _, _, ts in groups for g in ts):
             if g.is_complex():
                 raise TypeError("clip_grad_value_ does not support complex gradients")
+        # Traced as ATen clamps (which Inductor fuses): the operators' bounds are floats, which a
+        # graph guards on, and a clip_value schedule would recompile at every value.
+        compiling = torch.compiler.is_compiling()
         for _, group_backend, ts in groups:
-            # Traced as ATen clamps (which Inductor fuses): the operators' bounds are floats, which
-            # a graph guards on, and a clip_value schedule would recompile at every value.
-            backend_here = "torch" if torch.compiler.is_compiling() else group_backend
-            _ops.multi_tensor_clamp_(backend_here, ts, -clip_value, clip_value)
+            _ops.multi_tensor_clamp_("torch" if compiling else group_backend, ts, -clip_value, clip_value)

@@ -349,8 +349,8 @@ def scale_(tensors: list[Tensor], coef: Tensor, foreach: Optional[bool], backend
     """
     if not tensors:
         return
-    on_cpu = _core.plain_on_cpu(tensors) and coef.device.type == "cpu"
-    if on_cpu and _core.cpu_fast_path(backend) and _core.on_cpu_grads(_scale_on_cpu, tensors, coef):
+    on_cpu = coef.device.type == "cpu" and _core.cpu_fast_path(backend) and _core.plain_on_cpu(tensors)
+    if on_cpu and _core.on_cpu_grads(_scale_on_cpu, tensors, coef):
         return
     _core.scale_groups(_core.group_by_device(tensors, foreach, backend, writes=True), coef)
 

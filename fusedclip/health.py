@@ -209,8 +209,7 @@ class GradientMonitor:
         self.writer = writer
         self.log_every = log_every
         self.log_per_parameter = log_per_parameter
-        if backend not in _ops.BACKENDS:
-            raise ValueError(f"backend must be one of {_ops.BACKENDS}, got {backend!r}")
+        _ops.check_backend_name(backend)
         self.backend = backend
         self.step = global_step  # the last recorded step's number: global_step + steps recorded
         # (step, total, per-parameter norms, exploding flags, vanishing flags), device tensors; the

@@ -81,8 +81,7 @@ class ClipOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.max_norm = _core.non_negative(max_norm, "max_norm")
         self.norm_type = _core.norm_type(norm_type)
-        if backend not in _ops.BACKENDS:
-            raise ValueError(f"backend must be one of {_ops.BACKENDS}, got {backend!r}")
+        _ops.check_backend_name(backend)
         # Raises, with the reason, for a backend that cannot run the parameters' devices.
         devices = {p.device for group in optimizer.param_groups for p in group["params"]}
         for device in sorted(devices, key=str):

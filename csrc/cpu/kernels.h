@@ -336,9 +336,10 @@ inline void scale_writable(at::TensorList tensors, double coef, const TensorTabl
 // give the same bits.
 inline at::Tensor total_norm_from_statistic(const at::Tensor& statistic, double norm_type, bool empty) {
   if (empty) return at::zeros_like(statistic);
-  if (norm_type == 1.0 || norm_type == 0.0 || std::isinf(norm_type)) return statistic;
+  const NormKind kind = fusedclip::norm_kind(norm_type);
+  if (kind != NormKind::kSquareSum && kind != NormKind::kPowerSum) return statistic;
   const at::Tensor wide = statistic.to(at::kDouble);
-  return (norm_type == 2.0 ? wide.sqrt() : wide.pow(1.0 / norm_type)).to(statistic.scalar_type());
+  return (kind == NormKind::kSquareSum ? wide.sqrt() : wide.pow(1.0 / norm_type)).to(statistic.scalar_type());
 }
 
 // torch's clip coefficient, in the norm's dtype: max_norm * (1 / (norm + 1e-6)), clamped to 1

@@ -70,7 +70,6 @@ _TRITON_DTYPES = {
     torch.bfloat16: tl.bfloat16,
 }
 _SUPPORTED_DTYPES = (*_TRITON_DTYPES, torch.complex64, torch.complex128)
-_EPS_BITS = struct.unpack("<q", struct.pack("<d", numerics.CLIP_EPS))[0]
 
 # True in a process started with TRITON_INTERPRET=1: the kernels then run in Triton's
 # interpreter, which reads the tables' addresses as host memory, so they take CPU tensors only.
@@ -91,6 +90,9 @@ def device_supported(device: torch.device) -> Optional[str]:
 def _bits(value: float) -> int:
     """The float64 bits of value as a signed int64 (kernels bitcast them back)."""
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+_EPS_BITS = _bits(numerics.CLIP_EPS)
 
 
 def _accumulate(dtype: torch.dtype):
