@@ -80,7 +80,7 @@ def _cuda_arch_flags() -> list[str]:
 
 def _extensions():
     compile_args, link_args = _cpu_flags()
-    sources = ["csrc/fusedclip.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if _build_cuda():
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc_args = ["-O3", "-std=c++17", "-DFUSEDCLIP_WITH_CUDA"] + _cuda_arch_flags()

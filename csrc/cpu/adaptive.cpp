@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::T
   TORCH_CHECK_VALUE(clip_factor >= 0,
                     "fusedclip.multi_tensor_agc_: clip_factor must be >= 0, got ", clip_factor);
   TORCH_CHECK_VALUE(eps >= 0, "fusedclip.multi_tensor_agc_: eps must be >= 0, got ", eps);
-  check_writable(grads, "multi_tensor_agc_");
+  check_writable(grads, "multi_tensor_agc_", at::kCPU);
   at::ScalarType acc = at::kFloat;
   for (size_t i = 0; i < grads.size(); ++i) {
     check_agc_param(params[i], static_cast<int64_t>(i), grads[i]);
@@ -147,7 +147,7 @@ void multi_tensor_scale_per_tensor_(at::TensorList tensors, const at::Tensor& co
   TORCH_CHECK_VALUE(coefs.dim() == 1 && coefs.numel() == static_cast<int64_t>(tensors.size()),
                     "fusedclip.multi_tensor_scale_per_tensor_: coefs must be 1-dim with one "
                     "coefficient per tensor (", tensors.size(), "), got shape ", coefs.sizes());
-  check_writable(tensors, "multi_tensor_scale_per_tensor_");
+  check_writable(tensors, "multi_tensor_scale_per_tensor_", at::kCPU);
   const at::Tensor as_double = coefs.to(at::kDouble).contiguous();  // a CPU tensor: no sync
   const double* coef = as_double.data_ptr<double>();
   std::vector<at::Tensor> written;
@@ -161,7 +161,7 @@ void multi_tensor_scale_per_tensor_(at::TensorList tensors, const at::Tensor& co
   if (written.empty()) return;
   bump_versions(written);
   const auto scale_list = [](at::TensorList list, const double* list_coef) {
-    TensorTable table(list, Access::kWrite);
+    TensorTable table(list, Access::kWrite, "multi_tensor_scale_per_tensor_");
     const auto& segments = table.segments();
     at::parallel_for(0, table.num_chunks(), 1, [&](int64_t begin, int64_t end) {
       for_each_segment(table, begin, end, !table.memory_descending(), [&](int64_t s) {

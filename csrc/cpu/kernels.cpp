@@ -9,32 +9,32 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(at::TensorList tensors, double norm_type,
                                                      bool per_tensor) {
   check_norm_type(norm_type);
-  const TensorTable table(tensors, Access::kRead);
+  const TensorTable table(tensors, Access::kRead, "multi_tensor_norm");
   return norm_statistic(table, norm_type, per_tensor);
 }
 
 void multi_tensor_scale_(at::TensorList tensors, const at::Tensor& coef) {
   check_scalar(coef, "multi_tensor_scale_", "coef");
-  check_writable(tensors, "multi_tensor_scale_");
-  scale_writable(tensors, coef.item<double>());  // a CPU tensor: reading it is no device sync
+  check_writable(tensors, "multi_tensor_scale_", at::kCPU);
+  scale_writable(tensors, coef.item<double>(), "multi_tensor_scale_");  // a CPU tensor: reading it is no device sync
 }
 
 void multi_tensor_clamp_(at::TensorList tensors, double lo, double hi) {
-  check_writable(tensors, "multi_tensor_clamp_");
+  check_writable(tensors, "multi_tensor_clamp_", at::kCPU);
   for (size_t i = 0; i < tensors.size(); ++i) {
     TORCH_CHECK_TYPE(!tensors[i].is_complex(), "fusedclip.multi_tensor_clamp_: tensor ", i,
                      " is complex; clamping is not defined for complex values");
   }
-  transform_writable(tensors, ClampOp{lo, hi});
+  transform_writable(tensors, ClampOp{lo, hi}, "multi_tensor_clamp_");
 }
 
 at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_type) {
   check_norm_type(norm_type);
-  check_writable(tensors, "clip_grad_norm_");
-  const TensorTable table(tensors, Access::kRead);
+  check_writable(tensors, "clip_grad_norm_", at::kCPU);
+  const TensorTable table(tensors, Access::kRead, "clip_grad_norm_");
   const at::Tensor statistic = std::get<0>(norm_statistic(table, norm_type, false));
   at::Tensor total = total_norm_from_statistic(statistic, norm_type, table.numel() == 0);
-  scale_writable(tensors, clip_coefficient(total, max_norm).item<double>(), &table);
+  scale_writable(tensors, clip_coefficient(total, max_norm).item<double>(), "clip_grad_norm_", &table);
   return total;
 }
 

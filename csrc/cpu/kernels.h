@@ -221,9 +221,6 @@ inline std::tuple<at::Tensor, at::Tensor> norm_statistic(const TensorTable& tabl
   return reduce_table<NormKind::kPowerSum>(table, norm_type, per_tensor);
 }
 
-inline void check_norm_type(double norm_type) {
-  TORCH_CHECK_VALUE(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
-}
 
 // ---------------------------------------------------------------------------------------------
 // Element-wise in-place kernels: scale and clamp.
@@ -297,22 +294,15 @@ struct ClampOp {
 };
 
 
-// Marks tensors as modified in place, as autograd's ADInplaceOrView kernels do for ATen's own
-// in-place ops (a custom op gets no such kernel): a tensor saved for backward elsewhere then
-// errors instead of silently using new values. Before the write, so an inference tensor outside
-// inference mode is refused with nothing modified.
-inline void bump_versions(at::TensorList tensors) {
-  for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
-}
-
 // Runs op in place over tensors that check_writable accepted. A read table that points into the
 // tensors themselves (no temporaries) serves the writes too. Tensors that share memory run one at
 // a time in list order, so shared bytes are transformed once per tensor, as torch does.
 template <typename Op>
-void transform_writable(at::TensorList tensors, const Op& op, const TensorTable* read_table = nullptr) {
+void transform_writable(at::TensorList tensors, const Op& op, const char* op_name,
+                        const TensorTable* read_table = nullptr) {
   bump_versions(tensors);
-  const auto transform_list = [&op](at::TensorList list) {
-    TensorTable table(list, Access::kWrite);
+  const auto transform_list = [&op, op_name](at::TensorList list) {
+    TensorTable table(list, Access::kWrite, op_name);
     transform_table(table, op);
     table.write_back();
   };
@@ -325,9 +315,10 @@ void transform_writable(at::TensorList tensors, const Op& op, const TensorTable*
   }
 }
 
-inline void scale_writable(at::TensorList tensors, double coef, const TensorTable* read_table = nullptr) {
+inline void scale_writable(at::TensorList tensors, double coef, const char* op_name,
+                           const TensorTable* read_table = nullptr) {
   if (coef >= 1.0) return;  // multiplying by 1 changes nothing; a nan coef still writes
-  transform_writable(tensors, ScaleOp{coef}, read_table);
+  transform_writable(tensors, ScaleOp{coef}, op_name, read_table);
 }
 
 // The total norm from its statistic: the p-th root for finite p other than 0 and 1, taken in

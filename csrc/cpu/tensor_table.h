@@ -9,6 +9,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../tensor_checks.h"
+
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -33,7 +35,8 @@ enum class Access { kRead, kWrite };
 
 class TensorTable {
  public:
-  TensorTable(at::TensorList tensors, Access access);
+  // Checks the tensors first (check_tensors, for CPU tensors); op names the operator in errors.
+  TensorTable(at::TensorList tensors, Access access, const char* op);
 
   const std::vector<Segment>& segments() const { return segments_; }
   int64_t num_chunks() const { return static_cast<int64_t>(chunk_begin_.size()) - 1; }
@@ -68,20 +71,5 @@ class TensorTable {
   int64_t num_tensors_ = 0;
   at::ScalarType accumulate_dtype_ = at::kFloat;
 };
-
-// Raises (before anything is written) if a tensor cannot be modified in place: internal overlap
-// (an expanded tensor), an inference tensor outside inference mode, or a dtype the kernels do not
-// take. Every check made before a write raises TypeError or ValueError, never RuntimeError: the
-// Python layer takes such a refusal as "nothing written" and falls back to its general path.
-void check_writable(at::TensorList tensors, const char* op_name);
-
-// Raises (before anything is written) unless t is a one-element floating-point tensor: a
-// scalar argument such as a coefficient or an inverse loss scale.
-void check_scalar(const at::Tensor& t, const char* op_name, const char* arg_name);
-
-// True when two tensors of the list may share memory (the same grad twice, a grad and its view).
-// In-place kernels then run tensor by tensor in list order, as torch's per-tensor ops do, instead
-// of in parallel, where two threads would read-modify-write the same bytes.
-bool any_memory_shared(at::TensorList tensors);
 
 }  // namespace fusedclip::cpu

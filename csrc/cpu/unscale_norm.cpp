@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_unscale_norm(at::TensorList tens
   check_norm_type(norm_type);
   check_scalar(inv_scale, "multi_tensor_unscale_norm", "inv_scale");
   const double inv = inv_scale.item<double>();  // a CPU tensor: reading it is no device sync
-  const TensorTable table(tensors, Access::kRead);
+  const TensorTable table(tensors, Access::kRead, "multi_tensor_unscale_norm");
   if (norm_type == 2.0) return reduce_unscaled<NormKind::kSquareSum>(table, norm_type, inv);
   if (norm_type == 1.0) return reduce_unscaled<NormKind::kAbsSum>(table, norm_type, inv);
   if (norm_type == 0.0) return reduce_unscaled<NormKind::kCount>(table, norm_type, inv);

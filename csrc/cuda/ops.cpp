@@ -4,8 +4,6 @@
 // write), builds the tensor tables and launches on the current stream. No host sync: the norm,
 // the total and the coefficient stay in device memory.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
-#include <c10/core/InferenceMode.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,9 +15,9 @@
 #include <utility>
 #include <vector>
 
-#include "cpu/tensor_table.h"  // any_memory_shared
 #include "cuda/kernels.cuh"
 #include "cuda/ops.h"
+#include "tensor_checks.h"
 
 namespace fusedclip::cuda {
 
@@ -51,39 +49,23 @@ DType dtype_of(at::ScalarType t) {
   }
 }
 
-void check_inputs(at::TensorList tensors, const char* op) {
+// The shared checks (csrc/tensor_checks.h), for a non-empty list of CUDA tensors on one device.
+void check_not_empty(at::TensorList tensors, const char* op) {
   TORCH_CHECK_VALUE(!tensors.empty(), "fusedclip.", op, ": expected at least one tensor");
-  const at::Device device = tensors[0].device();
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK_TYPE(t.defined(), "fusedclip.", op, ": tensor ", i, " is undefined");
-    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "fusedclip.", op, ": tensor ", i, " has layout ",
-                     t.layout(), "; only dense (strided) tensors are supported");
-    TORCH_CHECK_TYPE(t.device() == device, "fusedclip.", op,
-                     ": all tensors must be on one device, but tensor 0 is on ", device, " and tensor ",
-                     i, " on ", t.device());
-    const at::ScalarType s = t.scalar_type();
-    TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16 ||
-                         s == at::kComplexFloat || s == at::kComplexDouble,
-                     "fusedclip.", op, ": tensor ", i, " has dtype ", s,
-                     "; expected float32, float64, float16, bfloat16 or complex");
-  }
+}
+
+void check_inputs(at::TensorList tensors, const char* op) {
+  check_not_empty(tensors, op);
+  check_tensors(tensors, op, at::kCUDA);
 }
 
 void check_writable(at::TensorList tensors, const char* op) {
-  check_inputs(tensors, op);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK_VALUE(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, "fusedclip.", op, ": tensor ",
-                      i, " has internally overlapping memory (an expanded tensor) and cannot be modified in "
-                      "place; clone it first");
-    TORCH_CHECK_VALUE(!tensors[i].is_inference() || c10::InferenceMode::is_enabled(), "fusedclip.", op,
-                      ": tensor ", i, " is an inference tensor, which cannot be modified in place outside "
-                      "torch.inference_mode()");
-  }
+  check_not_empty(tensors, op);
+  fusedclip::check_writable(tensors, op, at::kCUDA);
 }
 
 NormKind norm_kind(double norm_type) {
-  TORCH_CHECK_VALUE(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
+  check_norm_type(norm_type);
   return fusedclip::norm_kind(norm_type);
 }
 
@@ -206,12 +188,6 @@ void run_norm(const Tables& tables, NormParams params, const at::Device& device)
 
 // --- in-place transforms ---------------------------------------------------------------------
 
-// Marks tensors as modified in place before writing, as the CPU kernels do (see
-// csrc/cpu/kernels.h): a custom op gets no autograd in-place kernel to do it.
-void bump_versions(at::TensorList tensors) {
-  for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
-}
-
 // Runs launch(table) over every table of tensors that check_writable accepted. Tensors sharing
 // memory run one at a time in list order, so shared bytes are transformed once per tensor, as
 // torch does.
@@ -223,7 +199,7 @@ void transform_writable(at::TensorList tensors, const Launch& launch) {
     for (const TensorTable& table : tables.tables) C10_CUDA_CHECK(launch(table));
     dense.copy_back();
   };
-  if (cpu::any_memory_shared(tensors)) {
+  if (any_memory_shared(tensors)) {
     for (const at::Tensor& t : tensors) transform_list(t);
   } else {
     transform_list(tensors);
@@ -231,10 +207,7 @@ void transform_writable(at::TensorList tensors, const Launch& launch) {
 }
 
 Coef coef_of(const at::Tensor& coef, const at::Device& device) {
-  TORCH_CHECK_VALUE(coef.numel() == 1, "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, "
-                    "got shape ", coef.sizes());
-  TORCH_CHECK_TYPE(coef.is_floating_point(),
-                   "fusedclip.multi_tensor_scale_: coef must be a one-element float tensor, got ", coef.scalar_type());
+  check_scalar(coef, "multi_tensor_scale_", "coef");
   if (coef.device().is_cpu()) return {nullptr, DType::kFloat64, coef.item<double>()};  // no device sync
   TORCH_CHECK_TYPE(coef.device() == device, "fusedclip.multi_tensor_scale_: coef is on ", coef.device(),
                    " but the tensors are on ", device);
@@ -291,7 +264,7 @@ int64_t l2_bytes(int device) {
 bool use_single_launch(const DenseTensors& dense, const Tables& tables, at::TensorList tensors) {
   int64_t limit = single_launch_max_bytes();
   if (limit < 0) limit = l2_bytes(tensors[0].device().index());
-  return dense.bytes <= limit && tables.tables.size() == 1 && dense.direct && !cpu::any_memory_shared(tensors);
+  return dense.bytes <= limit && tables.tables.size() == 1 && dense.direct && !any_memory_shared(tensors);
 }
 
 at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_type) {
@@ -323,7 +296,7 @@ at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_
 
   run_norm(tables, params, device);
   const Coef coef{out.coef.data_ptr(), dense.acc_double ? DType::kFloat64 : DType::kFloat32, 0.0};
-  if (dense.direct && !cpu::any_memory_shared(tensors)) {
+  if (dense.direct && !any_memory_shared(tensors)) {
     for (const TensorTable& table : tables.tables) C10_CUDA_CHECK(launch_scale(table, coef, current_stream()));
   } else {
     transform_writable(tensors, [&](const TensorTable& table) { return launch_scale(table, coef, current_stream()); });

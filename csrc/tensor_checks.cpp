@@ -1,0 +1,88 @@
+#include "tensor_checks.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace fusedclip {
+
+void check_tensors(at::TensorList tensors, const char* op, c10::DeviceType device_type) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_TYPE(t.defined(), "fusedclip.", op, ": tensor ", i, " is undefined");
+    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "fusedclip.", op, ": tensor ", i, " has layout ",
+                     t.layout(), "; only dense (strided) tensors are supported");
+    TORCH_CHECK_TYPE(t.device().type() == device_type, "fusedclip.", op, ": the ", device_type,
+                     " kernels take ", device_type, " tensors, but tensor ", i, " is on ", t.device());
+    TORCH_CHECK_TYPE(t.device() == tensors[0].device(), "fusedclip.", op,
+                     ": all tensors must be on one device, but tensor 0 is on ", tensors[0].device(),
+                     " and tensor ", i, " on ", t.device());
+    const at::ScalarType s = t.scalar_type();
+    TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16 ||
+                         s == at::kComplexFloat || s == at::kComplexDouble,
+                     "fusedclip.", op, ": tensor ", i, " has dtype ", s,
+                     "; expected float32, float64, float16, bfloat16 or complex");
+  }
+}
+
+void check_writable(at::TensorList tensors, const char* op, c10::DeviceType device_type) {
+  check_tensors(tensors, op, device_type);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, "fusedclip.", op,
+                      ": tensor ", i,
+                      " has internally overlapping memory (an expanded tensor) and cannot be "
+                      "modified in place; clone it first");
+    TORCH_CHECK_VALUE(!tensors[i].is_inference() || c10::InferenceMode::is_enabled(), "fusedclip.", op,
+                      ": tensor ", i,
+                      " is an inference tensor, which cannot be modified in place outside "
+                      "torch.inference_mode()");
+  }
+}
+
+void check_norm_type(double norm_type) {
+  TORCH_CHECK_VALUE(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
+}
+
+void check_scalar(const at::Tensor& t, const char* op, const char* arg_name) {
+  TORCH_CHECK_VALUE(t.numel() == 1, "fusedclip.", op, ": ", arg_name,
+                    " must be a one-element float tensor, got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.is_floating_point(), "fusedclip.", op, ": ", arg_name,
+                   " must be a one-element float tensor, got ", t.scalar_type());
+}
+
+bool any_memory_shared(at::TensorList tensors) {
+  // The byte range each tensor can touch: [first element, one past its farthest element].
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  ranges.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    if (t.numel() == 0) continue;
+    int64_t last = 0;  // offset of the farthest element, in elements
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    ranges.emplace_back(begin, begin + (last + 1) * t.element_size());
+  }
+  // Grads are usually allocated in (reverse) parameter order: check those orders in one pass
+  // before sorting.
+  bool ascending = true, descending = true;
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    ascending = ascending && ranges[i - 1].second <= ranges[i].first;
+    descending = descending && ranges[i].second <= ranges[i - 1].first;
+  }
+  if (ascending || descending) return false;
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i - 1].second > ranges[i].first) return true;
+  }
+  return false;
+}
+
+void bump_versions(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace fusedclip
