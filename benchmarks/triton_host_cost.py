@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 import torch  # noqa: E402
 
 import fusedclip  # noqa: E402
-from fusedclip.triton import ops  # noqa: E402
+from fusedclip.triton import launch, tables  # noqa: E402
 
 
 def best_us(fn, calls: int = 200, repeats: int = 5) -> float:
@@ -27,7 +27,7 @@ def best_us(fn, calls: int = 200, repeats: int = 5) -> float:
 
 
 def main() -> None:
-    ops._launch = lambda *args, **kwargs: None  # the kernels are left out
+    launch.run_kernel = lambda *args, **kwargs: None  # the kernels are left out
     grads = [torch.randn(100 + i % 7) for i in range(1000)]
     params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
     for p, g in zip(params, grads):
@@ -35,12 +35,12 @@ def main() -> None:
     device = grads[0].device
 
     def body():
-        operands = ops._operands(grads, "clip_grad_norm_", True)
-        _, _, _, coef = ops._norm(operands, device, 2.0, False, 1.0)
-        ops._transform(grads, "clip_grad_norm_", None, coef, operands=operands)
+        operands = tables.operands_of(grads, "clip_grad_norm_", True)
+        _, _, _, coef = launch.norm(operands, device, 2.0, False, 1.0)
+        launch.transform(grads, "clip_grad_norm_", None, coef, operands=operands)
 
     def miss():
-        ops._cache.clear()
+        tables._cache.clear()
         torch.ops.fusedclip_triton.clip_grad_norm_(grads, 1.0, 2.0)
 
     rows = [

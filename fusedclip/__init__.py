@@ -9,38 +9,27 @@ Importing fusedclip never initialises CUDA and never fails because the C++ libra
 it logs once and uses the pure-PyTorch backend.
 """
 
-from fusedclip._ops import BACKENDS, backend_status
+from fusedclip._backends import BACKENDS, backend_status
 from fusedclip.adaptive import AGC, AutoClip, PerTensorClip, ZClip
 from fusedclip.clip import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
 from fusedclip.health import GradientMonitor, clip_grad_norm_with_norms_, get_norms
-from fusedclip.dispatch import dispatch_clip_grad
+from fusedclip.timm_compat import dispatch_clip_grad
 from fusedclip.optim import ClipOptimizer
 from fusedclip.patch import is_timm_patched, is_torch_patched, patch_timm, patch_torch, unpatch_timm, unpatch_torch
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "clip_grad_norm_",
-    "get_total_norm",
-    "clip_grads_with_norm_",
-    "clip_grad_value_",
-    "get_norms",
-    "clip_grad_norm_with_norms_",
-    "GradientMonitor",
-    "AGC",
-    "AutoClip",
-    "ZClip",
-    "PerTensorClip",
-    "patch_torch",
-    "unpatch_torch",
-    "is_torch_patched",
-    "patch_timm",
-    "unpatch_timm",
-    "is_timm_patched",
-    "dispatch_clip_grad",
-    "ClipOptimizer",
-    "available_backends",
-    "BACKENDS",
+    # torch.nn.utils' four, drop-in
+    "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_",
+    # per-tensor norms and the health monitor
+    "get_norms", "clip_grad_norm_with_norms_", "GradientMonitor",
+    # more clippers, and the optimizer wrapper
+    "AGC", "AutoClip", "ZClip", "PerTensorClip", "dispatch_clip_grad", "ClipOptimizer",
+    # replacing torch's and timm's functions in place
+    "patch_torch", "unpatch_torch", "is_torch_patched", "patch_timm", "unpatch_timm", "is_timm_patched",
+    # the backends
+    "available_backends", "BACKENDS",
 ]
 
 

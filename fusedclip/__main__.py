@@ -9,7 +9,7 @@ import sys
 import torch
 
 import fusedclip
-from fusedclip import _ops
+from fusedclip import _backends, _ops
 from fusedclip.bench.harness import WORKLOADS
 
 
@@ -19,12 +19,12 @@ def info() -> int:
     print(f"torch      {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     print(f"python     {platform.python_version()} on {platform.platform()}")
     print(f"threads    {torch.get_num_threads()} (torch intra-op)")
-    if _ops._C is not None:
-        print(f"_C         CPU kernels built for {_ops._C.cpu_capability}, "
-              f"OpenMP {'on' if _ops._C.openmp else 'off'}, "
-              f"CUDA kernels {'built' if getattr(_ops._C, 'cuda_kernels', False) else 'not built'}")
+    if _backends._C is not None:
+        print(f"_C         CPU kernels built for {_backends._C.cpu_capability}, "
+              f"OpenMP {'on' if _backends._C.openmp else 'off'}, "
+              f"CUDA kernels {'built' if getattr(_backends._C, 'cuda_kernels', False) else 'not built'}")
     print("backends:")
-    for name, reason in _ops.backend_status().items():
+    for name, reason in _backends.backend_status().items():
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
     table = _ops.operator_table()
     backends = list(next(iter(table.values())))

@@ -2,8 +2,9 @@
 the C++ fast path, and the norm of grouped grads.
 
 clip.py (the public functions), amp, distributed, ddp, health, adaptive and optim build on this
-module; it imports only the operator layer (_ops), the numeric rules (numerics) and the
-pure-PyTorch kernels (reference), so nothing here reaches back up (tests/test_layering.py).
+module; it imports only the backends (_backends), the operator layer (_ops), the numeric rules
+(numerics) and the pure-PyTorch kernels (reference), so nothing here reaches back up
+(tests/test_layering.py).
 
 How a call runs: the grads of one device go to one backend (see fusedclip/_ops.py). When every
 grad is on the CPU, the C++ library reads the grads itself and runs the operator on the whole
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
-from fusedclip import _ops, numerics, reference
+from fusedclip import _backends, _ops, numerics, reference
 
 # The grads of one device and the backend that runs them.
 Group = tuple[torch.device, str, list[Tensor]]
@@ -190,7 +191,7 @@ def group_by_device(
         groups.setdefault(g.device, []).append(g)
     for device in groups:
         check_foreach(foreach, device)
-    return [(device, _ops.resolve_backend(backend, device), ts) for device, ts in groups.items()]
+    return [(device, _backends.resolve_backend(backend, device), ts) for device, ts in groups.items()]
 
 
 def cpu_fast_path(backend: str) -> bool:
@@ -198,7 +199,7 @@ def cpu_fast_path(backend: str) -> bool:
     if torch.compiler.is_compiling():
         return False  # trace the general path: its checks cost nothing at run time there
     try:
-        return _ops.resolve_backend(backend, torch.device("cpu")) == "cpu"
+        return _backends.resolve_backend(backend, torch.device("cpu")) == "cpu"
     except ValueError:  # a GPU backend: the general path resolves it per device (and says why not)
         return False
 
@@ -240,7 +241,7 @@ def plain_on_cpu(tensors: list) -> bool:
     operators' checks). An in-place fast path of a list asks it first, so that anything else
     gets the general path's precise error. One C++ call (~5 ns a tensor); asked after
     cpu_fast_path, which is False under torch.compile (that call does not trace)."""
-    return _ops._C is not None and _ops._C.plain_cpu_tensors(tensors)
+    return _backends._C is not None and _backends._C.plain_cpu_tensors(tensors)
 
 
 # --- norms ----------------------------------------------------------------------------------------

@@ -1,33 +1,23 @@
-"""The operator layer: loads the C++ library, registers fake kernels, picks a backend per device.
+"""The operator layer: one table maps each (operator, backend) to its kernel.
 
-Backends:
-  "cpu"    C++ kernels in fusedclip._C (csrc/cpu/), for CPU tensors.
-  "cuda"   CUDA kernels in fusedclip._C (csrc/cuda/), for CUDA tensors, when _C was built with them.
-  "triton" Triton kernels (fusedclip/triton/), for CUDA tensors; for CPU tensors in a process
-           started with TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests).
-  "torch"  pure PyTorch (fusedclip/reference.py), any device, nothing compiled.
-
-Every primitive is called as ``<primitive>(backend, ...)``; "auto" is resolved per device by
-:func:`resolve_backend` before that. The C++ operators are ``torch.ops.fusedclip.*``, whose
-schemas are in csrc/fusedclip.cpp; their fake kernels below let torch.compile trace them.
+Every operator is called as ``<operator>(backend, ...)`` with a backend already resolved for the
+tensors' device (fusedclip/_backends.py: resolve_backend). The C++ operators are
+``torch.ops.fusedclip.*``, whose schemas are in csrc/fusedclip.cpp; the Triton ones
+``torch.ops.fusedclip_triton.*`` with the same schemas; fusedclip/fakes.py has their fake kernels
+for torch.compile.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fusedclip import fakes, reference
+from fusedclip._backends import _C, _CUDA_ERROR, _TRITON_ERROR, backend_status
 
 __all__ = [
-    "BACKENDS",
-    "backend_status",
-    "resolve_backend",
     "multi_tensor_norm",
     "multi_tensor_scale_",
     "multi_tensor_clamp_",
@@ -41,105 +31,6 @@ __all__ = [
     "KERNELS",
     "operator_table",
 ]
-
-logger = logging.getLogger("fusedclip")
-
-BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-
-try:
-    from fusedclip import _C  # noqa: F401  (loading it registers the operators)
-
-    _C_ERROR: Optional[str] = None
-except (ImportError, OSError) as error:  # not built, or built against another torch
-    _C = None
-    _C_ERROR = f"fusedclip._C could not be loaded ({error})"
-    logger.warning("%s; using the pure-PyTorch backend", _C_ERROR)
-
-if _C is None:
-    _CUDA_ERROR: Optional[str] = _C_ERROR
-elif not getattr(_C, "cuda_kernels", False):
-    _CUDA_ERROR = (
-        "fusedclip._C was built without its CUDA kernels (they need a torch with CUDA and nvcc "
-        "at build time)"
-    )
-else:
-    _CUDA_ERROR = None
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_kernels_run_on(index: Optional[int]) -> bool:
-    """Whether the CUDA kernels were built for the GPU's architecture (TORCH_CUDA_ARCH_LIST at
-    build time); a GPU they were not built for takes another backend under "auto"."""
-    return _C.cuda_kernels_run_on(torch.cuda.current_device() if index is None else index)
-
-
-try:
-    from fusedclip import triton as _triton
-
-    _TRITON_ERROR: Optional[str] = None
-except ImportError as error:  # triton not installed (it is optional)
-    _triton = None
-    _TRITON_ERROR = f"triton could not be imported ({error})"
-
-
-def backend_status() -> dict[str, Optional[str]]:
-    """For each backend, None when it is available, else the reason it is not."""
-    return {"cpu": _C_ERROR, "cuda": _CUDA_ERROR, "triton": _TRITON_ERROR, "torch": None}
-
-
-def _triton_runs(device: torch.device) -> bool:
-    return _TRITON_ERROR is None and _triton.ops.device_supported(device) is None
-
-
-def check_backend_name(backend: str) -> None:
-    """Raises ValueError unless backend is one of BACKENDS (for a check before the devices are
-    known; resolve_backend then says whether it runs them)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """The backend that runs tensors on ``device``, given the ``backend`` argument.
-
-    "auto" takes the FUSEDCLIP_BACKEND environment variable when it is set, else the fastest
-    backend available for the device.
-    """
-    if requested == "auto":
-        requested = os.environ.get("FUSEDCLIP_BACKEND", "auto") or "auto"
-        if requested not in BACKENDS:
-            raise ValueError(f"FUSEDCLIP_BACKEND must be one of {BACKENDS}, got {requested!r}")
-        if requested == "auto":
-            if device.type == "cpu" and _C is not None:
-                return "cpu"
-            # Between the GPU backends, auto is to take the one measured faster on the device;
-            # until a GPU has measured them, the CUDA kernels come first.
-            if device.type == "cuda" and _CUDA_ERROR is None and _cuda_kernels_run_on(device.index):
-                return "cuda"
-            if device.type == "cuda" and _triton_runs(device):
-                return "triton"
-            return "torch"
-    if requested == "cpu":
-        if _C_ERROR is not None:
-            raise RuntimeError(f"backend 'cpu' is not available: {_C_ERROR}")
-        if device.type != "cpu":
-            raise ValueError(f"backend 'cpu' runs CPU tensors only, but gradients are on {device}")
-        return "cpu"
-    if requested == "cuda":
-        if _CUDA_ERROR is not None:
-            raise RuntimeError(f"backend 'cuda' is not available: {_CUDA_ERROR}")
-        if device.type != "cuda":
-            raise ValueError(f"backend 'cuda' runs CUDA tensors only, but gradients are on {device}")
-        return "cuda"
-    if requested == "triton":
-        if _TRITON_ERROR is not None:
-            raise RuntimeError(f"backend 'triton' is not available: {_TRITON_ERROR}")
-        reason = _triton.ops.device_supported(device)
-        if reason is not None:
-            raise ValueError(f"backend 'triton' cannot run these gradients: {reason}")
-        return "triton"
-    check_backend_name(requested)  # what is left: "torch", or a name that is no backend
-    return "torch"
-
 
 # --- the operators, by backend --------------------------------------------------------------------
 

@@ -40,20 +40,38 @@ def _grads(parameters: Parameters) -> list[Tensor]:
     return _core.grads_of(_core.as_list(parameters, warn_if_empty_generator=True))
 
 
-def _clip_by_global_norm(grads: list[Tensor], norm_type: float, backend: str, coefficient):
-    """The global norm N, then every grad scaled by coefficient(N) -> (coef, new state).
+class _GlobalNormClipper:
+    """A clipper that scales every grad by a coefficient of the global norm N and a state kept on
+    the device: a subclass gives ``_coefficient(N) -> (coef, new state)`` and ``_STATE``, the
+    names of the state's attributes in that order.
 
-    Returns (N, new state); the caller stores the state only once the grads are scaled, so a call
-    that raises leaves the clipper as it was.
+    A call stores the new state only once the grads are scaled, so a call that raises leaves the
+    clipper as it was.
     """
 
-    def run(groups: list[_core.Group]):
-        total = _core.total_norm(groups, norm_type)
-        coef, state = coefficient(total)
-        _core.scale_groups(groups, coef)
-        return total, state
+    _STATE: tuple[str, ...] = ()
+    norm_type: float
+    backend: str
 
-    return _core.run_grouped(grads, backend, True, run)
+    def _coefficient(self, total: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        raise NotImplementedError
+
+    def __call__(self, parameters: Parameters) -> Tensor:
+        with torch.no_grad():
+            grads = _grads(parameters)
+            if not grads:
+                return torch.tensor(0.0)
+
+            def run(groups: list[_core.Group]):
+                total = _core.total_norm(groups, self.norm_type)
+                coef, state = self._coefficient(total)
+                _core.scale_groups(groups, coef)
+                return total, state
+
+            total, state = _core.run_grouped(grads, self.backend, True, run)
+            for name, value in zip(self._STATE, state):
+                setattr(self, name, value)
+            return total
 
 
 class AGC:
@@ -166,7 +184,7 @@ class AGC:
             return square_sum.sqrt()
 
 
-class AutoClip:
+class AutoClip(_GlobalNormClipper):
     r"""AutoClip (Seetharaman et al. 2020): clip at a percentile of the history of norms.
 
     Each call appends the global norm :math:`N_t` to a history of the last ``history_size``
@@ -177,6 +195,8 @@ class AutoClip:
 
     ``threshold`` holds the last :math:`\tau_t` (a device tensor).
     """
+
+    _STATE = ("history", "next_slot", "threshold")
 
     def __init__(self, percentile: float = 10.0, history_size: int = 1000, norm_type: Union[float, str] = 2.0,
                  *, backend: str = "auto"):
@@ -205,17 +225,8 @@ class AutoClip:
         coef = torch.where(finite, numerics.clip_coefficient(norm, threshold), 1.0)
         return coef, (history, next_slot, threshold)
 
-    def __call__(self, parameters: Parameters) -> Tensor:
-        with torch.no_grad():
-            grads = _grads(parameters)
-            if not grads:
-                return torch.tensor(0.0)
-            total, state = _clip_by_global_norm(grads, self.norm_type, self.backend, self._coefficient)
-            self.history, self.next_slot, self.threshold = state
-            return total
 
-
-class ZClip:
+class ZClip(_GlobalNormClipper):
     r"""ZClip (Kumar et al. 2025): clip spikes of the global norm by their EMA z-score.
 
     Warm-up: the first ``warmup_steps`` finite norms are collected (and clipped only to
@@ -237,6 +248,8 @@ class ZClip:
 
     ``mean``, ``var`` and ``warmup_count`` are device tensors.
     """
+
+    _STATE = ("buffer", "warmup_count", "mean", "var")
 
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, max_grad_norm: Optional[float] = None,
                  eps: float = 1e-6, warmup_steps: int = 25, clip_factor: float = 1.0,
@@ -292,15 +305,6 @@ class ZClip:
         mean = torch.where(completes, buffer.mean(), torch.where(update, ema_mean, mean))
         var = torch.where(completes, buffer.var(unbiased=False), torch.where(update, ema_var, var))
         return coef, (buffer, count, mean, var)
-
-    def __call__(self, parameters: Parameters) -> Tensor:
-        with torch.no_grad():
-            grads = _grads(parameters)
-            if not grads:
-                return torch.tensor(0.0)
-            total, state = _clip_by_global_norm(grads, self.norm_type, self.backend, self._coefficient)
-            self.buffer, self.warmup_count, self.mean, self.var = state
-            return total
 
 
 class PerTensorClip:

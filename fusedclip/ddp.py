@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fusedclip import _core, _ops, clip, distributed, numerics
+from fusedclip import _backends, _core, _ops, clip, distributed, numerics
 
 __all__ = ["NormHookState", "allreduce_norm_hook"]
 
@@ -54,7 +54,7 @@ class NormHookState:
 
     def record(self, index: int, bucket_buffer: Tensor) -> None:
         """Takes the statistic of a reduced bucket (called by the hook's callback)."""
-        backend = _ops.resolve_backend(self.backend, bucket_buffer.device)
+        backend = _backends.resolve_backend(self.backend, bucket_buffer.device)
         statistic, _ = _ops.multi_tensor_norm(backend, [bucket_buffer], self.norm_type)
         self._statistics[index] = statistic
 

@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from fusedclip import _core, _ops, numerics
+from fusedclip import _backends, _core, _ops, numerics
 
 __all__ = ["get_norms", "clip_grad_norm_with_norms_", "GradientMonitor"]
 
@@ -209,7 +209,7 @@ class GradientMonitor:
         self.writer = writer
         self.log_every = log_every
         self.log_per_parameter = log_per_parameter
-        _ops.check_backend_name(backend)
+        _backends.check_backend_name(backend)
         self.backend = backend
         self.step = global_step  # the last recorded step's number: global_step + steps recorded
         # (step, total, per-parameter norms, exploding flags, vanishing flags), device tensors; the
@@ -273,10 +273,10 @@ class GradientMonitor:
     def _backend_of_update(self, device: torch.device) -> str:
         """"cpu" (the C++ operator) where the clip's backend for the device is "cpu", else "torch"
         (the same math in ATen ops, on any device)."""
-        if device.type != "cpu" or _ops._C is None:
+        if device.type != "cpu" or _backends._C is None:
             return "torch"
         try:
-            return "cpu" if _ops.resolve_backend(self.backend, device) == "cpu" else "torch"
+            return "cpu" if _backends.resolve_backend(self.backend, device) == "cpu" else "torch"
         except (RuntimeError, ValueError):  # a GPU-only backend: the norms came from elsewhere
             return "torch"
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from fusedclip import _core, _ops, clip, numerics
+from fusedclip import _backends, _core, _ops, clip, numerics
 
 __all__ = ["ClipOptimizer"]
 
@@ -81,11 +81,11 @@ class ClipOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.max_norm = _core.non_negative(max_norm, "max_norm")
         self.norm_type = _core.norm_type(norm_type)
-        _ops.check_backend_name(backend)
+        _backends.check_backend_name(backend)
         # Raises, with the reason, for a backend that cannot run the parameters' devices.
         devices = {p.device for group in optimizer.param_groups for p in group["params"]}
         for device in sorted(devices, key=str):
-            _ops.resolve_backend(backend, device)
+            _backends.resolve_backend(backend, device)
         self.backend = backend
         if not isinstance(fold, bool):
             raise TypeError(f"fold must be True or False, got {fold!r}")

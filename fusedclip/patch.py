@@ -25,7 +25,7 @@ from typing import Callable, Optional, Union
 import torch.nn.utils
 import torch.nn.utils.clip_grad
 
-from fusedclip import clip, dispatch
+from fusedclip import clip, timm_compat
 from fusedclip.adaptive import AGC
 
 __all__ = [
@@ -134,7 +134,7 @@ def _timm_dispatch_clip_grad(
     if mode == "agc":
         _timm_adaptive_clip_grad(parameters, value, norm_type=norm_type)
     elif mode in ("norm", "value"):
-        dispatch.dispatch_clip_grad(parameters, value, mode=mode, norm_type=norm_type)
+        timm_compat.dispatch_clip_grad(parameters, value, mode=mode, norm_type=norm_type)
     else:
         _timm_originals["dispatch_clip_grad"](parameters, value, mode, norm_type)
 

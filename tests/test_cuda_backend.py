@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import _ops
+from fusedclip import _backends, _ops
 from conftest import (
     assert_bitwise_equal,
     assert_norm_close,
@@ -40,7 +40,7 @@ from conftest import (
 )
 
 ops = torch.ops.fusedclip
-CUDA_BUILT = _ops._CUDA_ERROR is None
+CUDA_BUILT = _backends._CUDA_ERROR is None
 
 SHAPES = [(33,), (0,), (4, 257), (1,), (70001,), (2, 0, 3), (5, 6, 7), (131075,)]
 STAT_NORM_TYPES = (1.0, 2.0, 3.5, 0.5, math.inf, -math.inf, 0.0, -2.0)
@@ -67,16 +67,16 @@ class single_launch:
         self.limit = 2**62 if enabled else 0
 
     def __enter__(self):
-        self.previous = _ops._C.cuda_single_launch_max_bytes()
-        _ops._C.set_cuda_single_launch_max_bytes(self.limit)
+        self.previous = _backends._C.cuda_single_launch_max_bytes()
+        _backends._C.set_cuda_single_launch_max_bytes(self.limit)
 
     def __exit__(self, *exc):
-        _ops._C.set_cuda_single_launch_max_bytes(self.previous)
+        _backends._C.set_cuda_single_launch_max_bytes(self.previous)
 
 
 def test_kernels_run_on_this_gpu_and_auto_takes_them():
-    assert _ops._C.cuda_kernels_run_on(torch.cuda.current_device())
-    assert _ops.resolve_backend("auto", torch.device("cuda")) == "cuda"
+    assert _backends._C.cuda_kernels_run_on(torch.cuda.current_device())
+    assert _backends.resolve_backend("auto", torch.device("cuda")) == "cuda"
 
 
 @pytest.mark.parametrize("norm_type", STAT_NORM_TYPES, ids=norm_id)

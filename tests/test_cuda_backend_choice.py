@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import _ops
+from fusedclip import _backends, _ops
 from conftest import assert_bitwise_equal, clone_all, make_grads, params_with
 
-CUDA_BUILT = _ops._C is not None and bool(_ops._C.cuda_kernels)
+CUDA_BUILT = _backends._C is not None and bool(_backends._C.cuda_kernels)
 
 
 def test_backend_status_says_why_cuda_is_missing():
@@ -39,14 +39,14 @@ def test_cuda_backend_refuses_cpu_tensors():
 def test_auto_takes_cuda_for_cuda_devices_when_built():
     triton_available = fusedclip.backend_status()["triton"] is None
     expected = "cuda" if CUDA_BUILT else ("triton" if triton_available else "torch")
-    assert _ops.resolve_backend("auto", torch.device("cuda", 0)) == expected
-    assert _ops.resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")
+    assert _backends.resolve_backend("auto", torch.device("cuda", 0)) == expected
+    assert _backends.resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")
 
 
 def test_gpu_backend_is_resolved_per_device_not_for_the_cpu(monkeypatch):
     # Naming a GPU backend must not be checked against the CPU fast path: the grads' own device
     # decides (here a meta device, which the cuda backend refuses with the grads' device named).
-    monkeypatch.setattr(_ops, "_CUDA_ERROR", None)
+    monkeypatch.setattr(_backends, "_CUDA_ERROR", None)
     grads = [torch.randn(4, device="meta")]
     for call in (
         lambda: fusedclip.clip_grad_norm_(params_with(grads), 0.01, backend="cuda"),

@@ -335,9 +335,9 @@ def _operator_refusals():
          "inv_scale"),
         ("unscale int inv_scale", lambda g: ops.multi_tensor_unscale_norm(g, torch.tensor(1), 2.0), TypeError,
          "inv_scale"),
-        ("_of inference grad", lambda g: fusedclip._ops._C.clip_grad_norm_of(params_with(g + [frozen]), 0.01, 2.0),
+        ("_of inference grad", lambda g: fusedclip._backends._C.clip_grad_norm_of(params_with(g + [frozen]), 0.01, 2.0),
          ValueError, "inference tensor"),
-        ("_of complex clamp", lambda g: fusedclip._ops._C.clamp_grads_of(params_with(g + [complex_grad]), -0.1, 0.1),
+        ("_of complex clamp", lambda g: fusedclip._backends._C.clamp_grads_of(params_with(g + [complex_grad]), -0.1, 0.1),
          TypeError, "complex"),
     ]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import _ops
+from fusedclip import _backends, _ops
 from conftest import make_grads, oracle_norm, params_with
 
 
@@ -69,9 +69,9 @@ import logging, math
 logging.basicConfig(level=logging.WARNING)
 import torch
 import fusedclip
-from fusedclip import _ops
+from fusedclip import _backends, _ops
 
-assert _ops._C is None and "hidden by the test" in _ops._C_ERROR
+assert _backends._C is None and "hidden by the test" in _backends._C_ERROR
 available = fusedclip.available_backends()
 assert "cpu" not in available and available[-1] == "torch", available
 assert fusedclip.backend_status()["cpu"] is not None
@@ -152,7 +152,7 @@ def _spy_backend(monkeypatch):
 def test_env_selects_the_backend_for_auto(monkeypatch, value, expected):
     if value is not None:
         monkeypatch.setenv("FUSEDCLIP_BACKEND", value)
-    assert _ops.resolve_backend("auto", torch.device("cpu")) == expected
+    assert _backends.resolve_backend("auto", torch.device("cpu")) == expected
     seen = _spy_backend(monkeypatch)
     grads = make_grads([(40,), (3, 3)], torch.float32, seed=70)
     truth = oracle_norm(grads, 2.0)
@@ -171,9 +171,9 @@ def test_env_does_not_override_an_explicit_backend(monkeypatch):
 
 
 def test_env_torch_on_meta_and_auto_on_meta(monkeypatch):
-    assert _ops.resolve_backend("auto", torch.device("meta")) == "torch"
+    assert _backends.resolve_backend("auto", torch.device("meta")) == "torch"
     monkeypatch.setenv("FUSEDCLIP_BACKEND", "torch")
-    assert _ops.resolve_backend("auto", torch.device("meta")) == "torch"
+    assert _backends.resolve_backend("auto", torch.device("meta")) == "torch"
 
 
 @pytest.mark.parametrize("value", ["gpu", "CPU", "triton-fast", " torch"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import _ops
+from fusedclip import _backends, _ops
 from conftest import (
     BACKENDS,
     assert_bitwise_equal,
@@ -279,7 +279,7 @@ def test_operator_table_says_what_runs_each_operator():
 
     table = _ops.operator_table()
     assert set(table) == set(_ops.NATIVE_BACKENDS) == set(_ops.KERNELS)
-    status = _ops.backend_status()
+    status = _backends.backend_status()
     for op, row in table.items():
         for backend, what in row.items():
             if status[backend] is not None:

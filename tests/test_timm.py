@@ -155,7 +155,7 @@ class Spy:
 
 def _spies(monkeypatch) -> dict[str, Spy]:
     """Spies on fusedclip's clip_grad_norm_ and clip_grad_value_ (called by attribute by
-    fusedclip.dispatch) and AGC, recording the clip value each was given."""
+    fusedclip.timm_compat) and AGC, recording the clip value each was given."""
     return {
         "norm": Spy(monkeypatch, fusedclip.clip, "clip_grad_norm_",
                     lambda parameters, max_norm, norm_type=2.0, **kw: (max_norm, norm_type)),

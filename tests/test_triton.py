@@ -22,7 +22,7 @@ import torch
 import triton  # noqa: F401  (a test dependency: missing, the suite fails here)
 
 import fusedclip
-from fusedclip import _ops
+from fusedclip import _backends, _ops
 from conftest import (
     assert_bitwise_equal,
     assert_norm_close,
@@ -76,7 +76,7 @@ def cpu(tensors):
     return [t.cpu() for t in tensors]
 
 
-CHUNK = 16384  # fusedclip/triton/ops.py's CHUNK
+CHUNK = 16384  # fusedclip/triton/tables.py's CHUNK
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ALL_DTYPES = FLOATS + [torch.complex64, torch.complex128]
 STAT_NORM_TYPES = (2.0, 1.0, 3.5, 0.5, -2.0, math.inf, -math.inf, 0.0)
@@ -110,9 +110,9 @@ def test_interpreted_suite():
 def test_backend_status_and_resolution():
     assert fusedclip.backend_status()["triton"] is None
     assert "triton" in fusedclip.available_backends()
-    assert _ops.resolve_backend("auto", torch.device("cpu")) == "cpu"
+    assert _backends.resolve_backend("auto", torch.device("cpu")) == "cpu"
     if INTERPRETED:
-        assert _ops.resolve_backend("triton", torch.device("cpu")) == "triton"
+        assert _backends.resolve_backend("triton", torch.device("cpu")) == "triton"
     else:
         with pytest.raises(ValueError, match="backend 'triton' cannot run these gradients.*"
                                              "TRITON_INTERPRET=1"):
@@ -396,7 +396,7 @@ def test_dense_non_contiguous_grads_are_spans(device, layout):
     """A grad that fills its memory exactly once (channels_last, transposed) is one flat span:
     never copied, its table cached, left bit for bit when nothing is clipped, and clipped in
     place when it is."""
-    from fusedclip.triton import ops as triton_ops
+    from fusedclip.triton import tables as triton_tables
 
     base = on(device, make_grads([(3, 5, 4, 7), (CHUNK + 9, 3)], torch.float32, seed=40))
     if layout == "channels_last":
@@ -404,16 +404,16 @@ def test_dense_non_contiguous_grads_are_spans(device, layout):
     else:
         grads = [base[0].permute(3, 1, 0, 2), base[1].t()]
     assert not any(g.is_contiguous() for g in grads)
-    operands = triton_ops._prepare(grads, "test", writes=True)
+    operands = triton_tables.prepare(grads, "test", writes=True)
     assert not operands.write_back and not operands.temporaries
     originals = clone_all(grads)
     truth = oracle_norm(cpu(originals), 2.0)
     total = fusedclip.clip_grad_norm_(params_with(grads), 2.0 * truth, backend="triton")
     assert_norm_close(total.cpu(), truth, 1e-5)
     assert_bitwise_equal(cpu(grads), cpu(originals))
-    cached = len(triton_ops._cache)
+    cached = len(triton_tables._cache)
     total = fusedclip.clip_grad_norm_(params_with(grads), 0.5 * truth, backend="triton")
-    assert len(triton_ops._cache) == cached  # the same list: a hit
+    assert len(triton_tables._cache) == cached  # the same list: a hit
     assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(cpu(originals), total.cpu(), 0.5 * truth))
 
 
@@ -498,13 +498,13 @@ def test_grads_sharing_memory_scaled_once_per_occurrence(device):
 
 def test_table_cache_follows_addresses(device):
     """A list seen before reuses its table; new tensors at other addresses get their own."""
-    from fusedclip.triton import ops as triton_ops
+    from fusedclip.triton import tables as triton_tables
 
     grads = on(device, make_grads([(100,), (CHUNK + 1,)], torch.float32, seed=19))
     first = float(fusedclip.get_total_norm(grads, backend="triton"))
-    cached = len(triton_ops._cache)
+    cached = len(triton_tables._cache)
     assert float(fusedclip.get_total_norm(grads, backend="triton")) == first
-    assert len(triton_ops._cache) == cached
+    assert len(triton_tables._cache) == cached
     for seed in range(3):
         other = on(device, make_grads([(100,), (CHUNK + 1,)], torch.float32, seed=20 + seed))
         assert_norm_close(fusedclip.get_total_norm(other, backend="triton").cpu(),
@@ -513,18 +513,18 @@ def test_table_cache_follows_addresses(device):
 
 def test_cache_hit_skips_checks_and_table(device, monkeypatch):
     """A list seen before takes its operands from the cache: nothing is checked or built."""
-    from fusedclip.triton import ops as triton_ops
+    from fusedclip.triton import tables as triton_tables
 
     # An empty cache: a table depends only on addresses, sizes and dtypes, so an earlier test's
     # list at the same (reused) addresses would otherwise make the last call below a hit.
-    monkeypatch.setattr(triton_ops, "_cache", collections.OrderedDict())
+    monkeypatch.setattr(triton_tables, "_cache", collections.OrderedDict())
     grads = on(device, make_grads([(100,), (CHUNK + 1,), (7, 3)], torch.float32, seed=47))
     first = torch.ops.fusedclip_triton.multi_tensor_norm(grads, 2.0)[0]
 
     def refuse(*args, **kwargs):
         raise AssertionError("operands built on a cache hit")
 
-    monkeypatch.setattr(triton_ops, "_prepare", refuse)
+    monkeypatch.setattr(triton_tables, "prepare", refuse)
     assert torch.equal(torch.ops.fusedclip_triton.multi_tensor_norm(grads, 2.0)[0], first)
     with pytest.raises(AssertionError, match="cache hit"):  # another list: a miss
         torch.ops.fusedclip_triton.multi_tensor_norm(grads[:2], 2.0)
@@ -602,7 +602,7 @@ def test_compile_fullgraph(device):
 @pytest.mark.cuda
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
 def test_auto_picks_triton_for_cuda_tensors():
-    assert _ops.resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert _backends.resolve_backend("auto", torch.device("cuda")) == "triton"
 
 
 @pytest.mark.cuda
@@ -636,14 +636,14 @@ def test_clip_in_a_cuda_graph():
         for _ in range(2):  # warm-up off the default stream, as capture requires
             fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
     torch.cuda.current_stream().wait_stream(stream)
-    from fusedclip.triton import ops as triton_ops
+    from fusedclip.triton import tables as triton_tables
 
-    warmed = list(triton_ops._cache.values())
+    warmed = list(triton_tables._cache.values())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
-    assert any(triton_ops._captured[-1] is o for o in warmed)  # the warm-up's table
-    for seed in range(triton_ops._CACHE_SIZE + 4):  # evicts it from the cache; reuses memory
+    assert any(triton_tables._captured[-1] is o for o in warmed)  # the warm-up's table
+    for seed in range(triton_tables._CACHE_SIZE + 4):  # evicts it from the cache; reuses memory
         other = on(torch.device("cuda"), make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=200 + seed))
         fusedclip.get_total_norm(other, backend="triton")
     for scale in (1.0, 3.0, 1e-9):  # clips, clips, does not clip
@@ -663,7 +663,7 @@ def test_cuda_graph_tables_outlive_the_cache():
     """A graph captured on grads never used before builds their table during capture (copied
     from pinned memory at each replay): kept apart (the cache is untouched), it still replays
     correctly after the cache has turned over."""
-    from fusedclip.triton import ops as triton_ops
+    from fusedclip.triton import tables as triton_tables
 
     cuda = torch.device("cuda")
     source = make_grads(SHAPES, torch.float32, seed=48)
@@ -671,14 +671,14 @@ def test_cuda_graph_tables_outlive_the_cache():
     torch.cuda.synchronize()
     grads = on(cuda, source)
     params = params_with(grads)
-    cached = set(triton_ops._cache)
-    captured = len(triton_ops._captured)
+    cached = set(triton_tables._cache)
+    captured = len(triton_tables._captured)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
-    assert set(triton_ops._cache) == cached and len(triton_ops._captured) == captured + 1
-    assert triton_ops._captured[-1].table.host_copy.is_pinned()
-    for seed in range(triton_ops._CACHE_SIZE + 4):  # evicts every entry; reuses freed memory
+    assert set(triton_tables._cache) == cached and len(triton_tables._captured) == captured + 1
+    assert triton_tables._captured[-1].table.host_copy.is_pinned()
+    for seed in range(triton_tables._CACHE_SIZE + 4):  # evicts every entry; reuses freed memory
         other = on(cuda, make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=100 + seed))
         fusedclip.get_total_norm(other, backend="triton")
     for scale in (1.0, 1e-9):  # clips, does not clip
@@ -696,17 +696,17 @@ def test_cuda_graph_tables_outlive_the_cache():
 def test_tables_are_per_stream():
     """The first use of a list on another stream builds that stream's own table (ordered after
     its own copy), and gives the same result."""
-    from fusedclip.triton import ops as triton_ops
+    from fusedclip.triton import tables as triton_tables
 
     grads = on(torch.device("cuda"), make_grads(SHAPES, torch.float32, seed=49))
     first = fusedclip.get_total_norm(grads, backend="triton")
-    cached = len(triton_ops._cache)
+    cached = len(triton_tables._cache)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         second = fusedclip.get_total_norm(grads, backend="triton")
     torch.cuda.current_stream().wait_stream(stream)
-    assert len(triton_ops._cache) == min(cached + 1, triton_ops._CACHE_SIZE)
+    assert len(triton_tables._cache) == min(cached + 1, triton_tables._CACHE_SIZE)
     assert torch.equal(first, second)
 
 

@@ -1,7 +1,7 @@
 """Triton kernels of backend "triton": multi-tensor norm, scale and clamp over a device table.
 
 Every kernel sees a list of tensors of one dtype as chunks of at most ``CHUNK`` elements, one
-program per chunk, described by a device table of int64 (built in fusedclip/triton/ops.py):
+program per chunk, described by a device table of int64 (built in fusedclip/triton/tables.py):
 
     table[c]                 address of chunk c's first element (chunks of every dtype, in order)
     table[n_chunks + c]      its length (1 .. CHUNK)
@@ -83,6 +83,30 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _reduce_lanes(acc, nans, KIND: tl.constexpr):
+    """acc's lanes reduced by KIND's combine in a fixed tree; nan when a lane counted a nan
+    (max and min drop nan in hardware)."""
+    if KIND == MAX:
+        s = tl.reduce(acc, 0, _MAX)
+    elif KIND == MIN:
+        s = tl.reduce(acc, 0, _MIN)
+    else:
+        s = tl.reduce(acc, 0, _SUM)
+    return tl.where(tl.reduce(nans, 0, _SUM) > 0, float("nan"), s)
+
+
+@triton.jit
+def _chunk(table, n_chunks, chunk, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """(pointer to chunk's first element, its length) from the table."""
+    address = tl.load(table + chunk)
+    n = tl.load(table + n_chunks + chunk)
+    x_ptr = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+    return x_ptr, n
+
+
+@triton.jit
 def _combine_partials(partials, count, KIND: tl.constexpr, BLOCK: tl.constexpr, VOLATILE: tl.constexpr):
     """The float64 partials partials[0:count] combined in a fixed order (lane-wise over blocks of
     BLOCK, then a fixed tree), nan if any is nan; the identity (0, or inf for min) when count is 0.
@@ -105,13 +129,7 @@ def _combine_partials(partials, count, KIND: tl.constexpr, BLOCK: tl.constexpr, 
             v = tl.load(partials + start + lanes, mask=mask, other=0.0, volatile=VOLATILE)
             total += v
         nans += (v != v).to(tl.int32)
-    if KIND == MAX:
-        s = tl.reduce(total, 0, _MAX)
-    elif KIND == MIN:
-        s = tl.reduce(total, 0, _MIN)
-    else:
-        s = tl.reduce(total, 0, _SUM)
-    return tl.where(tl.reduce(nans, 0, _SUM) > 0, float("nan"), s)
+    return _reduce_lanes(total, nans, KIND)
 
 
 @triton.jit(do_not_specialize=["n_chunks", "first_chunk", "p_bits", "max_norm_bits", "eps_bits"])
@@ -149,11 +167,7 @@ def norm_chunks(
     ``min(max_norm * (1 / (norm + 1e-6)), 1)`` in OUT, nan kept.
     """
     chunk = first_chunk + tl.program_id(0)
-    address = tl.load(table + chunk)
-    n = tl.load(table + n_chunks + chunk)
-    x_ptr = address.to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        x_ptr = tl.multiple_of(x_ptr, 16)
+    x_ptr, n = _chunk(table, n_chunks, chunk, DTYPE, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     if KIND == MIN:
         acc = tl.full([BLOCK], float("inf"), ACC)
@@ -184,14 +198,7 @@ def norm_chunks(
         else:
             acc = tl.minimum(acc, tl.where(mask, a, float("inf")))
             nans += (a != a).to(tl.int32)
-    if KIND == MAX:
-        s = tl.reduce(acc, 0, _MAX)
-    elif KIND == MIN:
-        s = tl.reduce(acc, 0, _MIN)
-    else:
-        s = tl.reduce(acc, 0, _SUM)
-    if KIND == MAX or KIND == MIN:
-        s = tl.where(tl.reduce(nans, 0, _SUM) > 0, float("nan"), s)
+    s = _reduce_lanes(acc, nans, KIND)
     tl.store(partials + chunk, s.to(ACC).to(tl.float64))
 
     # Every thread's store lands before the ticket is taken (barrier + the atomic's release).
@@ -253,12 +260,7 @@ def scale_chunks(
     """
     c = tl.load(coef)
     if (c < 1.0) | (c != c):
-        chunk = first_chunk + tl.program_id(0)
-        address = tl.load(table + chunk)
-        n = tl.load(table + n_chunks + chunk)
-        x_ptr = address.to(tl.pointer_type(DTYPE))
-        if ALIGNED:
-            x_ptr = tl.multiple_of(x_ptr, 16)
+        x_ptr, n = _chunk(table, n_chunks, first_chunk + tl.program_id(0), DTYPE, ALIGNED)
         lanes = tl.arange(0, BLOCK)
         factor = c.to(ACC)
         for start in range(0, n, BLOCK):
@@ -280,11 +282,7 @@ def clamp_chunks(
     """x = min(max(x, lo), hi) in place, one pass, compared in ACC with the bounds rounded to
     ACC; nan stays nan (comparisons with nan are false)."""
     chunk = first_chunk + tl.program_id(0)
-    address = tl.load(table + chunk)
-    n = tl.load(table + n_chunks + chunk)
-    x_ptr = address.to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        x_ptr = tl.multiple_of(x_ptr, 16)
+    x_ptr, n = _chunk(table, n_chunks, chunk, DTYPE, ALIGNED)
     lo = lo_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
     hi = hi_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
     lanes = tl.arange(0, BLOCK)
