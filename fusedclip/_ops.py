@@ -3,8 +3,8 @@
 Every operator is called as ``<operator>(backend, ...)`` with a backend already resolved for the
 tensors' device (fusedclip/_backends.py: resolve_backend). The C++ operators are
 ``torch.ops.fusedclip.*``, whose schemas are in csrc/fusedclip.cpp; the Triton ones
-``torch.ops.fusedclip_triton.*`` with the same schemas; fusedclip/fakes.py has their fake kernels
-for torch.compile.
+``torch.ops.fusedclip_triton.*`` with the same schemas, called through fusedclip/triton/ops.py
+(eagerly without the dispatcher); fusedclip/fakes.py has their fake kernels for torch.compile.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fusedclip import fakes, reference
-from fusedclip._backends import _C, _CUDA_ERROR, _TRITON_ERROR, backend_status
+from fusedclip._backends import _C, _CUDA_ERROR, _TRITON_ERROR, _triton, backend_status
 
 __all__ = [
     "multi_tensor_norm",
@@ -58,7 +58,7 @@ def _kernel_table() -> dict[str, dict[str, object]]:
     if _CUDA_ERROR is None:
         namespaces["cuda"] = torch.ops.fusedclip
     if _TRITON_ERROR is None:
-        namespaces["triton"] = torch.ops.fusedclip_triton
+        namespaces["triton"] = _triton.ops  # its operators run eagerly without the dispatcher
     return {
         op: {b: getattr(namespaces[b] if b in native else reference, op) for b in namespaces}
         for op, native in NATIVE_BACKENDS.items()

@@ -125,6 +125,10 @@ def clip_grads_with_norm_(
         if coef.device.type == "cpu" and _core.cpu_fast_path(backend):  # never copy a device scalar
             if _core.on_cpu_grads(_ops.scale_grads_of_params_, params, coef):
                 return
+        group = _core.one_device_group(params, foreach, backend, writes=True)
+        if group is not None and group[1] != "cpu" and coef.device == group[0]:
+            _ops.multi_tensor_scale_(group[1], group[2], coef)
+            return
         grads = _core.grads_of(params)
         if not grads:
             return
@@ -192,10 +196,15 @@ def clip_grad_norm_(
         norm_type = _core.norm_type(norm_type)
         params = _core.as_list(parameters, warn_if_empty_generator=True)
         fused = isinstance(max_norm, float) and not error_if_nonfinite  # the fused operators' max_norm
-        if process_group is None and fused and _core.cpu_fast_path(backend):
-            total = _core.on_cpu_grads(_ops.clip_grad_norm_of_params, params, max_norm, norm_type)
-            if total is not None:
-                return total
+        if process_group is None and fused:
+            if _core.cpu_fast_path(backend):
+                total = _core.on_cpu_grads(_ops.clip_grad_norm_of_params, params, max_norm, norm_type)
+                if total is not None:
+                    return total
+            group = _core.one_device_group(params, foreach, backend, writes=True)
+            if group is not None and group[1] != "cpu":  # "cpu" took or refused them above
+                _, group_backend, ts = group
+                return _ops.clip_grad_norm_(group_backend, ts, max_norm, norm_type)
         grads = _core.grads_of(params)
         if _is_distributed(grads, process_group):
             return distributed.clip_grad_norm_(
@@ -233,6 +242,10 @@ def clip_grad_value_(
         if _core.cpu_fast_path(backend):
             if _core.on_cpu_grads(_ops.clamp_grads_of_params_, params, -clip_value, clip_value):
                 return
+        group = _core.one_device_group(params, foreach, backend, writes=True, real_only=True)
+        if group is not None and group[1] != "cpu":
+            _ops.multi_tensor_clamp_(group[1], group[2], -clip_value, clip_value)
+            return
         grads = _core.grads_of(params)
         if not grads:
             return

@@ -100,7 +100,7 @@ def test_interpreted_suite():
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
-         os.path.abspath(__file__)],
+         os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_fast_paths.py")],
         env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, f"{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
