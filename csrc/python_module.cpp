@@ -137,34 +137,51 @@ bool plain_cpu_tensors(const py::list& tensors) {
   return true;
 }
 
-// The defined grads of params, as a list, when they are plain tensors on one device that the
-// operators take as they are (fusedclip::check_tensors; with writes, check_writable); None
-// otherwise (the Python path then validates, groups and says why); None too with real_only when
-// a grad is complex. The GPU backends' fast path: one C++ call collects and checks 1,000 grads in
-// microseconds.
-py::object grads_on_one_device(const py::list& params, bool writes, bool real_only) {
-  auto grads = grads_of(params, std::nullopt);
-  if (!grads || grads->empty()) return py::none();
-  if (real_only) {
-    for (const at::Tensor& g : *grads) {
-      if (g.is_complex()) return py::none();
-    }
+// Whether the operators take tensors as they are: plain tensors (see not_plain_keys) on one
+// device that pass fusedclip::check_tensors (with writes, check_writable), real when real_only.
+bool operators_take(const std::vector<at::Tensor>& tensors, bool writes, bool real_only) {
+  if (tensors.empty()) return false;
+  for (const at::Tensor& t : tensors) {
+    if (!t.defined() || t.key_set().has_any(not_plain_keys()) || (real_only && t.is_complex())) return false;
   }
   try {
-    const c10::DeviceType type = (*grads)[0].device().type();
+    const c10::DeviceType type = tensors[0].device().type();
     if (writes) {
-      fusedclip::check_writable(*grads, "grads_on_one_device", type);
+      fusedclip::check_writable(tensors, "fast path", type);
     } else {
-      fusedclip::check_tensors(*grads, "grads_on_one_device", type);
+      fusedclip::check_tensors(tensors, "fast path", type);
     }
   } catch (const c10::Error&) {
-    return py::none();
+    return false;
   }
+  return true;
+}
+
+// The defined grads of params, as a list, when the operators take them as they are (see
+// operators_take); None otherwise (the Python path then validates, groups and says why). The
+// GPU backends' fast path: one C++ call collects and checks 1,000 grads in microseconds.
+py::object grads_on_one_device(const py::list& params, bool writes, bool real_only) {
+  auto grads = grads_of(params, std::nullopt);
+  if (!grads || !operators_take(*grads, writes, real_only)) return py::none();
   py::list out(grads->size());
   for (size_t i = 0; i < grads->size(); ++i) {
     out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap((*grads)[i]));
   }
   return out;
+}
+
+// Whether the operators take the tensors of the list as they are (see operators_take): the
+// general path's Python checks of every tensor in one call (fusedclip/_core.py group_by_device).
+bool tensors_on_one_device(const py::list& tensors, bool writes, bool real_only) {
+  const Py_ssize_t n = PyList_GET_SIZE(tensors.ptr());
+  std::vector<at::Tensor> list;
+  list.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(tensors.ptr(), i);
+    if (!THPVariable_Check(item)) return false;
+    list.push_back(THPVariable_Unpack(item));
+  }
+  return operators_take(list, writes, real_only);
 }
 
 // Bumps the version counter of every tensor of the list, as an in-place operator's
@@ -237,6 +254,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("triton_table_key", &triton_table_key, py::arg("tensors"));
   m.def("plain_cpu_tensors", &plain_cpu_tensors, py::arg("tensors"));
   m.def("grads_on_one_device", &grads_on_one_device, py::arg("params"), py::arg("writes"),
+        py::arg("real_only") = false);
+  m.def("tensors_on_one_device", &tensors_on_one_device, py::arg("tensors"), py::arg("writes"),
         py::arg("real_only") = false);
   m.def("bump_versions", &bump_versions_of, py::arg("tensors"));
 }

@@ -167,3 +167,20 @@ def test_triton_refusals_leave_the_general_path_to_explain():
     with pytest.raises(ValueError, match="gradient 1 has internally overlapping memory"):
         fusedclip.clip_grad_norm_(params, 1e-3, backend="triton")
     torch.testing.assert_close(grads, before)
+
+
+# --- the general path's grouping --------------------------------------------------------------------
+
+
+def test_group_by_device_takes_one_device_in_one_call(monkeypatch):
+    """Grads the operators take, on one device, are one group without the Python checks; the
+    others get them (and their precise errors)."""
+    grads = [torch.randn(3), torch.randn(4, dtype=torch.float64)]
+    monkeypatch.setattr(_core, "check_writable", lambda i, g: pytest.fail("the Python checks ran"))
+    [(device, backend, group)] = _core.group_by_device(grads, None, "auto", writes=True)
+    assert device.type == "cpu" and backend in ("cpu", "torch") and group is grads
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="gradient 1 has internally overlapping memory"):
+        _core.group_by_device([torch.randn(3), torch.randn(1).expand(3)], None, "auto", writes=True)
+    mixed = _core.group_by_device([torch.randn(3), torch.randn(3, device="meta")], None, "auto", writes=True)
+    assert [d.type for d, _, _ in mixed] == ["cpu", "meta"]
