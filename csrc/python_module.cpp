@@ -137,6 +137,60 @@ bool plain_cpu_tensors(const py::list& tensors) {
   return true;
 }
 
+// --- the operators called straight (fusedclip/_eager.py) -------------------------------------
+// fusedclip::<op> on a Python list of tensors, below the autograd keys (see the top of this
+// file), without the GIL: what torch.ops.fusedclip.<op> does, without the Python argument
+// parser and autograd's boxed fallback for the list. The kernels bump what they write.
+
+std::vector<at::Tensor> tensors_of(const py::list& list) {
+  const Py_ssize_t n = PyList_GET_SIZE(list.ptr());
+  std::vector<at::Tensor> tensors;
+  tensors.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(list.ptr(), i);
+    TORCH_CHECK_TYPE(THPVariable_Check(item), "fusedclip: item ", i, " of the list is not a tensor");
+    tensors.push_back(THPVariable_Unpack(item));
+  }
+  return tensors;
+}
+
+using TwoTensors = std::tuple<at::Tensor, at::Tensor>;
+
+void def_direct_operators(py::module_& m) {
+  m.def("multi_tensor_norm", [](const py::list& t, double p, bool per_tensor) {
+    static const auto op = find_op<TwoTensors(at::TensorList, double, bool)>("fusedclip::multi_tensor_norm");
+    return call_below_autograd(op, tensors_of(t), p, per_tensor);
+  });
+  m.def("multi_tensor_scale_", [](const py::list& t, const at::Tensor& coef) {
+    static const auto op = find_op<void(at::TensorList, const at::Tensor&)>("fusedclip::multi_tensor_scale_");
+    return call_below_autograd(op, tensors_of(t), coef);
+  });
+  m.def("multi_tensor_clamp_", [](const py::list& t, double lo, double hi) {
+    static const auto op = find_op<void(at::TensorList, double, double)>("fusedclip::multi_tensor_clamp_");
+    return call_below_autograd(op, tensors_of(t), lo, hi);
+  });
+  m.def("clip_grad_norm_", [](const py::list& t, double max_norm, double p) {
+    static const auto op = find_op<at::Tensor(at::TensorList, double, double)>("fusedclip::clip_grad_norm_");
+    return call_below_autograd(op, tensors_of(t), max_norm, p);
+  });
+  m.def("multi_tensor_agc_", [](const py::list& grads, const py::list& params, double factor, double eps) {
+    static const auto op = find_op<TwoTensors(at::TensorList, at::TensorList, double, double)>("fusedclip::multi_tensor_agc_");
+    return call_below_autograd(op, tensors_of(grads), tensors_of(params), factor, eps);
+  });
+  m.def("multi_tensor_scale_per_tensor_", [](const py::list& t, const at::Tensor& coefs) {
+    static const auto op = find_op<void(at::TensorList, const at::Tensor&)>("fusedclip::multi_tensor_scale_per_tensor_");
+    return call_below_autograd(op, tensors_of(t), coefs);
+  });
+  m.def("clip_grad_norm_with_norms_", [](const py::list& t, double max_norm, double p) {
+    static const auto op = find_op<TwoTensors(at::TensorList, double, double)>("fusedclip::clip_grad_norm_with_norms_");
+    return call_below_autograd(op, tensors_of(t), max_norm, p);
+  });
+  m.def("multi_tensor_unscale_norm", [](const py::list& t, const at::Tensor& inv_scale, double p) {
+    static const auto op = find_op<TwoTensors(at::TensorList, const at::Tensor&, double)>("fusedclip::multi_tensor_unscale_norm");
+    return call_below_autograd(op, tensors_of(t), inv_scale, p);
+  });
+}
+
 // Whether the operators take tensors as they are: plain tensors (see not_plain_keys) on one
 // device that pass fusedclip::check_tensors (with writes, check_writable), real when real_only.
 bool operators_take(const std::vector<at::Tensor>& tensors, bool writes, bool real_only) {
@@ -258,4 +312,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tensors_on_one_device", &tensors_on_one_device, py::arg("tensors"), py::arg("writes"),
         py::arg("real_only") = false);
   m.def("bump_versions", &bump_versions_of, py::arg("tensors"));
+  py::module_ direct = m.def_submodule("direct", "fusedclip::<op> called straight on a list (fusedclip/_eager.py)");
+  def_direct_operators(direct);
 }

@@ -3,8 +3,9 @@
 Every operator is called as ``<operator>(backend, ...)`` with a backend already resolved for the
 tensors' device (fusedclip/_backends.py: resolve_backend). The C++ operators are
 ``torch.ops.fusedclip.*``, whose schemas are in csrc/fusedclip.cpp; the Triton ones
-``torch.ops.fusedclip_triton.*`` with the same schemas, called through fusedclip/triton/ops.py
-(eagerly without the dispatcher); fusedclip/fakes.py has their fake kernels for torch.compile.
+``torch.ops.fusedclip_triton.*`` with the same schemas (fusedclip/triton/ops.py). Both are
+called straight in eager mode and through torch.ops where torch traces (fusedclip/_eager.py);
+fusedclip/fakes.py has their fake kernels for torch.compile.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fusedclip import fakes, reference
+from fusedclip._eager import EagerOperator
 from fusedclip._backends import _C, _CUDA_ERROR, _TRITON_ERROR, _triton, backend_status
 
 __all__ = [
@@ -50,17 +52,26 @@ NATIVE_BACKENDS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _cpp_operator(op: str):
+    """A C++ operator as fusedclip calls it: fusedclip._C.direct.<op> in eager mode (see
+    fusedclip/_eager.py), torch.ops.fusedclip.<op> where torch traces, or where no direct
+    call exists (monitor_update_, whose arguments are a few tensors, not a list)."""
+    torch_op = getattr(torch.ops.fusedclip, op)
+    direct = getattr(_C.direct, op, None)
+    return torch_op if direct is None else EagerOperator(torch_op, direct)
+
+
 def _kernel_table() -> dict[str, dict[str, object]]:
     """KERNELS[operator][backend]: what runs the operator on each backend that can run here."""
-    namespaces = {"torch": reference}
+    kernels = {"torch": lambda op: getattr(reference, op)}
     if _C is not None:  # the C++ operators (csrc/fusedclip.cpp), CPU and CUDA kernels alike
-        namespaces["cpu"] = torch.ops.fusedclip
+        kernels["cpu"] = _cpp_operator
     if _CUDA_ERROR is None:
-        namespaces["cuda"] = torch.ops.fusedclip
+        kernels["cuda"] = _cpp_operator
     if _TRITON_ERROR is None:
-        namespaces["triton"] = _triton.ops  # its operators run eagerly without the dispatcher
+        kernels["triton"] = lambda op: getattr(_triton.ops, op)  # EagerOperators too
     return {
-        op: {b: getattr(namespaces[b] if b in native else reference, op) for b in namespaces}
+        op: {b: (kernel if b in native else kernels["torch"])(op) for b, kernel in kernels.items()}
         for op, native in NATIVE_BACKENDS.items()
     }
 

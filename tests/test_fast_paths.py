@@ -184,3 +184,38 @@ def test_group_by_device_takes_one_device_in_one_call(monkeypatch):
         _core.group_by_device([torch.randn(3), torch.randn(1).expand(3)], None, "auto", writes=True)
     mixed = _core.group_by_device([torch.randn(3), torch.randn(3, device="meta")], None, "auto", writes=True)
     assert [d.type for d, _, _ in mixed] == ["cpu", "meta"]
+
+
+# --- the C++ operators called straight ------------------------------------------------------------
+
+
+def test_cpu_operators_are_called_straight_in_eager_mode():
+    """Eager calls of backend "cpu" go to fusedclip._C.direct (no Python argument parser, no
+    autograd fallback); the results and version bumps are torch.ops.fusedclip's."""
+    from fusedclip import _ops
+    from fusedclip._eager import EagerOperator
+
+    for name, row in _ops.KERNELS.items():
+        if name != "monitor_update_":
+            assert isinstance(row["cpu"], EagerOperator) and row["cpu"].eager is getattr(_backends._C.direct, name)
+    grads = [torch.randn(40) * 3 for _ in range(4)] + [torch.randn(7, dtype=torch.float64)]
+    twins = [g.clone() for g in grads]
+    versions = [g._version for g in grads]
+    total = _ops.clip_grad_norm_("cpu", grads, 1.0, 2.0)
+    expected = torch.ops.fusedclip.clip_grad_norm_(twins, 1.0, 2.0)
+    assert torch.equal(total, expected) and all(torch.equal(a, b) for a, b in zip(grads, twins))
+    assert all(g._version > v for g, v in zip(grads, versions))
+    statistic, per = _ops.multi_tensor_norm("cpu", grads, 3.0, True)
+    expected_statistic, expected_per = torch.ops.fusedclip.multi_tensor_norm(grads, 3.0, True)
+    assert torch.equal(statistic, expected_statistic) and torch.equal(per, expected_per)
+    with pytest.raises(TypeError, match="item 1 of the list is not a tensor"):
+        _ops.multi_tensor_norm("cpu", [grads[0], 1.0], 2.0)
+
+
+def test_cpu_operators_go_through_torch_ops_under_a_dispatch_mode():
+    from fusedclip import _ops
+
+    grads = [torch.randn(10) for _ in range(3)]
+    with OpLog() as log:
+        _ops.multi_tensor_scale_("cpu", grads, torch.tensor(0.5))
+    assert "fusedclip.multi_tensor_scale_.default" in log.ops

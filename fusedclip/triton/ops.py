@@ -26,9 +26,9 @@ import math
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fusedclip import fakes, numerics
+from fusedclip._eager import EagerOperator
 from fusedclip.triton import kernels
 from fusedclip.triton.launch import bits, norm, transform
 from fusedclip.triton.tables import operands_of, prepare
@@ -47,36 +47,16 @@ _library = torch.library.Library("fusedclip_triton", "DEF")
 
 try:
     from fusedclip._C import bump_versions as _bump_versions  # ~5 ns a tensor
-except (ImportError, OSError):  # not built: every call goes through torch.ops
+except (ImportError, OSError):  # not built
     _bump_versions = None
-
-
-class _Operator:
-    """A ``fusedclip_triton`` operator as fusedclip calls it. In eager mode its kernel runs
-    straight, the in-place ones after one C++ version bump of the list they write: through
-    ``torch.ops`` a 1,000-tensor list is parsed into the dispatcher and back to Python, ~0.1 ms.
-    Under torch.compile or a dispatch mode (fake tensors, functionalization, an op counter) it
-    goes through ``torch.ops``, which they see."""
-
-    def __init__(self, op, kernel, mutates: bool):
-        self.op = op
-        self.kernel = kernel
-        self.mutates = mutates
-        self.__doc__ = kernel.__doc__
-
-    def __call__(self, *args):
-        if _bump_versions is None or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-            return self.op(*args)
-        if self.mutates:
-            _bump_versions(args[0])
-        return self.kernel(*args)
 
 
 def _operator(schema: str, mutates: bool = False):
     """Defines ``fusedclip_triton::<schema>`` with the decorated function as its kernel for every
-    device, and returns it as an _Operator. An in-place operator (its first argument the list it
-    writes) bumps the version counters of that list in one call before running: what a
-    ``custom_op`` does one tensor at a time in Python (~0.35 ms at 1,000 tensors)."""
+    device, and returns it as fusedclip calls it (fusedclip/_eager.py: the kernel straight in eager
+    mode). An in-place operator (its first argument the list it writes) bumps the version
+    counters of that list in one C++ call before running: what a ``custom_op`` does one tensor at
+    a time in Python (~0.35 ms at 1,000 tensors)."""
 
     def define(kernel):
         name = schema.split("(")[0]
@@ -92,7 +72,16 @@ def _operator(schema: str, mutates: bool = False):
                 return op.default.redispatch(keyset & below, tensors, *args)
 
             _library.impl(name, bump_versions, "ADInplaceOrView", with_keyset=True)
-        return _Operator(op, kernel, mutates)
+        if _bump_versions is None:  # not built: every call goes through torch.ops
+            return EagerOperator(op, op)
+        if not mutates:
+            return EagerOperator(op, kernel)
+
+        def bump_and_run(tensors, *args):
+            _bump_versions(tensors)
+            return kernel(tensors, *args)
+
+        return EagerOperator(op, bump_and_run)
 
     return define
 
