@@ -12,7 +12,12 @@ Rows (median over repetitions of the mean of a batch of calls, in microseconds):
   triton_dispatcher_us     torch.ops.fusedclip_triton.clip_grad_norm_ (the path torch.compile takes)
   collect_us               fusedclip._C.grads_on_one_device: C++ grad collection and checks, the
                            part of a GPU call (backends "cuda" and "triton") before its operator
-  python_collect_us        the same collection and checks in Python (fusedclip's general path)
+  python_collect_us        fusedclip's general path for the same list: grads read in Python,
+                           checked and grouped (one C++ check when it takes them)
+  cpp_operator_us          a C++ operator called as fusedclip calls it (fusedclip._C.direct:
+                           the list read in C++, the dispatcher below autograd, the glue's
+                           checks), with nothing to write: multi_tensor_scale_ by 1 on the CPU;
+                           the CUDA glue does the same before its launches
   cpu_api_us               fusedclip.clip_grad_norm_(params, 1.0) on CPU, kernels included
   torch_cpu_us             torch.nn.utils.clip_grad_norm_(params, 1.0) on CPU, kernels included
 The last line is a JSON object of these rows. Target: triton_api_us <= 150 (goal 50).
@@ -67,6 +72,7 @@ def main() -> None:
     params = parameters(args.params)
     grads = [p.grad for p in params]
     norm = torch.tensor(2.0)
+    one = torch.tensor(1.0)
     kernels = launch.run_kernel
     launch.run_kernel = lambda *a, **k: None  # the kernels are left out
     try:
@@ -79,7 +85,8 @@ def main() -> None:
             "triton_dispatcher_us": (lambda: torch.ops.fusedclip_triton.clip_grad_norm_(grads, 1.0, 2.0), 200),
             "collect_us": (lambda: fusedclip._backends._C.grads_on_one_device(params, True, False), 500),
             "python_collect_us": (
-                lambda: _core.group_by_device(_core.grads_of(params), None, "triton", writes=True), 50),
+                lambda: _core.group_by_device(_core.grads_of(params), None, "triton", writes=True), 100),
+            "cpp_operator_us": (lambda: _ops.multi_tensor_scale_("cpu", grads, one), 500),
         }
         results = {name: median_us(fn, calls) for name, (fn, calls) in rows.items()}
     finally:
