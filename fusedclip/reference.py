@@ -71,8 +71,10 @@ def multi_tensor_norm(
 ) -> tuple[Tensor, Tensor]:
     """The norm statistic before the root; see the schema in csrc/fusedclip.cpp."""
     acc = accumulate_dtype(tensors)
-    # An empty tensor's statistic is the identity, so an all-empty list reduces to it too.
-    stats = torch.stack([_tensor_statistic(t, norm_type, acc) for t in tensors])
+    # Each tensor accumulates in its own dtype's accumulator (float32 for float32 in a list that
+    # also holds float64), as the kernels do; the statistics combine in the list's. An empty
+    # tensor's statistic is the identity, so an all-empty list reduces to it too.
+    stats = torch.stack([_tensor_statistic(t, norm_type, accumulate_dtype([t])).to(acc) for t in tensors])
     per = stats if per_tensor else stats.new_empty((0,))
     return combine_statistics(stats, norm_type), per
 

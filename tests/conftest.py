@@ -1,243 +1,73 @@
-"""Shared helpers of the fusedclip test suite.
+"""Fixtures and hooks of the fusedclip test suite. The helpers (data, the float64 oracle,
+assertions, Backend) are plain functions in helpers.py, imported as ``from helpers import ...``.
 
-The oracle of every norm is the float64 norm of all gradients concatenated into one vector
-(``|z|`` first for complex grads); norm type 0 counts the nonzero elements of that vector, which
-is fusedclip's documented definition (torch counts tensors). Everything else (in-place results,
-return types, warnings, errors) is compared with ``torch.nn.utils``.
+The ``backend`` fixture runs each operator contract on every backend, as a Backend(name,
+device): the tensors of a case must live on ``backend.device``.
 
-Data is random with a fixed seed; nothing is tested on zeros or ones alone. CUDA is never queried
-at import time: tests that need a GPU carry the ``cuda`` marker and are skipped at setup.
+- ``cpu`` and ``torch``: CPU tensors, everywhere.
+- ``triton``: in a process started with TRITON_INTERPRET=1, CPU tensors in Triton's interpreter
+  (marker ``triton_interpreter``); elsewhere CUDA tensors (marker ``cuda``). A plain run without
+  a GPU therefore skips it, and test_triton.py::test_interpreted_suite runs every
+  ``triton_interpreter`` case of the suite in a subprocess that sets the variable (it must be
+  set before triton is imported).
+- ``cuda``: CUDA tensors (marker ``cuda``), when fusedclip._C was built with its CUDA kernels.
+
+CUDA is queried at the setup of marked tests only, never at import time.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Iterable, Optional, Sequence
-
 import pytest
 import torch
 
-BACKENDS = ("cpu", "torch")
+from helpers import INTERPRETED, Backend, InterpretedSuite
 
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CPU = torch.device("cpu")
+_CUDA = torch.device("cuda")
 
-# Every norm type of the spec. Negative finite p is checked against the same oracle.
-NORM_TYPES = (1.0, 2.0, 3.5, 0.5, math.inf, -math.inf, 0.0, "inf", -2.0)
+_TRITON_NEEDS_CUDA = (
+    "backend 'triton' runs CUDA tensors and there is no CUDA device; its cases run on CPU tensors "
+    "in Triton's interpreter, in the TRITON_INTERPRET=1 subprocess of "
+    "test_triton.py::test_interpreted_suite"
+)
 
-
-def norm_id(p) -> str:
-    return f"p={p!r}" if isinstance(p, str) else f"p={p:g}"
-
-
-# (dtype, relative tolerance of the total norm against the float64 oracle). fp16, bf16 and fp32
-# all accumulate in float32; the data is generated in the grad dtype, so the oracle sees the same
-# rounded values and only the float32 accumulation error remains.
-DTYPE_RTOL = [
-    pytest.param(torch.float32, 1e-5, id="float32"),
-    pytest.param(torch.float64, 1e-10, id="float64"),
-    pytest.param(torch.float16, 1e-5, id="float16"),
-    pytest.param(torch.bfloat16, 1e-5, id="bfloat16"),
-]
-
-# One ulp (relative) of each dtype, used for values rounded to the dtype, and an absolute floor
-# for fp16 subnormals.
-ULP = {
-    torch.float32: 2.0**-23,
-    torch.float64: 2.0**-52,
-    torch.float16: 2.0**-10,
-    torch.bfloat16: 2.0**-7,
-    torch.complex64: 2.0**-23,
-    torch.complex128: 2.0**-52,
-}
-ATOL = {torch.float16: 6e-8}
+_CUDA_NEEDS_CUDA = "backend 'cuda' runs CUDA tensors and there is no CUDA device"
 
 
-def norm_rtol(dtype_rtol: float, norm_type, dtype: Optional[torch.dtype] = None) -> float:
-    """The tolerance of a total norm: general p (std::pow, then a root) is looser in float32."""
-    p = float(norm_type)
-    if dtype in (torch.float64, torch.complex128):
-        return max(dtype_rtol, 1e-10)
-    if p in (0.0, 1.0, 2.0) or math.isinf(p):
-        return dtype_rtol
-    return max(dtype_rtol, 1e-4)
+def _triton_param():
+    if INTERPRETED:
+        return pytest.param(Backend("triton", _CPU), marks=pytest.mark.triton_interpreter, id="triton")
+    return pytest.param(Backend("triton", _CUDA), marks=pytest.mark.cuda(reason=_TRITON_NEEDS_CUDA),
+                        id="triton")
 
 
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def _available(backend: Backend) -> Backend:
+    from fusedclip import _backends
+
+    reason = _backends.backend_status()[backend.name]
+    if reason is None:
+        return backend
+    if backend.name == "triton":  # a test dependency: missing, the suite fails, it never skips
+        pytest.fail(f"backend 'triton' is not available: {reason}")
+    pytest.skip(f"backend {backend.name!r} is not available: {reason}")
 
 
-def rand_tensor(shape, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
-    """Random normal data of any dtype (complex included), generated in float64 then rounded."""
-    if dtype.is_complex:
-        real_dtype = torch.float32 if dtype == torch.complex64 else torch.float64
-        re = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
-        im = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
-        return torch.complex(re.to(real_dtype), im.to(real_dtype))
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+@pytest.fixture(params=[
+    pytest.param(Backend("cpu", _CPU), id="cpu"),
+    pytest.param(Backend("torch", _CPU), id="torch"),
+    _triton_param(),
+    pytest.param(Backend("cuda", _CUDA), marks=pytest.mark.cuda(reason=_CUDA_NEEDS_CUDA), id="cuda"),
+])
+def backend(request) -> Backend:
+    """Each backend, with the device its tensors live on (see the module's docstring)."""
+    return _available(request.param)
 
 
-def make_grads(shapes: Sequence, dtypes, seed: int = 0, scale: float = 1.0) -> list[torch.Tensor]:
-    """Random grads: ``dtypes`` is one dtype or one per shape."""
-    gen = seeded(seed)
-    if isinstance(dtypes, torch.dtype):
-        dtypes = [dtypes] * len(shapes)
-    return [rand_tensor(s, d, gen, scale) for s, d in zip(shapes, dtypes)]
-
-
-def params_with(grads: Iterable[Optional[torch.Tensor]]) -> list[torch.Tensor]:
-    """Parameters (leaf tensors) carrying these grads; a None grad makes a parameter without one."""
-    params = []
-    for g in grads:
-        if g is None:
-            params.append(torch.nn.Parameter(torch.randn(3)))
-            continue
-        p = torch.nn.Parameter(torch.empty(g.shape, dtype=g.dtype, device=g.device))
-        p.grad = g
-        params.append(p)
-    return params
-
-
-def clone_all(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    return [t.clone() for t in tensors]
-
-
-def same_bits(a: torch.Tensor, e: torch.Tensor, any_nan: bool = False) -> bool:
-    """Bitwise equality (-0 != +0; nan in the same places with the same bits). any_nan: every
-    nan equals every nan (a nan's sign and payload are not specified by the computation)."""
-    if a.dtype != e.dtype or a.shape != e.shape or a.layout != e.layout:
-        return False
-    if a.is_sparse:
-        a, e = a.coalesce(), e.coalesce()
-        return torch.equal(a.indices(), e.indices()) and same_bits(a.values(), e.values(), any_nan)
-    if a.is_complex():
-        a, e = torch.view_as_real(a), torch.view_as_real(e)
-    if not a.is_floating_point():
-        return torch.equal(a, e)
-    a, e = a.contiguous(), e.contiguous()
-    if any_nan:
-        nan = a.isnan()
-        if not torch.equal(nan, e.isnan()):
-            return False
-        a, e = a[~nan], e[~nan]
-    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.view(view), e.view(view))
-
-
-def assert_bitwise_equal(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
-                         any_nan: bool = False) -> None:
-    """Every tensor the same dtype, shape and bits, element by element (see same_bits)."""
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert a.dtype == e.dtype and a.shape == e.shape, (i, a.dtype, e.dtype, a.shape, e.shape)
-        if not a.is_sparse and (a.is_floating_point() or a.is_complex()):
-            assert torch.equal(a.isnan(), e.isnan()), f"tensor {i}: nan positions differ"
-        assert same_bits(a, e, any_nan), f"tensor {i} differs bitwise"
-
-
-def oracle_vector(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """All grads as one float64 vector (|z| for complex)."""
-    parts = [(g.abs() if g.is_complex() else g).double().flatten() for g in grads]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-
-
-def oracle_norm(grads: Sequence[torch.Tensor], norm_type) -> float:
-    """The float64 norm of the concatenation; type 0 counts nonzero elements; no elements -> 0."""
-    p = float(norm_type)
-    v = oracle_vector(grads)
-    if v.numel() == 0:
-        return 0.0
-    if p == 0.0:
-        return float(torch.count_nonzero(v))
-    return float(torch.linalg.vector_norm(v, p))
-
-
-def oracle_statistic(t: torch.Tensor, norm_type) -> float:
-    """The per-tensor statistic before the root: sum |x|^p, max, min (+inf when empty), count."""
-    p = float(norm_type)
-    v = oracle_vector([t]).abs()
-    if p == math.inf:
-        return float(v.max()) if v.numel() else 0.0
-    if p == -math.inf:
-        return float(v.min()) if v.numel() else math.inf
-    if p == 0.0:
-        return float(torch.count_nonzero(v))
-    return float(v.pow(p).sum())
-
-
-def oracle_coef(total: float, max_norm: float) -> float:
-    return min(max_norm / (total + 1e-6), 1.0)
-
-
-def expected_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
-    """The dtype of the returned norm: float64 when any grad is float64/complex128, else float32."""
-    return (
-        torch.float64
-        if any(d in (torch.float64, torch.complex128) for d in dtypes)
-        else torch.float32
-    )
-
-
-def scaled_by_returned_norm(grads: Sequence[torch.Tensor], total: torch.Tensor, max_norm: float):
-    """What fusedclip writes, given the norm it returned: torch's coefficient formula computed in
-    the norm's dtype, applied in float32 (float64 for float64 grads) and rounded once; grads are
-    left alone when the coefficient is 1."""
-    coef = ((total + 1e-6).reciprocal() * max_norm).clamp(max=1.0)
-    if bool(coef >= 1.0):
-        return [g.clone() for g in grads]
-    return scaled_by_coef(grads, coef)
-
-
-def scaled_by_coef(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
-    """grads * coef applied in float32 (float64 for float64 grads), rounded once; complex grads
-    as (re, im) pairs."""
-    out = []
-    for g in grads:
-        real = torch.view_as_real(g) if g.is_complex() else g
-        acc = torch.float64 if real.dtype == torch.float64 else torch.float32
-        scaled = (real.to(acc) * coef.to(acc)).to(real.dtype)
-        out.append(torch.view_as_complex(scaled) if g.is_complex() else scaled)
-    return out
-
-
-def assert_scaled_like_oracle(actual, originals, oracle_total: float, max_norm: float, rtol: float):
-    """Scaled grads against the float64 oracle-scaled values rounded to the dtype (1 ulp)."""
-    coef = oracle_coef(oracle_total, max_norm)
-    for i, (a, g) in enumerate(zip(actual, originals)):
-        expected = g.to(torch.complex128 if g.is_complex() else torch.float64) * coef
-        tol = max(rtol, 2 * ULP[g.dtype])
-        torch.testing.assert_close(
-            a.to(expected.dtype),
-            expected.to(g.dtype).to(expected.dtype),
-            rtol=tol,
-            atol=ATOL.get(g.dtype, 0.0),
-            msg=lambda m: f"grad {i}: {m}",
-        )
-
-
-class OpsSpy:
-    """Counts the calls of one fusedclip._ops function (patched for the test's duration)."""
-
-    def __init__(self, monkeypatch, name: str):
-        from fusedclip import _ops
-
-        self.calls = 0
-        original = getattr(_ops, name)
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(_ops, name, counted)
-
-
-def assert_norm_close(actual: torch.Tensor, expected: float, rtol: float) -> None:
-    value = float(actual)
-    if math.isnan(expected):
-        assert math.isnan(value), value
-    elif math.isinf(expected):
-        assert value == expected, (value, expected)
-    else:
-        assert value == pytest.approx(expected, rel=rtol, abs=1e-30), (value, expected)
+@pytest.fixture(params=[_triton_param()])
+def triton_backend(request) -> Backend:
+    """Backend "triton" alone, for its own behaviour (tests/test_triton.py): the same case as the
+    ``backend`` fixture's "triton"."""
+    return _available(request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -246,7 +76,23 @@ def _no_backend_env(monkeypatch):
     monkeypatch.delenv("FUSEDCLIP_BACKEND", raising=False)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "triton_interpreter: runs backend 'triton' on CPU tensors in Triton's interpreter (set only "
+        "in a TRITON_INTERPRET=1 process; test_triton.py::test_interpreted_suite selects them)",
+    )
+
+
 def pytest_runtest_setup(item):
     # Queried at setup of marked tests only, never at import time of a test module.
-    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+    marker = item.get_closest_marker("cuda")
+    if marker is not None and not torch.cuda.is_available():
+        pytest.skip(marker.kwargs.get("reason", "needs a CUDA device"))
+
+
+def pytest_collection_finish(session):
+    """Starts the interpreted Triton suite's subprocess as soon as this run is known to include
+    test_triton.py::test_interpreted_suite, so that it runs beside the rest (see helpers.py)."""
+    if not INTERPRETED and any(item.name == "test_interpreted_suite" for item in session.items):
+        InterpretedSuite.start()

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import _ops
-from conftest import (BACKENDS, ULP, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with,
+from fusedclip import _backends, _ops
+from helpers import (CPU_BACKENDS, ULP, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with,
                       rand_tensor, seeded)
 
 ops = torch.ops.fusedclip
@@ -89,7 +89,7 @@ def test_opcheck_multi_tensor_scale_per_tensor_(coefs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
                                    torch.complex64])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_multi_tensor_scale_per_tensor_(backend, dtype):
     grads = make_grads([(33,), (4, 257), (0,), (70001,), (5, 6, 7)], dtype, seed=3)
     grads[4] = grads[4].transpose(0, 2)  # non-contiguous: scaled in place, strides kept
@@ -106,7 +106,7 @@ def test_multi_tensor_scale_per_tensor_(backend, dtype):
     assert grads[4].stride() == originals[4].stride()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_multi_tensor_scale_per_tensor_refuses_bad_coefs(backend):
     grads = make_grads([(3,), (4,)], torch.float32, seed=4)
     originals = clone_all(grads)
@@ -120,7 +120,7 @@ def test_multi_tensor_scale_per_tensor_refuses_bad_coefs(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_agc_op_against_timm_loop(backend, dtype):
     params = agc_case(dtype, seed=5)
     originals = [p.grad.clone() for p in params]
@@ -160,7 +160,7 @@ def test_agc_backends_agree_and_cpu_is_deterministic():
 # --- AGC ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_agc_clipper_non_contiguous_and_mixed_dtypes(backend):
     params = agc_case(torch.float32, seed=7)[:3]
     params[1].grad = params[1].grad.t().contiguous().t()  # same values, column-major
@@ -176,7 +176,7 @@ def test_agc_clipper_non_contiguous_and_mixed_dtypes(backend):
     assert params[1].grad.stride() == (1, 5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_agc_exclude_by_tensor_and_by_name(backend):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     model(torch.randn(5, 8, generator=seeded(8))).pow(2).sum().mul(100).backward()
@@ -214,7 +214,7 @@ def test_agc_as_timm_dispatch_calls_it():
         assert_close_to(p.grad, e, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_agc_refuses_before_writing(backend):
     params = agc_case(torch.float32, seed=11)[:3]
     bad = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
@@ -302,7 +302,7 @@ MIXED_DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.float64, torch.float
 
 
 @needs_grad_dtype
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_agc_parameter_and_gradient_dtypes_may_differ(backend):
     """Each tensor is read in its own dtype (the kernel's rule): both backends clip as timm's loop
     does, the float64 parameter of a float32 gradient included."""
@@ -318,7 +318,7 @@ def test_agc_parameter_and_gradient_dtypes_may_differ(backend):
 
 @needs_grad_dtype
 @pytest.mark.parametrize("bad_dtype", [torch.int32, torch.complex64])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_agc_refused_parameter_leaves_every_gradient_alone(backend, bad_dtype):
     """A parameter the kernels cannot read, after pairs of differing dtypes, is refused by index
     and dtype before any gradient is written."""
@@ -370,7 +370,7 @@ def step_grads(step: int, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("percentile", [10.0, 50.0, 100.0])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_autoclip_against_reference(backend, percentile):
     clipper = fusedclip.AutoClip(percentile=percentile, history_size=6, backend=backend)
     reference = ReferenceAutoClip(percentile, 6)
@@ -443,7 +443,7 @@ class ReferenceZClip:
     [{}, {"max_grad_norm": 2.0}, {"skip_update_on_spike": True, "clip_factor": 0.8, "z_thresh": 1.5}],
     ids=["defaults", "max_grad_norm", "skip-on-spike"],
 )
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_zclip_against_reference(backend, kwargs):
     settings = dict(alpha=0.97, z_thresh=2.5, max_grad_norm=None, eps=1e-6, warmup_steps=4,
                     clip_factor=1.0, skip_update_on_spike=False)
@@ -503,7 +503,7 @@ def test_refused_call_leaves_grads_and_state_alone(clipper_type):
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_per_tensor_clip_against_reference(backend, dtype, norm_type):
     grads = make_grads([(40,), (6, 7), (0,), (300,), (70001,), (3,)], dtype, seed=12)
     grads[5].mul_(1e-3)  # below max_norm: not written

@@ -1,5 +1,6 @@
-"""torch.compile(fullgraph=True) traces fusedclip's clipping (the C++ operators through their fake
-kernels) and gives eager's results. Compiling is slow on a small CPU machine: few tests."""
+"""torch.compile(fullgraph=True) traces fusedclip's clipping (the C++ and Triton operators through
+their fake kernels, backend "torch" as plain torch code) and gives eager's results. Compiling is
+slow on a small CPU machine: few tests."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import assert_bitwise_equal, clone_all, make_grads, params_with
+from helpers import assert_bitwise_equal, clone_all, cpu, make_grads, params_with
 
 # torch.compile itself uses deprecated torch.jit helpers
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -23,12 +24,18 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_clip_grad_norm_compiles_fullgraph():
-    def clip(params, max_norm, norm_type):
-        return fusedclip.clip_grad_norm_(params, max_norm, norm_type)
+def test_clip_grad_norm_compiles_fullgraph(backend):
+    """Each backend's operators trace as graph nodes (their fake kernels), without a host read
+    (fullgraph), and give eager's bits: clip_grad_norm_ and clip_grads_with_norm_."""
+    if backend.name == "torch":
+        pytest.skip("backend 'torch' is traced into the graph as torch code, not called as an operator: "
+                    "inductor's reductions need not be eager's bits (test_backend_torch_compiles_fullgraph)")
 
-    grads = make_grads([(64, 3), (0,), (1000,), (7,)],
-                       [torch.float32, torch.float32, torch.bfloat16, torch.float32], seed=60)
+    def clip(params, max_norm, norm_type):
+        return fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend.name)
+
+    grads = backend.on(make_grads([(64, 3), (0,), (1000,), (7,)],
+                                  [torch.float32, torch.float32, torch.bfloat16, torch.float32], seed=60))
     eager_params, compiled_params = params_with(clone_all(grads)), params_with(clone_all(grads))
     compiled = torch.compile(clip, fullgraph=True)
     # clips, does not, then other norm types: max_norm and norm_type change between calls, which
@@ -37,7 +44,12 @@ def test_clip_grad_norm_compiles_fullgraph():
         expected = clip(eager_params, max_norm, norm_type)
         total = compiled(compiled_params, max_norm, norm_type)
         assert total.dtype == expected.dtype and torch.equal(total, expected)
-        assert_bitwise_equal([p.grad for p in compiled_params], [p.grad for p in eager_params])
+        assert_bitwise_equal(cpu(p.grad for p in compiled_params), cpu(p.grad for p in eager_params))
+    scale = torch.compile(lambda ps, n: fusedclip.clip_grads_with_norm_(ps, 0.1, n, backend=backend.name),
+                          fullgraph=True)
+    scale(compiled_params, backend.tensor(7.0))
+    fusedclip.clip_grads_with_norm_(eager_params, 0.1, backend.tensor(7.0), backend=backend.name)
+    assert_bitwise_equal(cpu(p.grad for p in compiled_params), cpu(p.grad for p in eager_params))
 
 
 @pytest.mark.skipif(

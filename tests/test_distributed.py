@@ -3,7 +3,7 @@
 Starting processes is the expensive part (each imports torch), so one group of processes per
 world size runs every case below in turn and writes, per rank, which cases failed and why; each
 pytest test then checks one case on every rank. Every rank builds the *global* data from the same
-seed, so the single-process float64 oracle (conftest.oracle_norm) sees exactly what the ranks
+seed, so the single-process float64 oracle (helpers.oracle_norm) sees exactly what the ranks
 hold between them.
 
 A case that fails on some ranks only can leave the others waiting in a collective: the groups
@@ -32,7 +32,7 @@ def world():
     """The default group (read after init_process_group, in the ranks)."""
     return dist.group.WORLD
 
-from conftest import (
+from helpers import (
     assert_norm_close,
     assert_scaled_like_oracle,
     expected_dtype,

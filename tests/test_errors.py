@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import BACKENDS, assert_bitwise_equal, clone_all, make_grads, params_with
+from helpers import CPU_BACKENDS, assert_bitwise_equal, clone_all, make_grads, params_with
 
-AUTO_AND_BACKENDS = ("auto",) + BACKENDS
+AUTO_AND_BACKENDS = ("auto",) + CPU_BACKENDS
 
 
 def _grads(seed=30, dtype=torch.float32):
@@ -242,7 +242,7 @@ def test_total_norm_must_be_a_tensor():
 # --- found in review: each refused before any write ----------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_total_norm_must_have_one_element(backend):
     grads = _grads(seed=40)
     _refused(lambda: fusedclip.clip_grads_with_norm_(params_with(grads), 1.0, torch.ones(2),
@@ -250,7 +250,7 @@ def test_total_norm_must_have_one_element(backend):
              grads, TypeError, "total_norm must be a one-element")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_conjugated_grad_refused(backend):
     grads = _grads(seed=41)
     z = torch.randn(6, dtype=torch.complex64, generator=torch.Generator().manual_seed(4)).conj()
@@ -262,7 +262,7 @@ def test_conjugated_grad_refused(backend):
 
 
 @pytest.mark.parametrize("entry", ["norm", "value", "with_norm"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inference_tensor_grad_refused_and_versions_untouched(backend, entry):
     grads = _grads(seed=42)
     with torch.inference_mode():

@@ -16,7 +16,7 @@ from torch.amp.grad_scaler import OptState
 
 import fusedclip
 from fusedclip import _ops, reference
-from conftest import BACKENDS, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with
+from helpers import CPU_BACKENDS, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with
 
 
 def _grads(seed=70):
@@ -92,7 +92,7 @@ def test_cpu_operator_refusals_are_type_or_value_errors(op):
 # --- clip_grads_with_norm_ -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_one_element_norm_that_is_not_0d(backend):
     """A norm of shape (1,) scales every grad as the same norm of shape () (0-d grads too)."""
     grads = _grads(seed=72)

@@ -3,8 +3,9 @@
 Python loop of the general path; backend "triton"'s operators run eagerly without the
 dispatcher, through it under a dispatch mode.
 
-The Triton cases run in Triton's interpreter: in the TRITON_INTERPRET=1 subprocess of
-tests/test_triton.py (test_interpreted_suite), skipped in the plain run.
+The Triton cases run in Triton's interpreter (marker ``triton_interpreter``): in the
+TRITON_INTERPRET=1 subprocess of tests/test_triton.py (test_interpreted_suite), skipped in the
+plain run.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from fusedclip import _backends, _core
 pytestmark = pytest.mark.skipif(_backends._C is None, reason="fusedclip._C is not built")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_triton.py"
-)
+_IN_SUBPROCESS = "runs in the TRITON_INTERPRET=1 subprocess of test_triton.py::test_interpreted_suite"
 
 
 def params_of(grads):
@@ -121,7 +120,8 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@interpreted
+@pytest.mark.triton_interpreter
+@pytest.mark.skipif(not INTERPRETED, reason=_IN_SUBPROCESS)
 def test_triton_public_calls_skip_the_python_checks(monkeypatch):
     """clip_grad_norm_, clip_grad_value_ and clip_grads_with_norm_ on backend "triton" make one
     C++ call for the grads, never the general path's Python loop; the results are torch's."""
@@ -145,7 +145,8 @@ def test_triton_public_calls_skip_the_python_checks(monkeypatch):
     assert max(float(g.abs().max()) for g in grads) <= 0.01 * 0.001 / 0.1 * (1 + 1e-5)
 
 
-@interpreted
+@pytest.mark.triton_interpreter
+@pytest.mark.skipif(not INTERPRETED, reason=_IN_SUBPROCESS)
 def test_triton_operators_run_eagerly_and_through_torch_ops_under_a_mode():
     from fusedclip import _ops
 
@@ -158,7 +159,8 @@ def test_triton_operators_run_eagerly_and_through_torch_ops_under_a_mode():
     assert [g._version for g in grads] == [v + 1 for v in versions]
 
 
-@interpreted
+@pytest.mark.triton_interpreter
+@pytest.mark.skipif(not INTERPRETED, reason=_IN_SUBPROCESS)
 def test_triton_refusals_leave_the_general_path_to_explain():
     """A grad the C++ collection does not take goes the general path, which names it."""
     grads = [torch.randn(4), torch.randn(1).expand(3)]

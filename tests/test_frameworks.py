@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import OpsSpy
+from helpers import OpsSpy
 
 
 def _data(seed=0, n=64):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import (
-    BACKENDS,
+from helpers import (
+    CPU_BACKENDS,
     assert_bitwise_equal,
     clone_all,
     make_grads,
@@ -26,7 +26,7 @@ SHAPES = [(33,), (0,), (4, 257), (1,), (70001,), (2, 0, 3), (5, 6, 7)]
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.5, math.inf, -math.inf, 0.0, -2.0], ids=norm_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_get_norms_total_and_per_tensor(backend, dtype, norm_type):
     grads = make_grads(SHAPES, dtype, seed=1)
     grads[0][::4] = 0
@@ -60,7 +60,7 @@ def test_get_norms_empty_and_errors():
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clips", "no-clip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_clip_with_norms_is_clip_grad_norm_plus_per_tensor(backend, dtype, max_norm):
     grads = make_grads(SHAPES, dtype, seed=3)
     expected = clone_all(grads)
@@ -95,7 +95,7 @@ def test_clip_with_norms_op_backends_agree(norm_type):
         torch.testing.assert_close(g, c, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_clip_with_norms_refuses_before_writing(backend):
     grads = make_grads([(5,), (6,)], torch.float32, seed=4)
     originals = clone_all(grads)
@@ -157,7 +157,7 @@ def monitored_step(step, params):
 
 
 @pytest.mark.parametrize("via", ["clip", "observe", "record"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_monitor_flags_against_reference(backend, via):
     params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
     names = ["a", "b", "c"]
@@ -491,25 +491,25 @@ def test_monitor_update_op_refuses_before_writing():
 def test_monitor_backends_agree_bitwise():
     params = [torch.nn.Parameter(torch.zeros(s)) for s in [(50,), (3, 4), (6, 7)]]
     monitors = {b: fusedclip.GradientMonitor(zip("abc", params), alpha=0.9, warmup_steps=4, vanish_steps=3,
-                                             backend=b) for b in BACKENDS}
+                                             backend=b) for b in CPU_BACKENDS}
     assert monitors["cpu"]._backend_of_update(torch.device("cpu")) == "cpu"
     assert monitors["torch"]._backend_of_update(torch.device("cpu")) == "torch"
     flagged = {"exploding": set(), "vanishing": set()}
     for step in range(14):
         monitored_step(step, params)
         total, per = fusedclip.get_norms([p.grad for p in params])  # the same norms for both
-        for b in BACKENDS:
+        for b in CPU_BACKENDS:
             monitors[b].record(total, per)
         assert monitors["cpu"].exploding() == monitors["torch"].exploding()
         flagged["exploding"].update(monitors["cpu"].exploding())
         flagged["vanishing"].update(monitors["cpu"].vanishing())
-    states = [monitors[b]._state for b in BACKENDS]
+    states = [monitors[b]._state for b in CPU_BACKENDS]
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     assert flagged == {"exploding": {"a", "c"}, "vanishing": {"b"}}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_monitor_records_strided_and_mixed_dtype_norms(backend):
     monitor = fusedclip.GradientMonitor([("a", torch.nn.Parameter(torch.zeros(2))),
                                          ("b", torch.nn.Parameter(torch.zeros(2)))], warmup_steps=2, backend=backend)

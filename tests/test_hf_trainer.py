@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import _ops
+from fusedclip import _backends, _ops
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (extra 'integration')")
 

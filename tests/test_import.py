@@ -13,7 +13,7 @@ import torch
 
 import fusedclip
 from fusedclip import _backends, _ops
-from conftest import make_grads, oracle_norm, params_with
+from helpers import make_grads, oracle_norm, params_with
 
 
 def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:

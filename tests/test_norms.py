@@ -1,5 +1,6 @@
 """Total norms (get_total_norm, clip_grad_norm_) against the float64 oracle, on every backend,
-dtype and norm type, and the clipping that follows them."""
+dtype and norm type, and the clipping that follows them. The two oracle tests take the
+``backend`` fixture (cpu, torch, triton, cuda: conftest.py); the others run the CPU backends."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import (
-    BACKENDS,
+from helpers import (
+    CPU_BACKENDS,
     DTYPE_RTOL,
     NORM_TYPES,
     assert_bitwise_equal,
     assert_norm_close,
     assert_scaled_like_oracle,
     clone_all,
+    cpu,
     expected_dtype,
     make_grads,
     norm_id,
@@ -33,41 +35,39 @@ SHAPES = [(37,), (8, 129), (0,), (1,), (3, 0, 5), (70001,), (5, 7, 3)]
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES, ids=norm_id)
 @pytest.mark.parametrize("dtype, rtol", DTYPE_RTOL)
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_get_total_norm_matches_oracle(backend, dtype, rtol, norm_type):
-    grads = make_grads(SHAPES, dtype, seed=1)
-    before = clone_all(grads)
-    total = fusedclip.get_total_norm(grads, norm_type, backend=backend)
+    originals = make_grads(SHAPES, dtype, seed=1)
+    grads = backend.on(originals)
+    total = fusedclip.get_total_norm(grads, norm_type, backend=backend.name)
     assert isinstance(total, torch.Tensor) and total.dim() == 0
     assert total.dtype == expected_dtype([dtype]) and total.device == grads[0].device
-    assert_norm_close(total, oracle_norm(grads, norm_type), norm_rtol(rtol, norm_type, dtype))
-    assert_bitwise_equal(grads, before)  # a norm reads only
+    assert_norm_close(total.cpu(), oracle_norm(originals, norm_type), norm_rtol(rtol, norm_type, dtype))
+    assert_bitwise_equal(cpu(grads), originals)  # a norm reads only
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES, ids=norm_id)
 @pytest.mark.parametrize("dtype, rtol", DTYPE_RTOL)
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_clip_grad_norm_matches_oracle(backend, dtype, rtol, norm_type):
-    grads = make_grads(SHAPES, dtype, seed=2)
-    originals = clone_all(grads)
+    originals = make_grads(SHAPES, dtype, seed=2)
+    grads = backend.on(originals)
     pointers = [g.data_ptr() for g in grads]
     params = params_with(grads)
     truth = oracle_norm(originals, norm_type)
     max_norm = 0.3 * truth  # clips
-    total = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend)
+    total = fusedclip.clip_grad_norm_(params, max_norm, norm_type, backend=backend.name)
     tol = norm_rtol(rtol, norm_type, dtype)
-    assert total.dim() == 0 and total.dtype == expected_dtype([dtype])
-    assert_norm_close(total, truth, tol)
+    assert total.dim() == 0 and total.dtype == expected_dtype([dtype]) and total.device == grads[0].device
+    assert_norm_close(total.cpu(), truth, tol)
     # in place: the same tensors, scaled by torch's coefficient of the returned norm, rounded once
     assert [p.grad.data_ptr() for p in params] == pointers
     assert all(p.grad is g for p, g in zip(params, grads))
-    assert_bitwise_equal(grads, scaled_by_returned_norm(originals, total, max_norm))
-    assert_scaled_like_oracle(grads, originals, truth, max_norm, tol)
+    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(originals, total.cpu(), max_norm))
+    assert_scaled_like_oracle(cpu(grads), originals, truth, max_norm, tol)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, -math.inf, 3.5, "inf"], ids=norm_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_clip_grad_norm_agrees_with_torch(backend, dtype, norm_type):
     # no zero-size grads here: torch.nn.utils raises on them for +-inf (tested against the oracle)
     grads = make_grads([(50, 3), (1000,), (7,)], dtype, seed=3)
@@ -108,7 +108,7 @@ def test_cpu_backend_is_bitwise_reproducible(dtype, norm_type):
 # --- the documented differences from torch ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fp16_norm_above_65504_is_finite_and_grads_are_clipped(backend):
     grads = [torch.full((100_000,), 300.0, dtype=torch.float16)]
     params = params_with(grads)
@@ -121,7 +121,7 @@ def test_fp16_norm_above_65504_is_finite_and_grads_are_clipped(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_low_precision_norm_is_float32(backend, dtype):
     """torch returns the norm of bf16 grads in bf16 (7.0625 for 7.0711); fusedclip in float32."""
     grads = make_grads([(50,), (0,), (1,)], dtype, seed=5)
@@ -130,7 +130,7 @@ def test_low_precision_norm_is_float32(backend, dtype):
     assert_norm_close(total, oracle_norm(grads, 2.0), 1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_norm_type_zero_counts_elements(backend):
     gen = torch.Generator().manual_seed(6)
     grads = []
@@ -149,7 +149,7 @@ def test_norm_type_zero_counts_elements(backend):
 
 
 @pytest.mark.parametrize("count", [1, 110, 111, 771, 5000, 10_000])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_tensor_counts(backend, count):
     gen = torch.Generator().manual_seed(count)
     sizes = torch.randint(0, 40, (count,), generator=gen).tolist()
@@ -166,7 +166,7 @@ def test_tensor_counts(backend, count):
 
 @pytest.mark.parametrize("numel", [0, 1, 1023, 65537, 2**20 + 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_tensor_sizes(backend, dtype, numel):
     grads = make_grads([(numel,), (5,)], dtype, seed=numel)
     originals = clone_all(grads)
@@ -194,7 +194,7 @@ ZERO_POSITIONS = {
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.5, math.inf, -math.inf, 0.0, -2.0], ids=norm_id)
 @pytest.mark.parametrize("where", sorted(ZERO_POSITIONS))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_zero_size_tensors(backend, where, norm_type):
     # torch.nn.utils raises for inf/-inf norms here; fusedclip must not
     grads = make_grads(ZERO_POSITIONS[where], torch.float32, seed=7)
@@ -208,7 +208,7 @@ def test_zero_size_tensors(backend, where, norm_type):
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES, ids=norm_id)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_all_empty_grads_give_zero(backend, norm_type):
     grads = [torch.empty(0), torch.empty(3, 0), torch.empty(0, dtype=torch.bfloat16)]
     total = fusedclip.get_total_norm(grads, norm_type, backend=backend)
@@ -225,7 +225,7 @@ CONSTANT_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CONSTANT_CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_long_constant_tensors_accumulate_accurately(backend, case):
     """Equal values are the worst case of a float32 running sum (the error grows with its length);
     per-chunk partials must keep it near float32 rounding."""
@@ -237,7 +237,7 @@ def test_long_constant_tensors_accumulate_accurately(backend, case):
 
 
 @pytest.mark.parametrize("norm_type", [-2.0, -0.5, -math.inf], ids=norm_id)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_negative_norm_types_with_an_exact_zero(backend, norm_type):
     """|0|^p is inf for p < 0, so the norm is 0, as torch.linalg.vector_norm says; then the
     coefficient is 1 and nothing is written."""

@@ -9,7 +9,7 @@ import torch
 
 import fusedclip
 from fusedclip import numerics
-from conftest import params_with
+from helpers import params_with
 
 # norms from tiny to huge, with max_norm below, at and above each
 NORMS = [1e-7, 3e-4, 0.5, 1.0 - 2**-24, 1.0, 7.0710678, 12345.678, 3.4e18]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import make_grads
+from helpers import clone_all, make_grads, params_with
 
 SHAPES = [(33,), (4, 257), (1,), (20001,), (0,), (5, 6, 7)]
 
@@ -158,6 +158,19 @@ def test_closure_runs_before_the_norm():
     # The grads the closure made, clipped to max_norm.
     grads_norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
     assert float(grads_norm) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_clip_optimizer_takes_each_backend(backend):
+    """ClipOptimizer accepts every backend for parameters it runs (and clips with it), as
+    clip_grad_norm_ with backend "torch" does."""
+    grads = backend.on(make_grads([(30,), (4, 5)], torch.float32, seed=22, scale=3.0))
+    params, expected = params_with(clone_all(grads)), params_with(clone_all(grads))
+    opt = fusedclip.ClipOptimizer(torch.optim.SGD(params, lr=0.0), 0.5, backend=backend.name)
+    total = opt.step()
+    expected_total = fusedclip.clip_grad_norm_(expected, 0.5, backend="torch")
+    torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=0)
+    for p, q in zip(params, expected):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_bad_arguments():

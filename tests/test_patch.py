@@ -9,7 +9,7 @@ import torch
 import torch.nn.utils.clip_grad
 
 import fusedclip
-from conftest import OpsSpy, make_grads, params_with
+from helpers import OpsSpy, make_grads, params_with
 
 NAMES = ("clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")
 MODULES = (torch.nn.utils, torch.nn.utils.clip_grad)

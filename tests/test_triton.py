@@ -1,10 +1,17 @@
-"""Backend "triton": the operators and the public API on the Triton kernels.
+"""Backend "triton": what the Triton kernels alone do (the operator contracts they share with the
+other backends are in test_ops.py, the public API's in test_norms.py, test_api.py, test_compile.py
+and test_optim.py, all over the ``backend`` fixture): the interpreted run, the table cache and
+its key, spans and copies of non-contiguous grads, float64 pow, refusals, CUDA graphs and
+streams, and what the compiler makes of the kernels.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors, which needs
 TRITON_INTERPRET=1 in the environment before triton is imported. A plain ``pytest tests`` run
-therefore runs this file's CPU cases in a subprocess started with the variable
+therefore runs every case of the suite marked ``triton_interpreter`` (backend "triton" on CPU
+tensors: this file's and the shared contracts') in a subprocess started with the variable
 (test_interpreted_suite, which fails when any of them fails); in that subprocess they run
 directly. On a machine with a GPU the same cases run on CUDA tensors, compiled (marker ``cuda``).
+To run the interpreted cases by hand:
+``TRITON_INTERPRET=1 python -m pytest -m triton_interpreter tests``.
 
 triton is a test dependency: without it this file fails to import, it is never skipped.
 """
@@ -23,71 +30,27 @@ import triton  # noqa: F401  (a test dependency: missing, the suite fails here)
 
 import fusedclip
 from fusedclip import _backends, _ops
-from conftest import (
+from helpers import (
+    INTERPRETED,
+    InterpretedSuite,
+    TRITON_CHUNK as CHUNK,
+    Backend,
     assert_bitwise_equal,
     assert_norm_close,
-    assert_scaled_like_oracle,
     clone_all,
-    expected_dtype,
+    cpu,
     make_grads,
-    norm_id,
-    norm_rtol,
     oracle_norm,
     oracle_statistic,
     params_with,
-    rand_tensor,
-    scaled_by_coef,
     scaled_by_returned_norm,
-    seeded,
 )
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(
-            not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreted_suite"
-        ),
-        id="cpu-interpreted",
-    ),
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.cuda,
-               pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")],
-        id="cuda",
-    ),
-]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request) -> torch.device:
-    return torch.device(request.param)
-
-
-def on(device: torch.device, tensors):
-    """Copies on device (new tensors on the CPU too, so the originals stay as they were)."""
-    return [t.to(device, copy=True) for t in tensors]
-
-
-def cpu(tensors):
-    return [t.cpu() for t in tensors]
-
-
-CHUNK = 16384  # fusedclip/triton/tables.py's CHUNK
-FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-ALL_DTYPES = FLOATS + [torch.complex64, torch.complex128]
-STAT_NORM_TYPES = (2.0, 1.0, 3.5, 0.5, -2.0, math.inf, -math.inf, 0.0)
+CUDA = Backend("triton", torch.device("cuda"))  # the CUDA-only cases (marker ``cuda``)
 # Odd sizes, zero-size tensors, and sizes on both sides of a chunk.
 SHAPES = [(37,), (0,), (8, 129), (CHUNK - 1,), (CHUNK,), (1,), (3, 0), (CHUNK + 1,), (5, 7)]
-
-
-def _stat_rtol(dtype, norm_type) -> float:
-    if dtype in (torch.float64, torch.complex128):
-        return 1e-12
-    return 1e-5 if norm_type in (0.0, 1.0, 2.0) or math.isinf(norm_type) else 1e-4
 
 
 # --- the subprocess ---------------------------------------------------------------------------------
@@ -95,18 +58,16 @@ def _stat_rtol(dtype, norm_type) -> float:
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
 def test_interpreted_suite():
-    """This file's CPU cases under TRITON_INTERPRET=1 (it must be set before triton is imported,
-    which this process has done already)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not cuda",
-         os.path.abspath(__file__), os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_fast_paths.py")],
-        env=env, capture_output=True, text=True, timeout=1200,
-    )
-    assert result.returncode == 0, f"{result.stdout[-20000:]}\n{result.stderr[-5000:]}"
-    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-2000:]
+    """Every ``triton_interpreter`` case of the suite (backend "triton" on CPU tensors: this
+    file's and the shared contracts' of test_ops.py and the API tests) under TRITON_INTERPRET=1,
+    which must be set before triton is imported, as this process has done already."""
+    returncode, stdout, stderr = InterpretedSuite.result()  # started by conftest.py with the run
+    assert returncode == 0, f"{stdout[-20000:]}\n{stderr[-5000:]}"
+    assert " passed" in stdout and " failed" not in stdout, stdout[-2000:]
+    assert " error" not in stdout, stdout[-2000:]
 
 
+@pytest.mark.triton_interpreter  # also in the interpreted run, where it checks the other branch
 def test_backend_status_and_resolution():
     assert fusedclip.backend_status()["triton"] is None
     assert "triton" in fusedclip.available_backends()
@@ -148,257 +109,25 @@ print(float(fusedclip.get_total_norm([torch.ones(4)])))
 # --- operators ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("norm_type", STAT_NORM_TYPES, ids=norm_id)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_statistics_total_and_per_tensor(device, dtype, norm_type):
-    grads = make_grads(SHAPES, dtype, seed=1)
-    grads[0][::5] = 0  # exact zeros: the 0-norm, and |0|^-2 = inf
-    originals = clone_all(grads)
-    total, per = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, True)
-    acc = expected_dtype([dtype])
-    assert total.dtype == per.dtype == acc and total.shape == () and per.shape == (len(grads),)
-    assert total.device.type == device.type
-    rtol = _stat_rtol(dtype, norm_type)
-    expected = [oracle_statistic(g, norm_type) for g in originals]
-    for i, (value, want) in enumerate(zip(per.tolist(), expected)):
-        assert value == pytest.approx(want, rel=rtol, abs=0), (i, value, want)
-    combined = {math.inf: max, -math.inf: min}.get(norm_type, sum)(expected)
-    assert float(total) == pytest.approx(combined, rel=rtol, abs=0)
-    total2, per2 = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, False)
-    assert per2.numel() == 0 and torch.equal(total2, total)  # the same bits without per_tensor
-    assert_bitwise_equal(grads, originals)
-
-
-@pytest.mark.parametrize("norm_type", STAT_NORM_TYPES, ids=norm_id)
-def test_statistic_of_no_elements_is_the_identity(device, norm_type):
-    grads = on(device, [torch.empty(0), torch.empty(3, 0), torch.empty(0, dtype=torch.float16)])
-    total, per = torch.ops.fusedclip_triton.multi_tensor_norm(grads, norm_type, True)
-    identity = math.inf if norm_type == -math.inf else 0.0
-    assert float(total) == identity and per.tolist() == [identity] * 3
-    total = torch.ops.fusedclip_triton.clip_grad_norm_(grads, 1.0, norm_type)
-    assert float(total) == 0.0
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_scale(device, dtype):
-    grads = on(device, make_grads(SHAPES, dtype, seed=2))
-    originals = clone_all(grads)
-    for coef in (1.0, 1.5, math.inf):  # coef >= 1: nothing is written
-        torch.ops.fusedclip_triton.multi_tensor_scale_(grads, torch.tensor(coef, device=device))
-        assert_bitwise_equal(cpu(grads), cpu(originals))
-    for coef in (torch.tensor(0.3721), torch.tensor(0.3721, dtype=torch.float64)):
-        torch.ops.fusedclip_triton.multi_tensor_scale_(grads, coef.to(device))
-        # a float64 coefficient is rounded to float32 for all but float64 grads
-        assert_bitwise_equal(cpu(grads), scaled_by_coef(cpu(originals), coef.float()
-                                                        if dtype not in (torch.float64, torch.complex128)
-                                                        else coef))
-        grads = clone_all(originals)
-    torch.ops.fusedclip_triton.multi_tensor_scale_(grads, torch.tensor(float("nan"), device=device))
-    assert all(g.isnan().all() for g in grads)
-
-
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-def test_clamp(device, dtype):
-    grads = make_grads(SHAPES, dtype, seed=3, scale=2.0)
-    grads[2][::7] = float("nan")
-    grads[4][::3] = float("inf")
-    expected = [g.clone().clamp_(-0.25, 1.5) for g in grads]
-    grads = on(device, grads)
-    torch.ops.fusedclip_triton.multi_tensor_clamp_(grads, -0.25, 1.5)
-    assert_bitwise_equal(cpu(grads), expected, any_nan=True)
-
-
-@pytest.mark.parametrize("norm_type", STAT_NORM_TYPES, ids=norm_id)
-def test_fused_clip_op_mixed_dtypes(device, norm_type):
-    """Four dtypes in one call: four norm launches sharing one ticket counter, then four scales."""
-    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64] * 2
-    grads = make_grads(SHAPES + [(40,)], dtypes, seed=4)
-    originals = clone_all(grads)
-    truth = oracle_norm(originals, norm_type)
-    grads = on(device, grads)
-    total = torch.ops.fusedclip_triton.clip_grad_norm_(grads, 0.5 * truth, norm_type)
-    assert total.dtype == torch.float64
-    assert_norm_close(total.cpu(), truth, norm_rtol(1e-5, norm_type, torch.float32))
-    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(originals, total.cpu(), 0.5 * truth))
-
-
-def test_opcheck(device):
-    grads = on(device, make_grads(SHAPES[:5], [torch.float32, torch.bfloat16, torch.float64,
-                                               torch.float16, torch.float32], seed=5))
-    ops = torch.ops.fusedclip_triton
-    for per_tensor in (False, True):
-        torch.library.opcheck(ops.multi_tensor_norm.default, (grads, 2.0, per_tensor))
-        torch.library.opcheck(ops.multi_tensor_norm.default, (grads, -math.inf, per_tensor))
-    for coef in (0.37, 1.5):
-        torch.library.opcheck(ops.multi_tensor_scale_.default, (grads, torch.tensor(coef, device=device)))
-    torch.library.opcheck(ops.multi_tensor_clamp_.default, (grads, -0.5, 0.75))
-    for max_norm in (0.1, 1e6):
-        torch.library.opcheck(ops.clip_grad_norm_.default, (grads, max_norm, 2.0))
-
-
-def test_no_access_outside_each_tensor(device):
-    """Tensors carved from one nan-filled buffer with gaps: reading past a tensor makes a norm
-    nan, writing past it changes a gap. Sizes straddle the block and the chunk."""
-    sizes = [1, 17, 2047, 2048, 2049, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3]
-    gap = 19
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        buffer = torch.full((sum(n + gap for n in sizes) + gap,), float("nan"), dtype=dtype)
-        inside = torch.zeros(buffer.numel(), dtype=torch.bool)
-        gen, offset, values = seeded(6), gap, []
-        for n in sizes:
-            buffer[offset:offset + n] = rand_tensor((n,), dtype, gen, scale=3.0)
-            inside[offset:offset + n] = True
-            values.append(buffer[offset:offset + n].clone())
-            offset += n + gap
-        buffer = buffer.to(device)
-        tensors, offset = [], gap
-        for n in sizes:
-            tensors.append(buffer[offset:offset + n])
-            offset += n + gap
-        for norm_type in (2.0, math.inf, -math.inf, 0.0):
-            total, per = torch.ops.fusedclip_triton.multi_tensor_norm(tensors, norm_type, True)
-            assert not total.isnan() and not per.isnan().any(), (dtype, norm_type)
-        torch.ops.fusedclip_triton.multi_tensor_scale_(tensors, torch.tensor(0.43, device=device))
-        torch.ops.fusedclip_triton.multi_tensor_clamp_(tensors, -0.5, 0.5)
-        torch.ops.fusedclip_triton.clip_grad_norm_(tensors, 0.01, 2.0)
-        assert buffer.cpu()[~inside].isnan().all(), f"{dtype}: a kernel wrote outside a tensor"
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        scaled = [(v.to(acc) * torch.tensor(0.43).to(acc)).to(dtype).clamp(-0.5, 0.5) for v in values]
-        assert not any(t.isnan().any() for t in tensors)
-        truth = oracle_norm(scaled, 2.0)
-        assert oracle_norm(cpu(tensors), 2.0) == pytest.approx(min(truth, 0.01), rel=1e-2)
-
-
-@pytest.mark.parametrize("count", [1, 110, 111, 771])
-def test_many_tensors(device, count):
-    gen = seeded(7 + count)
-    sizes = torch.randint(0, 60, (count,), generator=gen).tolist()
-    grads = [rand_tensor((n,), torch.float32, gen) for n in sizes]
-    total, per = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), 2.0, True)
-    expected = torch.tensor([oracle_statistic(g, 2.0) for g in grads], dtype=torch.float64)
-    torch.testing.assert_close(per.cpu().double(), expected, rtol=1e-5, atol=0)
-    truth = oracle_norm(grads, 2.0)
-    params = params_with(on(device, grads))
-    total = fusedclip.clip_grad_norm_(params, 0.5 * truth, backend="triton")
-    assert_norm_close(total.cpu(), truth, 1e-5)
-    assert_scaled_like_oracle(cpu([p.grad for p in params]), grads, truth, 0.5 * truth, 1e-5)
-
-
-def test_more_chunks_than_the_final_reduction_block(device):
+def test_more_chunks_than_the_final_reduction_block(triton_backend):
     """1,100 chunks: the last program's reduction loops over its 1,024 lanes twice."""
     grads = make_grads([(3,)] * 1100, torch.float32, seed=8)
     for norm_type in (2.0, -math.inf):
-        total, _ = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type)
+        total, _ = torch.ops.fusedclip_triton.multi_tensor_norm(triton_backend.on(grads), norm_type)
         assert_norm_close(total.cpu(), oracle_norm(grads, norm_type) ** (2 if norm_type == 2.0 else 1), 1e-5)
 
 
-@pytest.mark.parametrize("where", range(4))
-def test_zero_size_tensor_at_every_position(device, where):
-    grads = make_grads([(50,), (CHUNK + 7,), (9, 3)], torch.bfloat16, seed=9)
-    grads.insert(where, torch.empty(0, 4, dtype=torch.bfloat16))
-    originals = clone_all(grads)
-    for norm_type in (2.0, math.inf, -math.inf, 0.0):
-        total, per = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, True)
-        assert per.tolist()[where] == (math.inf if norm_type == -math.inf else 0.0)
-        assert_norm_close(total.cpu(), sum(oracle_statistic(g, norm_type) for g in originals)
-                          if math.isfinite(norm_type) else oracle_norm(originals, norm_type), 1e-5)
-    truth = oracle_norm(originals, 2.0)
-    grads = on(device, grads)
-    fusedclip.clip_grad_norm_(params_with(grads), 0.5 * truth, backend="triton")
-    assert_scaled_like_oracle(cpu(grads), originals, truth, 0.5 * truth, 1e-5)
-
-
-def test_nan_and_inf(device):
-    for norm_type in (2.0, 1.0, 3.5, math.inf, -math.inf):
-        for position in (0, 2047, 2048, CHUNK + 5):  # a block, the next, the next chunk
-            grads = make_grads([(CHUNK + 9,), (5,)], torch.float32, seed=10)
-            grads[0][position] = float("nan")
-            total, per = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, True)
-            assert total.isnan() and per[0].isnan() and not per[1].isnan(), (norm_type, position)
-    grads = make_grads([(100,), (7,)], torch.float32, seed=11)
-    grads[1][3] = float("inf")
-    for norm_type, want in ((2.0, math.inf), (math.inf, math.inf), (1.0, math.inf)):
-        assert float(fusedclip.get_total_norm(on(device, grads), norm_type, backend="triton")) == want
-    grads[0][5] = float("nan")
-    total, _ = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), 0.0)
-    assert float(total) == float(torch.count_nonzero(torch.cat(grads)))  # nan != 0: counted
-
-
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-def test_bitwise_repeatable(device, dtype):
-    grads = on(device, make_grads(SHAPES + [(3 * CHUNK + 11,)], dtype, seed=12))
-    for norm_type in (2.0, 3.5, math.inf, 0.0):
-        first, per = torch.ops.fusedclip_triton.multi_tensor_norm(grads, norm_type, True)
-        for _ in range(2):
-            again, per_again = torch.ops.fusedclip_triton.multi_tensor_norm(clone_all(grads), norm_type, True)
-            assert torch.equal(first, again) and torch.equal(per, per_again)
-    a, b = clone_all(grads), clone_all(grads)
-    ta = torch.ops.fusedclip_triton.clip_grad_norm_(a, 0.1, 2.0)
-    tb = torch.ops.fusedclip_triton.clip_grad_norm_(b, 0.1, 2.0)
-    assert torch.equal(ta, tb)
-    assert_bitwise_equal(cpu(a), cpu(b))
-
-
-# --- the public API on backend "triton" -----------------------------------------------------------
-
-
-@pytest.mark.parametrize("norm_type", (2.0, 1.0, 3.5, -2.0, math.inf, -math.inf, 0.0, "inf"), ids=norm_id)
-@pytest.mark.parametrize("dtype", FLOATS, ids=str)
-def test_clip_grad_norm_matches_oracle(device, dtype, norm_type):
-    grads = make_grads(SHAPES, dtype, seed=13)
-    originals = clone_all(grads)
-    truth = oracle_norm(originals, norm_type)
-    grads = on(device, grads)
-    pointers = [g.data_ptr() for g in grads]
-    params = params_with(grads)
-    total = fusedclip.clip_grad_norm_(params, 0.3 * truth, norm_type, backend="triton")
-    tol = norm_rtol(1e-5, norm_type, dtype)
-    assert total.dtype == expected_dtype([dtype]) and total.device == grads[0].device
-    assert_norm_close(total.cpu(), truth, tol)
-    assert [p.grad.data_ptr() for p in params] == pointers
-    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(originals, total.cpu(), 0.3 * truth))
-    assert_scaled_like_oracle(cpu(grads), originals, truth, 0.3 * truth, tol)
-    total = fusedclip.get_total_norm(grads, norm_type, backend="triton")
-    assert_norm_close(total.cpu(), oracle_norm(cpu(grads), norm_type), tol)
-
-
-@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
-def test_complex_grads(device, dtype):
-    grads = make_grads([(30,), (0,), (4, 5)], dtype, seed=14)
-    originals = clone_all(grads)
-    truth = oracle_norm(originals, 2.0)
-    grads = on(device, grads)
-    total = fusedclip.clip_grad_norm_(params_with(grads), 0.5 * truth, backend="triton")
-    assert_norm_close(total.cpu(), truth, 1e-5 if dtype == torch.complex64 else 1e-10)
-    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(originals, total.cpu(), 0.5 * truth))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_non_contiguous_grads(device, dtype):
-    """A transposed and a strided grad: read through contiguous copies, scaled and clamped in
-    copies written back, strides and storage kept."""
-    base = on(device, make_grads([(30, 41), (CHUNK + 5,)], dtype, seed=15))
-    grads = [base[0].t(), base[1][::3], on(device, make_grads([(6,)], dtype, seed=16))[0]]
-    originals = clone_all(grads)
-    strides = [g.stride() for g in grads]
-    truth = oracle_norm(cpu(originals), 2.0)
-    total = fusedclip.clip_grad_norm_(params_with(grads), 0.5 * truth, backend="triton")
-    assert [g.stride() for g in grads] == strides
-    assert_norm_close(total.cpu(), truth, 1e-5)
-    assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(cpu(originals), total.cpu(), 0.5 * truth))
-    expected = [g.cpu().clamp(-0.01, 0.02) for g in grads]
-    torch.ops.fusedclip_triton.multi_tensor_clamp_(grads, -0.01, 0.02)
-    assert_bitwise_equal(cpu(grads), expected)
+# --- spans and copies, float64 pow, the table cache, refusals ------------------------------------
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed"])
-def test_dense_non_contiguous_grads_are_spans(device, layout):
+def test_dense_non_contiguous_grads_are_spans(triton_backend, layout):
     """A grad that fills its memory exactly once (channels_last, transposed) is one flat span:
     never copied, its table cached, left bit for bit when nothing is clipped, and clipped in
     place when it is."""
     from fusedclip.triton import tables as triton_tables
 
-    base = on(device, make_grads([(3, 5, 4, 7), (CHUNK + 9, 3)], torch.float32, seed=40))
+    base = triton_backend.on(make_grads([(3, 5, 4, 7), (CHUNK + 9, 3)], torch.float32, seed=40))
     if layout == "channels_last":
         grads = [base[0].to(memory_format=torch.channels_last), base[1].t().contiguous().t()]
     else:
@@ -417,11 +146,11 @@ def test_dense_non_contiguous_grads_are_spans(device, layout):
     assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(cpu(originals), total.cpu(), 0.5 * truth))
 
 
-def test_strided_grads_copied_once_and_values_kept_when_not_clipped(device, monkeypatch):
+def test_strided_grads_copied_once_and_values_kept_when_not_clipped(triton_backend, monkeypatch):
     """A truly strided grad goes through one contiguous copy per clip (the norm reads what the
     scale writes); when nothing is clipped the copy written back holds the same bits."""
-    base = on(device, make_grads([(3 * CHUNK + 6,)], torch.bfloat16, seed=41))[0]
-    grads = [base[::3], on(device, make_grads([(100,)], torch.bfloat16, seed=42))[0]]
+    base = triton_backend.on(make_grads([(3 * CHUNK + 6,)], torch.bfloat16, seed=41))[0]
+    grads = [base[::3], triton_backend.on(make_grads([(100,)], torch.bfloat16, seed=42))[0]]
     originals = clone_all(grads)
     whole = base.clone()
     truth = oracle_norm(cpu(originals), 2.0)
@@ -437,88 +166,48 @@ def test_strided_grads_copied_once_and_values_kept_when_not_clipped(device, monk
     assert_bitwise_equal(cpu([base[1::3], base[2::3]]), cpu([whole[1::3], whole[2::3]]))
 
 
-def test_mixed_dtypes_accumulate_each_chunk_in_its_own_dtype(device):
-    """float32 chunks accumulate in float32 even when a float64 tensor makes the output float64,
-    as the CPU backend does: 1 + 2^-24 (the sum of squares of [1, 2^-12]) rounds to 1 in
-    float32 (a tie, to even), and would stay 1 + 2^-24 in float64."""
-    grads = [torch.tensor([1.0, 2.0**-12]), torch.zeros(3, dtype=torch.float64)]
-    cpu_statistic, _ = torch.ops.fusedclip.multi_tensor_norm(clone_all(grads), 2.0, False)
-    statistic, _ = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), 2.0, False)
-    assert statistic.dtype == torch.float64
-    assert float(statistic) == float(cpu_statistic) == 1.0
-    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16] * 3
-    grads = make_grads([(CHUNK + 77,), (500,), (3000,), (CHUNK - 3,)] * 3, dtypes, seed=43)
-    for norm_type in (2.0, 1.0, 3.0):
-        cpu_statistic, _ = torch.ops.fusedclip.multi_tensor_norm(clone_all(grads), norm_type, False)
-        statistic, _ = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, False)
-        assert float(statistic) == pytest.approx(float(cpu_statistic), rel=1e-6, abs=0)
-
-
 @pytest.mark.parametrize("norm_type", [3.5, 0.5, -1.5, 1.25])
-def test_general_p_matches_float64_oracle(device, norm_type):
+def test_general_p_matches_float64_oracle(triton_backend, norm_type):
     """|x|^p and the root in float64 (pow): float64 data within 1e-13 of the float64 oracle, and
     float32 data (subnormals included) within float32's own rounding."""
     grads = make_grads([(CHUNK + 5,), (300,)], torch.float64, seed=44, scale=3.0)
     truth = oracle_norm(grads, norm_type)
-    total = torch.ops.fusedclip_triton.clip_grad_norm_(on(device, grads), 1e300, norm_type)
+    total = torch.ops.fusedclip_triton.clip_grad_norm_(triton_backend.on(grads), 1e300, norm_type)
     assert float(total) == pytest.approx(truth, rel=1e-13, abs=0)
     grads = make_grads([(CHUNK + 5,), (300,)], torch.float32, seed=46)
     if 0 < norm_type < 1:  # sums of |x|^p of subnormals (|x| ~ 1e-39) stay normal floats
         grads.append(make_grads([(2000,)], torch.float32, seed=45)[0] * 1e-39)
     per_truth = [oracle_statistic(g, norm_type) for g in grads]
-    _, per = torch.ops.fusedclip_triton.multi_tensor_norm(on(device, grads), norm_type, True)
+    _, per = torch.ops.fusedclip_triton.multi_tensor_norm(triton_backend.on(grads), norm_type, True)
     for value, want in zip(per.tolist(), per_truth):
         assert value == pytest.approx(want, rel=2e-7, abs=0)
-    total = torch.ops.fusedclip_triton.clip_grad_norm_(on(device, grads), 1e30, norm_type)
+    total = torch.ops.fusedclip_triton.clip_grad_norm_(triton_backend.on(grads), 1e30, norm_type)
     assert float(total) == pytest.approx(oracle_norm(grads, norm_type), rel=2e-7, abs=0)
 
 
-def test_clip_grad_value(device):
-    grads = make_grads(SHAPES, torch.float16, seed=17, scale=3.0)
-    theirs = params_with(clone_all(grads))
-    torch.nn.utils.clip_grad_value_(theirs, 0.7)
-    ours = params_with(on(device, grads))
-    fusedclip.clip_grad_value_(ours, 0.7, backend="triton")
-    assert_bitwise_equal(cpu([p.grad for p in ours]), [p.grad for p in theirs])
-
-
-def test_grads_sharing_memory_scaled_once_per_occurrence(device):
-    g = on(device, make_grads([(50,)], torch.float32, seed=18))[0]
-    view = g[10:20]
-    ours = [g, g, view]
-    theirs = [t.cpu().clone() for t in (g,)]
-    expected = theirs[0]
-    coef = torch.tensor(0.5)
-    expected.mul_(coef)
-    expected.mul_(coef)
-    expected[10:20].mul_(coef)
-    torch.ops.fusedclip_triton.multi_tensor_scale_(ours, coef.to(device))
-    assert_bitwise_equal([g.cpu()], [expected])
-
-
-def test_table_cache_follows_addresses(device):
+def test_table_cache_follows_addresses(triton_backend):
     """A list seen before reuses its table; new tensors at other addresses get their own."""
     from fusedclip.triton import tables as triton_tables
 
-    grads = on(device, make_grads([(100,), (CHUNK + 1,)], torch.float32, seed=19))
+    grads = triton_backend.on(make_grads([(100,), (CHUNK + 1,)], torch.float32, seed=19))
     first = float(fusedclip.get_total_norm(grads, backend="triton"))
     cached = len(triton_tables._cache)
     assert float(fusedclip.get_total_norm(grads, backend="triton")) == first
     assert len(triton_tables._cache) == cached
     for seed in range(3):
-        other = on(device, make_grads([(100,), (CHUNK + 1,)], torch.float32, seed=20 + seed))
+        other = triton_backend.on(make_grads([(100,), (CHUNK + 1,)], torch.float32, seed=20 + seed))
         assert_norm_close(fusedclip.get_total_norm(other, backend="triton").cpu(),
                           oracle_norm(cpu(other), 2.0), 1e-5)
 
 
-def test_cache_hit_skips_checks_and_table(device, monkeypatch):
+def test_cache_hit_skips_checks_and_table(triton_backend, monkeypatch):
     """A list seen before takes its operands from the cache: nothing is checked or built."""
     from fusedclip.triton import tables as triton_tables
 
     # An empty cache: a table depends only on addresses, sizes and dtypes, so an earlier test's
     # list at the same (reused) addresses would otherwise make the last call below a hit.
     monkeypatch.setattr(triton_tables, "_cache", collections.OrderedDict())
-    grads = on(device, make_grads([(100,), (CHUNK + 1,), (7, 3)], torch.float32, seed=47))
+    grads = triton_backend.on(make_grads([(100,), (CHUNK + 1,), (7, 3)], torch.float32, seed=47))
     first = torch.ops.fusedclip_triton.multi_tensor_norm(grads, 2.0)[0]
 
     def refuse(*args, **kwargs):
@@ -530,22 +219,9 @@ def test_cache_hit_skips_checks_and_table(device, monkeypatch):
         torch.ops.fusedclip_triton.multi_tensor_norm(grads[:2], 2.0)
 
 
-def test_in_place_operators_bump_version_counters(device):
-    """Autograd sees every in-place write: each written tensor's version counter moves."""
-    grads = on(device, make_grads([(10,), (CHUNK + 2,), (0,)], torch.float32, seed=50))
-    for op, args in ((torch.ops.fusedclip_triton.clip_grad_norm_, (0.1, 2.0)),
-                     (torch.ops.fusedclip_triton.multi_tensor_scale_, (torch.tensor(0.5, device=device),)),
-                     (torch.ops.fusedclip_triton.multi_tensor_clamp_, (-0.1, 0.1))):
-        versions = [g._version for g in grads]
-        op(grads, *args)
-        assert all(g._version > v for g, v in zip(grads, versions)), op
-    versions = [g._version for g in grads]
-    torch.ops.fusedclip_triton.multi_tensor_norm(grads, 2.0)
-    assert [g._version for g in grads] == versions
-
-
-def test_bad_input_raises_before_writing(device):
-    grads = on(device, make_grads([(10,), (5,)], torch.float32, seed=21))
+def test_bad_input_raises_before_writing(triton_backend):
+    device = triton_backend.device
+    grads = triton_backend.on(make_grads([(10,), (5,)], torch.float32, seed=21))
     originals = clone_all(grads)
     expanded = torch.randn(1, device=device).expand(4)
     with pytest.raises(RuntimeError, match="internally overlapping"):
@@ -563,72 +239,14 @@ def test_bad_input_raises_before_writing(device):
     assert_bitwise_equal(cpu(grads), cpu(originals))
 
 
-def test_clip_optimizer_takes_backend_triton(device):
-    """ClipOptimizer accepts "triton" for parameters the Triton kernels run (and clips with it)."""
-    grads = on(device, make_grads([(30,), (4, 5)], torch.float32, seed=22, scale=3.0))
-    params, expected = params_with(clone_all(grads)), params_with(clone_all(grads))
-    opt = fusedclip.ClipOptimizer(torch.optim.SGD(params, lr=0.0), 0.5, backend="triton")
-    total = opt.step()
-    expected_total = fusedclip.clip_grad_norm_(expected, 0.5, backend="torch")
-    torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=0)
-    for p, q in zip(params, expected):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
-
-
-def test_compile_fullgraph(device):
-    torch._dynamo.reset()
-
-    def clip(params, max_norm):
-        return fusedclip.clip_grad_norm_(params, max_norm, backend="triton")
-
-    grads = make_grads([(64, 3), (0,), (1000,), (7,)],
-                       [torch.float32, torch.float32, torch.bfloat16, torch.float32], seed=22)
-    eager_params = params_with(on(device, clone_all(grads)))
-    compiled_params = params_with(on(device, clone_all(grads)))
-    compiled = torch.compile(clip, fullgraph=True)
-    try:
-        for max_norm in (0.5, 1e6, 0.3):
-            expected = clip(eager_params, max_norm)
-            total = compiled(compiled_params, max_norm)
-            assert total.dtype == expected.dtype and torch.equal(total, expected)
-            assert_bitwise_equal(cpu([p.grad for p in compiled_params]), cpu([p.grad for p in eager_params]))
-    finally:
-        torch._dynamo.reset()
-
-
 # --- CUDA only -------------------------------------------------------------------------------------
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
-def test_auto_picks_triton_for_cuda_tensors():
-    assert _backends.resolve_backend("auto", torch.device("cuda")) == "triton"
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
-def test_clip_is_sync_free():
-    grads = on(torch.device("cuda"), make_grads(SHAPES, torch.bfloat16, seed=23))
-    params = params_with(grads)
-    fusedclip.clip_grad_norm_(params, 0.1, backend="triton")  # warm-up: compiles, caches the table
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
-        fusedclip.clip_grad_norm_(params, 0.1, 3.0, backend="triton")
-        fusedclip.clip_grads_with_norm_(params, 0.1, fusedclip.get_total_norm(grads, backend="triton"),
-                                        backend="triton")
-        fusedclip.clip_grad_value_(params, 0.01, backend="triton")
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
 def test_clip_in_a_cuda_graph():
     source = make_grads(SHAPES, torch.float32, seed=24)
-    grads = on(torch.device("cuda"), source)
+    grads = CUDA.on(source)
     params = params_with(grads)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -644,7 +262,7 @@ def test_clip_in_a_cuda_graph():
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
     assert any(triton_tables._captured[-1] is o for o in warmed)  # the warm-up's table
     for seed in range(triton_tables._CACHE_SIZE + 4):  # evicts it from the cache; reuses memory
-        other = on(torch.device("cuda"), make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=200 + seed))
+        other = CUDA.on(make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=200 + seed))
         fusedclip.get_total_norm(other, backend="triton")
     for scale in (1.0, 3.0, 1e-9):  # clips, clips, does not clip
         inputs = [s * scale for s in source]
@@ -665,11 +283,10 @@ def test_cuda_graph_tables_outlive_the_cache():
     correctly after the cache has turned over."""
     from fusedclip.triton import tables as triton_tables
 
-    cuda = torch.device("cuda")
     source = make_grads(SHAPES, torch.float32, seed=48)
-    fusedclip.clip_grad_norm_(params_with(on(cuda, source)), 0.1, backend="triton")  # compiles
+    fusedclip.clip_grad_norm_(params_with(CUDA.on(source)), 0.1, backend="triton")  # compiles
     torch.cuda.synchronize()
-    grads = on(cuda, source)
+    grads = CUDA.on(source)
     params = params_with(grads)
     cached = set(triton_tables._cache)
     captured = len(triton_tables._captured)
@@ -679,7 +296,7 @@ def test_cuda_graph_tables_outlive_the_cache():
     assert set(triton_tables._cache) == cached and len(triton_tables._captured) == captured + 1
     assert triton_tables._captured[-1].table.host_copy.is_pinned()
     for seed in range(triton_tables._CACHE_SIZE + 4):  # evicts every entry; reuses freed memory
-        other = on(cuda, make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=100 + seed))
+        other = CUDA.on(make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=100 + seed))
         fusedclip.get_total_norm(other, backend="triton")
     for scale in (1.0, 1e-9):  # clips, does not clip
         inputs = [s * scale for s in source]
@@ -698,7 +315,7 @@ def test_tables_are_per_stream():
     its own copy), and gives the same result."""
     from fusedclip.triton import tables as triton_tables
 
-    grads = on(torch.device("cuda"), make_grads(SHAPES, torch.float32, seed=49))
+    grads = CUDA.on(make_grads(SHAPES, torch.float32, seed=49))
     first = fusedclip.get_total_norm(grads, backend="triton")
     cached = len(triton_tables._cache)
     stream = torch.cuda.Stream()

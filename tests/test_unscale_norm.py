@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fusedclip import _ops
-from conftest import BACKENDS, make_grads, norm_id, oracle_statistic
+from fusedclip import _backends, _ops
+from helpers import CPU_BACKENDS, make_grads, norm_id, oracle_statistic
 
 ops = torch.ops.fusedclip
 
@@ -43,7 +43,7 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.multi_tensor_unscale_norm.default, (grads, torch.tensor(2.0**-9), math.inf))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("norm_type", NORM_TYPES, ids=norm_id)
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 1e-5)])
 def test_statistic_of_unscaled(backend, norm_type, dtype, rtol):
@@ -57,7 +57,7 @@ def test_statistic_of_unscaled(backend, norm_type, dtype, rtol):
     assert found_inf.dtype == torch.float32 and found_inf.shape == () and float(found_inf) == 0.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("where", [(0, 0), (2, 5), (2, 1027), (4, 0), (4, 70000), (5, 209)],
@@ -72,7 +72,7 @@ def test_found_inf_is_exact(backend, bad, dtype, where):
     assert not math.isfinite(float(statistic))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_finite_values_whose_product_overflows_are_not_found(backend):
     """torch checks x itself: a finite x times an inv_scale above 1 may overflow, but is finite."""
     grads = [torch.full((100,), 3e38), torch.randn(7)]
