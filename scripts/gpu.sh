@@ -27,7 +27,7 @@ run() {
   return "$rc"
 }
 
-sanitized_tests=(tests/test_cuda_backend.py -k "not many and not graph")
+sanitized_tests=(-m cuda tests/test_ops.py tests/test_cuda_backend.py -k "cuda and not many and not graph")
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(build tests sanitizer bench)
 for stage in "${stages[@]}"; do
