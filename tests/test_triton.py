@@ -688,7 +688,7 @@ def test_cuda_graph_tables_outlive_the_cache():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
-    assert dict(triton_tables._cache) == cached
+    assert triton_tables._cache.keys() == cached.keys()
     held = triton_tables.captured_operands(graph) or triton_tables._captured_without_graph[-1:]
     assert len(held) == 1 and not any(held[0] is o for o in cached.values())  # built during capture
     region = held[0].table.host_copy

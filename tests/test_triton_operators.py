@@ -660,7 +660,8 @@ def test_operators_are_sync_free():
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
 def test_operators_in_a_cuda_graph():
     """Each operator captured on tensors never used before (its table built during capture,
-    from staging memory) replays as it runs eagerly; the graph keeps its operands."""
+    from staging memory) replays as it runs eagerly on other tensors of the same values; the
+    graph keeps its operands."""
     from fusedclip.triton import tables
 
     cuda = torch.device("cuda")
@@ -672,7 +673,8 @@ def test_operators_in_a_cuda_graph():
         with torch.cuda.graph(graph):
             out = getattr(TRITON, name)(*args)
         held = tables.captured_operands(graph) or tables._captured_without_graph
-        assert held and not any(o is h for o in tables._cache.values() for h in held)
+        if name != "monitor_update_":  # the one without a table
+            assert held and not any(o is h for o in tables._cache.values() for h in held)
         graph.replay()
         torch.cuda.synchronize()
         assert_bitwise_equal(cpu(written), cpu(eager_written))
