@@ -1,7 +1,7 @@
 """Fake kernels of the operators: shapes and dtypes only, for torch.compile and opcheck.
 
 One per schema (csrc/fusedclip.cpp), registered for the C++ operators (``fusedclip::``, by
-fusedclip/_ops.py) and, for the four the Triton backend defines with the same schemas, for
+fusedclip/_ops.py) and, for the Triton backend, which defines every one with the same schema, for
 ``fusedclip_triton::`` (by fusedclip/triton/ops.py; tests/test_ops.py checks that the schemas match).
 """
 

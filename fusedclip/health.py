@@ -271,18 +271,17 @@ class GradientMonitor:
             self.log()
 
     def _backend_of_update(self, device: torch.device) -> str:
-        """"cpu" (the C++ operator) where the clip's backend for the device is "cpu", else "torch"
-        (the same math in ATen ops, on any device)."""
-        if device.type != "cpu" or _backends._C is None:
-            return "torch"
+        """The clip's backend for the device where it has a kernel of monitor_update_ ("cpu", the
+        C++ one; "triton"), else "torch" (the same math in ATen ops, on any device)."""
         try:
-            return "cpu" if _backends.resolve_backend(self.backend, device) == "cpu" else "torch"
-        except (RuntimeError, ValueError):  # a GPU-only backend: the norms came from elsewhere
+            backend = _backends.resolve_backend(self.backend, device)
+        except (RuntimeError, ValueError):  # a backend for another device: the norms came from elsewhere
             return "torch"
+        return backend if backend in _ops.NATIVE_BACKENDS["monitor_update_"] else "torch"
 
     def _update(self, norms: Tensor) -> None:
-        """One step of the statistics and flags: one fused operator on CPU (the C++ kernel of
-        reference.monitor_update_), the reference's ops elsewhere."""
+        """One step of the statistics and flags: one fused operator where the backend has one (the
+        C++ kernel of reference.monitor_update_ on CPU, Triton's), the reference's ops elsewhere."""
         if self._state is None or self._state["mean"].device != norms.device:
             # One tensor each: the operator updates them in place.
             def zeros(dtype: torch.dtype) -> Tensor:

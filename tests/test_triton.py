@@ -19,6 +19,7 @@ triton is a test dependency: without it this file fails to import, it is never s
 from __future__ import annotations
 
 import collections
+import gc
 import math
 import os
 import subprocess
@@ -224,15 +225,17 @@ def test_bad_input_raises_before_writing(triton_backend):
     grads = triton_backend.on(make_grads([(10,), (5,)], torch.float32, seed=21))
     originals = clone_all(grads)
     expanded = torch.randn(1, device=device).expand(4)
-    with pytest.raises(RuntimeError, match="internally overlapping"):
+    # Refused as the C++ operators refuse (csrc/tensor_checks.h): TypeError for what the kernels
+    # do not take, ValueError for what they cannot write; RuntimeError would mean "maybe written".
+    with pytest.raises(ValueError, match="internally overlapping"):
         torch.ops.fusedclip_triton.multi_tensor_scale_(grads + [expanded], torch.tensor(0.5, device=device))
-    with pytest.raises(RuntimeError, match="complex"):
+    with pytest.raises(TypeError, match="complex"):
         torch.ops.fusedclip_triton.multi_tensor_clamp_(grads + [torch.randn(3, dtype=torch.complex64, device=device)], -1.0, 1.0)
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         torch.ops.fusedclip_triton.clip_grad_norm_(grads + [torch.ones(3, dtype=torch.int32, device=device)], 0.1, 2.0)
-    with pytest.raises(RuntimeError, match="layout"):  # no address: the cache key refuses it too
+    with pytest.raises(TypeError, match="layout"):  # no address: the cache key refuses it too
         torch.ops.fusedclip_triton.clip_grad_norm_(grads + [torch.ones(3, device=device).to_sparse()], 0.1, 2.0)
-    with pytest.raises(RuntimeError, match="norm_type must not be nan"):
+    with pytest.raises(ValueError, match="norm_type must not be nan"):
         torch.ops.fusedclip_triton.clip_grad_norm_(grads, 0.1, float("nan"))
     with pytest.raises(ValueError, match="max_norm"):
         fusedclip.clip_grad_norm_(params_with(grads), -1.0, backend="triton")
@@ -260,7 +263,8 @@ def test_clip_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
-    assert any(triton_tables._captured[-1] is o for o in warmed)  # the warm-up's table
+    held = triton_tables.captured_operands(graph) or triton_tables._captured_without_graph
+    assert any(held[-1] is o for o in warmed)  # the warm-up's table
     for seed in range(triton_tables._CACHE_SIZE + 4):  # evicts it from the cache; reuses memory
         other = CUDA.on(make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=200 + seed))
         fusedclip.get_total_norm(other, backend="triton")
@@ -279,22 +283,28 @@ def test_clip_in_a_cuda_graph():
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
 def test_cuda_graph_tables_outlive_the_cache():
     """A graph captured on grads never used before builds their table during capture (copied
-    from pinned memory at each replay): kept apart (the cache is untouched), it still replays
-    correctly after the cache has turned over."""
+    at each replay from staging memory reserved before the capture): kept apart (the cache is
+    untouched), kept by the graph, it still replays correctly after the cache has turned over,
+    and its staging region is given back with the graph."""
     from fusedclip.triton import tables as triton_tables
 
     source = make_grads(SHAPES, torch.float32, seed=48)
-    fusedclip.clip_grad_norm_(params_with(CUDA.on(source)), 0.1, backend="triton")  # compiles
+    warm_up = CUDA.on(source)  # kept alive: the grads below cannot take their addresses
+    fusedclip.clip_grad_norm_(params_with(warm_up), 0.1, backend="triton")  # compiles, reserves staging
     torch.cuda.synchronize()
     grads = CUDA.on(source)
     params = params_with(grads)
-    cached = set(triton_tables._cache)
-    captured = len(triton_tables._captured)
+    cached = dict(triton_tables._cache)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         total = fusedclip.clip_grad_norm_(params, 0.1, backend="triton")
-    assert set(triton_tables._cache) == cached and len(triton_tables._captured) == captured + 1
-    assert triton_tables._captured[-1].table.host_copy.is_pinned()
+    assert triton_tables._cache.keys() == cached.keys()
+    held = triton_tables.captured_operands(graph) or triton_tables._captured_without_graph[-1:]
+    assert len(held) == 1 and not any(held[0] is o for o in cached.values())  # built during capture
+    region = held[0].table.host_copy
+    assert region.is_pinned() and any(region.data_ptr() >= a.data_ptr() and
+                                      region.data_ptr() < a.data_ptr() + a.numel() * 8
+                                      for a in triton_tables._staging._arenas)
     for seed in range(triton_tables._CACHE_SIZE + 4):  # evicts every entry; reuses freed memory
         other = CUDA.on(make_grads([(100,), (CHUNK + 3,)], torch.float32, seed=100 + seed))
         fusedclip.get_total_norm(other, backend="triton")
@@ -306,6 +316,11 @@ def test_cuda_graph_tables_outlive_the_cache():
         torch.cuda.synchronize()
         assert_norm_close(total.cpu(), oracle_norm(inputs, 2.0), 1e-5)
         assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(inputs, total.cpu(), 0.1))
+    if triton_tables.captured_operands(graph):  # a torch that names the capturing graph
+        free = len(triton_tables._staging._free)
+        del graph, held, region
+        gc.collect()
+        assert len(triton_tables._staging._free) == free + 1
 
 
 @pytest.mark.cuda
@@ -327,17 +342,28 @@ def test_tables_are_per_stream():
     assert torch.equal(first, second)
 
 
+# The kernels' size arguments (never specialized) and their int64 arguments besides float64 bits.
+SIZE_ARGS = ("n_chunks", "first_chunk", "n_tensors", "index", "n_partials", "coef_stride", "n_pieces",
+             "first_piece", "n_parts", "n_long", "n", "warmup_steps", "vanish_steps")
+INT64_ARGS = ("warmup_steps", "vanish_steps")
+
+
+def _all_kernels():
+    from fusedclip.triton import kernels
+
+    return (kernels.norm_chunks, kernels.per_tensor, kernels.scale_chunks, kernels.clamp_chunks,
+            kernels.agc_pieces, kernels.agc_long_rows, kernels.monitor_update)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="reads the compiled kernels' parameters")
 def test_kernel_scalars_compile_one_variant():
     """Sizes and float64 bit patterns never specialize a kernel (an int 1 or a multiple of 16
     would), and the bits are typed int64 whatever their value (0.0's bits would be int32)."""
-    from fusedclip.triton import kernels
-
-    for fn in (kernels.norm_chunks, kernels.per_tensor, kernels.scale_chunks, kernels.clamp_chunks):
+    for fn in _all_kernels():
         for param in fn.params:
-            if param.name in ("n_chunks", "first_chunk", "n_tensors") or param.name.endswith("_bits"):
+            if param.name in SIZE_ARGS or param.name.endswith("_bits"):
                 assert param.do_not_specialize, (fn, param.name)
-            if param.name.endswith("_bits"):
+            if param.name.endswith("_bits") or param.name in INT64_ARGS:
                 assert param.annotation_type == "i64", (fn, param.name)
 
 
@@ -348,47 +374,74 @@ def test_kernel_scalars_compile_one_variant():
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_kernels_compile_for_sm90():
     """Every kernel compiles (Triton's own ptxas, no GPU needed) for an H100's sm_90 in the
-    variants the launchers use, and whole blocks of aligned bf16 are loaded 16 bytes at a time."""
+    variants the launchers use; whole blocks of aligned bf16 are loaded and stored 16 bytes at a
+    time (the norm, its unscaled form, the scales, AGC's rows); general p takes float64 pow; and
+    GradientMonitor's update, compiled as launch.monitor compiles it, has no fused multiply-add
+    (which it would have with fusion on)."""
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fusedclip.triton import kernels
 
-    pointers = {"table": "*i64", "partials": "*fp64", "ticket": "*i32"}
+    fixed = {"table": "*i64", "partials": "*fp64", "ticket": "*i32", "inv_scale": "*fp32", "found_inf": "*fp32",
+             "unit_sq": "*fp64", "parts": "*fp64", "coefs": "*fp64", "count": "*i64", "below": "*i64",
+             "explosions": "*i64", "exploding": "*i1", "vanishing": "*i1"}
 
-    def compile_kernel(fn, acc, **constexprs):
+    def compile_kernel(fn, acc, fp_fusion=True, **constexprs):
         signature = {}
         for name in fn.arg_names:
             if name in constexprs:
                 signature[name] = "constexpr"
-            elif name.endswith("_bits"):
+            elif name.endswith("_bits") or name in INT64_ARGS:
                 signature[name] = "i64"
-            elif name in pointers:
-                signature[name] = pointers[name]
-            elif name in ("statistic", "total_norm", "coef", "out"):
+            elif name in fixed:
+                signature[name] = fixed[name]
+            elif name in ("statistic", "total_norm", "coef", "out", "norms", "mean", "var"):
                 signature[name] = "*fp64" if acc == tl.float64 else "*fp32"
             else:
+                assert name in SIZE_ARGS, name
                 signature[name] = "i32"
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        options = {"num_warps": 8, "enable_fp_fusion": fp_fusion}
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
     for dtype in (tl.float32, tl.float64, tl.float16, tl.bfloat16):
         acc = tl.float64 if dtype == tl.float64 else tl.float32
         for aligned in (False, True):
-            for fn in (kernels.scale_chunks, kernels.clamp_chunks):
-                compiled = compile_kernel(fn, acc, DTYPE=dtype, ACC=acc, ALIGNED=aligned, BLOCK=2048)
-                if dtype == tl.bfloat16 and aligned:
-                    assert "st.global.v4.b32" in compiled.asm["ptx"], fn
+            vector = dtype == tl.bfloat16 and aligned
+            for per_tensor in (False, True):
+                compiled = compile_kernel(kernels.scale_chunks, acc, DTYPE=dtype, ACC=acc, ALIGNED=aligned,
+                                          BLOCK=2048, PER_TENSOR=per_tensor)
+                assert not vector or "st.global.v4.b32" in compiled.asm["ptx"], per_tensor
+            compiled = compile_kernel(kernels.clamp_chunks, acc, DTYPE=dtype, ACC=acc, ALIGNED=aligned, BLOCK=2048)
+            assert not vector or "st.global.v4.b32" in compiled.asm["ptx"]
+            for pdtype in {dtype, tl.float32}:  # a parameter may have another dtype than its grad
+                pacc = tl.float64 if pdtype == tl.float64 else tl.float32
+                compiled = compile_kernel(kernels.agc_pieces, acc, DTYPE=dtype, ACC=acc, PDTYPE=pdtype, PACC=pacc,
+                                          ALIGNED=aligned, BLOCK=2048)
+                if vector:
+                    assert "ld.global.v4.b32" in compiled.asm["ptx"] and "st.global.v4.b32" in compiled.asm["ptx"]
         for out in {acc, tl.float64}:  # a float64 tensor in the list makes the output float64
             for kind in range(6):
-                norm = compile_kernel(kernels.norm_chunks, out, DTYPE=dtype, ACC=acc, OUT=out,
-                                      KIND=kind, FINISH=True, ALIGNED=True, BLOCK=2048,
-                                      FINAL_BLOCK=1024)
-                if dtype == tl.bfloat16:
-                    assert "ld.global.v4.b32" in norm.asm["ptx"], kind
-                if kind == kernels.POWER_SUM.value:  # |x|^p and the root: float64 pow
-                    assert "__nv_pow" in norm.asm["llir"] and "lg2.approx" not in norm.asm["ptx"]
+                for unscale in (False, True) if out == acc else (False,):  # unscaled: one output dtype
+                    norm = compile_kernel(kernels.norm_chunks, out, DTYPE=dtype, ACC=acc, OUT=out,
+                                          KIND=kind, FINISH=not unscale, UNSCALE=unscale, ALIGNED=True,
+                                          BLOCK=2048, FINAL_BLOCK=1024)
+                    if dtype == tl.bfloat16:
+                        assert "ld.global.v4.b32" in norm.asm["ptx"], (kind, unscale)
+                    if kind == kernels.POWER_SUM.value:  # |x|^p and the root: float64 pow
+                        assert "__nv_pow" in norm.asm["llir"] and "lg2.approx" not in norm.asm["ptx"]
     for acc in (tl.float32, tl.float64):
         for kind in range(6):
-            compile_kernel(kernels.per_tensor, acc, KIND=kind, ACC=acc, BLOCK=1024)
+            for root in (False, True):
+                compile_kernel(kernels.per_tensor, acc, KIND=kind, ACC=acc, ROOT=root, TOTAL=False, BLOCK=1024)
+        compile_kernel(kernels.per_tensor, acc, KIND=kernels.SQUARE_SUM.value, ACC=acc, ROOT=False, TOTAL=True,
+                       BLOCK=1024)  # AGC's sums
+        for has_explode in (False, True):
+            monitor = compile_kernel(kernels.monitor_update, acc, fp_fusion=False, T=acc, HAS_EXPLODE=has_explode,
+                                     BLOCK=1024)
+            assert "fma.rn" not in monitor.asm["ptx"], has_explode
+        fused = compile_kernel(kernels.monitor_update, acc, T=acc, HAS_EXPLODE=True, BLOCK=1024)
+        assert "fma.rn" in fused.asm["ptx"]  # the check above can fail
+    compile_kernel(kernels.agc_long_rows, tl.float64, BLOCK=1024)

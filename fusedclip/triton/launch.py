@@ -1,12 +1,13 @@
 """The launchers of backend "triton": the norm (one launch per dtype, the last program of the
-last launch finishing the total and the coefficient in device memory) and the in-place
-transforms (scale, clamp: one launch per dtype). No host sync anywhere.
+last launch finishing the total, the coefficient and found_inf in device memory; one more for
+per-tensor statistics), the in-place transforms (scale, clamp: one launch per dtype), AGC and
+GradientMonitor's update. No host sync anywhere.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton.language as tl
@@ -14,10 +15,11 @@ from torch import Tensor
 
 from fusedclip import numerics
 from fusedclip.triton import kernels
-from fusedclip.triton.tables import INTERPRETED, TRITON_DTYPES, Operands, operands_of
+from fusedclip.triton.tables import INTERPRETED, TRITON_DTYPES, AgcOperands, Operands, operands_of
 
 BLOCK = 2048  # elements per step of a program's loop
-FINAL_BLOCK = 1024  # lanes of the last program's reduction of the partials
+FINAL_BLOCK = 1024  # lanes of the reductions of partials
+MONITOR_BLOCK = 1024  # entries per program of GradientMonitor's update
 NUM_WARPS = 8  # GPU only
 
 
@@ -34,6 +36,8 @@ def accumulate(dtype: torch.dtype):
 
 
 def run_kernel(kernel, device: torch.device, grid: int, *args, **constexprs) -> None:
+    """kernel[(grid,)](*args, **constexprs); options such as enable_fp_fusion are for the
+    compiler only (the interpreter ignores them)."""
     if INTERPRETED:
         # numpy warns where a GPU silently gives IEEE results (log2(0) = -inf, 0 * inf = nan)
         import numpy  # the interpreter's own dependency
@@ -45,53 +49,67 @@ def run_kernel(kernel, device: torch.device, grid: int, *args, **constexprs) -> 
             kernel[(grid,)](*args, **constexprs, num_warps=NUM_WARPS)
 
 
+class NormResults(NamedTuple):
+    statistic: Tensor
+    per: Tensor  # per-tensor statistics (norms with roots=True); empty unless asked
+    total: Tensor  # the norm (with max_norm)
+    coef: Tensor  # the clip coefficient (with max_norm)
+    found_inf: Optional[Tensor]  # float32 1. when any element is inf or nan (with inv_scale)
+
+
 def norm(
     operands: Operands, device: torch.device, norm_type: float, per_tensor: bool,
-    max_norm: Optional[float],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(statistic, per-tensor statistics, total norm, coefficient) of a read operands' tensors;
-    the norm and the coefficient only when max_norm is given (else unwritten)."""
+    max_norm: Optional[float], inv_scale: Optional[Tensor] = None, roots: bool = False,
+) -> NormResults:
+    """The statistic of a read operands' tensors; per tensor when asked (their norms with
+    roots); the norm and the coefficient only when max_norm is given (else unwritten); with
+    inv_scale, the statistic of the tensors times inv_scale and found_inf."""
     table, out = operands.table, operands.out
     kind = numerics.norm_kind(norm_type).value
     statistic = torch.empty((), dtype=out, device=device)
     total = torch.empty((), dtype=out, device=device)
     coef = torch.empty((), dtype=out, device=device)
+    found_inf = None if inv_scale is None else torch.empty((), dtype=torch.float32, device=device)
     per = torch.empty((table.n_tensors if per_tensor else 0,), dtype=out, device=device)
     if table.n_chunks == 0:  # no elements: the identity, and the norm of nothing is 0
         identity = numerics.statistic_identity(norm_type)
         statistic.fill_(identity)
-        per.fill_(identity)
+        per.fill_(0.0 if roots else identity)
         total.zero_()
         coef.copy_(numerics.clip_coefficient(total, 0.0 if max_norm is None else max_norm))
-        return statistic, per, total, coef
+        if found_inf is not None:
+            found_inf.zero_()
+        return NormResults(statistic, per, total, coef, found_inf)
     partials = torch.empty((table.n_chunks,), dtype=torch.float64, device=device)
-    ticket = torch.zeros((1,), dtype=torch.int32, device=device)
+    ticket = torch.zeros((2,), dtype=torch.int32, device=device)  # [finished programs, found]
     for launch in table.launches:
         run_kernel(
             kernels.norm_chunks, device, launch.n_chunks,
             table.table, table.n_chunks, launch.first_chunk, partials, ticket,
             bits(norm_type), statistic, total, coef,
             bits(max_norm if max_norm is not None else 0.0), EPS_BITS,
+            statistic if inv_scale is None else inv_scale, statistic if found_inf is None else found_inf,
             DTYPE=TRITON_DTYPES[launch.dtype], ACC=accumulate(launch.dtype),
-            OUT=TRITON_DTYPES[out], KIND=kind, FINISH=max_norm is not None,
+            OUT=TRITON_DTYPES[out], KIND=kind, FINISH=max_norm is not None, UNSCALE=inv_scale is not None,
             ALIGNED=launch.aligned, BLOCK=BLOCK, FINAL_BLOCK=FINAL_BLOCK,
         )
     if per_tensor:
         run_kernel(
             kernels.per_tensor, device, table.n_tensors,
-            table.table, table.n_chunks, table.n_tensors, partials, per,
-            KIND=kind, ACC=TRITON_DTYPES[out], BLOCK=FINAL_BLOCK,
+            table.table, 3 * table.n_chunks, table.n_tensors, partials, table.n_chunks, per, statistic,
+            bits(norm_type), KIND=kind, ACC=TRITON_DTYPES[out], ROOT=roots, TOTAL=False, BLOCK=FINAL_BLOCK,
         )
     # Temporaries are freed when the caller drops operands: kernels are stream-ordered, so the
     # caching allocator reuses their memory safely after.
-    return statistic, per, total, coef
+    return NormResults(statistic, per, total, coef, found_inf)
 
 
-def transform(tensors: list[Tensor], op: str, kernel, *args, operands: Optional[Operands] = None) -> None:
+def transform(tensors: list[Tensor], op: str, kernel, *args, operands: Optional[Operands] = None,
+              args_of=None, **constexprs) -> None:
     """Runs an in-place kernel (scale or clamp) over every chunk of tensors (write operands:
     operands_of(tensors, op, writes=True) unless given), then copies the dense copies of strided
     tensors back. Tensors sharing memory run one at a time in list order, so shared bytes change
-    once per tensor, as in torch.
+    once per tensor, as in torch; args_of(i) are then tensor i's arguments (args by default).
 
     A copy back writes the values the kernel left in the copy: when the scale kernel writes
     nothing (coef >= 1), the same bits as before go back (memory written, values unchanged)."""
@@ -99,8 +117,8 @@ def transform(tensors: list[Tensor], op: str, kernel, *args, operands: Optional[
     if operands is None:
         operands = operands_of(tensors, op, writes=True)
     if operands.shares_memory:
-        for t in tensors:
-            transform([t], op, kernel, *args)
+        for i, t in enumerate(tensors):
+            transform([t], op, kernel, *(args if args_of is None else args_of(i)), **constexprs)
         return
     table = operands.table
     for launch in table.launches:
@@ -108,9 +126,70 @@ def transform(tensors: list[Tensor], op: str, kernel, *args, operands: Optional[
             kernel, device, launch.n_chunks,
             table.table, table.n_chunks, launch.first_chunk, *args,
             DTYPE=TRITON_DTYPES[launch.dtype], ACC=accumulate(launch.dtype),
-            ALIGNED=launch.aligned, BLOCK=BLOCK,
+            ALIGNED=launch.aligned, BLOCK=BLOCK, **constexprs,
         )
     for original, dense in operands.write_back:
         original.copy_(dense)
 
 
+def agc(operands: AgcOperands, device: torch.device, out: torch.dtype, clip_factor: float,
+        eps: float) -> tuple[Tensor, Tensor]:
+    """Unit-wise AGC of the operands' gradients in place; returns the sums of squares of the
+    gradients before clipping (total, per tensor) in ``out``.
+
+    One agc_pieces launch per (grad dtype, param dtype, alignment) measures every unit and clips
+    those of whole rows; rows longer than a chunk then take two more launches, one for their
+    coefficients (agc_long_rows) and one scale per launch that holds such rows (scale_chunks,
+    one coefficient per row); last, one launch sums the units per tensor and in total."""
+    t = operands.table
+    per = torch.empty((t.n_tensors,), dtype=out, device=device)
+    total = torch.empty((), dtype=out, device=device)
+    if t.n_pieces == 0:
+        per.zero_()
+        total.zero_()
+        return total, per
+    unit_sq = torch.empty((t.n_units,), dtype=torch.float64, device=device)
+    parts = torch.empty((max(1, 2 * t.n_parts),), dtype=torch.float64, device=device)
+    factors = bits(clip_factor), bits(eps)
+    for launch in t.launches:
+        run_kernel(
+            kernels.agc_pieces, device, launch.n_chunks,
+            t.table, t.n_pieces, launch.first_chunk, unit_sq, parts, t.n_parts, *factors,
+            DTYPE=TRITON_DTYPES[launch.dtype], ACC=accumulate(launch.dtype),
+            PDTYPE=TRITON_DTYPES[launch.param_dtype], PACC=accumulate(launch.param_dtype),
+            ALIGNED=launch.aligned, BLOCK=BLOCK,
+        )
+    if t.n_long:
+        coefs = torch.empty((t.n_long,), dtype=torch.float64, device=device)
+        run_kernel(kernels.agc_long_rows, device, t.n_long, t.table, 6 * t.n_pieces, t.n_long,
+                   unit_sq, parts, t.n_parts, coefs, *factors, BLOCK=FINAL_BLOCK)
+        for launch in t.long_launches:
+            run_kernel(
+                kernels.scale_chunks, device, launch.n_chunks,
+                t.table, t.n_pieces, launch.first_chunk, coefs, 1,
+                DTYPE=TRITON_DTYPES[launch.dtype], ACC=accumulate(launch.dtype),
+                ALIGNED=launch.aligned, BLOCK=BLOCK, PER_TENSOR=True,
+            )
+    run_kernel(
+        kernels.per_tensor, device, t.n_tensors,
+        t.table, 6 * t.n_pieces + 4 * t.n_long, t.n_tensors, unit_sq, t.n_units, per, total, 0,
+        KIND=kernels.SQUARE_SUM, ACC=TRITON_DTYPES[out], ROOT=False, TOTAL=True, BLOCK=FINAL_BLOCK,
+    )
+    for original, dense in operands.write_back:
+        original.copy_(dense)
+    return total, per
+
+
+def monitor(norms: Tensor, state: list[Tensor], alpha: float, warmup_steps: int, z_threshold: float,
+            explode_threshold: Optional[float], vanish_eps: float, vanish_steps: int) -> None:
+    """GradientMonitor's update (kernels.monitor_update) of contiguous 1-dim state tensors
+    (mean, var, count, below, explosions, exploding, vanishing), one launch; compiled without
+    fused multiply-adds, as the CPU kernel and the reference round every op."""
+    n = norms.numel()
+    run_kernel(
+        kernels.monitor_update, norms.device, -(-n // MONITOR_BLOCK), norms, *state, n,
+        bits(1.0 - alpha), bits(z_threshold * z_threshold),
+        bits(0.0 if explode_threshold is None else explode_threshold), bits(vanish_eps), warmup_steps,
+        vanish_steps, T=TRITON_DTYPES[norms.dtype], HAS_EXPLODE=explode_threshold is not None,
+        BLOCK=MONITOR_BLOCK, enable_fp_fusion=False,
+    )

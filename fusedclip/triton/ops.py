@@ -1,13 +1,14 @@
 """Launchers and operators of backend "triton": ``torch.ops.fusedclip_triton.*``.
 
-The four operators have the schemas and semantics of the C++ library's (csrc/fusedclip.cpp), in
+The operators have the schemas and semantics of the C++ library's (csrc/fusedclip.cpp), in
 their own namespace so that they never clash with kernels registered for ``fusedclip::``.
 
 A call builds (or finds in a cache) one device table of int64 describing every chunk of every
 tensor (tables.py), then launches one kernel per dtype present (launch.py): the norm
 of 10,000 float32 tensors is one launch, plus one for the per-tensor statistics when asked. The
 fused clip is one norm launch and one scale launch per dtype, with the coefficient passed from
-one to the other in device memory: no host sync anywhere.
+one to the other in device memory: no host sync anywhere. AGC has a table of its own (rows of
+tensors, tables.build_agc_table); GradientMonitor's update is one element-wise launch.
 
 The operators are defined with ``torch.library.Library`` (one kernel for every device, fake
 kernels for torch.compile and opcheck, and an ADInplaceOrView kernel that bumps the written
@@ -16,29 +17,42 @@ traceable with fake tensors (that is how torch.compile sees its kernels), and a 
 addresses cannot be built from fake tensors, which have none. With fake kernels,
 torch.compile(fullgraph=True) puts them in its graph as single nodes, as it does the C++
 operators. (``torch.library.custom_op`` would bump version counters one tensor at a time in
-Python: ~0.35 ms at 1,000 tensors.)
+Python: ~0.35 ms at 1,000 tensors.) An in-place operator bumps every tensor it may write: which
+ones a per-tensor scale leaves alone is known only on the device.
 """
 
 
 from __future__ import annotations
 
 import math
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from fusedclip import fakes, numerics
 from fusedclip._eager import EagerOperator
-from fusedclip.triton import kernels
-from fusedclip.triton.launch import bits, norm, transform
-from fusedclip.triton.tables import operands_of, prepare
+from fusedclip.triton import kernels, launch
+from fusedclip.triton.launch import NormResults, bits, norm, transform
+from fusedclip.triton.tables import agc_operands_of, check, operands_of, prepare
 
-__all__ = ["multi_tensor_norm", "multi_tensor_scale_", "multi_tensor_clamp_", "clip_grad_norm_"]
+__all__ = ["multi_tensor_norm", "multi_tensor_scale_", "multi_tensor_clamp_", "clip_grad_norm_",
+           "multi_tensor_agc_", "multi_tensor_scale_per_tensor_", "clip_grad_norm_with_norms_",
+           "multi_tensor_unscale_norm", "monitor_update_"]
 
 
 def _check_norm_type(norm_type: float) -> None:
     if math.isnan(norm_type):
-        raise RuntimeError("fusedclip_triton: norm_type must not be nan")
+        raise ValueError("fusedclip_triton: norm_type must not be nan")
+
+
+def _check_float(t: Tensor, op: str, name: str, device: torch.device, one_element: bool = True) -> None:
+    """t is a float tensor on device (with one element unless told otherwise)."""
+    if (one_element and t.numel() != 1) or not t.is_floating_point():
+        raise TypeError(f"fusedclip_triton.{op}: {name} must be a {'one-element ' if one_element else ''}"
+                           f"float tensor, got shape {tuple(t.shape)} and dtype {t.dtype}")
+    if t.device != device:
+        raise TypeError(f"fusedclip_triton.{op}: {name} is on {t.device}, the tensors on {device}")
 
 
 # --- operators --------------------------------------------------------------------------------------
@@ -51,35 +65,42 @@ except (ImportError, OSError):  # not built
     _bump_versions = None
 
 
-def _operator(schema: str, mutates: bool = False):
+def _operator(schema: str, mutates: Union[bool, tuple[int, ...]] = False):
     """Defines ``fusedclip_triton::<schema>`` with the decorated function as its kernel for every
     device, and returns it as fusedclip calls it (fusedclip/_eager.py: the kernel straight in eager
-    mode). An in-place operator (its first argument the list it writes) bumps the version
-    counters of that list in one C++ call before running: what a ``custom_op`` does one tensor at
-    a time in Python (~0.35 ms at 1,000 tensors)."""
+    mode). An in-place operator bumps the version counters of what it writes in one C++ call
+    before running (what a ``custom_op`` does one tensor at a time in Python, ~0.35 ms at 1,000
+    tensors): ``mutates=True`` for its first argument, a list; else the positions of the tensor
+    arguments it writes."""
+    written = (0,) if mutates is True else tuple(mutates or ())
+
+    def written_by(args) -> list[Tensor]:
+        if mutates is True:
+            return args[0] if type(args[0]) is list else list(args[0])
+        return [args[i] for i in written]
 
     def define(kernel):
         name = schema.split("(")[0]
         _library.define(schema)
         _library.impl(name, kernel, "CompositeExplicitAutograd")
         op = getattr(torch.ops.fusedclip_triton, name)
-        if mutates:
+        if written:
             below = torch._C._after_ADInplaceOrView_keyset
             bump = _bump_versions or torch._C._increment_version
 
-            def bump_versions(keyset, tensors, *args):
-                bump(tensors)
-                return op.default.redispatch(keyset & below, tensors, *args)
+            def bump_versions(keyset, *args):
+                bump(written_by(args))
+                return op.default.redispatch(keyset & below, *args)
 
             _library.impl(name, bump_versions, "ADInplaceOrView", with_keyset=True)
         if _bump_versions is None:  # not built: every call goes through torch.ops
             return EagerOperator(op, op)
-        if not mutates:
+        if not written:
             return EagerOperator(op, kernel)
 
-        def bump_and_run(tensors, *args):
-            _bump_versions(tensors)
-            return kernel(tensors, *args)
+        def bump_and_run(*args):
+            _bump_versions(written_by(args))
+            return kernel(*args)
 
         return EagerOperator(op, bump_and_run)
 
@@ -98,8 +119,23 @@ def multi_tensor_norm(
         identity = numerics.statistic_identity(norm_type)
         return torch.tensor(identity), torch.empty(0)
     operands = operands_of(tensors, "multi_tensor_norm", writes=False)
-    statistic, per, _, _ = norm(operands, tensors[0].device, norm_type, per_tensor, None)
+    statistic, per, _, _, _ = norm(operands, tensors[0].device, norm_type, per_tensor, None)
     return statistic, per
+
+
+@_operator("multi_tensor_unscale_norm(Tensor[] tensors, Tensor inv_scale, float norm_type) -> (Tensor, Tensor)")
+def multi_tensor_unscale_norm(tensors: list[Tensor], inv_scale: Tensor, norm_type: float) -> tuple[Tensor, Tensor]:
+    """The statistic of tensors * inv_scale (the products rounded to float32, float64 for float64
+    tensors, as torch's unscale_ computes them) and found_inf (float32 1. when any element of the
+    tensors is inf or nan, else 0.), from one read of every tensor: the norm's launches."""
+    _check_norm_type(norm_type)
+    if not tensors:
+        return torch.tensor(numerics.statistic_identity(norm_type)), torch.tensor(0.0)
+    operands = operands_of(tensors, "multi_tensor_unscale_norm", writes=False)
+    device = tensors[0].device
+    _check_float(inv_scale, "multi_tensor_unscale_norm", "inv_scale", device)
+    results = norm(operands, device, norm_type, False, None, inv_scale=inv_scale)
+    return results.statistic, results.found_inf
 
 
 @_operator("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()", mutates=True)
@@ -107,15 +143,33 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     """tensors *= coef in place, in float32 (float64 for float64 tensors), rounded once; coef is
     read on the device, and nothing is written when coef >= 1."""
     if coef.numel() != 1 or not coef.is_floating_point():
-        raise RuntimeError("fusedclip_triton.multi_tensor_scale_: coef must be a one-element float "
+        raise TypeError("fusedclip_triton.multi_tensor_scale_: coef must be a one-element float "
                            f"tensor, got shape {tuple(coef.shape)} and dtype {coef.dtype}")
     if not tensors:
         return
     operands = operands_of(tensors, "multi_tensor_scale_", writes=True)
     if coef.device != tensors[0].device:
-        raise RuntimeError(f"fusedclip_triton.multi_tensor_scale_: coef is on {coef.device}, the "
+        raise TypeError(f"fusedclip_triton.multi_tensor_scale_: coef is on {coef.device}, the "
                            f"tensors on {tensors[0].device}")
-    transform(tensors, "multi_tensor_scale_", kernels.scale_chunks, coef, operands=operands)
+    transform(tensors, "multi_tensor_scale_", kernels.scale_chunks, coef, 0, operands=operands,
+              PER_TENSOR=False)
+
+
+@_operator("multi_tensor_scale_per_tensor_(Tensor(a!)[] tensors, Tensor coefs) -> ()", mutates=True)
+def multi_tensor_scale_per_tensor_(tensors: list[Tensor], coefs: Tensor) -> None:
+    """tensors[i] *= coefs[i] in place, as multi_tensor_scale_ scales by one coefficient: one
+    launch per dtype, each chunk reading its tensor's coefficient on the device; a chunk whose
+    coefficient is >= 1 reads and writes nothing."""
+    op = "multi_tensor_scale_per_tensor_"
+    if not coefs.is_floating_point() or coefs.dim() != 1 or coefs.numel() != len(tensors):
+        raise ValueError(f"fusedclip_triton.{op}: coefs must be a 1-dim float tensor with one coefficient "
+                         f"per tensor ({len(tensors)}), got shape {tuple(coefs.shape)} and dtype {coefs.dtype}")
+    if not tensors:
+        return
+    operands = operands_of(tensors, op, writes=True)
+    _check_float(coefs, op, "coefs", tensors[0].device, one_element=False)
+    transform(tensors, op, kernels.scale_chunks, coefs, coefs.stride(0), operands=operands,
+              args_of=lambda i: (coefs[i], 0), PER_TENSOR=True)
 
 
 @_operator("multi_tensor_clamp_(Tensor(a!)[] tensors, float min, float max) -> ()", mutates=True)
@@ -126,33 +180,101 @@ def multi_tensor_clamp_(tensors: list[Tensor], min: float, max: float) -> None: 
     operands = operands_of(tensors, "multi_tensor_clamp_", writes=True)
     if operands.has_complex:
         i = next(i for i, t in enumerate(tensors) if t.is_complex())
-        raise RuntimeError(f"fusedclip_triton.multi_tensor_clamp_: tensor {i} is complex; "
+        raise TypeError(f"fusedclip_triton.multi_tensor_clamp_: tensor {i} is complex; "
                            "clamping is not defined for complex values")
     transform(tensors, "multi_tensor_clamp_", kernels.clamp_chunks, bits(min), bits(max),
-               operands=operands)
+              operands=operands)
+
+
+def _clip(tensors: list[Tensor], max_norm: float, norm_type: float, op: str, per_tensor: bool) -> NormResults:
+    """The fused clip: the norm (per-tensor norms too when asked), then the scale by the
+    coefficient the norm's last program wrote; one norm and one scale launch per dtype."""
+    _check_norm_type(norm_type)
+    operands = operands_of(tensors, op, writes=True)
+    # The norm reads what the scale writes (strided grads copied once); complex grads are read
+    # as |z|, temporaries of their own.
+    read = operands
+    if operands.has_complex:
+        dense = tensors if operands.dense is None else operands.dense
+        read = prepare(dense, op, writes=False, check_first=False)
+    results = norm(read, tensors[0].device, norm_type, per_tensor, max_norm, roots=per_tensor)
+    transform(tensors, op, kernels.scale_chunks, results.coef, 0, operands=operands, PER_TENSOR=False)
+    return results
 
 
 @_operator("clip_grad_norm_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor", mutates=True)
 def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
     """Norm, coefficient min(max_norm / (norm + 1e-6), 1) and scale, in one norm launch and one
     scale launch per dtype, with no host sync; returns the norm."""
-    _check_norm_type(norm_type)
     if not tensors:
+        _check_norm_type(norm_type)
         return torch.tensor(0.0)
-    operands = operands_of(tensors, "clip_grad_norm_", writes=True)
-    # The norm reads what the scale writes (strided grads copied once); complex grads are read
-    # as |z|, temporaries of their own.
-    read = operands
-    if operands.has_complex:
-        dense = tensors if operands.dense is None else operands.dense
-        read = prepare(dense, "clip_grad_norm_", writes=False, check=False)
-    _, _, total, coef = norm(read, tensors[0].device, norm_type, False, max_norm)
-    transform(tensors, "clip_grad_norm_", kernels.scale_chunks, coef, operands=operands)
-    return total
+    return _clip(tensors, max_norm, norm_type, "clip_grad_norm_", False).total
+
+
+@_operator("clip_grad_norm_with_norms_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> (Tensor, Tensor)",
+           mutates=True)
+def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type: float) -> tuple[Tensor, Tensor]:
+    """clip_grad_norm_, also returning each tensor's norm before clipping (0 for a tensor with no
+    elements) from the same read: the per-tensor statistics and their roots are one more launch."""
+    if not tensors:
+        _check_norm_type(norm_type)
+        return torch.tensor(0.0), torch.empty(0)
+    results = _clip(tensors, max_norm, norm_type, "clip_grad_norm_with_norms_", True)
+    return results.total, results.per
+
+
+@_operator("multi_tensor_agc_(Tensor(a!)[] grads, Tensor[] params, float clip_factor, float eps) -> (Tensor, Tensor)",
+           mutates=True)
+def multi_tensor_agc_(grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Unit-wise AGC in place (launch.agc: one launch per dtype that clips every row of at most a
+    chunk where it is read, and three more when rows are longer); returns the sums of squares of
+    the gradients before clipping, in total and per tensor. Gradients that share memory are
+    clipped one tensor at a time in list order, as torch's loop clips them."""
+    op = "multi_tensor_agc_"
+    if not clip_factor >= 0 or not eps >= 0:
+        raise ValueError(f"fusedclip_triton.{op}: clip_factor and eps must be >= 0, got {clip_factor} and {eps}")
+    out = numerics.accumulate_dtype(grads)
+    if not grads:
+        if params:
+            raise ValueError(f"fusedclip_triton.{op}: got 0 gradients but {len(params)} parameters")
+        return torch.zeros((), dtype=out), torch.zeros(0, dtype=out)
+    device = grads[0].device
+    operands = agc_operands_of(grads, params, op)
+    if not operands.shares_memory:
+        return launch.agc(operands, device, out, clip_factor, eps)
+    per = torch.cat([launch.agc(agc_operands_of([g], [p], op), device, out, clip_factor, eps)[1]
+                     for g, p in zip(grads, params)])
+    return numerics.combine_statistics(per, 2.0), per
+
+
+@_operator("monitor_update_(Tensor norms, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, Tensor(d!) below, "
+           "Tensor(e!) explosions, Tensor(f!) exploding, Tensor(g!) vanishing, float alpha, int warmup_steps, "
+           "float z_threshold, float? explode_threshold, float vanish_eps, int vanish_steps) -> ()",
+           mutates=(1, 2, 3, 4, 5, 6, 7))
+def monitor_update_(norms: Tensor, mean: Tensor, var: Tensor, count: Tensor, below: Tensor, explosions: Tensor,
+                    exploding: Tensor, vanishing: Tensor, alpha: float, warmup_steps: int, z_threshold: float,
+                    explode_threshold: Optional[float], vanish_eps: float, vanish_steps: int) -> None:
+    """GradientMonitor's per-step update (fusedclip.reference.monitor_update_ defines it), in one
+    element-wise launch; the same bits as the CPU kernel."""
+    op = "monitor_update_"
+    if norms.dtype not in (torch.float32, torch.float64) or norms.dim() != 1:
+        raise TypeError(f"fusedclip_triton.{op}: norms must be a 1-dim float32 or float64 tensor, got "
+                           f"shape {tuple(norms.shape)} and dtype {norms.dtype}")
+    state = [mean, var, count, below, explosions, exploding, vanishing]
+    dtypes = [norms.dtype] * 2 + [torch.int64] * 3 + [torch.bool] * 2
+    names = ["mean", "var", "count", "below", "explosions", "exploding", "vanishing"]
+    check([norms], op, False, dtypes=(norms.dtype,), name="norms")
+    for t, dtype, name in zip([norms] + state, [norms.dtype] + dtypes, ["norms"] + names):
+        if t.dtype != dtype or t.device != norms.device or t.shape != norms.shape or not t.is_contiguous():
+            raise TypeError(f"fusedclip_triton.{op}: {name} must be a contiguous {dtype} tensor of shape "
+                               f"{tuple(norms.shape)} on {norms.device}, got {t.dtype} of shape {tuple(t.shape)} "
+                               f"and strides {t.stride()} on {t.device}")
+    if norms.numel():
+        launch.monitor(norms, state, alpha, warmup_steps, z_threshold, explode_threshold, vanish_eps, vanish_steps)
 
 
 # --- fake kernels: shapes and dtypes, for torch.compile and opcheck -------------------------------
 
 
-fakes.register("fusedclip_triton", ("multi_tensor_norm", "multi_tensor_scale_", "multi_tensor_clamp_",
-                                    "clip_grad_norm_"))
+fakes.register("fusedclip_triton", __all__)
