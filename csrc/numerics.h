@@ -53,4 +53,19 @@ FUSEDCLIP_HOST_DEVICE A clip_coefficient(A total, double max_norm) {
   return (coef != coef || coef < A(1)) ? coef : A(1);
 }
 
+// AGC (timm's adaptive_clip_grad) of one unit from the sums of squares of its gradient and its
+// parameter: W* = clip_factor * max(||param||, eps); when not ||grad|| < W*, the unit is scaled by
+// W* / max(||grad||, 1e-6). In float64, with std::max's rule (a nan first argument is kept), so a
+// nan norm fails the comparison and scales by nan, as timm's torch.where does. Returns whether the
+// unit is scaled, and the factor in *coef when it is.
+FUSEDCLIP_HOST_DEVICE inline bool agc_scales(double grad_sq, double param_sq, double clip_factor, double eps,
+                                             double* coef) {
+  const double param_norm = sqrt(param_sq);
+  const double max_norm = clip_factor * (param_norm < eps ? eps : param_norm);
+  const double grad_norm = sqrt(grad_sq);
+  if (grad_norm < max_norm) return false;
+  *coef = max_norm / (grad_norm < 1e-6 ? 1e-6 : grad_norm);
+  return true;
+}
+
 }  // namespace fusedclip

@@ -44,11 +44,11 @@ NATIVE_BACKENDS: dict[str, tuple[str, ...]] = {
     "multi_tensor_scale_": ("cpu", "cuda", "triton", "torch"),
     "multi_tensor_clamp_": ("cpu", "cuda", "triton", "torch"),
     "clip_grad_norm_": ("cpu", "cuda", "triton", "torch"),
-    "multi_tensor_agc_": ("cpu", "triton", "torch"),
-    "multi_tensor_scale_per_tensor_": ("cpu", "triton", "torch"),
-    "clip_grad_norm_with_norms_": ("cpu", "triton", "torch"),
-    "multi_tensor_unscale_norm": ("cpu", "triton", "torch"),
-    "monitor_update_": ("cpu", "triton", "torch"),
+    "multi_tensor_agc_": ("cpu", "cuda", "triton", "torch"),
+    "multi_tensor_scale_per_tensor_": ("cpu", "cuda", "triton", "torch"),
+    "clip_grad_norm_with_norms_": ("cpu", "cuda", "triton", "torch"),
+    "multi_tensor_unscale_norm": ("cpu", "cuda", "triton", "torch"),
+    "monitor_update_": ("cpu", "cuda", "triton", "torch"),
 }
 
 

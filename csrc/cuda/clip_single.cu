@@ -14,12 +14,12 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-template <NormKind kind>
-__global__ void __launch_bounds__(kBlockThreads)
-    clip_single_kernel(const __grid_constant__ TensorTable table, const __grid_constant__ NormParams params) {
+template <NormKind kind, typename Table>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
+    clip_single_kernel(const __grid_constant__ Table table, const __grid_constant__ NormParams params) {
   const cg::grid_group grid = cg::this_grid();
   for (int c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
-    const double partial = chunk_partial<kind>(table, c, params.p);
+    const double partial = chunk_statistic<kind, false>(chunk_view(table, c), params).value;
     if (threadIdx.x == 0) params.chunk_partials[table.first_chunk + c] = partial;
   }
   grid.sync();
@@ -31,11 +31,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   const ScaleOp op = scale_op(coef);
   if (static_cast<int>(blockIdx.x) >= table.num_chunks) return;
   const int last = blockIdx.x + (table.num_chunks - 1 - static_cast<int>(blockIdx.x)) / gridDim.x * gridDim.x;
-  for (int c = last; c >= 0; c -= gridDim.x) transform_chunk(table, c, op);
+  for (int c = last; c >= 0; c -= gridDim.x) {
+    const ChunkView chunk = chunk_view(table, c);
+    transform(chunk.data, chunk.numel, chunk.dtype, op);
+  }
 }
 
-template <NormKind kind>
-cudaError_t launch(const TensorTable& table, const NormParams& params, cudaStream_t stream) {
+template <NormKind kind, typename Table>
+cudaError_t launch(const Table& table, const NormParams& params, cudaStream_t stream) {
   // Blocks per SM at full co-residency, per device, computed once (an occupancy query, no sync).
   constexpr int kMaxDevices = 64;
   static std::atomic<int> blocks_per_sm[kMaxDevices];
@@ -49,7 +52,7 @@ cudaError_t launch(const TensorTable& table, const NormParams& params, cudaStrea
     error = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
     if (error == cudaSuccess) error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (error == cudaSuccess) {
-      error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, clip_single_kernel<kind>, kBlockThreads, 0);
+      error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, clip_single_kernel<kind, Table>, kBlockThreads, 0);
     }
     if (error != cudaSuccess) return error;
     if (!cooperative || blocks == 0) return cudaErrorNotSupported;
@@ -58,8 +61,8 @@ cudaError_t launch(const TensorTable& table, const NormParams& params, cudaStrea
   }
   const int resident = blocks_per_sm[device].load() * sm_count[device].load();
   const int blocks = table.num_chunks < 1 ? 1 : (table.num_chunks < resident ? table.num_chunks : resident);
-  void* args[] = {const_cast<TensorTable*>(&table), const_cast<NormParams*>(&params)};
-  error = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(clip_single_kernel<kind>), dim3(blocks),
+  void* args[] = {const_cast<Table*>(&table), const_cast<NormParams*>(&params)};
+  error = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(clip_single_kernel<kind, Table>), dim3(blocks),
                                       dim3(kBlockThreads), args, 0, stream);
   // The launch's own status: cudaGetLastError() could also return an earlier, unrelated error and
   // make the caller run the two-launch path on top of a kernel that was queued.
@@ -68,8 +71,10 @@ cudaError_t launch(const TensorTable& table, const NormParams& params, cudaStrea
 
 }  // namespace
 
-cudaError_t launch_clip_single(const TensorTable& table, const NormParams& params, cudaStream_t stream) {
-  return launch_for_kind(params.kind, [&](auto kind) { return launch<decltype(kind)::value>(table, params, stream); });
+cudaError_t launch_clip_single(const FullTable& full, const NormParams& params, cudaStream_t stream) {
+  return with_smallest_tier(full, [&](const auto& table) {
+    return launch_for_kind(params.kind, [&](auto kind) { return launch<decltype(kind)::value>(table, params, stream); });
+  });
 }
 
 }  // namespace fusedclip::cuda

@@ -1,6 +1,6 @@
 // Device building blocks shared by the kernels: element loads and conversions, the norm
-// statistics, deterministic block reductions, one chunk's partial, the finish of a launch, and the
-// in-place transform of one chunk.
+// statistics, deterministic block reductions, one chunk's statistic, the finish of a launch, and
+// the in-place transform of one chunk.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,7 +17,7 @@ namespace fusedclip::cuda {
 // float32 accumulation for fp16/bf16/fp32, float64 for fp64.
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
-template <typename T> using acc_t = typename AccOf<T>::type;
+template <typename T> using acc_t = typename AccOf<std::remove_const_t<T>>::type;
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
@@ -31,6 +31,20 @@ template <> __device__ __forceinline__ double from_acc<double>(double x) { retur
 template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// f(Type<T>{}) for the element type T of dtype: the one switch from a runtime dtype to the code
+// templated on it.
+template <typename T> struct Type { using type = T; };
+
+template <typename F>
+__device__ __forceinline__ auto with_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::kFloat64: return f(Type<double>{});
+    case DType::kFloat32: return f(Type<float>{});
+    case DType::kFloat16: return f(Type<__half>{});
+    default: return f(Type<__nv_bfloat16>{});
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -53,73 +67,138 @@ __device__ __forceinline__ A combine(A a, A b) {
   else return a + b;
 }
 
-// The contribution of one element, in the accumulator type.
-template <NormKind kind, typename A>
-__device__ __forceinline__ A step(A acc, A x, A p) {
+// The running sum of a thread: the accumulator type, but float64 for a general p, whose terms
+// |x|^p are computed and summed in float64 (as the CPU kernels' std::pow and Triton's do); the
+// chunk's sum is then rounded to the accumulator type.
+template <NormKind kind, typename T>
+using sum_t = std::conditional_t<kind == NormKind::kPowerSum, double, acc_t<T>>;
+
+// The contribution of one element x, in the accumulator type A, to the running sum S.
+template <NormKind kind, typename S, typename A>
+__device__ __forceinline__ S step(S acc, A x, double p) {
   if constexpr (kind == NormKind::kAbsSum) return acc + fabs(x);
   else if constexpr (kind == NormKind::kSquareSum) return fma(x, x, acc);
-  else if constexpr (kind == NormKind::kPowerSum) return acc + pow(fabs(x), p);
+  else if constexpr (kind == NormKind::kPowerSum) return acc + pow(fabs(static_cast<double>(x)), p);
   else if constexpr (kind == NormKind::kMax) return nan_max(acc, A(fabs(x)));
   else if constexpr (kind == NormKind::kMin) return nan_min(acc, A(fabs(x)));
   else return acc + (x != A(0) ? A(1) : A(0));  // nan != 0: counted, as torch counts it
 }
 
-// This thread's share of the statistic of x[0, n): 16-byte vector loads when x is 16-byte
-// aligned (four in flight per thread), element loads for the rest.
-template <NormKind kind, typename T>
-__device__ acc_t<T> thread_statistic(const T* x, int n, acc_t<T> p) {
-  using A = acc_t<T>;
+// ---------------------------------------------------------------------------------------------
+// Walking the elements of a chunk.
+// ---------------------------------------------------------------------------------------------
+
+// kVec elements of 16 bytes: loaded and stored as one 16-byte access (as ATen's aligned_vector).
+template <typename E>
+struct alignas(16) Vector16 {
+  E values[16 / sizeof(E)];
+};
+
+// Visits this thread's elements of x[0, n) (the block strides over them) as f(value) in the
+// accumulator type; for a non-const T, stores f's result back, rounded once to T. kInFlight
+// 16-byte vector loads are in flight per thread where x is 16-byte aligned; element loads
+// otherwise and for the tail. n <= kChunkElements.
+template <int kInFlight = 4, typename T, typename F>
+__device__ __forceinline__ void walk(T* x, int n, const F& f) {
+  using E = std::remove_const_t<T>;
+  using V = Vector16<E>;
+  constexpr bool kWrite = !std::is_const_v<T>;
   constexpr int kVec = 16 / sizeof(T);
-  A acc = identity<kind, A>();
+  const auto visit = [&f](auto& element) {
+    if constexpr (kWrite) element = from_acc<E>(f(to_acc(element)));
+    else f(to_acc(element));
+  };
   int done = 0;
   if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
-    const uint4* vectors = reinterpret_cast<const uint4*>(x);
+    using VP = std::conditional_t<kWrite, V*, const V*>;
+    VP vectors = reinterpret_cast<VP>(x);
     const int num_vectors = n / kVec;
     const int stride = blockDim.x;
     int i = threadIdx.x;
-    for (; i + 3 * stride < num_vectors; i += 4 * stride) {
-      uint4 raw[4];
+    for (; i + (kInFlight - 1) * stride < num_vectors; i += kInFlight * stride) {
+      V v[kInFlight];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) raw[k] = vectors[i + k * stride];
+      for (int k = 0; k < kInFlight; ++k) v[k] = vectors[i + k * stride];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const T* values = reinterpret_cast<const T*>(&raw[k]);
+      for (int k = 0; k < kInFlight; ++k) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) acc = step<kind>(acc, to_acc(values[j]), p);
+        for (int j = 0; j < kVec; ++j) visit(v[k].values[j]);
+        if constexpr (kWrite) vectors[i + k * stride] = v[k];
       }
     }
     for (; i < num_vectors; i += stride) {
-      const uint4 raw = vectors[i];
-      const T* values = reinterpret_cast<const T*>(&raw);
+      V v = vectors[i];
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) acc = step<kind>(acc, to_acc(values[j]), p);
+      for (int j = 0; j < kVec; ++j) visit(v.values[j]);
+      if constexpr (kWrite) vectors[i] = v;
     }
     done = num_vectors * kVec;
   }
-  for (int i = done + threadIdx.x; i < n; i += blockDim.x) acc = step<kind>(acc, to_acc(x[i]), p);
-  return acc;
+  for (int i = done + threadIdx.x; i < n; i += blockDim.x) visit(x[i]);
 }
 
-// The reduction of value over the block, returned to every thread. The order of combination is
-// fixed (shuffles, then warps in order), so the result does not depend on timing.
+// This thread's share of the statistic of x[0, n); with kUnscale, of x * inv_scale (the product
+// in the accumulator type, as torch's unscale_ computes it), and a poison sum of x * 0, which is
+// nan exactly when some x is inf or nan (the check reads x itself, as torch's does).
+template <NormKind kind, typename T>
+struct ThreadShare {
+  sum_t<kind, T> value;
+  acc_t<T> poison;
+};
+
+template <NormKind kind, bool kUnscale, typename T>
+__device__ __forceinline__ ThreadShare<kind, T> thread_share(const T* x, int n, double p, acc_t<T> inv_scale) {
+  using A = acc_t<T>;
+  ThreadShare<kind, T> share{identity<kind, sum_t<kind, T>>(), A(0)};
+  // A general p is bound by float64 pow, not by memory: one load in flight leaves pow the
+  // registers it needs without spilling.
+  constexpr int kInFlight = kind == NormKind::kPowerSum ? 1 : 4;
+  walk<kInFlight>(x, n, [&](A v) {
+    if constexpr (kUnscale) {
+      share.poison = fma(v, A(0), share.poison);
+      v = v * inv_scale;
+    }
+    share.value = step<kind>(share.value, v, p);
+  });
+  return share;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic reductions: the order of combination is fixed (shuffle trees, then warps in
+// order), so results do not depend on timing.
+// ---------------------------------------------------------------------------------------------
+
+// The reduction of value over the warp, in lane 0.
+template <NormKind kind, typename A>
+__device__ __forceinline__ A warp_reduce(A value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    value = combine<kind>(value, __shfl_down_sync(0xffffffffu, value, offset));
+  }
+  return value;
+}
+
+// The sum of value over aligned groups of `group` lanes (a power of two <= 32), in every lane of
+// the group, with the same bits in each (a butterfly: a + b and b + a are the same float). Every
+// lane of the warp must call it.
+template <typename A>
+__device__ __forceinline__ A group_sum(A value, int group) {
+  for (int mask = group / 2; mask > 0; mask /= 2) value += __shfl_xor_sync(0xffffffffu, value, mask);
+  return value;
+}
+
+// The reduction of value over the block, returned to every thread. Every thread must call it.
 template <NormKind kind, typename A>
 __device__ A block_reduce(A value) {
   __shared__ A warp_values[32];
   __shared__ A result;
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) {
-    value = combine<kind>(value, __shfl_down_sync(0xffffffffu, value, offset));
-  }
+  value = warp_reduce<kind>(value);
   if (lane == 0) warp_values[warp] = value;
   __syncthreads();
   if (warp == 0) {
-    value = lane < (blockDim.x + 31) / 32 ? warp_values[lane] : identity<kind, A>();
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      value = combine<kind>(value, __shfl_down_sync(0xffffffffu, value, offset));
-    }
+    value = warp_reduce<kind>(lane < (blockDim.x + 31) / 32 ? warp_values[lane] : identity<kind, A>());
     if (lane == 0) result = value;
   }
   __syncthreads();
@@ -128,93 +207,153 @@ __device__ A block_reduce(A value) {
   return reduced;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Chunks of a table.
-// ---------------------------------------------------------------------------------------------
+// A statistic over a block, and (unscale) whether some element is inf or nan.
+struct BlockStatistic {
+  double value;
+  bool non_finite;
+};
 
-// The tensor that owns chunk c: the last tensor whose first chunk is <= c (zero-size tensors,
-// which own no chunk, share their first chunk with the next tensor and lose to it).
-__device__ __forceinline__ int tensor_of_chunk(const TensorTable& table, int c) {
-  int lo = 0, hi = table.num_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table.chunk_start[mid] <= c) lo = mid;
-    else hi = mid - 1;
-  }
-  return lo;
+// The statistic of x[0, n) over the block, rounded to the accumulator type, as float64, in every
+// thread; with kUnscale, of x * inv_scale, and whether some x is inf or nan. Every thread of the
+// block must call it.
+template <NormKind kind, bool kUnscale = false, typename T>
+__device__ BlockStatistic block_statistic(const T* x, int n, double p, double inv_scale = 1.0) {
+  using A = acc_t<T>;
+  const ThreadShare<kind, T> share = thread_share<kind, kUnscale>(x, n, p, static_cast<A>(inv_scale));
+  const A value = static_cast<A>(block_reduce<kind>(share.value));
+  bool non_finite = false;
+  if constexpr (kUnscale) non_finite = __syncthreads_or(isnan(share.poison)) != 0;
+  return {static_cast<double>(value), non_finite};
 }
+
+// ---------------------------------------------------------------------------------------------
+// Chunks of a table, coefficients.
+// ---------------------------------------------------------------------------------------------
 
 struct ChunkView {
   char* data;  // first element of the chunk
   int numel;
   DType dtype;
+  int tensor;  // in the table
 };
 
-__device__ __forceinline__ ChunkView chunk_view(const TensorTable& table, int c) {
-  const int t = tensor_of_chunk(table, c);
-  const int64_t offset = static_cast<int64_t>(c - table.chunk_start[t]) * kChunkElements;
-  const int64_t remaining = table.numel[t] - offset;
-  const int element_size = table.dtype[t] == DType::kFloat64 ? 8 : table.dtype[t] == DType::kFloat32 ? 4 : 2;
-  return {static_cast<char*>(table.data[t]) + offset * element_size,
-          static_cast<int>(remaining < kChunkElements ? remaining : kChunkElements), table.dtype[t]};
+template <int kCapacity>
+__device__ __forceinline__ ChunkView chunk_view(const TensorTable<kCapacity>& table, int c) {
+  const ChunkSpan span = chunk_span(table, c);
+  const DType dtype = table.dtype[span.tensor];
+  return {static_cast<char*>(table.data[span.tensor]) + span.offset * element_size(dtype), span.numel, dtype,
+          span.tensor};
 }
 
-// The statistic of chunk c in float64, the same in every thread. Every thread of the block must
-// call it.
-template <NormKind kind>
-__device__ double chunk_partial(const TensorTable& table, int c, double p) {
-  const ChunkView chunk = chunk_view(table, c);
-  switch (chunk.dtype) {
-    case DType::kFloat64:
-      return block_reduce<kind, double>(
-          thread_statistic<kind>(reinterpret_cast<const double*>(chunk.data), chunk.numel, p));
-    case DType::kFloat32:
-      return block_reduce<kind, float>(thread_statistic<kind>(
-          reinterpret_cast<const float*>(chunk.data), chunk.numel, static_cast<float>(p)));
-    case DType::kFloat16:
-      return block_reduce<kind, float>(thread_statistic<kind>(
-          reinterpret_cast<const __half*>(chunk.data), chunk.numel, static_cast<float>(p)));
-    default:
-      return block_reduce<kind, float>(thread_statistic<kind>(
-          reinterpret_cast<const __nv_bfloat16*>(chunk.data), chunk.numel, static_cast<float>(p)));
+// Coefficient `index` of coef (index 0 for a single one) as float64: a device value of any float
+// dtype, or the value given.
+__device__ __forceinline__ double read_coef(const Coef& coef, int64_t index) {
+  if (coef.data == nullptr) return coef.value;
+  return with_dtype(coef.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return static_cast<double>(to_acc(static_cast<const T*>(coef.data)[index]));
+  });
+}
+
+// The statistic of a chunk in float64, the same in every thread (see block_statistic). Every
+// thread of the block must call it. Not inlined: the same code serves every tier of the table
+// (compiled once per kind, not once per kind and tier).
+template <NormKind kind, bool kUnscale>
+__device__ __noinline__ BlockStatistic chunk_statistic(const ChunkView chunk, const NormParams& params) {
+  const double inv_scale = kUnscale ? read_coef(params.inv_scale, 0) : 1.0;
+  return with_dtype(chunk.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return block_statistic<kind, kUnscale>(reinterpret_cast<const T*>(chunk.data), chunk.numel, params.p, inv_scale);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The finish of a launch (see NormParams).
+// ---------------------------------------------------------------------------------------------
+
+// True, in every thread, in the block of the launch that finishes last: every block takes a
+// ticket after its writes, and the fence makes them visible before the ticket, so the block that
+// draws the last one sees every block's partial. Every thread of the block must call it.
+__device__ __forceinline__ bool is_last_block(const NormParams& params) {
+  __shared__ bool is_last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    is_last = atomicAdd(params.tickets + params.launch, 1u) == gridDim.x - 1;
   }
+  __syncthreads();
+  if (is_last) __threadfence();
+  return is_last;
 }
 
-// The total norm from its statistic and torch's coefficient on it, in the norm's dtype A:
-// The norm and the clip coefficient of csrc/numerics.h, written by the last block.
+// The statistic, and the total norm and the coefficient of csrc/numerics.h when asked, in the
+// norm's dtype A.
 template <NormKind kind, typename A>
-__device__ void write_total_and_coef(A statistic, const NormParams& params) {
+__device__ void write_outputs(A statistic, const NormParams& params) {
+  *static_cast<A*>(params.statistic) = statistic;
   const A total = fusedclip::root_of_statistic<kind>(statistic, params.p, params.empty);
   if (params.total != nullptr) *static_cast<A*>(params.total) = total;
   if (params.coef != nullptr) *static_cast<A*>(params.coef) = fusedclip::clip_coefficient(total, params.max_norm);
 }
 
-template <typename A>
-__device__ __forceinline__ void store_as(void* out, int64_t i, double value) {
-  static_cast<A*>(out)[i] = static_cast<A>(value);
+// Tensor `index`'s statistic rounded to A, or its norm (the root of that, 0 for no elements).
+template <NormKind kind, typename A>
+__device__ __forceinline__ void store_per_tensor_as(const NormParams& params, int64_t index, double statistic,
+                                                    bool empty) {
+  A value = static_cast<A>(statistic);
+  if (params.per_tensor_roots) value = fusedclip::root_of_statistic<kind>(value, params.p, empty);
+  static_cast<A*>(params.per_tensor)[index] = value;
 }
 
-// The finish of a launch, run by one block after every chunk partial of the launch is written
-// (see NormParams): chunk partials in order into the launch's partial and the per-tensor
-// statistics; in the last launch, launch partials in order into the outputs.
 template <NormKind kind>
-__device__ void finish_launch(const TensorTable& table, const NormParams& params) {
+__device__ __forceinline__ void store_per_tensor(const NormParams& params, int64_t index, double statistic,
+                                                 bool empty) {
+  if (params.acc_double) store_per_tensor_as<kind, double>(params, index, statistic, empty);
+  else store_per_tensor_as<kind, float>(params, index, statistic, empty);
+}
+
+// Tensors of at most this many chunks are combined by one thread each; larger ones by a warp.
+constexpr int kSerialChunks = 16;
+
+// The per-tensor statistics of a launch from its chunk partials, in parallel and each in a fixed
+// order: a thread per tensor of at most kSerialChunks chunks (its chunks in order), then a warp
+// per larger tensor (lane l combines chunks l, l + 32, ... in order, then a shuffle tree), so an
+// embedding of thousands of chunks takes a hundred loads per lane, not thousands in one thread.
+template <NormKind kind, int kCapacity>
+__device__ void finish_per_tensor(const TensorTable<kCapacity>& table, const NormParams& params,
+                                  const double* partials) {
+  for (int t = threadIdx.x; t < table.num_tensors; t += blockDim.x) {
+    const int begin = table.chunk_start[t], end = table.chunk_start[t + 1];
+    if (end - begin > kSerialChunks) continue;
+    double value = identity<kind, double>();
+#pragma unroll 4
+    for (int c = begin; c < end; ++c) value = combine<kind>(value, __ldcg(partials + c));
+    store_per_tensor<kind>(params, table.first_tensor + t, value, begin == end);
+  }
+  const int lane = threadIdx.x % 32;
+  for (int t = threadIdx.x / 32; t < table.num_tensors; t += blockDim.x / 32) {
+    const int begin = table.chunk_start[t], end = table.chunk_start[t + 1];
+    if (end - begin <= kSerialChunks) continue;  // the same in every lane
+    double value = identity<kind, double>();
+#pragma unroll 4
+    for (int c = begin + lane; c < end; c += 32) value = combine<kind>(value, __ldcg(partials + c));
+    value = warp_reduce<kind>(value);
+    if (lane == 0) store_per_tensor<kind>(params, table.first_tensor + t, value, false);
+  }
+}
+
+// The finish of a launch, run by one block once every chunk partial of the launch is written:
+// chunk partials in order into the launch's partial and the per-tensor statistics; in the last
+// launch, launch partials in order into the outputs. Every thread of the block must call it.
+template <NormKind kind, int kCapacity>
+__device__ void finish_launch(const TensorTable<kCapacity>& table, const NormParams& params) {
   const double* partials = params.chunk_partials + table.first_chunk;
   double value = identity<kind, double>();
+#pragma unroll 4
   for (int i = threadIdx.x; i < table.num_chunks; i += blockDim.x) {
     value = combine<kind>(value, __ldcg(partials + i));  // L2: written by other blocks
   }
   const double launch_value = block_reduce<kind, double>(value);
-  if (params.per_tensor != nullptr) {
-    for (int t = threadIdx.x; t < table.num_tensors; t += blockDim.x) {
-      double per = identity<kind, double>();
-      for (int c = table.chunk_start[t]; c < table.chunk_start[t + 1]; ++c) {
-        per = combine<kind>(per, __ldcg(partials + c));
-      }
-      if (params.acc_double) store_as<double>(params.per_tensor, table.first_tensor + t, per);
-      else store_as<float>(params.per_tensor, table.first_tensor + t, per);
-    }
-  }
+  if (params.per_tensor != nullptr) finish_per_tensor<kind>(table, params, partials);
   if (threadIdx.x != 0) return;
   params.launch_partials[params.launch] = launch_value;
   if (params.launch != params.num_launches - 1) return;
@@ -222,13 +361,9 @@ __device__ void finish_launch(const TensorTable& table, const NormParams& params
   for (int l = 0; l < params.num_launches; ++l) {
     statistic = combine<kind>(statistic, __ldcg(params.launch_partials + l));
   }
-  if (params.acc_double) {
-    store_as<double>(params.statistic, 0, statistic);
-    write_total_and_coef<kind, double>(statistic, params);
-  } else {
-    store_as<float>(params.statistic, 0, statistic);
-    write_total_and_coef<kind, float>(static_cast<float>(statistic), params);
-  }
+  if (params.acc_double) write_outputs<kind, double>(statistic, params);
+  else write_outputs<kind, float>(static_cast<float>(statistic), params);
+  if (params.unscale) *params.found_inf = __ldcg(params.non_finite) != 0 ? 1.0f : 0.0f;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -244,6 +379,10 @@ struct ScaleOp {
   __device__ __forceinline__ double operator()(double x) const { return x * coef_d; }
 };
 
+// The ScaleOp of a coefficient, its float32 form rounded from the float64 one, as the CPU kernels
+// round theirs.
+__device__ __forceinline__ ScaleOp scale_op(double coef) { return {static_cast<float>(coef), coef}; }
+
 // min(max(x, lo), hi), nan kept; the bounds rounded to float32 for all but float64 tensors.
 struct ClampOp {
   float lo_f, hi_f;
@@ -256,50 +395,14 @@ struct ClampOp {
   }
 };
 
-template <typename T, typename Op>
-__device__ void transform_elements(T* x, int n, const Op& op) {
-  constexpr int kVec = 16 / sizeof(T);
-  int done = 0;
-  if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
-    uint4* vectors = reinterpret_cast<uint4*>(x);
-    const int num_vectors = n / kVec;
-    for (int i = threadIdx.x; i < num_vectors; i += blockDim.x) {
-      uint4 raw = vectors[i];
-      T* values = reinterpret_cast<T*>(&raw);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) values[j] = from_acc<T>(op(to_acc(values[j])));
-      vectors[i] = raw;
-    }
-    done = num_vectors * kVec;
-  }
-  for (int i = done + threadIdx.x; i < n; i += blockDim.x) x[i] = from_acc<T>(op(to_acc(x[i])));
-}
-
+// x = op(x) over the elements of data[0, n) of dtype.
 template <typename Op>
-__device__ void transform_chunk(const TensorTable& table, int c, const Op& op) {
-  const ChunkView chunk = chunk_view(table, c);
-  switch (chunk.dtype) {
-    case DType::kFloat64: transform_elements(reinterpret_cast<double*>(chunk.data), chunk.numel, op); break;
-    case DType::kFloat32: transform_elements(reinterpret_cast<float*>(chunk.data), chunk.numel, op); break;
-    case DType::kFloat16: transform_elements(reinterpret_cast<__half*>(chunk.data), chunk.numel, op); break;
-    default: transform_elements(reinterpret_cast<__nv_bfloat16*>(chunk.data), chunk.numel, op); break;
-  }
+__device__ void transform(char* data, int n, DType dtype, const Op& op) {
+  with_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    walk(reinterpret_cast<T*>(data), n, op);
+  });
 }
-
-// The scale's coefficient as float64: a device scalar of any float dtype, or the value given.
-__device__ __forceinline__ double read_coef(const Coef& coef) {
-  if (coef.data == nullptr) return coef.value;
-  switch (coef.dtype) {
-    case DType::kFloat64: return __ldcg(static_cast<const double*>(coef.data));
-    case DType::kFloat32: return __ldcg(static_cast<const float*>(coef.data));
-    case DType::kFloat16: return __half2float(*static_cast<const __half*>(coef.data));
-    default: return __bfloat162float(*static_cast<const __nv_bfloat16*>(coef.data));
-  }
-}
-
-// The ScaleOp of a coefficient, its float32 form rounded from the float64 one, as the CPU kernels
-// round theirs.
-__device__ __forceinline__ ScaleOp scale_op(double coef) { return {static_cast<float>(coef), coef}; }
 
 // launch(std::integral_constant<NormKind, k>{}) for the runtime kind k: the one switch from a
 // norm kind to the kernel templated on it.

@@ -3,16 +3,15 @@
 // Plain C++ and the CUDA runtime only: the .cu files include nothing of torch, so nvcc compiles
 // them on a machine with a CPU-only torch (tests/test_cuda_compile.py does, for sm_80 and sm_90).
 //
-// A launch sees its tensors as a TensorTable passed by value as the kernel argument (up to the
-// 32 KB kernel-argument limit of CUDA 12.1+ on sm_70+, 4 KB before): no device table to allocate
-// and copy, and nothing to keep alive for a CUDA graph, which captures kernel arguments by value
-// (a device table copied from pinned host memory would be read again, from memory since freed, at
-// every replay). A table holds kMaxTensors tensors (about 1,500 with 32 KB); longer lists take
-// several launches, combined by the last one (see NormParams).
-//
-// Each tensor is cut into chunks of kChunkElements; one block reduces or transforms one chunk.
-// Chunk boundaries depend only on the tensors' sizes, and chunk partials are combined in chunk
-// order in float64, so norms are bitwise reproducible run to run and for any grid.
+// A launch sees its tensors as a table (table.cuh) passed by value as the kernel argument (up to
+// the 32 KB kernel-argument limit of CUDA 12.1+ on sm_70+, 4 KB before): no device table to
+// allocate and copy, and nothing to keep alive for a CUDA graph, which captures kernel arguments
+// by value (a device table copied from pinned host memory would be read again, from memory since
+// freed, at every replay). The glue builds tables of the full capacity (FullTable, about 1,500
+// tensors with 32 KB); longer lists take several launches, combined by the last one (see
+// NormParams). The launchers pass the smallest tier (kSmallTier, kMediumTier, full) that holds a
+// table's tensors (with_smallest_tier), so a launch of five tensors passes under 1 KB of
+// arguments, not 32 KB.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,44 +19,49 @@
 #include <cstdint>
 
 #include "../numerics.h"
+#include "table.cuh"
 
 namespace fusedclip::cuda {
 
-// 64K elements: 256 KB of float32 per block, as torch's multi-tensor apply; a multiple of every
-// vector width, so a chunk is 16-byte aligned wherever its tensor is.
-constexpr int64_t kChunkElements = int64_t{1} << 16;
 constexpr int kBlockThreads = 512;
+// Every kernel fits this many blocks of kBlockThreads per SM (at most 64 registers per thread on
+// sm_80/sm_90): __launch_bounds__ asks ptxas for it, scripts/check_cuda.py checks it.
+constexpr int kMinBlocksPerSm = 2;
 
 #if CUDART_VERSION >= 12010
 constexpr int kKernelParamBytes = 32764;  // the CUDA 12.1+ limit on sm_70 and newer
 #else
 constexpr int kKernelParamBytes = 4096;
 #endif
-// What the kernels take besides the table (NormParams or an op's scalars), with room to spare.
+// What the kernels take besides the table (NormParams, AgcParams or an op's scalars), with room
+// to spare.
 constexpr int kParamBytesBesidesTable = 512;
-
-enum class DType : uint8_t { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 // The statistic before the root: sum |x| (p = 1), sum x^2 (p = 2), sum |x|^p (other p),
 // max |x| (inf), min |x| (-inf), count of x != 0 (p = 0).
 using fusedclip::NormKind;  // csrc/numerics.h
 
-// Bytes per tensor: data pointer, size, first chunk, dtype.
+// Bytes per tensor: data pointer, size, first chunk, dtype (AGC: and parameter pointer, row
+// size, first item, parameter dtype).
 constexpr int kBytesPerTensor = sizeof(void*) + sizeof(int64_t) + sizeof(int32_t) + sizeof(uint8_t);
+constexpr int kBytesPerAgcTensor =
+    kBytesPerTensor + sizeof(void*) + sizeof(int64_t) + sizeof(int32_t) + sizeof(uint8_t);
 constexpr int kMaxTensors = (kKernelParamBytes - kParamBytesBesidesTable - 64) / kBytesPerTensor;
+constexpr int kMaxAgcTensors = (kKernelParamBytes - kParamBytesBesidesTable - 128) / kBytesPerAgcTensor;
 
-// The tensors of one launch, dense and real (the glue makes contiguous copies of the others and
-// real views of complex ones). Tensor i owns chunks [chunk_start[i], chunk_start[i + 1]) of this
-// launch; zero-size tensors own none but keep their slot, so per-tensor results need no index map.
-struct TensorTable {
-  int32_t num_tensors;
-  int32_t num_chunks;
-  int32_t first_tensor;  // index of tensor 0 in the caller's list (per-tensor outputs)
-  int32_t first_chunk;   // index of chunk 0 among the chunks of every launch (chunk partials)
-  void* data[kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int32_t chunk_start[kMaxTensors + 1];
-  DType dtype[kMaxTensors];
+using FullTable = TensorTable<kMaxTensors>;
+using FullAgcTable = AgcTable<kMaxAgcTensors>;
+
+// The capacities a launch's table is passed in besides the full one, smallest first.
+constexpr int kSmallTier = 32;
+constexpr int kMediumTier = 256;
+
+// The coefficient of a scale: read from device memory (any float dtype) or given by value.
+struct Coef {
+  const void* data;          // device scalar (or, per_tensor, one per tensor of the call), or null
+  DType dtype;
+  double value;              // when data is null
+  bool per_tensor;           // data[first_tensor + t] scales tensor t of a table
 };
 
 // The norm of one launch of a call that may take several. Every block writes its chunk's partial;
@@ -76,32 +80,94 @@ struct NormParams {
   int32_t num_launches;
   bool acc_double;           // the outputs are float64 (else float32)
   bool empty;                // the call has no elements at all: the total norm is 0
+  bool per_tensor_roots;     // per_tensor holds norms (roots; 0 for no elements), not statistics
+  bool unscale;              // the statistic of x * inv_scale, and found_inf (unscale_norm)
   void* statistic;           // 0-dim output
   void* per_tensor;          // one per tensor of the call, or null
   void* total;               // 0-dim total norm, or null
   void* coef;                // 0-dim clip coefficient min(max_norm / (total + 1e-6), 1), or null
   double max_norm;
+  Coef inv_scale;            // unscale: the factor (a device scalar or a value)
+  unsigned int* non_finite;  // unscale: nonzero once a block saw inf or nan; zero before the first launch
+  float* found_inf;          // unscale: 0-dim output, 1 when some x is inf or nan, else 0
 };
 
-// The coefficient of a scale: read from device memory (any float dtype) or given by value.
-struct Coef {
-  const void* data;          // device scalar, or null to use value
-  DType dtype;
-  double value;
+// multi_tensor_agc_ (table.cuh: AgcTable): the norm's machinery sums the items' sums of squares
+// of the gradients into the outputs (norm.kind is kSquareSum, norm.chunk_partials are by item).
+struct AgcParams {
+  NormParams norm;
+  double clip_factor;
+  double eps;
+  double* piece_grad_sq;     // by item: the sums of squares of the pieces of long rows, or null
+  double* piece_param_sq;    // when the call has no long row
 };
 
-static_assert(sizeof(TensorTable) + kParamBytesBesidesTable <= kKernelParamBytes,
+// monitor_update_ (fusedclip.reference.monitor_update_): one entry per thread.
+struct MonitorParams {
+  const void* norms;         // float32, or float64 when is_double; mean and var alike
+  void* mean;
+  void* var;
+  int64_t* count;
+  int64_t* below;
+  int64_t* explosions;
+  bool* exploding;
+  bool* vanishing;
+  int64_t size;
+  bool is_double;
+  bool has_explode;
+  double ema_weight;         // 1 - alpha, in float64 (the kernel rounds it to the norms' dtype)
+  double z_squared;          // z_threshold^2, in float64
+  double explode_threshold;
+  double vanish_eps;
+  int64_t warmup_steps;
+  int64_t vanish_steps;
+};
+
+static_assert(sizeof(FullTable) + kParamBytesBesidesTable <= kKernelParamBytes,
               "the tensor table does not fit the kernel argument space");
-static_assert(sizeof(NormParams) + sizeof(Coef) <= kParamBytesBesidesTable,
+static_assert(sizeof(FullAgcTable) + kParamBytesBesidesTable <= kKernelParamBytes,
+              "the AGC table does not fit the kernel argument space");
+static_assert(sizeof(NormParams) + sizeof(Coef) <= kParamBytesBesidesTable &&
+                  sizeof(AgcParams) <= kParamBytesBesidesTable,
               "the scalar arguments do not fit beside the table");
+static_assert(kSmallTier < kMediumTier, "the tiers grow");
+
+// f(table) for the smallest tier that holds full's tensors: a copy of full's first slots in a
+// table of that capacity, or full itself (tiers not below full's capacity are skipped). Host code;
+// the kernels are instantiated per tier.
+template <typename Full, typename F>
+cudaError_t with_smallest_tier(const Full& full, const F& f) {
+  const int n = tensors_of(full).num_tensors;
+  if constexpr (kSmallTier < Full::kCapacity) {
+    if (n <= kSmallTier) {
+      typename Full::template WithCapacity<kSmallTier> small{};
+      copy_prefix(small, full);
+      return f(small);
+    }
+  }
+  if constexpr (kMediumTier < Full::kCapacity) {
+    if (n <= kMediumTier) {
+      typename Full::template WithCapacity<kMediumTier> medium{};
+      copy_prefix(medium, full);
+      return f(medium);
+    }
+  }
+  return f(full);
+}
 
 // Launchers: each enqueues on stream and returns the launch's error (cudaSuccess when it started).
-cudaError_t launch_norm(const TensorTable& table, const NormParams& params, cudaStream_t stream);
-// tensors *= coef in float32 (float64 for float64 tensors); every block returns at once when
+
+// The norm of one table (params.unscale: of x * inv_scale, and found_inf).
+cudaError_t launch_norm(const FullTable& table, const NormParams& params, cudaStream_t stream);
+// tensors *= coef in float32 (float64 for float64 tensors); every block returns at once when its
 // coef >= 1.
-cudaError_t launch_scale(const TensorTable& table, const Coef& coef, cudaStream_t stream);
+cudaError_t launch_scale(const FullTable& table, const Coef& coef, cudaStream_t stream);
 // tensors = min(max(tensors, lo), hi); nan stays nan.
-cudaError_t launch_clamp(const TensorTable& table, double lo, double hi, cudaStream_t stream);
+cudaError_t launch_clamp(const FullTable& table, double lo, double hi, cudaStream_t stream);
+// AGC of one table: reduces every item, clips the rows that fit an item and writes the outputs as
+// launch_norm does; then, when the table has long rows, a second launch clips those.
+cudaError_t launch_agc(const FullAgcTable& table, const AgcParams& params, cudaStream_t stream);
+cudaError_t launch_monitor_update(const MonitorParams& params, cudaStream_t stream);
 
 // cudaSuccess when this build holds machine code or PTX that the current device can run; a GPU
 // older than the build's architectures gives an error (no kernel image).
@@ -112,7 +178,6 @@ cudaError_t kernel_image_status();
 // syncs again and scales, walking the chunks in reverse so that what the norm read last, still in
 // L2, is scaled first. The table must hold every tensor of the call and must point into the
 // tensors themselves. Returns cudaErrorNotSupported where the device has no cooperative launch.
-cudaError_t launch_clip_single(const TensorTable& table, const NormParams& params,
-                               cudaStream_t stream);
+cudaError_t launch_clip_single(const FullTable& table, const NormParams& params, cudaStream_t stream);
 
 }  // namespace fusedclip::cuda
