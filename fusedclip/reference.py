@@ -87,14 +87,18 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
 
 
 def multiply_(tensors: list[Tensor], coef: Tensor) -> None:
-    """tensors *= coef in place for any coef (no skip), in float32 (float64 for float64 tensors)."""
+    """tensors *= coef in place for any coef (no skip), in float32 (float64 for float64 tensors):
+    one foreach multiply per coefficient dtype (per device), not one op per tensor."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for t in tensors:
         if t.numel() == 0:
             continue
         real = torch.view_as_real(t) if t.is_complex() else t
         # A 0-dim float32 coef: ATen computes fp16/bf16 products in float32 and rounds once.
         coef_dtype = torch.float64 if real.dtype == torch.float64 else torch.float32
-        real.mul_(coef.to(device=real.device, dtype=coef_dtype))
+        groups.setdefault((real.device, coef_dtype), []).append(real)
+    for (device, coef_dtype), group in groups.items():
+        torch._foreach_mul_(group, coef.to(device=device, dtype=coef_dtype))
 
 
 def multi_tensor_unscale_norm(

@@ -221,3 +221,23 @@ def test_cpu_operators_go_through_torch_ops_under_a_dispatch_mode():
     with OpLog() as log:
         _ops.multi_tensor_scale_("cpu", grads, torch.tensor(0.5))
     assert "fusedclip.multi_tensor_scale_.default" in log.ops
+
+
+def test_reference_multiply_is_one_foreach_per_dtype():
+    """amp's unscale factor on a device (reference.multiply_): one ATen op per coefficient
+    dtype, not one per tensor, with the bits of a per-tensor mul_."""
+    from fusedclip import reference
+
+    grads = [torch.randn(20).to(dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32) * 10]
+    grads += [torch.randn(5, dtype=torch.float64), torch.randn(4, dtype=torch.complex64), torch.empty(0)]
+    expected = [g.clone() for g in grads]
+    coef = torch.tensor(0.3712345)
+    for e in expected:
+        if e.numel():
+            real = torch.view_as_real(e) if e.is_complex() else e
+            real.mul_(coef.to(torch.float64 if real.dtype == torch.float64 else torch.float32))
+    with OpLog() as log:
+        reference.multiply_(grads, coef)
+    assert len([op for op in log.ops if "mul" in op]) <= 2, log.ops
+    assert len(log.ops) < len(grads) / 4, log.ops
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected))

@@ -539,9 +539,6 @@ def test_features_issue_fewer_aten_ops_than_tensors(device, monkeypatch, feature
     """Each feature on 48 parameters with backend "triton": its fusedclip_triton operators run,
     and the whole call issues fewer ATen operators than there are parameters."""
     name, run = features(COUNT)[feature]
-    if name.startswith("clip_grad_norm_(") and device.type == "cuda":
-        pytest.xfail("amp multiplies CUDA grads by inv_scale * coef tensor by tensor (reference.multiply_): "
-                     "multi_tensor_scale_ skips coefficients >= 1, which a scale below 1 makes possible")
     params = feature_params(device, COUNT, seed=121)
     run(params, "triton")  # the tables, the monitor's state
     mode = count_aten(monkeypatch, lambda: run(params, "triton"))
