@@ -44,6 +44,30 @@ void check_writable(at::TensorList tensors, const char* op, c10::DeviceType devi
   }
 }
 
+void check_agc_arguments(at::TensorList grads, at::TensorList params, double clip_factor, double eps,
+                         c10::DeviceType device_type) {
+  const char* op = "multi_tensor_agc_";
+  TORCH_CHECK_VALUE(grads.size() == params.size(), "fusedclip.", op, ": got ", grads.size(), " gradients but ",
+                    params.size(), " parameters");
+  TORCH_CHECK_VALUE(clip_factor >= 0, "fusedclip.", op, ": clip_factor must be >= 0, got ", clip_factor);
+  TORCH_CHECK_VALUE(eps >= 0, "fusedclip.", op, ": eps must be >= 0, got ", eps);
+  check_writable(grads, op, device_type);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_TYPE(p.defined() && p.layout() == at::kStrided && p.device() == grads[i].device(), "fusedclip.",
+                     op, ": parameter ", i, " must be a dense tensor on its gradient's device (", grads[i].device(),
+                     ")");
+    const at::ScalarType dtype = p.scalar_type();
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                     "fusedclip.", op, ": parameter ", i, " has dtype ", dtype,
+                     "; expected float32, float64, float16 or bfloat16");
+    TORCH_CHECK_TYPE(!grads[i].is_complex(), "fusedclip.", op, ": gradient ", i,
+                     " is complex; AGC is defined for real tensors");
+    TORCH_CHECK_VALUE(p.sizes() == grads[i].sizes(), "fusedclip.", op, ": parameter ", i, " has shape ", p.sizes(),
+                      " but its gradient has shape ", grads[i].sizes());
+  }
+}
+
 void check_norm_type(double norm_type) {
   TORCH_CHECK_VALUE(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
 }

@@ -17,6 +17,12 @@ void check_tensors(at::TensorList tensors, const char* op, c10::DeviceType devic
 // tensor) and no inference tensor outside inference mode.
 void check_writable(at::TensorList tensors, const char* op, c10::DeviceType device_type);
 
+// multi_tensor_agc_'s arguments: as many params as grads; grads writable (check_writable), real;
+// each param a real float tensor (float32, float64, float16, bfloat16; it may differ from its
+// grad's) of its grad's shape, on the grads' device; clip_factor and eps >= 0.
+void check_agc_arguments(at::TensorList grads, at::TensorList params, double clip_factor, double eps,
+                         c10::DeviceType device_type);
+
 // norm_type is a number (not nan): every p, inf and -inf included, names a norm.
 void check_norm_type(double norm_type);
 

@@ -19,34 +19,17 @@ struct Unit {
   Segment grad;
 };
 
-// A parameter may have another dtype than its gradient (torch allows it through grad_dtype):
-// each segment is read in its own dtype.
-void check_agc_param(const at::Tensor& p, int64_t i, const at::Tensor& grad) {
-  TORCH_CHECK_TYPE(p.defined() && p.layout() == at::kStrided && p.device().is_cpu(),
-                   "fusedclip.multi_tensor_agc_: parameter ", i, " must be a dense CPU tensor");
-  const auto dtype = p.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                       dtype == at::kBFloat16,
-                   "fusedclip.multi_tensor_agc_: parameter ", i, " has dtype ", dtype,
-                   "; expected float32, float64, float16 or bfloat16");
-  TORCH_CHECK_TYPE(!grad.is_complex(), "fusedclip.multi_tensor_agc_: gradient ", i,
-                   " is complex; AGC is defined for real tensors");
-  TORCH_CHECK_VALUE(p.sizes() == grad.sizes(), "fusedclip.multi_tensor_agc_: parameter ", i,
-                    " has shape ", p.sizes(), " but its gradient has shape ", grad.sizes());
-}
-
 // Clips one unit in place; returns the sum of squares of its gradient before clipping.
 // W* = clip_factor * max(||W||, eps); when not ||G|| < W*, G *= W* / max(||G||, 1e-6). A nan
 // norm fails the comparison, so a nan gradient is scaled by nan, as timm's torch.where does.
 double clip_unit(const Unit& unit, double clip_factor, double eps) {
   const double param_sq = dispatch_segment_statistic<NormKind::kSquareSum>(unit.param, 2.0);
   const double grad_sq = dispatch_segment_statistic<NormKind::kSquareSum>(unit.grad, 2.0);
-  const double max_norm = clip_factor * std::max(std::sqrt(param_sq), eps);
-  const double grad_norm = std::sqrt(grad_sq);
-  if (!(grad_norm < max_norm)) {
+  double coef = 1.0;
+  if (agc_scales(grad_sq, param_sq, clip_factor, eps, &coef)) {  // the rule of csrc/numerics.h
     // The row was just read: the scale runs from the cache, so the gradient is read from memory
     // once and written once.
-    dispatch_transform_segment(unit.grad, ScaleOp{max_norm / std::max(grad_norm, 1e-6)});
+    dispatch_transform_segment(unit.grad, ScaleOp{coef});
   }
   return grad_sq;
 }
@@ -106,16 +89,12 @@ void clip_pass(at::TensorList grads, at::TensorList params, size_t first, size_t
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::TensorList params,
                                                      double clip_factor, double eps) {
-  TORCH_CHECK_VALUE(grads.size() == params.size(), "fusedclip.multi_tensor_agc_: got ",
-                    grads.size(), " gradients but ", params.size(), " parameters");
-  TORCH_CHECK_VALUE(clip_factor >= 0,
-                    "fusedclip.multi_tensor_agc_: clip_factor must be >= 0, got ", clip_factor);
-  TORCH_CHECK_VALUE(eps >= 0, "fusedclip.multi_tensor_agc_: eps must be >= 0, got ", eps);
-  check_writable(grads, "multi_tensor_agc_", at::kCPU);
+  // A parameter may have another dtype than its gradient (torch allows it through grad_dtype):
+  // each segment is read in its own dtype.
+  check_agc_arguments(grads, params, clip_factor, eps, at::kCPU);
   at::ScalarType acc = at::kFloat;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    check_agc_param(params[i], static_cast<int64_t>(i), grads[i]);
-    if (grads[i].scalar_type() == at::kDouble) acc = at::kDouble;
+  for (const at::Tensor& g : grads) {
+    if (g.scalar_type() == at::kDouble) acc = at::kDouble;
   }
   bump_versions(grads);
 

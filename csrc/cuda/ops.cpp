@@ -356,24 +356,6 @@ void multi_tensor_scale_per_tensor_(at::TensorList tensors, const at::Tensor& co
 
 // --- AGC -------------------------------------------------------------------------------------
 
-void check_agc_inputs(at::TensorList grads, at::TensorList params, double clip_factor, double eps) {
-  const char* op = "multi_tensor_agc_";
-  TORCH_CHECK_VALUE(grads.size() == params.size(), "fusedclip.", op, ": got ", grads.size(), " gradients but ",
-                    params.size(), " parameters");
-  TORCH_CHECK_VALUE(clip_factor >= 0, "fusedclip.", op, ": clip_factor must be >= 0, got ", clip_factor);
-  TORCH_CHECK_VALUE(eps >= 0, "fusedclip.", op, ": eps must be >= 0, got ", eps);
-  check_writable(grads, op);
-  check_tensors(params, op, at::kCUDA);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    TORCH_CHECK_TYPE(params[i].device() == grads[0].device(), "fusedclip.", op, ": parameter ", i, " is on ",
-                     params[i].device(), " but the gradients are on ", grads[0].device());
-    TORCH_CHECK_TYPE(!params[i].is_complex() && !grads[i].is_complex(), "fusedclip.", op, ": gradient ", i,
-                     " or its parameter is complex; AGC is defined for real tensors");
-    TORCH_CHECK_VALUE(params[i].sizes() == grads[i].sizes(), "fusedclip.", op, ": parameter ", i, " has shape ",
-                      params[i].sizes(), " but its gradient has shape ", grads[i].sizes());
-  }
-}
-
 // AGC of one list in one pass (a launch per table, and one more for a table with long rows):
 // total and per receive the sums of squares of the gradients before clipping. Units are rows of
 // the row-major layout: other layouts go through contiguous temporaries, written back after.
@@ -422,7 +404,8 @@ void agc_list(at::TensorList grads, at::TensorList params, double clip_factor, d
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::TensorList params,
                                                      double clip_factor, double eps) {
-  check_agc_inputs(grads, params, clip_factor, eps);
+  check_not_empty(grads, "multi_tensor_agc_");
+  check_agc_arguments(grads, params, clip_factor, eps, at::kCUDA);
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const bool acc_double = std::any_of(grads.begin(), grads.end(),
                                       [](const at::Tensor& g) { return g.scalar_type() == at::kDouble; });
