@@ -351,3 +351,100 @@ class InterpretedSuite:
         stdout.seek(0)
         stderr.seek(0)
         return cls._process.returncode, stdout.read(), stderr.read()
+
+
+# --- the five operators of AGC, per-tensor clipping, gradient health and AMP ---------------------------
+
+
+def operator_of(backend, name: str):
+    """The backend's operator for name (its OpOverload), for opcheck: the torch.ops operator an
+    EagerOperator calls under a dispatch mode. Backend "torch" runs reference.py's functions."""
+    from fusedclip import _ops
+
+    kernel = _ops.KERNELS[name][backend.name]
+    kernel = getattr(kernel, "op", kernel)  # an EagerOperator (fusedclip/_eager.py)
+    if not isinstance(kernel, torch._ops.OpOverloadPacket):
+        pytest.skip(f"backend {backend.name!r} runs {name} as a Python function (reference.py): no "
+                    "operator to opcheck")
+    return kernel.default
+
+
+def monitor_state(size: int, dtype: torch.dtype, device=None) -> list[torch.Tensor]:
+    """Zeroed (mean, var, count, below, explosions, exploding, vanishing)."""
+    return [torch.zeros(size, dtype=d, device=device or "cpu")
+            for d in [dtype] * 2 + [torch.int64] * 3 + [torch.bool] * 2]
+
+
+def small_calls(device, seed: int, count: int = 3):
+    """(name, args, written) of each of the five operators on `count` small float32 tensors (rows
+    included), written being the tensors it writes."""
+    grads = [t.to(device) for t in make_grads([(3, 4)] * count, torch.float32, seed=seed)]
+    params = [t.to(device) for t in make_grads([(3, 4)] * count, torch.float32, seed=seed + 1, scale=0.01)]
+    state = monitor_state(count, torch.float32, device)
+    return [
+        ("multi_tensor_unscale_norm", (grads, torch.tensor(0.5, device=device), 2.0), []),
+        ("multi_tensor_agc_", (grads, params, 0.01, 1e-3), grads),
+        ("multi_tensor_scale_per_tensor_", (grads, torch.linspace(0.1, 1.5, count, device=device)), grads),
+        ("clip_grad_norm_with_norms_", (grads, 0.1, 2.0), grads),
+        ("monitor_update_", (torch.rand(count, device=device), *state, 0.9, 2, 2.0, 1.0, 1e-6, 2), state),
+    ]
+
+
+class AtenCount:
+    """Counts the ATen operators a call issues, those inside fusedclip and fusedclip_triton
+    operators included: a TorchDispatchMode sees such an operator, records it and runs its kernel
+    with the mode still on. A Triton launch is no ATen operator: what the interpreter does to
+    launch one (host copies of the arguments) is not counted (``paused``, set around
+    launch.run_kernel). Built by count_aten."""
+
+    FUSED = ("fusedclip", "fusedclip_triton")
+
+    @staticmethod
+    def mode():
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.aten: list[str] = []
+                self.fused: list[str] = []  # the fusedclip operators it saw, by name
+                self.paused = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func.namespace in AtenCount.FUSED:
+                    self.fused.append(func.__name__.split(".")[0])
+                    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                    key = torch._C.DispatchKey.CUDA if tensors[0].is_cuda else torch._C.DispatchKey.CPU
+                    with self:
+                        return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
+                if not self.paused:
+                    self.aten.append(str(func))
+                return func(*args, **kwargs)
+
+        return Mode()
+
+
+def count_aten(monkeypatch, fn):
+    """The AtenCount mode after running fn() under it (see AtenCount)."""
+    mode = AtenCount.mode()
+    with monkeypatch.context() as m:
+        try:
+            from fusedclip.triton import launch
+        except ImportError:  # no Triton: nothing to pause
+            launch = None
+        if launch is not None:
+            run_kernel = launch.run_kernel
+
+            def uncounted(*args, **kwargs):
+                mode.paused += 1
+                try:
+                    run_kernel(*args, **kwargs)
+                finally:
+                    mode.paused -= 1
+
+            m.setattr(launch, "run_kernel", uncounted)
+        with mode:
+            fn()
+    return mode

@@ -1,5 +1,7 @@
-"""Adaptive clipping (fusedclip.AGC, AutoClip, ZClip, PerTensorClip) and the operators behind it,
-each against a plain float64 implementation of the same formula written here."""
+"""Adaptive clipping (fusedclip.AGC, AutoClip, ZClip, PerTensorClip), each against a plain float64
+implementation of the same formula written here. The operators behind it (multi_tensor_agc_,
+multi_tensor_scale_per_tensor_) have their contracts in test_operator_contracts.py, which uses
+agc_case and reference_agc from here."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import _backends, _ops
+from fusedclip import _backends
 from helpers import (CPU_BACKENDS, ULP, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with,
                       rand_tensor, seeded)
 
@@ -68,93 +70,6 @@ def agc_case(dtype, seed=0):
 def assert_close_to(actual, expected_f64, dtype):
     tol = max(2 * ULP[dtype], 1e-5)
     torch.testing.assert_close(actual.double(), expected_f64.to(dtype).double(), rtol=tol, atol=1e-30)
-
-
-# --- operators ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_opcheck_multi_tensor_agc_(dtype):
-    params = agc_case(dtype, seed=1)[:5]
-    _ops_args = ([p.grad for p in params], [p.detach() for p in params], 0.01, 1e-3)
-    torch.library.opcheck(ops.multi_tensor_agc_.default, _ops_args)
-
-
-@pytest.mark.parametrize("coefs", [[0.5, 1.0, 2.0, 0.25], [1.0, 1.0, 1.0, 1.0]], ids=["some", "none"])
-def test_opcheck_multi_tensor_scale_per_tensor_(coefs):
-    grads = make_grads([(33,), (4, 257), (0,), (70001,)], [torch.float32, torch.bfloat16, torch.float32,
-                                                           torch.float16], seed=2)
-    torch.library.opcheck(ops.multi_tensor_scale_per_tensor_.default, (grads, torch.tensor(coefs)))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16,
-                                   torch.complex64])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_multi_tensor_scale_per_tensor_(backend, dtype):
-    grads = make_grads([(33,), (4, 257), (0,), (70001,), (5, 6, 7)], dtype, seed=3)
-    grads[4] = grads[4].transpose(0, 2)  # non-contiguous: scaled in place, strides kept
-    originals = clone_all(grads)
-    coefs = torch.tensor([0.37, 1.0, 0.5, 2.5, 0.81])
-    _ops.multi_tensor_scale_per_tensor_(backend, grads, coefs)
-    for i, (g, o, c) in enumerate(zip(grads, originals, coefs)):
-        if c >= 1:
-            assert_bitwise_equal([g], [o])  # not written
-        else:
-            real, real_o = (torch.view_as_real(g), torch.view_as_real(o)) if g.is_complex() else (g, o)
-            acc = torch.float64 if real.dtype == torch.float64 else torch.float32
-            assert_bitwise_equal([real], [(real_o.to(acc) * c.to(acc)).to(real.dtype)])
-    assert grads[4].stride() == originals[4].stride()
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_multi_tensor_scale_per_tensor_refuses_bad_coefs(backend):
-    grads = make_grads([(3,), (4,)], torch.float32, seed=4)
-    originals = clone_all(grads)
-    for coefs in (torch.tensor([0.5]), torch.tensor([[0.5, 0.5]]), torch.tensor([1, 0])):
-        with pytest.raises((TypeError, ValueError)):
-            if backend == "cpu":
-                _ops.multi_tensor_scale_per_tensor_(backend, grads, coefs)
-            else:  # the torch backend relies on the callers' checks; the C++ operator checks itself
-                raise ValueError("skipped")
-    assert_bitwise_equal(grads, originals)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_agc_op_against_timm_loop(backend, dtype):
-    params = agc_case(dtype, seed=5)
-    originals = [p.grad.clone() for p in params]
-    expected = reference_agc(params, 0.01, 1e-3)
-    total, per = _ops.multi_tensor_agc_(backend, [p.grad for p in params], [p.detach() for p in params], 0.01, 1e-3)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert total.dtype == per.dtype == acc and per.shape == (len(params),)
-    want_per = [float(o.double().square().sum()) for o in originals]
-    rtol = 1e-10 if dtype == torch.float64 else 1e-5
-    for i, (value, want) in enumerate(zip(per.tolist(), want_per)):
-        assert value == pytest.approx(want, rel=rtol, abs=1e-30), i
-    assert float(total) == pytest.approx(sum(want_per), rel=rtol)
-    for p, e in zip(params, expected):
-        assert_close_to(p.grad, e, dtype)
-    # the units that do not clip are left exactly as they were
-    kept_somewhere = False
-    for p, o, e in zip(params, originals, expected):
-        if p.grad.dim() > 1 and p.grad.numel():
-            kept = (e == o.double()).flatten(1).all(1)
-            kept_somewhere |= bool(kept.any())
-            assert_bitwise_equal([p.grad[kept]], [o[kept]])
-    assert kept_somewhere
-
-
-def test_agc_backends_agree_and_cpu_is_deterministic():
-    runs = []
-    for backend in ("cpu", "cpu", "torch"):
-        params = agc_case(torch.float32, seed=6)
-        total, _ = _ops.multi_tensor_agc_(backend, [p.grad for p in params], [p.detach() for p in params], 0.01, 1e-3)
-        runs.append((total, [p.grad for p in params]))
-    assert torch.equal(runs[0][0], runs[1][0])
-    assert_bitwise_equal(runs[0][1], runs[1][1])
-    for a, b in zip(runs[0][1], runs[2][1]):
-        torch.testing.assert_close(a, b, rtol=2e-6, atol=0)
 
 
 # --- AGC ----------------------------------------------------------------------------------------

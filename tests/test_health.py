@@ -1,5 +1,7 @@
 """Per-tensor norms (fusedclip.get_norms, clip_grad_norm_with_norms_) and GradientMonitor, against
-the float64 oracle and a plain implementation of the monitor's statistics written here."""
+the float64 oracle and a plain implementation of the monitor's statistics written here. The
+operators behind them (clip_grad_norm_with_norms_, monitor_update_) have their contracts in
+test_operator_contracts.py."""
 
 from __future__ import annotations
 
@@ -73,26 +75,6 @@ def test_clip_with_norms_is_clip_grad_norm_plus_per_tensor(backend, dtype, max_n
     want_per = [oracle_norm([g], 2.0) for g in originals]
     want_per.insert(3, 0.0)
     assert per.tolist() == pytest.approx(want_per, rel=1e-5)
-
-
-@pytest.mark.parametrize("max_norm", [0.1, 1e6], ids=["clips", "no-clip"])
-def test_opcheck_clip_grad_norm_with_norms_(max_norm):
-    grads = make_grads(SHAPES[:5], [torch.float32, torch.bfloat16, torch.float32, torch.float16,
-                                    torch.float32], seed=6)
-    torch.library.opcheck(torch.ops.fusedclip.clip_grad_norm_with_norms_.default, (grads, max_norm, 2.0))
-
-
-@pytest.mark.parametrize("norm_type", [2.0, -math.inf, -2.0, 0.0], ids=norm_id)
-def test_clip_with_norms_op_backends_agree(norm_type):
-    grads = make_grads(SHAPES, torch.float32, seed=7)
-    copies = clone_all(grads)
-    total, per = fusedclip._ops.clip_grad_norm_with_norms_("cpu", grads, 0.5, norm_type)
-    total_t, per_t = fusedclip._ops.clip_grad_norm_with_norms_("torch", copies, 0.5, norm_type)
-    torch.testing.assert_close(total, total_t, rtol=1e-6, atol=0)
-    torch.testing.assert_close(per, per_t, rtol=1e-6, atol=0)
-    assert per[1] == 0 and per[5] == 0  # empty tensors: 0 for every p
-    for g, c in zip(grads, copies):
-        torch.testing.assert_close(g, c, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -413,79 +395,7 @@ def test_monitor_bad_global_step_raises(bad):
     assert fusedclip.GradientMonitor([("p", p)], global_step=0).step == 0
 
 
-# --- monitor_update_: the fused per-step update -----------------------------------------------------
-
-
-def _monitor_state(size, dtype):
-    """mean, var, count, below, explosions, exploding, vanishing."""
-    return [torch.zeros(size, dtype=dtype), torch.zeros(size, dtype=dtype)] + [
-        torch.zeros(size, dtype=torch.int64) for _ in range(3)] + [torch.zeros(size, dtype=torch.bool) for _ in range(2)]
-
-
-def _norm_steps(steps, size, dtype, seed):
-    """Per step, norms around a per-entry scale with spikes, zeros, tiny values, nan and inf."""
-    gen = seeded(seed)
-    scale = torch.rand(size, generator=gen, dtype=torch.float64) * 10
-    for _ in range(steps):
-        norms = scale * (1 + 0.1 * torch.randn(size, generator=gen, dtype=torch.float64)).abs()
-        kind = torch.randint(0, 40, (size,), generator=gen)
-        norms[kind == 0] = norms[kind == 0] * 1e3
-        norms[kind == 1] = 0.0
-        norms[kind == 2] = 1e-9
-        norms[kind == 3] = float("nan")
-        norms[kind == 4] = float("inf")
-        norms[:3] = 0.0  # always vanishing
-        yield norms.to(dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("settings", [
-    dict(alpha=0.97, warmup_steps=25, z_threshold=3.0, explode_threshold=None, vanish_eps=1e-8, vanish_steps=10),
-    dict(alpha=0.9, warmup_steps=4, z_threshold=2.7, explode_threshold=50.0, vanish_eps=1e-7, vanish_steps=3),
-    dict(alpha=0.0, warmup_steps=1, z_threshold=0.0, explode_threshold=0.3, vanish_eps=1e-30, vanish_steps=1),
-], ids=["defaults", "short-warmup", "edge"])
-def test_monitor_update_op_is_bitwise_the_reference(dtype, settings):
-    size = 1031
-    ours, theirs = _monitor_state(size, dtype), _monitor_state(size, dtype)
-    flags = {"exploding": 0, "vanishing": 0}
-    for norms in _norm_steps(60, size, dtype, seed=21):
-        torch.ops.fusedclip.monitor_update_(norms, *ours, *settings.values())
-        fusedclip.reference.monitor_update_(norms, *theirs, *settings.values())
-        for a, b in zip(ours, theirs):
-            assert a.dtype == b.dtype and torch.equal(a, b)  # the state holds no nan
-        flags["exploding"] += int(ours[5].sum())
-        flags["vanishing"] += int(ours[6].sum())
-    assert flags["exploding"] > 0 and flags["vanishing"] > 0 and int(ours[2].min()) > 0
-
-
-def test_opcheck_monitor_update_():
-    norms = next(_norm_steps(1, 37, torch.float32, seed=22))
-    state = _monitor_state(37, torch.float32)
-    state[2].fill_(5)  # past the warm-up: the EMA branch
-    torch.library.opcheck(torch.ops.fusedclip.monitor_update_.default,
-                          (norms, *state, 0.97, 3, 3.0, 2.0, 1e-8, 10))
-    torch.library.opcheck(torch.ops.fusedclip.monitor_update_.default,
-                          (norms.double(), *_monitor_state(37, torch.float64), 0.9, 3, 3.0, None, 1e-8, 2))
-
-
-def test_monitor_update_op_refuses_before_writing():
-    norms = torch.ones(5)
-    args = (0.97, 3, 3.0, None, 1e-8, 10)
-    for bad, exc, match in ((lambda s: s.__setitem__(0, torch.zeros(5, dtype=torch.float64)), TypeError, "mean"),
-                            (lambda s: s.__setitem__(1, torch.zeros(4)), ValueError, "var"),
-                            (lambda s: s.__setitem__(2, torch.zeros(5, dtype=torch.int32)), TypeError, "count"),
-                            (lambda s: s.__setitem__(4, torch.zeros(10, dtype=torch.int64)[::2]), ValueError,
-                             "explosions"),
-                            (lambda s: s.__setitem__(6, torch.zeros(5, dtype=torch.uint8)), TypeError, "vanishing")):
-        state = _monitor_state(5, torch.float32)
-        bad(state)
-        originals = [t.clone() for t in state]
-        with pytest.raises(exc, match=match):
-            torch.ops.fusedclip.monitor_update_(norms, *state, *args)
-        assert all(torch.equal(a, b) for a, b in zip(state, originals))
-    with pytest.raises(TypeError, match="norms"):
-        torch.ops.fusedclip.monitor_update_(torch.ones(5, dtype=torch.float16), *_monitor_state(5, torch.float16),
-                                            *args)
+# --- the monitor's update on each backend (monitor_update_'s contract: test_operator_contracts.py) ---
 
 
 def test_monitor_backends_agree_bitwise():

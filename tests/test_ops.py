@@ -5,8 +5,10 @@ shared, non-contiguous and mixed-dtype tensors, poisoned memory around every ten
 repeatability and version counters. Then what the backends share: fake kernels, the operator
 table, the Triton schemas.
 
-What one backend alone does (Triton's table cache, the CUDA kernels' single launch, graphs) is in
-test_triton.py and test_cuda_backend.py."""
+The contracts of the five other operators (unscale norm, AGC, per-tensor scale, clip with norms,
+monitor update) are in test_operator_contracts.py. What one backend alone does (Triton's table
+cache, the CUDA kernels' single launch, graphs) is in test_triton.py, test_cuda_backend.py,
+test_triton_operators.py and test_cuda_operators.py."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from helpers import (
     make_grads,
     norm_id,
     norm_rtol,
+    operator_of,
     oracle_norm,
     oracle_statistic,
     params_with,
@@ -64,12 +67,8 @@ def _stat_rtol(dtype, norm_type) -> float:
 
 
 def _operator(backend, name):
-    """The backend's operator for name (its OpOverload), for opcheck."""
-    kernel = _ops.KERNELS[name][backend.name]
-    if not isinstance(kernel, torch._ops.OpOverloadPacket):
-        pytest.skip(f"backend {backend.name!r} runs {name} as a Python function (reference.py): no "
-                    "operator to opcheck")
-    return kernel.default
+    """The backend's operator for name (its OpOverload), for opcheck (helpers.operator_of)."""
+    return operator_of(backend, name)
 
 
 OPCHECK_MIXES = {
