@@ -68,6 +68,33 @@ void check_agc_arguments(at::TensorList grads, at::TensorList params, double cli
   }
 }
 
+void check_monitor_state(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& var,
+                         const at::Tensor& count, const at::Tensor& below, const at::Tensor& explosions,
+                         const at::Tensor& exploding, const at::Tensor& vanishing, c10::DeviceType device_type) {
+  const at::ScalarType dtype = norms.scalar_type();
+  TORCH_CHECK_TYPE(norms.device().type() == device_type && (dtype == at::kFloat || dtype == at::kDouble),
+                   "fusedclip.monitor_update_: norms must be a float32 or float64 ", device_type, " tensor, got ",
+                   dtype, " on ", norms.device());
+  TORCH_CHECK_VALUE(norms.dim() == 1, "fusedclip.monitor_update_: norms must be 1-dim, got shape ", norms.sizes());
+  const int64_t size = norms.size(0);
+  struct State {
+    const at::Tensor& tensor;
+    const char* name;
+    at::ScalarType dtype;
+  };
+  for (const State& s : {State{norms, "norms", dtype}, State{mean, "mean", dtype}, State{var, "var", dtype},
+                         State{count, "count", at::kLong}, State{below, "below", at::kLong},
+                         State{explosions, "explosions", at::kLong}, State{exploding, "exploding", at::kBool},
+                         State{vanishing, "vanishing", at::kBool}}) {
+    TORCH_CHECK_TYPE(s.tensor.device() == norms.device() && s.tensor.scalar_type() == s.dtype,
+                     "fusedclip.monitor_update_: ", s.name, " must be a ", s.dtype, " tensor on ", norms.device(),
+                     ", got ", s.tensor.scalar_type(), " on ", s.tensor.device());
+    TORCH_CHECK_VALUE(s.tensor.dim() == 1 && s.tensor.size(0) == size && s.tensor.is_contiguous(),
+                      "fusedclip.monitor_update_: ", s.name, " must be a contiguous 1-dim tensor of size ", size,
+                      ", got shape ", s.tensor.sizes(), " and strides ", s.tensor.strides());
+  }
+}
+
 void check_norm_type(double norm_type) {
   TORCH_CHECK_VALUE(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
 }

@@ -23,6 +23,13 @@ void check_writable(at::TensorList tensors, const char* op, c10::DeviceType devi
 void check_agc_arguments(at::TensorList grads, at::TensorList params, double clip_factor, double eps,
                          c10::DeviceType device_type);
 
+// monitor_update_'s tensors: norms a float32 or float64 1-dim tensor on a device of device_type;
+// mean and var of its dtype, count, below and explosions int64, exploding and vanishing bool,
+// each contiguous, of its size and on its device.
+void check_monitor_state(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& var,
+                         const at::Tensor& count, const at::Tensor& below, const at::Tensor& explosions,
+                         const at::Tensor& exploding, const at::Tensor& vanishing, c10::DeviceType device_type);
+
 // norm_type is a number (not nan): every p, inf and -inf included, names a norm.
 void check_norm_type(double norm_type);
 

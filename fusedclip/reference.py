@@ -70,6 +70,8 @@ def multi_tensor_norm(
     tensors: list[Tensor], norm_type: float, per_tensor: bool = False
 ) -> tuple[Tensor, Tensor]:
     """The norm statistic before the root; see the schema in csrc/fusedclip.cpp."""
+    if not tensors:  # the identity, as the kernels give it
+        return torch.tensor(statistic_identity(norm_type)), torch.empty(0)
     acc = accumulate_dtype(tensors)
     # Each tensor accumulates in its own dtype's accumulator (float32 for float32 in a list that
     # also holds float64), as the kernels do; the statistics combine in the list's. An empty
@@ -115,6 +117,8 @@ def multi_tensor_unscale_norm(
         real_dtype = torch.float64 if t.dtype in FLOAT64_DTYPES else torch.float32
         unscaled.append(wide * inv_scale.to(device=t.device, dtype=real_dtype))
     statistic, _ = multi_tensor_norm(unscaled, norm_type)
+    if not tensors:
+        return statistic, torch.zeros((), dtype=torch.float32, device=inv_scale.device)
     non_finite = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
     return statistic, non_finite.to(torch.float32)
 

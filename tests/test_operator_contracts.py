@@ -96,10 +96,6 @@ def _stat_rtol(dtype, norm_type) -> float:
     return 1e-5 if norm_type in (0.0, 1.0, 2.0) or math.isinf(norm_type) else 1e-4
 
 
-# The C++ operators raise ValueError for a value of the right type but the wrong size or layout;
-# fusedclip_triton raises TypeError for them (ops.py's _check_float and the monitor's state check).
-TRITON_TYPE_ERROR = pytest.mark.xfail(raises=TypeError, strict=True,
-                                      reason="fusedclip_triton raises TypeError where the C++ operators raise ValueError")
 
 
 def _refuses(backend):
@@ -196,11 +192,7 @@ def test_unscale_norm_finite_overflow_and_zero_scale(backend):
         assert math.isinf(float(statistic)) == (float(inv_scale) != 0.0)
 
 
-def test_unscale_norm_of_no_tensors(backend, request):
-    if backend.name == "torch":
-        request.applymarker(pytest.mark.xfail(
-            raises=RuntimeError, strict=True,
-            reason="reference.multi_tensor_unscale_norm stacks the per-tensor statistics: an empty list raises"))
+def test_unscale_norm_of_no_tensors(backend):
     statistic, found = _ops.multi_tensor_unscale_norm(backend.name, [], backend.tensor(0.5), -math.inf)
     assert float(statistic) == math.inf and float(found) == 0.0
 
@@ -584,15 +576,11 @@ FIVE = [name for name, _, _ in small_calls("cpu", seed=0, count=1)]
 
 
 @pytest.mark.parametrize("name", FIVE)
-def test_version_counters_follow_the_writes(backend, name, request):
+def test_version_counters_follow_the_writes(backend, name):
     """Every tensor an operator writes has its version counter bumped (autograd sees the write);
     what it only reads keeps its counter. The GPU kernels bump every tensor they may write (which
     ones a per-tensor scale leaves alone is known only on the device); backends "cpu" and "torch"
     may leave the counter of a tensor they did not write alone."""
-    if backend.name == "cpu" and name == "monitor_update_":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="torch.ops.fusedclip.monitor_update_ (the C++ kernel, called through torch.ops) "
-                                "writes mean, var, count, ... in place without bumping their version counters"))
     [(_, args, written)] = [call for call in small_calls(backend.device, seed=112) if call[0] == name]
     tensors = [t for t in tree_leaves(list(args)) if isinstance(t, torch.Tensor)]
     versions = {id(t): t._version for t in tensors}
@@ -733,10 +721,8 @@ def test_refused_calls_modify_nothing(backend):
     ("multi_tensor_unscale_norm", lambda d: ([torch.randn(3, device=d)], torch.tensor(1.0, device=d), math.nan),
      ValueError, "norm_type must not be nan"),
 ], ids=["two-elements", "int", "nan-norm"])
-def test_refusals_say_why(backend, name, args, exc, match, request):
+def test_refusals_say_why(backend, name, args, exc, match):
     _refuses(backend)
-    if backend.name == "triton" and exc is ValueError and "two-elements" in request.node.name:
-        request.applymarker(TRITON_TYPE_ERROR)
     with pytest.raises(exc, match=match):
         getattr(_ops, name)(backend.name, *args(backend.device))
 
@@ -749,10 +735,8 @@ def test_refusals_say_why(backend, name, args, exc, match, request):
     (6, lambda: torch.zeros(5, dtype=torch.uint8), TypeError, "vanishing"),
     (None, None, TypeError, "norms"),
 ], ids=["mean-dtype", "var-size", "count-dtype", "explosions-strided", "vanishing-dtype", "norms-float16"])
-def test_monitor_update_refuses_before_writing(backend, field, bad, exc, match, request):
+def test_monitor_update_refuses_before_writing(backend, field, bad, exc, match):
     _refuses(backend)
-    if backend.name == "triton" and exc is ValueError:
-        request.applymarker(TRITON_TYPE_ERROR)
     args = (0.97, 3, 3.0, None, 1e-8, 10)
     norms = backend.tensor([1.0] * 5)
     state = monitor_state(5, torch.float32)

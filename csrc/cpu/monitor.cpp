@@ -17,19 +17,13 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include "../tensor_checks.h"
+
 #include <cmath>
 #include <string>
 
 namespace fusedclip::cpu {
 namespace {
-
-void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t size) {
-  TORCH_CHECK_TYPE(t.device().is_cpu() && t.scalar_type() == dtype, "fusedclip.monitor_update_: ", name,
-                   " must be a ", dtype, " CPU tensor, got ", t.scalar_type(), " on ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == size && t.is_contiguous(), "fusedclip.monitor_update_: ",
-                    name, " must be a contiguous 1-dim tensor of size ", size, ", got shape ", t.sizes(),
-                    " and strides ", t.strides());
-}
 
 template <typename T>
 void update(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
@@ -88,19 +82,9 @@ void monitor_update_(const at::Tensor& norms, const at::Tensor& mean, const at::
                      const at::Tensor& exploding, const at::Tensor& vanishing, double alpha, int64_t warmup_steps,
                      double z_threshold, c10::optional<double> explode_threshold, double vanish_eps,
                      int64_t vanish_steps) {
-  TORCH_CHECK_TYPE(norms.scalar_type() == at::kFloat || norms.scalar_type() == at::kDouble,
-                   "fusedclip.monitor_update_: norms must be float32 or float64, got ", norms.scalar_type());
-  TORCH_CHECK_VALUE(norms.dim() == 1, "fusedclip.monitor_update_: norms must be 1-dim, got shape ",
-                    norms.sizes());
-  const int64_t size = norms.size(0);
-  check_state(norms, "norms", norms.scalar_type(), size);
-  check_state(mean, "mean", norms.scalar_type(), size);
-  check_state(var, "var", norms.scalar_type(), size);
-  check_state(count, "count", at::kLong, size);
-  check_state(below, "below", at::kLong, size);
-  check_state(explosions, "explosions", at::kLong, size);
-  check_state(exploding, "exploding", at::kBool, size);
-  check_state(vanishing, "vanishing", at::kBool, size);
+  check_monitor_state(norms, mean, var, count, below, explosions, exploding, vanishing, at::kCPU);
+  // Written in place: marked modified, as autograd's in-place kernels mark theirs.
+  bump_versions({mean, var, count, below, explosions, exploding, vanishing});
   if (norms.scalar_type() == at::kDouble) {
     update<double>(norms, mean, var, count, below, explosions, exploding, vanishing, alpha, warmup_steps,
                    z_threshold, explode_threshold, vanish_eps, vanish_steps);

@@ -434,28 +434,8 @@ void monitor_update_(const at::Tensor& norms, const at::Tensor& mean, const at::
                      const at::Tensor& below, const at::Tensor& explosions, const at::Tensor& exploding,
                      const at::Tensor& vanishing, double alpha, int64_t warmup_steps, double z_threshold,
                      std::optional<double> explode_threshold, double vanish_eps, int64_t vanish_steps) {
-  const at::ScalarType dtype = norms.scalar_type();
-  TORCH_CHECK_TYPE(norms.is_cuda() && (dtype == at::kFloat || dtype == at::kDouble),
-                   "fusedclip.monitor_update_: norms must be a float32 or float64 CUDA tensor, got ", dtype, " on ",
-                   norms.device());
-  TORCH_CHECK_VALUE(norms.dim() == 1, "fusedclip.monitor_update_: norms must be 1-dim, got shape ", norms.sizes());
-  const int64_t size = norms.size(0);
-  struct State {
-    const at::Tensor& tensor;
-    const char* name;
-    at::ScalarType dtype;
-  };
-  for (const State& s : {State{norms, "norms", dtype}, State{mean, "mean", dtype}, State{var, "var", dtype},
-                         State{count, "count", at::kLong}, State{below, "below", at::kLong},
-                         State{explosions, "explosions", at::kLong}, State{exploding, "exploding", at::kBool},
-                         State{vanishing, "vanishing", at::kBool}}) {
-    TORCH_CHECK_TYPE(s.tensor.device() == norms.device() && s.tensor.scalar_type() == s.dtype,
-                     "fusedclip.monitor_update_: ", s.name, " must be a ", s.dtype, " tensor on ", norms.device(),
-                     ", got ", s.tensor.scalar_type(), " on ", s.tensor.device());
-    TORCH_CHECK_VALUE(s.tensor.dim() == 1 && s.tensor.size(0) == size && s.tensor.is_contiguous(),
-                      "fusedclip.monitor_update_: ", s.name, " must be a contiguous 1-dim tensor of size ", size,
-                      ", got shape ", s.tensor.sizes(), " and strides ", s.tensor.strides());
-  }
+  check_monitor_state(norms, mean, var, count, below, explosions, exploding, vanishing, at::kCUDA);
+  bump_versions({mean, var, count, below, explosions, exploding, vanishing});
   const c10::cuda::CUDAGuard guard(norms.device());
   MonitorParams params{};
   params.norms = norms.data_ptr();
@@ -466,8 +446,8 @@ void monitor_update_(const at::Tensor& norms, const at::Tensor& mean, const at::
   params.explosions = explosions.data_ptr<int64_t>();
   params.exploding = exploding.data_ptr<bool>();
   params.vanishing = vanishing.data_ptr<bool>();
-  params.size = size;
-  params.is_double = dtype == at::kDouble;
+  params.size = norms.size(0);
+  params.is_double = norms.scalar_type() == at::kDouble;
   params.has_explode = explode_threshold.has_value();
   params.ema_weight = 1.0 - alpha;
   params.z_squared = z_threshold * z_threshold;

@@ -48,9 +48,14 @@ def _check_norm_type(norm_type: float) -> None:
 
 def _check_float(t: Tensor, op: str, name: str, device: torch.device, one_element: bool = True) -> None:
     """t is a float tensor on device (with one element unless told otherwise)."""
-    if (one_element and t.numel() != 1) or not t.is_floating_point():
+    # As the C++ operators (csrc/tensor_checks.h check_scalar): a wrong size is a ValueError, a
+    # wrong dtype or device a TypeError.
+    if not t.is_floating_point():
         raise TypeError(f"fusedclip_triton.{op}: {name} must be a {'one-element ' if one_element else ''}"
-                           f"float tensor, got shape {tuple(t.shape)} and dtype {t.dtype}")
+                        f"float tensor, got dtype {t.dtype}")
+    if one_element and t.numel() != 1:
+        raise ValueError(f"fusedclip_triton.{op}: {name} must be a one-element float tensor, got shape "
+                         f"{tuple(t.shape)}")
     if t.device != device:
         raise TypeError(f"fusedclip_triton.{op}: {name} is on {t.device}, the tensors on {device}")
 
@@ -142,9 +147,12 @@ def multi_tensor_unscale_norm(tensors: list[Tensor], inv_scale: Tensor, norm_typ
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     """tensors *= coef in place, in float32 (float64 for float64 tensors), rounded once; coef is
     read on the device, and nothing is written when coef >= 1."""
-    if coef.numel() != 1 or not coef.is_floating_point():
-        raise TypeError("fusedclip_triton.multi_tensor_scale_: coef must be a one-element float "
-                           f"tensor, got shape {tuple(coef.shape)} and dtype {coef.dtype}")
+    if not coef.is_floating_point():
+        raise TypeError(f"fusedclip_triton.multi_tensor_scale_: coef must be a one-element float tensor, got "
+                        f"dtype {coef.dtype}")
+    if coef.numel() != 1:
+        raise ValueError(f"fusedclip_triton.multi_tensor_scale_: coef must be a one-element float tensor, got "
+                         f"shape {tuple(coef.shape)}")
     if not tensors:
         return
     operands = operands_of(tensors, "multi_tensor_scale_", writes=True)
@@ -258,18 +266,21 @@ def monitor_update_(norms: Tensor, mean: Tensor, var: Tensor, count: Tensor, bel
     """GradientMonitor's per-step update (fusedclip.reference.monitor_update_ defines it), in one
     element-wise launch; the same bits as the CPU kernel."""
     op = "monitor_update_"
-    if norms.dtype not in (torch.float32, torch.float64) or norms.dim() != 1:
-        raise TypeError(f"fusedclip_triton.{op}: norms must be a 1-dim float32 or float64 tensor, got "
-                           f"shape {tuple(norms.shape)} and dtype {norms.dtype}")
+    if norms.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"fusedclip_triton.{op}: norms must be float32 or float64, got {norms.dtype}")
+    if norms.dim() != 1:
+        raise ValueError(f"fusedclip_triton.{op}: norms must be 1-dim, got shape {tuple(norms.shape)}")
     state = [mean, var, count, below, explosions, exploding, vanishing]
     dtypes = [norms.dtype] * 2 + [torch.int64] * 3 + [torch.bool] * 2
     names = ["mean", "var", "count", "below", "explosions", "exploding", "vanishing"]
     check([norms], op, False, dtypes=(norms.dtype,), name="norms")
     for t, dtype, name in zip([norms] + state, [norms.dtype] + dtypes, ["norms"] + names):
-        if t.dtype != dtype or t.device != norms.device or t.shape != norms.shape or not t.is_contiguous():
-            raise TypeError(f"fusedclip_triton.{op}: {name} must be a contiguous {dtype} tensor of shape "
-                               f"{tuple(norms.shape)} on {norms.device}, got {t.dtype} of shape {tuple(t.shape)} "
-                               f"and strides {t.stride()} on {t.device}")
+        if t.dtype != dtype or t.device != norms.device:
+            raise TypeError(f"fusedclip_triton.{op}: {name} must be a {dtype} tensor on {norms.device}, got "
+                            f"{t.dtype} on {t.device}")
+        if t.shape != norms.shape or not t.is_contiguous():
+            raise ValueError(f"fusedclip_triton.{op}: {name} must be a contiguous 1-dim tensor of size "
+                             f"{norms.numel()}, got shape {tuple(t.shape)} and strides {t.stride()}")
     if norms.numel():
         launch.monitor(norms, state, alpha, warmup_steps, z_threshold, explode_threshold, vanish_eps, vanish_steps)
 
