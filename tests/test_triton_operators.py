@@ -155,6 +155,19 @@ def test_features_issue_fewer_aten_ops_than_tensors(device, monkeypatch, feature
     assert len(mode.aten) < COUNT, (name, len(mode.aten), mode.aten)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter takes CPU tensors only")
+@pytest.mark.parametrize("feature", range(5), ids=[name for name, _ in features(1)])
+def test_features_under_auto_on_cuda_issue_fewer_aten_ops_than_tensors(monkeypatch, feature):
+    """What users get: each feature on 48 CUDA parameters with backend "auto" (the CUDA kernels
+    when built for the GPU, else Triton's) issues fewer ATen operators than there are parameters."""
+    name, run = features(COUNT)[feature]
+    params = feature_params(torch.device("cuda"), COUNT, seed=122)
+    run(params, "auto")  # tables, the monitor's state, compiled kernels
+    mode = count_aten(monkeypatch, lambda: run(params, "auto"))
+    assert len(mode.aten) < COUNT, (name, len(mode.aten), mode.aten)
+
+
 # --- the tables ---------------------------------------------------------------------------------------
 
 
