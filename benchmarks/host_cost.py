@@ -4,7 +4,7 @@ triton is imported) on CPU tensors, with its kernel launches replaced by nothing
 
     PYTHONPATH=$PWD python benchmarks/host_cost.py [--params 1000] [--json results.json]
 
-Rows (median over repetitions of the mean of a batch of calls, in microseconds):
+Rows (median over 15 repetitions of the mean of a batch of calls, in microseconds):
   triton_api_us            fusedclip.clip_grad_norm_(params, 1.0, backend="triton")
   triton_value_api_us      fusedclip.clip_grad_value_(params, 0.1, backend="triton")
   triton_with_norm_api_us  fusedclip.clip_grads_with_norm_(params, 1.0, norm, backend="triton")
@@ -27,6 +27,7 @@ The last line is a JSON object of these rows. Target: triton_api_us <= 150 (goal
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -42,9 +43,11 @@ from fusedclip.bench.harness import TORCH  # noqa: E402
 from fusedclip.triton import launch  # noqa: E402
 
 
-def median_us(fn, calls: int, repeats: int = 9) -> float:
-    """Median over repeats of the mean time of `calls` calls of fn, in microseconds."""
-    for _ in range(max(calls // 10, 2)):
+def median_us(fn, calls: int, repeats: int = 15) -> float:
+    """Median over repeats of the mean time of `calls` calls of fn, in microseconds (a busy
+    machine's pauses land in a few batches; the median leaves them out)."""
+    gc.collect()
+    for _ in range(max(calls // 4, 2)):
         fn()
     means = []
     for _ in range(repeats):
