@@ -28,3 +28,22 @@ def test_torch_baselines_are_torchs_own_functions():
     with fusedclip.patch_torch():
         assert harness.TORCH["clip_grad_norm_"].__module__.startswith("torch.")
         assert harness.TORCH["clip_grad_norm_"] is not torch.nn.utils.clip_grad_norm_
+
+
+def test_host_cost_script_ends_with_its_json_rows():
+    """benchmarks/host_cost.py runs without a GPU and its last line is a JSON object of its rows
+    (triton_api_us among them), as CI and the GPU job read it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "host_cost.py"), "--params", "20"],
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert rows["params"] == 20
+    for key in ("triton_api_us", "triton_operator_us", "collect_us", "cpu_api_us", "torch_cpu_us"):
+        assert rows[key] > 0, (key, rows)
