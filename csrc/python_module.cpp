@@ -227,15 +227,11 @@ py::object grads_on_one_device(const py::list& params, bool writes, bool real_on
 // Whether the operators take the tensors of the list as they are (see operators_take): the
 // general path's Python checks of every tensor in one call (fusedclip/_core.py group_by_device).
 bool tensors_on_one_device(const py::list& tensors, bool writes, bool real_only) {
-  const Py_ssize_t n = PyList_GET_SIZE(tensors.ptr());
-  std::vector<at::Tensor> list;
-  list.reserve(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* item = PyList_GET_ITEM(tensors.ptr(), i);
-    if (!THPVariable_Check(item)) return false;
-    list.push_back(THPVariable_Unpack(item));
+  try {
+    return operators_take(tensors_of(tensors), writes, real_only);
+  } catch (const c10::TypeError&) {  // an item that is not a tensor
+    return false;
   }
-  return operators_take(list, writes, real_only);
 }
 
 // Bumps the version counter of every tensor of the list, as an in-place operator's

@@ -179,9 +179,7 @@ def group_by_device(
     else is checked here in Python, which names what it refuses."""
     if type(grads) is list and grads and _backends._C is not None and not torch.compiler.is_compiling():
         if _backends._C.tensors_on_one_device(grads, writes):
-            device = grads[0].device
-            check_foreach(foreach, device)
-            return [(device, _backends.resolve_backend(backend, device), grads)]
+            return [_one_group(grads, foreach, backend)]
     groups: dict[torch.device, list[Tensor]] = {}
     for i, g in enumerate(grads):
         if not isinstance(g, Tensor):
@@ -251,8 +249,11 @@ def one_device_group(
     if _backends._C is None or torch.compiler.is_compiling():
         return None
     grads = _backends._C.grads_on_one_device(params, writes, real_only)
-    if grads is None:
-        return None
+    return None if grads is None else _one_group(grads, foreach, backend)
+
+
+def _one_group(grads: list[Tensor], foreach: Optional[bool], backend: str) -> Group:
+    """Checked grads of one device as a group, with the backend that runs them."""
     device = grads[0].device
     check_foreach(foreach, device)
     return device, _backends.resolve_backend(backend, device), grads
