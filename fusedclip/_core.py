@@ -244,12 +244,16 @@ def one_device_group(
     """The grads of params as one group, when C++ finds them plain tensors on one device that the
     operators take (``fusedclip._C.grads_on_one_device``: collection and checks of 1,000 grads in
     one call of microseconds); None when it does not (the general path then validates, groups and
-    says why), when a grad is complex with real_only, or under torch.compile, which traces the
-    general path. The fast path of every device that cpu_fast_path does not take."""
+    says why), when a grad is complex with real_only, under torch.compile, which traces the
+    general path, or when they go to backend "cpu", whose C++ entry points (cpu_fast_path) took
+    them or refused them already. The fast path of every other device and backend."""
     if _backends._C is None or torch.compiler.is_compiling():
         return None
     grads = _backends._C.grads_on_one_device(params, writes, real_only)
-    return None if grads is None else _one_group(grads, foreach, backend)
+    if grads is None:
+        return None
+    group = _one_group(grads, foreach, backend)
+    return None if group[1] == "cpu" else group  # the C++ entry points took or refused those
 
 
 def _one_group(grads: list[Tensor], foreach: Optional[bool], backend: str) -> Group:

@@ -126,7 +126,7 @@ def clip_grads_with_norm_(
             if _core.on_cpu_grads(_ops.scale_grads_of_params_, params, coef):
                 return
         group = _core.one_device_group(params, foreach, backend, writes=True)
-        if group is not None and group[1] != "cpu" and coef.device == group[0]:
+        if group is not None and coef.device == group[0]:
             _ops.multi_tensor_scale_(group[1], group[2], coef)
             return
         grads = _core.grads_of(params)
@@ -202,7 +202,7 @@ def clip_grad_norm_(
                 if total is not None:
                     return total
             group = _core.one_device_group(params, foreach, backend, writes=True)
-            if group is not None and group[1] != "cpu":  # "cpu" took or refused them above
+            if group is not None:
                 _, group_backend, ts = group
                 return _ops.clip_grad_norm_(group_backend, ts, max_norm, norm_type)
         grads = _core.grads_of(params)
@@ -243,7 +243,7 @@ def clip_grad_value_(
             if _core.on_cpu_grads(_ops.clamp_grads_of_params_, params, -clip_value, clip_value):
                 return
         group = _core.one_device_group(params, foreach, backend, writes=True, real_only=True)
-        if group is not None and group[1] != "cpu":
+        if group is not None:
             _ops.multi_tensor_clamp_(group[1], group[2], -clip_value, clip_value)
             return
         grads = _core.grads_of(params)
