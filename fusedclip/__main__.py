@@ -35,7 +35,8 @@ def info() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser (scripts/gpu.sh's benchmark command is checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m fusedclip", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, build flags and available backends")
@@ -43,15 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", help="cpu or cuda (default: the best device present)")
     bench.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
                        help="default: all")
-    bench.add_argument("--backend", default="auto", choices=fusedclip.BACKENDS,
-                       help="fusedclip's backend (default: the one it picks for the device)")
+    bench.add_argument("--backends", nargs="+", choices=fusedclip.BACKENDS,
+                       help="fusedclip's backends, timed side by side (default: on a GPU every GPU "
+                            "backend available, else the one 'auto' picks)")
     bench.add_argument("--training", nargs="*", choices=["amp", "adamw"],
                        help="training-step benchmarks (default: all; none with an empty list)")
     bench.add_argument("--repeats", type=int, default=15, help="timed repetitions per mode")
     bench.add_argument("--output", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
     bench.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,
                        help="also time AGC and GradientMonitor (fusedclip/bench/health.py)")
-    args = parser.parse_args(argv)
+    bench.add_argument("--launches", action=argparse.BooleanOptionalAction, default=True,
+                       help="on a GPU, also time backend cuda's single launch against two launches")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.command == "info":
         return info()
     from fusedclip import bench as bench_module

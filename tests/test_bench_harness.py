@@ -1,7 +1,10 @@
-"""The benchmarks' one timing loop (fusedclip.bench.harness.interleave): rotation and counts."""
+"""The benchmark harness and command: the timing loop's rotation and counts, torch's unpatched
+baselines, grads drawn on the device, backends timed side by side, the targets, the files the
+command writes, and benchmarks/host_cost.py."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fusedclip.bench import harness
@@ -47,3 +50,106 @@ def test_host_cost_script_ends_with_its_json_rows():
     assert rows["params"] == 20
     for key in ("triton_api_us", "triton_operator_us", "collect_us", "cpu_api_us", "torch_cpu_us"):
         assert rows[key] > 0, (key, rows)
+
+
+def _small_workloads(monkeypatch):
+    """Two small workloads in place of the real ones: one with a bandwidth floor, one host-bound."""
+    monkeypatch.setitem(harness.WORKLOADS, "test-small", lambda: [
+        harness.Workload("test-small", torch.float32, ((64, 3), (5,), (0,))),
+    ])
+    monkeypatch.setitem(harness.WORKLOADS, "test-host", lambda: [
+        harness.Workload("test-host", torch.float32, ((8,),) * 20, bandwidth_bound=False),
+    ])
+
+
+def test_make_parameters_draws_the_same_grads_for_a_seed():
+    workload = harness.Workload("w", torch.bfloat16, ((3, 4), (7,)))
+    a = harness.make_parameters(workload, torch.device("cpu"), seed=3)
+    b = harness.make_parameters(workload, torch.device("cpu"), seed=3)
+    c = harness.make_parameters(workload, torch.device("cpu"), seed=4)
+    assert [p.grad.dtype for p in a] == [torch.bfloat16] * 2 and [p.grad.shape for p in a] == [(3, 4), (7,)]
+    assert all(torch.equal(x.grad, y.grad) for x, y in zip(a, b))
+    assert not torch.equal(a[0].grad, c[0].grad)
+
+
+def test_backends_are_timed_side_by_side_against_one_torch_time(monkeypatch):
+    """Each backend gets a row per workload and mode, all timed in one interleaved loop, so the
+    rows of one mode share torch's time; a host-bound row also has its back-to-back time."""
+    import fusedclip.bench as bench
+
+    _small_workloads(monkeypatch)
+    report = bench.run(torch.device("cpu"), ["test-small", "test-host"], repeats=2, warmup=1, log=lambda _: None,
+                       backends=["cpu", "torch"])
+    rows = report["results"]
+    assert report["backends"] == ["cpu", "torch"]
+    assert [(r["workload"], r["mode"], r["backend"]) for r in rows] == [
+        (w, m, b) for w in ("test-small float32", "test-host float32") for m in ("clip", "noclip")
+        for b in ("cpu", "torch")]
+    for first, second in zip(rows[::2], rows[1::2]):
+        assert first["torch_ms"] == second["torch_ms"] and first["fusedclip_ms"] != second["fusedclip_ms"]
+    small, host = rows[0], rows[4]
+    assert small["percent_of_copy"] > 0 and small["back_to_back_us"] is None
+    assert host["percent_of_copy"] is None and host["back_to_back_us"] > 0 and host["torch_back_to_back_us"] > 0
+    assert all(r["norm_relative_difference"] < 1e-5 for r in rows)
+
+
+def test_target_rows_say_what_is_met():
+    import fusedclip.bench as bench
+
+    def row(workload, mode, **values):
+        return {"workload": workload, "mode": mode, "backend": "cuda", "speedup": 1.0, "percent_of_copy": None,
+                "back_to_back_us": None, **values}
+
+    report = {"results": [
+        row("gpt2-124m float32", "clip", percent_of_copy=90.0),
+        row("llama-1b bfloat16", "clip", percent_of_copy=80.0),
+        row("gpt2-124m float32", "noclip", speedup=2.4),
+        row("tiny-10k float32", "clip", speedup=12.0),
+        row("host-1k float32", "noclip", back_to_back_us=40.0),
+        row("many-small float16", "noclip", speedup=3.5),
+    ]}
+    got = {(r["workload"], r["mode"]): (r["met"], r["goal"]) for r in bench.target_rows(report)}
+    assert got == {
+        ("gpt2-124m float32", "clip"): (True, ">= 85"),
+        ("llama-1b bfloat16", "clip"): (False, ">= 85"),
+        ("gpt2-124m float32", "noclip"): (False, ">= 2.5"),
+        ("tiny-10k float32", "clip"): (True, ">= 10"),
+        ("host-1k float32", "noclip"): (True, "<= 150"),
+        ("many-small float16", "noclip"): (True, ">= 3"),
+    }
+    assert "| x torch, not clipping | gpt2-124m float32 | noclip | cuda | 2.4 | >= 2.5 | no |" in (
+        bench.targets_table(bench.target_rows(report)))
+
+
+def test_bench_command_writes_json_markdown_and_chart(monkeypatch, tmp_path):
+    import json
+
+    from fusedclip.__main__ import main
+
+    _small_workloads(monkeypatch)
+    assert main(["bench", "--device", "cpu", "--workloads", "test-small", "test-host", "--backends", "cpu",
+                 "--training", "--no-health", "--repeats", "2", "--output", str(tmp_path)]) == 0
+    stem = f"{__import__('datetime').date.today().isoformat()}-{harness.device_slug(harness.device_name(torch.device('cpu')))}"
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert {r["backend"] for r in report["results"]} == {"cpu"} and "targets" in report
+    markdown = (tmp_path / f"{stem}.md").read_text()
+    assert "| test-small float32 | clip | cpu |" in markdown and "Targets:" in markdown
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files <= {f"{stem}.json", f"{stem}.md", f"{stem}.png"} and len(files) >= 2
+
+
+def test_device_slug():
+    assert harness.device_slug("NVIDIA H200") == "nvidia-h200"
+    assert harness.device_slug("AMD EPYC 7B13 64-Core Processor (2 cores)") == "amd-epyc-7b13-64-core-processor-2-cores"
+    assert harness.device_slug("  Ünïcode--GPU  ") == "n-code-gpu"
+
+
+@pytest.mark.cuda
+def test_make_parameters_and_time_call_on_the_gpu():
+    """On a GPU the grads are drawn there and a call is timed between events."""
+    device = torch.device("cuda")
+    params = harness.make_parameters(harness.Workload("w", torch.float16, ((1000, 10),)), device)
+    assert params[0].grad.device.type == "cuda" and params[0].grad.dtype == torch.float16
+    assert params[0].grad.float().std() == pytest.approx(1.0, rel=0.1)
+    seconds = harness.time_call(lambda: torch.cuda._sleep(1_000_000), device)
+    assert 0 < seconds < 1.0

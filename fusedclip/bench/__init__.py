@@ -18,7 +18,7 @@ import datetime
 import json
 import os
 import statistics
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -29,16 +29,18 @@ from fusedclip.bench.harness import (
     TORCH,
     WORKLOADS,
     BandwidthProbe,
+    back_to_back_seconds,
     Workload,
     best_device,
     device_name,
+    device_slug,
     gpt2_small_shapes,
     interleave,
     make_parameters,
     relative_difference,
 )
 
-__all__ = ["WORKLOADS", "Workload", "make_parameters", "run", "main"]
+__all__ = ["WORKLOADS", "Workload", "make_parameters", "run", "target_rows", "main"]
 
 
 def run(
@@ -47,12 +49,13 @@ def run(
     repeats: int = 15,
     warmup: int = 3,
     log: Callable[[str], None] = print,
-    backend: str = "auto",
+    backends: Sequence[str] = ("auto",),
 ) -> dict:
-    """Runs every workload in both modes with fusedclip's ``backend`` ("auto": the one it picks
-    for the device); returns the results as a JSON-ready dict."""
+    """Runs every workload in both modes, timing each of fusedclip's ``backends`` ("auto": the
+    one it picks for the device) and torch interleaved on the same gradients; one row per
+    backend, each with the same torch time. Returns the results as a JSON-ready dict."""
     names = workload_names or list(WORKLOADS)
-    backend = _backends.resolve_backend(backend, device)
+    backends = list(dict.fromkeys(_backends.resolve_backend(b, device) for b in backends))
     rows = []
     for name in names:
         for workload in WORKLOADS[name]():
@@ -66,46 +69,62 @@ def run(
             for _ in range(warmup):
                 probe.sample()
             norm = float(TORCH["get_total_norm"](grads).float())
-            diff = relative_difference(fusedclip.get_total_norm(grads), TORCH["get_total_norm"](grads))
+            diffs = {b: relative_difference(fusedclip.get_total_norm(grads, backend=b), TORCH["get_total_norm"](grads))
+                     for b in backends}
             for mode, max_norm in (("clip", norm * 1e-3), ("noclip", norm * 1e3)):
                 # Before every timed call the gradients are rewritten, untimed, as backward would
                 # have just written them: doubled in "clip" mode (exact in every dtype), so each
                 # call scales them by about 1/2 instead of settling at a norm that no longer clips;
                 # multiplied by 1 in "noclip" mode, so both modes start from the same cache state.
                 refresh = 2.0 if mode == "clip" else 1.0
-                ours = lambda: fusedclip.clip_grad_norm_(params, max_norm, backend=backend)  # noqa: E731
-                theirs = lambda: TORCH["clip_grad_norm_"](params, max_norm)  # noqa: E731
                 first_sample = len(probe.samples["read"])
-                times = interleave({"ours": ours, "torch": theirs}, device, repeats, warmup,
+                times = interleave(_clip_calls(params, max_norm, backends), device, repeats, warmup,
                                    before=lambda _: torch._foreach_mul_(grads, refresh), between=probe.sample)
-                t_ours, t_torch = times["ours"], times["torch"]
+                back_to_back = {}
+                if not workload.bandwidth_bound:
+                    # Almost no bytes: the host's cost per call, measured without a sync per call.
+                    # No refresh can run between such calls, so a clipping call takes max_norm 0
+                    # (every call scales, by 0), and the gradients are put back afterwards.
+                    saved = [g.clone() for g in grads]
+                    calls = _clip_calls(params, 0.0 if mode == "clip" else max_norm, backends)
+                    back_to_back = {b: back_to_back_seconds(fn, device) for b, fn in calls.items()}
+                    torch._foreach_copy_(grads, saved)
                 moved = 3 * n_bytes if mode == "clip" else n_bytes
-                ms_ours, ms_torch = statistics.median(t_ours) * 1e3, statistics.median(t_torch) * 1e3
+                ms_torch = statistics.median(times[BASELINE]) * 1e3
                 # The floor at the bandwidth measured between this row's own timings.
                 read_bw = probe.median("read", first_sample)
                 rmw_bw = probe.median("rmw", first_sample)
+                copy_bw = probe.median("copy", first_sample)
                 floor_s = n_bytes / read_bw + (2 * n_bytes / rmw_bw if mode == "clip" else 0.0)
-                row = {
-                    "workload": workload.label,
-                    "backend": backend,
-                    "mode": mode,
-                    "tensors": len(workload.shapes),
-                    "elements": workload.numel,
-                    "bytes_moved": moved,
-                    "fusedclip_ms": ms_ours,
-                    "torch_ms": ms_torch,
-                    "speedup": ms_torch / ms_ours,
-                    "fusedclip_GBps": moved / ms_ours / 1e6,
-                    "torch_GBps": moved / ms_torch / 1e6,
-                    "floor_ms": floor_s * 1e3,
-                    "read_GBps": read_bw / 1e9,
-                    "rmw_GBps": rmw_bw / 1e9,
-                    "copy_GBps": probe.median("copy", first_sample) / 1e9,
-                    "percent_of_floor": 100 * floor_s * 1e3 / ms_ours if workload.bandwidth_bound else None,
-                    "norm_relative_difference": diff,
-                }
-                rows.append(row)
-                log(_format_row(row))
+                for b in backends:
+                    ms_ours = statistics.median(times[b]) * 1e3
+                    row = {
+                        "workload": workload.label,
+                        "backend": b,
+                        "mode": mode,
+                        "tensors": len(workload.shapes),
+                        "elements": workload.numel,
+                        "bytes_moved": moved,
+                        "fusedclip_ms": ms_ours,
+                        "torch_ms": ms_torch,
+                        "speedup": ms_torch / ms_ours,
+                        "fusedclip_GBps": moved / ms_ours / 1e6,
+                        "torch_GBps": moved / ms_torch / 1e6,
+                        "floor_ms": floor_s * 1e3,
+                        "read_GBps": read_bw / 1e9,
+                        "rmw_GBps": rmw_bw / 1e9,
+                        "copy_GBps": copy_bw / 1e9,
+                        "percent_of_floor": 100 * floor_s * 1e3 / ms_ours if workload.bandwidth_bound else None,
+                        # The bytes the call must move over its time, against the copy probe's
+                        # bandwidth (bytes read + written by a device-to-device copy).
+                        "percent_of_copy": (100 * moved / ms_ours / 1e6 / (copy_bw / 1e9)
+                                            if workload.bandwidth_bound else None),
+                        "back_to_back_us": back_to_back[b] * 1e6 if back_to_back else None,
+                        "torch_back_to_back_us": back_to_back[BASELINE] * 1e6 if back_to_back else None,
+                        "norm_relative_difference": diffs[b],
+                    }
+                    rows.append(row)
+                    log(_format_row(row))
             del params, grads, probe
     return {
         "device": device_name(device),
@@ -114,17 +133,69 @@ def run(
         "fusedclip": fusedclip.__version__,
         "threads": torch.get_num_threads(),
         "repeats": repeats,
+        "backends": backends,
         "results": rows,
     }
 
 
+BASELINE = "torch.nn.utils"  # the name of torch's own clip_grad_norm_ among the timed calls
+
+
+def _clip_calls(params: list[torch.nn.Parameter], max_norm: float, backends: list[str]) -> dict[str, Callable]:
+    """torch's clip_grad_norm_ (named "torch.nn.utils") and fusedclip's on each backend (named by
+    the backend, "torch" among them: fusedclip's pure-PyTorch backend)."""
+    calls: dict[str, Callable] = {BASELINE: lambda: TORCH["clip_grad_norm_"](params, max_norm)}
+    for b in backends:
+        calls[b] = lambda b=b: fusedclip.clip_grad_norm_(params, max_norm, backend=b)
+    return calls
+
+
+# --- the targets: what each row must reach ----------------------------------------------------------
+
+# (what, workloads, modes, the row's key, the goal, "min" or "max"). The GPU targets of the
+# kernels; on a CPU the same rows are printed for reference.
+TARGETS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str, float, str], ...] = (
+    ("% of copy bandwidth, clipping", ("gpt2-124m float32", "llama-1b bfloat16"), ("clip",),
+     "percent_of_copy", 85.0, "min"),
+    ("x torch, not clipping", ("gpt2-124m float32", "gpt2-124m bfloat16", "llama-1b bfloat16"), ("noclip",),
+     "speedup", 2.5, "min"),
+    ("x torch, many small tensors", ("many-small float32", "many-small float16"), ("clip", "noclip"),
+     "speedup", 3.0, "min"),
+    ("x torch, 10,000 tensors", ("tiny-10k float32",), ("clip", "noclip"), "speedup", 10.0, "min"),
+    ("us per call back to back, 1,000 tensors", ("host-1k float32",), ("clip", "noclip"),
+     "back_to_back_us", 150.0, "max"),
+)
+
+
+def target_rows(report: dict) -> list[dict]:
+    """Each result row that a target speaks of, with the target, the value and whether it is met."""
+    out = []
+    for what, workloads, modes, key, goal, sense in TARGETS:
+        for r in report["results"]:
+            if r["workload"] in workloads and r["mode"] in modes and r.get(key) is not None:
+                met = r[key] >= goal if sense == "min" else r[key] <= goal
+                out.append({"target": what, "workload": r["workload"], "mode": r["mode"], "backend": r["backend"],
+                            "value": r[key], "goal": f"{'>=' if sense == 'min' else '<='} {goal:g}", "met": met})
+    return out
+
+
+def targets_table(rows: list[dict]) -> str:
+    lines = ["| target | workload | mode | backend | measured | goal | met |", "|---|---|---|---|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['workload']} | {r['mode']} | {r['backend']} | {r['value']:.1f} "
+                     f"| {r['goal']} | {'yes' if r['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
 # --- backend "cuda": the single-launch clip against two launches -----------------------------------
 
-# GPT-2 small in fp32 (498 MB, larger than any L2) and 10M fp32 parameters (40 MB, which fit in
-# the 50 MB L2 of an H100, so the scale can re-read them from L2).
+# GPT-2 small in fp32 (498 MB, larger than any L2), and 8 fp32 tensors of 8 to 128 MB in all,
+# around the 50 MB L2 of an H100 and the 60 MB of an H200: below the L2's size the scale can
+# re-read what the norm read from L2, which is where the single launch is to pay. These rows set
+# the default of the single-launch limit (today the L2's size, by guess).
 CUDA_LAUNCH_WORKLOADS: Callable[[], list[Workload]] = lambda: [  # noqa: E731
     Workload("gpt2-124m", torch.float32, gpt2_small_shapes()),
-    Workload("l2-10m", torch.float32, ((1000, 1000),) * 10),
+    *(Workload(f"8 x {mb // 8} MB", torch.float32, ((mb * 2**20 // 32,),) * 8) for mb in (8, 16, 32, 48, 64, 96, 128)),
 ]
 CUDA_LAUNCH_VARIANTS = ("cuda two-launch", "cuda single-launch", "torch backend", "torch.nn.utils")
 
@@ -183,7 +254,7 @@ def cuda_launches_table(rows: list[dict]) -> str:
 
 HEADER = (
     f"{'workload':<20} {'mode':<7} {'backend':<7} {'fusedclip ms':>12} {'torch ms':>10} {'ratio':>7} "
-    f"{'GB/s':>7} {'% floor':>8} {'probe r/rmw GB/s':>17} {'norm diff':>10}"
+    f"{'GB/s':>7} {'% floor':>8} {'% copy':>7} {'probe r/rmw GB/s':>17} {'norm diff':>10}"
 )
 
 
@@ -195,22 +266,23 @@ def _format_row(row: dict) -> str:
     return (
         f"{row['workload']:<20} {row['mode']:<7} {row['backend']:<7} {row['fusedclip_ms']:>12.3f} "
         f"{row['torch_ms']:>10.3f} {row['speedup']:>6.2f}x {row['fusedclip_GBps']:>7.1f} "
-        f"{_percent(row['percent_of_floor']):>8} {row['read_GBps']:>8.1f}/{row['rmw_GBps']:<8.1f} "
+        f"{_percent(row['percent_of_floor']):>8} {_percent(row['percent_of_copy']):>7} "
+        f"{row['read_GBps']:>8.1f}/{row['rmw_GBps']:<8.1f} "
         f"{row['norm_relative_difference']:>10.1e}"
     )
 
 
 def markdown_table(report: dict) -> str:
     lines = [
-        "| workload | mode | backend | fusedclip ms | torch ms | ratio | GB/s | % of floor "
+        "| workload | mode | backend | fusedclip ms | torch ms | ratio | GB/s | % of floor | % of copy "
         "| probe read / rmw / copy GB/s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['workload']} | {r['mode']} | {r.get('backend', '-')} | {r['fusedclip_ms']:.2f} "
-            f"| {r['torch_ms']:.2f} | {r['speedup']:.2f}x | {r['fusedclip_GBps']:.1f} "
-            f"| {_percent(r['percent_of_floor'])} "
+            f"| {r['workload']} | {r['mode']} | {r['backend']} | {r['fusedclip_ms']:.3f} "
+            f"| {r['torch_ms']:.3f} | {r['speedup']:.2f}x | {r['fusedclip_GBps']:.1f} "
+            f"| {_percent(r['percent_of_floor'])} | {_percent(r.get('percent_of_copy'))} "
             f"| {r['read_GBps']:.1f} / {r['rmw_GBps']:.1f} / {r['copy_GBps']:.1f} |"
         )
     return "\n".join(lines)
@@ -251,40 +323,38 @@ def main(args) -> int:
     device = torch.device(args.device) if args.device else best_device()
     print(f"fusedclip {fusedclip.__version__}, torch {torch.__version__}, {device_name(device)}, "
           f"{torch.get_num_threads()} threads")
-    print(HEADER)
-    requested = getattr(args, "backend", "auto")
-    backends = [requested]
-    if device.type == "cuda" and requested == "auto":
+    backends = args.backends or ["auto"]
+    if device.type == "cuda" and not args.backends:
         # Both GPU backends side by side: auto's choice between them is to follow these rows.
         backends = [b for b in ("cuda", "triton") if fusedclip.backend_status()[b] is None] or backends
-    report = run(device, args.workloads, repeats=args.repeats, backend=backends[0])
-    for other in backends[1:]:
-        report["results"] += run(device, args.workloads, repeats=args.repeats, backend=other)["results"]
-    if device.type == "cuda" and fusedclip.backend_status()["cuda"] is None:
-        print("backend cuda: the single-launch clip against two launches")
-        report["cuda_launches"] = run_cuda_launches(device, repeats=args.repeats)
+    print(HEADER)
+    report = run(device, args.workloads, repeats=args.repeats, backends=backends)
     print("floor: the row's bytes at the probe bandwidth measured during that row (read for the "
-          "norm, read-modify-write for the scale)")
-    if getattr(args, "health", False):
+          "norm, read-modify-write for the scale); copy: the bytes moved over the time, against the "
+          "copy probe's bandwidth")
+    if device.type == "cuda" and fusedclip.backend_status()["cuda"] is None and args.launches:
+        print("\nbackend cuda: the single-launch clip against two launches")
+        report["cuda_launches"] = run_cuda_launches(device, repeats=args.repeats)
+    if args.health:
         print(f"\n{health.HEADER}")
         report["health"] = health.run(device, repeats=args.repeats)
     training_table = _run_training(device, args, report)
+    report["targets"] = target_rows(report)
+    print(f"\ntargets (the GPU kernels' goals; on a CPU for reference):\n{targets_table(report['targets'])}")
     os.makedirs(args.output, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in report["device"].lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    stem = os.path.join(args.output, f"{report['date']}-{slug}")
+    stem = os.path.join(args.output, f"{report['date']}-{device_slug(report['device'])}")
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
         f.write(f"{report['device']}, torch {report['torch']}, {report['threads']} threads, "
-                f"{report['date']}\n\n{markdown_table(report)}\n")
+                f"{report['date']}, medians of {report['repeats']}\n\n{markdown_table(report)}\n")
         if "cuda_launches" in report:
             f.write(f"\nBackend cuda, single launch against two launches:\n\n"
                     f"{cuda_launches_table(report['cuda_launches'])}\n")
         if "health" in report:
             f.write(f"\n{health.markdown_table(report['health'])}\n")
         f.write(training_table)
+        f.write(f"\nTargets:\n\n{targets_table(report['targets'])}\n")
     print(f"wrote {stem}.json and {stem}.md")
     if plot(report, stem + ".png"):
         print(f"wrote {stem}.png")

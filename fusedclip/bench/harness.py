@@ -19,8 +19,8 @@ import torch
 
 from fusedclip import patch
 
-__all__ = ["WORKLOADS", "Workload", "make_parameters", "time_call", "interleave", "BandwidthProbe", "TORCH", "device_name",
-           "best_device"]
+__all__ = ["WORKLOADS", "Workload", "make_parameters", "time_call", "back_to_back_seconds", "interleave",
+           "BandwidthProbe", "TORCH", "device_name", "device_slug", "best_device"]
 
 # torch's clipping functions as torch defines them (patch.TORCH_FUNCTIONS holds the originals).
 TORCH = {name: fn for (module, name), fn in patch.TORCH_FUNCTIONS.items() if module is torch.nn.utils}
@@ -89,15 +89,16 @@ def make_parameters(workload: Workload, device: torch.device, seed: int = 0) -> 
     """Parameters (storage left untouched) whose .grad is random data of the workload's shapes.
 
     All parameters are allocated first and the gradients after them, last parameter first, as a
-    model's initialisation and then its backward allocate them.
+    model's initialisation and then its backward allocate them. The random numbers are drawn on
+    ``device`` itself (a GPU draws llama-1b's 1.2G in milliseconds; a CPU would take seconds).
     """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     params = [
         torch.nn.Parameter(torch.empty(shape, dtype=workload.dtype, device=device))
         for shape in workload.shapes
     ]
     for p in reversed(params):
-        p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=workload.dtype)
+        p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float32, device=device).to(workload.dtype)
     return params
 
 
@@ -107,11 +108,33 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of fn, from an idle device to its last kernel's end. On a GPU between
+    two events on the current stream: the host's time to issue the work counts (the GPU waits
+    for it), the synchronisation's return after the work does not."""
     synchronize(device)
-    start = time.perf_counter()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_s
+
+
+def back_to_back_seconds(fn: Callable[[], object], device: torch.device, calls: int = 200) -> float:
+    """Seconds per call of fn called ``calls`` times in a row with no synchronisation between
+    them, waiting for the device once at the end: on a GPU, where the kernels take less time than
+    issuing them, the host's cost per call."""
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
 
 
 def interleave(
@@ -188,6 +211,15 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name} ({os.cpu_count()} cores)"
+
+
+def device_slug(name: str) -> str:
+    """A device's name as a file name: lower case, each run of other characters than letters
+    and digits one '-' ("NVIDIA H200" -> "nvidia-h200"). scripts/gpu.sh names its logs alike."""
+    slug = "".join(c if c.isascii() and c.isalnum() else "-" for c in name.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return slug
 
 
 def best_device() -> torch.device:
