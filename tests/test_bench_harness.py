@@ -153,3 +153,30 @@ def test_make_parameters_and_time_call_on_the_gpu():
     assert params[0].grad.float().std() == pytest.approx(1.0, rel=0.1)
     seconds = harness.time_call(lambda: torch.cuda._sleep(1_000_000), device)
     assert 0 < seconds < 1.0
+
+
+def test_a_failing_backend_is_left_out_and_reported(monkeypatch, tmp_path):
+    """One backend raising on a workload leaves the other backends' rows, is recorded in the
+    report and its Markdown, and makes the command exit 1."""
+    import fusedclip
+    import fusedclip.bench as bench
+    from fusedclip.__main__ import main
+
+    _small_workloads(monkeypatch)
+    real = fusedclip.clip_grad_norm_
+
+    def clip(params, max_norm, *args, backend="auto", **kwargs):
+        if backend == "torch":
+            raise RuntimeError("kernel exploded")
+        return real(params, max_norm, *args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(fusedclip, "clip_grad_norm_", clip)
+    report = bench.run(torch.device("cpu"), ["test-small"], repeats=1, warmup=1, log=lambda _: None,
+                       backends=["cpu", "torch"])
+    assert {r["backend"] for r in report["results"]} == {"cpu"}
+    assert report["errors"] == [{"workload": "test-small float32", "backend": "torch",
+                                 "error": "RuntimeError: kernel exploded"}]
+    assert main(["bench", "--device", "cpu", "--workloads", "test-small", "--backends", "cpu", "torch",
+                 "--training", "--no-health", "--repeats", "1", "--output", str(tmp_path)]) == 1
+    markdown = next(tmp_path.glob("*.md")).read_text()
+    assert "FAILED: backend torch on test-small float32: RuntimeError: kernel exploded" in markdown

@@ -38,6 +38,7 @@ from fusedclip.bench.harness import (
     interleave,
     make_parameters,
     relative_difference,
+    synchronize,
 )
 
 __all__ = ["WORKLOADS", "Workload", "make_parameters", "run", "target_rows", "main"]
@@ -56,7 +57,8 @@ def run(
     backend, each with the same torch time. Returns the results as a JSON-ready dict."""
     names = workload_names or list(WORKLOADS)
     backends = list(dict.fromkeys(_backends.resolve_backend(b, device) for b in backends))
-    rows = []
+    rows: list[dict] = []
+    errors: list[dict] = []
     for name in names:
         for workload in WORKLOADS[name]():
             if device.type == "cpu" and not workload.on_cpu_by_default and not workload_names:
@@ -68,9 +70,13 @@ def run(
             probe = BandwidthProbe(device, n_bytes)
             for _ in range(warmup):
                 probe.sample()
+            working = [b for b in backends if _runs(b, params, workload, errors, log)]
+            if not working:
+                del params, grads, probe
+                continue
             norm = float(TORCH["get_total_norm"](grads).float())
             diffs = {b: relative_difference(fusedclip.get_total_norm(grads, backend=b), TORCH["get_total_norm"](grads))
-                     for b in backends}
+                     for b in working}
             for mode, max_norm in (("clip", norm * 1e-3), ("noclip", norm * 1e3)):
                 # Before every timed call the gradients are rewritten, untimed, as backward would
                 # have just written them: doubled in "clip" mode (exact in every dtype), so each
@@ -78,7 +84,7 @@ def run(
                 # multiplied by 1 in "noclip" mode, so both modes start from the same cache state.
                 refresh = 2.0 if mode == "clip" else 1.0
                 first_sample = len(probe.samples["read"])
-                times = interleave(_clip_calls(params, max_norm, backends), device, repeats, warmup,
+                times = interleave(_clip_calls(params, max_norm, working), device, repeats, warmup,
                                    before=lambda _: torch._foreach_mul_(grads, refresh), between=probe.sample)
                 back_to_back = {}
                 if not workload.bandwidth_bound:
@@ -86,7 +92,7 @@ def run(
                     # No refresh can run between such calls, so a clipping call takes max_norm 0
                     # (every call scales, by 0), and the gradients are put back afterwards.
                     saved = [g.clone() for g in grads]
-                    calls = _clip_calls(params, 0.0 if mode == "clip" else max_norm, backends)
+                    calls = _clip_calls(params, 0.0 if mode == "clip" else max_norm, working)
                     back_to_back = {b: back_to_back_seconds(fn, device) for b, fn in calls.items()}
                     torch._foreach_copy_(grads, saved)
                 moved = 3 * n_bytes if mode == "clip" else n_bytes
@@ -96,7 +102,7 @@ def run(
                 rmw_bw = probe.median("rmw", first_sample)
                 copy_bw = probe.median("copy", first_sample)
                 floor_s = n_bytes / read_bw + (2 * n_bytes / rmw_bw if mode == "clip" else 0.0)
-                for b in backends:
+                for b in working:
                     ms_ours = statistics.median(times[b]) * 1e3
                     row = {
                         "workload": workload.label,
@@ -135,7 +141,24 @@ def run(
         "repeats": repeats,
         "backends": backends,
         "results": rows,
+        "errors": errors,
     }
+
+
+def _runs(backend: str, params: list[torch.nn.Parameter], workload: Workload, errors: list[dict],
+          log: Callable[[str], None]) -> bool:
+    """Whether one clip of the workload on the backend runs (it halves the gradients); when it
+    raises, the error is recorded and the backend is left out of this workload, so that one
+    backend's failure leaves the others' rows."""
+    try:
+        norm = fusedclip.get_total_norm([p.grad for p in params], backend=backend)
+        fusedclip.clip_grad_norm_(params, float(norm) / 2, backend=backend)
+        synchronize(params[0].device)
+        return True
+    except Exception as error:  # noqa: BLE001 -- recorded, printed, and the command fails at the end
+        errors.append({"workload": workload.label, "backend": backend, "error": f"{type(error).__name__}: {error}"})
+        log(f"{workload.label:<20} backend {backend} FAILED, left out: {errors[-1]['error']}")
+        return False
 
 
 BASELINE = "torch.nn.utils"  # the name of torch's own clip_grad_norm_ among the timed calls
@@ -320,6 +343,8 @@ def plot(report: dict, path: str) -> bool:
 
 
 def main(args) -> int:
+    """The command: every section in turn, the files rewritten after each, so that a section that
+    fails leaves what the earlier ones measured. Returns 1 when a backend failed on a workload."""
     device = torch.device(args.device) if args.device else best_device()
     print(f"fusedclip {fusedclip.__version__}, torch {torch.__version__}, {device_name(device)}, "
           f"{torch.get_num_threads()} threads")
@@ -332,17 +357,35 @@ def main(args) -> int:
     print("floor: the row's bytes at the probe bandwidth measured during that row (read for the "
           "norm, read-modify-write for the scale); copy: the bytes moved over the time, against the "
           "copy probe's bandwidth")
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.join(args.output, f"{report['date']}-{device_slug(report['device'])}")
+    _save(report, stem)
     if device.type == "cuda" and fusedclip.backend_status()["cuda"] is None and args.launches:
         print("\nbackend cuda: the single-launch clip against two launches")
         report["cuda_launches"] = run_cuda_launches(device, repeats=args.repeats)
+        _save(report, stem)
     if args.health:
         print(f"\n{health.HEADER}")
         report["health"] = health.run(device, repeats=args.repeats)
-    training_table = _run_training(device, args, report)
-    report["targets"] = target_rows(report)
+        _save(report, stem)
+    if args.training != []:
+        print(f"\n{training.HEADER}")
+        report["training"] = training.run(device, args.training, repeats=args.repeats)
+    _save(report, stem)
     print(f"\ntargets (the GPU kernels' goals; on a CPU for reference):\n{targets_table(report['targets'])}")
-    os.makedirs(args.output, exist_ok=True)
-    stem = os.path.join(args.output, f"{report['date']}-{device_slug(report['device'])}")
+    print(f"wrote {stem}.json and {stem}.md")
+    if plot(report, stem + ".png"):
+        print(f"wrote {stem}.png")
+    else:
+        print("matplotlib is not installed: no chart (pip install matplotlib)")
+    for error in report["errors"]:
+        print(f"FAILED: backend {error['backend']} on {error['workload']}: {error['error']}")
+    return 1 if report["errors"] else 0
+
+
+def _save(report: dict, stem: str) -> None:
+    """Writes the report as it stands to stem.json and stem.md, its targets recomputed."""
+    report["targets"] = target_rows(report)
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
@@ -353,21 +396,8 @@ def main(args) -> int:
                     f"{cuda_launches_table(report['cuda_launches'])}\n")
         if "health" in report:
             f.write(f"\n{health.markdown_table(report['health'])}\n")
-        f.write(training_table)
+        if "training" in report:
+            f.write(f"\n{training.markdown_table(report['training'])}\n")
         f.write(f"\nTargets:\n\n{targets_table(report['targets'])}\n")
-    print(f"wrote {stem}.json and {stem}.md")
-    if plot(report, stem + ".png"):
-        print(f"wrote {stem}.png")
-    else:
-        print("matplotlib is not installed: no chart (pip install matplotlib)")
-    return 0
-
-
-def _run_training(device: torch.device, args, report: dict) -> str:
-    """The training-step benchmarks (fusedclip/training.py), into report["training"];
-    returns their Markdown table ("" when none ran)."""
-    if args.training == []:
-        return ""
-    print(training.HEADER)
-    report["training"] = training.run(device, args.training, repeats=args.repeats)
-    return "\n" + training.markdown_table(report["training"]) + "\n"
+        for error in report["errors"]:
+            f.write(f"\nFAILED: backend {error['backend']} on {error['workload']}: {error['error']}\n")
