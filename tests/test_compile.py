@@ -184,3 +184,34 @@ def test_backend_torch_compiles_fullgraph():
     scale(traced, torch.tensor(7.0))
     fusedclip.clip_grads_with_norm_(eager, 0.1, torch.tensor(7.0), backend="torch")
     assert_bitwise_equal([p.grad for p in traced], [p.grad for p in eager])
+
+
+@pytest.mark.cuda
+def test_schedules_compile_with_inductor_on_cuda_without_a_host_sync():
+    """On CUDA tensors, under Inductor (auto's backend): a float max_norm schedule compiles at
+    most twice, a tensor max_norm once; both give eager's bits, and once compiled a call with a
+    tensor max_norm reads nothing back to the host."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    grads = [g.cuda() for g in make_grads([(64, 3), (1000,), (7,)], [torch.float32, torch.bfloat16, torch.float32],
+                                          seed=67)]
+    for max_norms, most in (([2.0 * 0.8**step for step in range(8)], 2),
+                            ([torch.tensor(3.0 * 0.7**step, device="cuda") for step in range(5)], 1)):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("inductor")
+        compiled = torch.compile(lambda ps, m: fusedclip.clip_grad_norm_(ps, m), backend=counter, fullgraph=True)
+        eager_params, compiled_params = params_with(clone_all(grads)), params_with(clone_all(grads))
+        for i, max_norm in enumerate(max_norms):
+            expected = fusedclip.clip_grad_norm_(eager_params, max_norm)
+            if i >= 2 and isinstance(max_norm, torch.Tensor):
+                previous = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    total = compiled(compiled_params, max_norm)
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous)
+            else:
+                total = compiled(compiled_params, max_norm)
+            assert torch.equal(total, expected), i
+            assert_bitwise_equal(cpu(p.grad for p in compiled_params), cpu(p.grad for p in eager_params))
+        assert counter.frame_count <= most, counter.frame_count
