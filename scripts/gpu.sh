@@ -20,8 +20,8 @@
 # (still warm) built these very sources with this torch; a fresh machine builds again.
 #
 # Every command runs under `timeout`, with the smaller of its own limit and what is left of the
-# call's CALL_BUDGET_S (default 285 s); a command with under 10 s left is not started, and says
-# so. --dry-run prints each command with its limit, and the files the calls write, and runs
+# call's budget (BUDGET_S below: 280 s for tests, 200 for sanitizer, 180 for bench); a command
+# with under 10 s left is not started, and says so. --dry-run prints each command with its limit, and the files the calls write, and runs
 # nothing. Files go to $OUT (default gpu-results/), at most 8 for all calls together, named
 # DATE-DEVICE-* after the GPU (e.g. 2026-12-02-nvidia-h200-gpu-tests.log). Exits with the first
 # failing command's status.
@@ -29,7 +29,9 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-gpu-results}"
-CALL_BUDGET_S="${CALL_BUDGET_S:-285}"
+# Each call's budget in seconds: 280 + 200 + 180 = 11 minutes of a lease, the machine's start and
+# the transfers besides; CALL_BUDGET_S sets one budget for every call.
+declare -A BUDGET_S=([check]=60 [tests]=280 [sanitizer]=200 [bench]=180)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # memcheck: multi-launch tables (5,000 tensors; the 32/256/1532 tiers and past them), unaligned
@@ -55,7 +57,8 @@ RACECHECK_TESTS=(
   "tests/test_cuda_backend.py::test_single_launch_equals_two_launches[float32-p=2]"
   "tests/test_cuda_operators.py::test_per_tensor_statistics_at_every_tier[3100]"
 )
-PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider -rfEs --timeout 120)
+# -v: a line per test as it ends, so that a run stopped at its limit still says what passed and failed.
+PYTEST=("$PYTHON" -m pytest -v -p no:cacheprovider -rfEs --timeout 120)
 BENCH=("$PYTHON" -m fusedclip bench --device cuda --workloads gpt2-124m llama-1b many-small tiny-10k host-1k
        --training amp adamw --no-health --repeats 9 --output "$OUT")
 
@@ -95,9 +98,9 @@ run() {
     printf '[timeout %ss] ' "$limit"; printf '%q ' "$@"; printf '>> %s\n' "$OUT/$log"
     return 0
   fi
-  local left=$(( CALL_BUDGET_S - (SECONDS - call_start) ))
+  local left=$(( budget - (SECONDS - call_start) ))
   if [ "$left" -lt 10 ]; then
-    echo "gpu.sh: not run, the call's ${CALL_BUDGET_S} s are spent: $*" | tee -a "$OUT/$log"
+    echo "gpu.sh: not run, the call's ${budget} s are spent: $*" | tee -a "$OUT/$log"
     [ "$status" -ne 0 ] || status=124
     return 124
   fi
@@ -147,7 +150,7 @@ build() {
     echo "== build: reusing this machine's build of these sources (build/gpu.stamp)" | tee -a "$OUT/build.log"
     [[ " ${written[*]} " == *" build.log "* ]] || written+=(build.log)
   else
-    run 200 build.log env FUSEDCLIP_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+    run 170 build.log env FUSEDCLIP_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
       "$PYTHON" setup.py build_ext --inplace || stop "the build failed: $OUT/build.log"
     [ "$dry_run" -eq 1 ] || { mkdir -p build && echo "$sources" > build/gpu.stamp; }
   fi
@@ -156,22 +159,23 @@ build() {
 
 for call in "${calls[@]}"; do
   call_start=$SECONDS
-  echo "== gpu.sh $call (budget ${CALL_BUDGET_S} s)"
+  budget="${CALL_BUDGET_S:-${BUDGET_S[$call]}}"
+  echo "== gpu.sh $call (budget ${budget} s)"
   check_machine "$call"
   [ "$call" = check ] && continue
   build
   case "$call" in
     tests)
-      run 90 "$stem-gpu-tests.log" "${PYTEST[@]}" -n 4 tests/test_triton.py tests/test_triton_operators.py \
-        -m "not cuda" --deselect tests/test_triton.py::test_interpreted_suite
-      run 240 "$stem-gpu-tests.log" "${PYTEST[@]}" -n 8 --durations 15 -m cuda tests ;;
+      run 220 "$stem-gpu-tests.log" "${PYTEST[@]}" -n 8 --durations 15 -m cuda tests
+      run 60 "$stem-gpu-tests.log" "${PYTEST[@]}" -n 4 tests/test_triton.py tests/test_triton_operators.py \
+        -m "not cuda" --deselect tests/test_triton.py::test_interpreted_suite ;;
     sanitizer)
-      run 150 "$stem-sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+      run 140 "$stem-sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
         --error-exitcode 1 --target-processes application-only --print-limit 20 "${PYTEST[@]}" "${MEMCHECK_TESTS[@]}"
-      run 100 "$stem-sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 1 \
+      run 80 "$stem-sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 1 \
         --target-processes application-only --print-limit 20 "${PYTEST[@]}" "${RACECHECK_TESTS[@]}" ;;
     bench)
-      run 240 "$stem-bench.log" "${BENCH[@]}"
+      run 170 "$stem-bench.log" "${BENCH[@]}"
       written+=("$stem.json" "$stem.md" "$stem.png") ;;
   esac
 done

@@ -67,6 +67,8 @@ def test_each_call_checks_builds_and_fits_its_budget(call):
     commands, _, out = dry_run(call)
     budget = int(re.search(r"budget (\d+) s", out).group(1))
     assert budget < BUDGET_S
+    # a line per test, so that a run stopped at its limit still says what passed and failed
+    assert all("-v" in argv for _, argv, _ in commands if "pytest" in argv)
     argvs = [" ".join(argv) for _, argv, _ in commands]
     assert any("nvidia-smi -L" in a for a in argvs) and any("nvcc --version" in a for a in argvs)
     assert any("ninja --version" in a for a in argvs)
@@ -74,6 +76,15 @@ def test_each_call_checks_builds_and_fits_its_budget(call):
     build = next(argv for _, argv, _ in commands if "build_ext" in argv)
     assert {"FUSEDCLIP_CUDA=1", "TORCH_CUDA_ARCH_LIST=9.0", "MAX_JOBS=16", "--inplace"} <= set(build)
     assert all(limit <= budget for limit, _, _ in commands)  # and the script caps each at what is left
+
+
+def test_the_three_calls_fit_twelve_minutes_of_a_lease():
+    """The calls' budgets together leave a minute of the 12 for the machine's start."""
+    total = 0
+    for call in CALLS:
+        _, _, out = dry_run(call)
+        total += int(re.search(r"budget (\d+) s", out).group(1))
+    assert total <= 11 * 60, total
 
 
 def test_files_fit_what_the_device_machine_brings_back():
@@ -116,8 +127,8 @@ def _pytest_commands(call: str) -> list[list[str]]:
 
 
 def _collected(args: list[str]) -> list[str]:
-    """The node ids that pytest collects for args here (-n 0: no workers for a collection; args
-    hold one -q already, so the ids are listed)."""
+    """The node ids that pytest collects for args here (-n 0: no workers for a collection)."""
+    args = [a for a in args if a != "-v"] + ["-q"]  # -q: node ids, one a line
     result = subprocess.run([sys.executable, "-m", "pytest", *args, "-n", "0", "--collect-only"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -135,7 +146,7 @@ def test_the_tests_call_selects_the_cuda_and_triton_tests():
     """Its pytest command lines parse here (workers, per-test timeout) and select what they say:
     the cuda-marked tests of the whole suite, and the rest of the Triton files but the
     interpreted subprocess."""
-    triton_rest, marked = _pytest_commands("tests")
+    marked, triton_rest = _pytest_commands("tests")
     assert "-x" not in triton_rest + marked and "--timeout" in marked
     cuda_ids = _collected(marked)
     assert len(cuda_ids) > 1000
