@@ -204,3 +204,38 @@ def test_the_machine_check_stops_with_one_clear_line(tmp_path):
     assert result.returncode == 3, result.stdout
     # pytest-xdist or pytest-timeout may be what is missing here; else the GPU
     assert re.match(r"gpu\.sh: STOP: (a CUDA torch that sees the GPU|the Python package \w+) is missing", last), last
+
+
+def _stand_ins(tmp_path) -> dict:
+    """PATH with stand-ins for the GPU tools (each prints its name), and a PYTHON that answers
+    the check for a CUDA torch with yes and runs everything else in this Python."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("nvidia-smi", "nvcc", "ninja", "compute-sanitizer"):
+        (fake / tool).write_text(f"#!/bin/sh\necho stand-in {tool}\n")
+        (fake / tool).chmod(0o755)
+    python = fake / "python"
+    python.write_text("#!/bin/sh\n"
+                      'case "$*" in *torch.cuda.is_available*) exit 0 ;; esac\n'
+                      f'exec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    return {"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "PYTHON": str(python)}
+
+
+@needs_plugins
+def test_a_real_call_logs_each_command_and_keeps_to_its_budget(tmp_path):
+    """The check call, run for real with stand-ins: each command's output lands in its log with
+    its limit and exit status, a failing command makes the call fail without stopping it, and
+    with the budget spent the rest is not started, and says so."""
+    env = _stand_ins(tmp_path)
+    out = tmp_path / "out"
+    result = gpu_sh("check", env={**env, "OUT": str(out)})
+    log = (out / "machine.log").read_text()
+    assert "== [timeout 30s] nvidia-smi" in log and "stand-in nvidia-smi" in log and "== exit 0 after" in log
+    # the CPU torch has no GPU to name: that command fails, the call goes on and fails at the end
+    assert log.count("== exit ") == 2 and result.returncode != 0
+    assert os.listdir(out) == ["machine.log"]
+    spent = tmp_path / "spent"
+    result = gpu_sh("check", env={**env, "OUT": str(spent), "CALL_BUDGET_S": "5"})
+    assert result.returncode == 124
+    assert (spent / "machine.log").read_text().count("gpu.sh: not run, the call's 5 s are spent") == 2
