@@ -76,9 +76,31 @@ def multi_tensor_norm(
     # Each tensor accumulates in its own dtype's accumulator (float32 for float32 in a list that
     # also holds float64), as the kernels do; the statistics combine in the list's. An empty
     # tensor's statistic is the identity, so an all-empty list reduces to it too.
-    stats = torch.stack([_tensor_statistic(t, norm_type, accumulate_dtype([t])).to(acc) for t in tensors])
-    per = stats if per_tensor else stats.new_empty((0,))
-    return combine_statistics(stats, norm_type), per
+    stats: list[Optional[Tensor]] = [None] * len(tensors)
+    # A real tensor of less than a row is one row: its statistic is one vector_norm, so those of
+    # one dtype take one foreach norm (the same vector_norm per tensor on a CPU) instead of a
+    # dozen ops each.
+    one_row: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if 0 < t.numel() < _ROW and not t.is_complex():
+            one_row.setdefault(t.dtype, []).append(i)
+        else:
+            stats[i] = _tensor_statistic(t, norm_type, accumulate_dtype([t])).to(acc)
+    stacked = None
+    for dtype, indices in one_row.items():
+        own = accumulate_dtype([tensors[indices[0]]])
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in indices], norm_type, dtype=own))
+        if norm_type not in (0.0, 1.0, math.inf, -math.inf):  # as _tensor_statistic computes it
+            norms = norms.double().pow(norm_type).to(own)
+        if len(indices) == len(tensors):  # all of them, in order
+            stacked = norms.to(acc)
+            break
+        for i, value in zip(indices, norms.to(acc).unbind()):
+            stats[i] = value
+    if stacked is None:
+        stacked = torch.stack(stats)
+    per = stacked if per_tensor else stacked.new_empty((0,))
+    return combine_statistics(stacked, norm_type), per
 
 
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
