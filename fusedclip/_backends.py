@@ -14,7 +14,6 @@ the backend is reported unavailable with the reason (backend_status) and "auto" 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Optional
@@ -47,11 +46,19 @@ else:
     _CUDA_ERROR = None
 
 
-@functools.lru_cache(maxsize=None)
+_KERNELS_RUN_ON: dict[int, bool] = {}  # by GPU index: _cuda_kernels_run_on's answers
+
+
+# A constant to torch.compile: dynamo calls it while tracing, instead of tracing into _C (which
+# it cannot, so "auto" on CUDA tensors broke every fullgraph compile).
+@torch.compiler.assume_constant_result
 def _cuda_kernels_run_on(index: Optional[int]) -> bool:
     """Whether the CUDA kernels were built for the GPU's architecture (TORCH_CUDA_ARCH_LIST at
     build time); a GPU they were not built for takes another backend under "auto"."""
-    return _C.cuda_kernels_run_on(torch.cuda.current_device() if index is None else index)
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _KERNELS_RUN_ON:
+        _KERNELS_RUN_ON[index] = bool(_C.cuda_kernels_run_on(index))
+    return _KERNELS_RUN_ON[index]
 
 
 try:
