@@ -86,19 +86,14 @@ def multi_tensor_norm(
             one_row.setdefault(t.dtype, []).append(i)
         else:
             stats[i] = _tensor_statistic(t, norm_type, accumulate_dtype([t])).to(acc)
-    stacked = None
-    for dtype, indices in one_row.items():
+    for indices in one_row.values():
         own = accumulate_dtype([tensors[indices[0]]])
         norms = torch.stack(torch._foreach_norm([tensors[i] for i in indices], norm_type, dtype=own))
         if norm_type not in (0.0, 1.0, math.inf, -math.inf):  # as _tensor_statistic computes it
             norms = norms.double().pow(norm_type).to(own)
-        if len(indices) == len(tensors):  # all of them, in order
-            stacked = norms.to(acc)
-            break
         for i, value in zip(indices, norms.to(acc).unbind()):
             stats[i] = value
-    if stacked is None:
-        stacked = torch.stack(stats)
+    stacked = torch.stack(stats)
     per = stacked if per_tensor else stacked.new_empty((0,))
     return combine_statistics(stacked, norm_type), per
 

@@ -89,16 +89,16 @@ slug="$(printf '%s' "${gpu_name:-unknown-gpu}" | tr '[:upper:]' '[:lower:]' | se
 stem="$(date +%F)-$slug"
 [ "$dry_run" -eq 1 ] || mkdir -p "$OUT"
 status=0
-call_start=$SECONDS
-written=()
+written=()  # the files of $OUT, for the dry run's list
 
 stop() { echo "gpu.sh: STOP: $*"; exit 3; }
+record() { [[ " ${written[*]} " == *" $1 "* ]] || written+=("$1"); }
 
 # run LIMIT LOG COMMAND...: COMMAND under `timeout`, its output appended to $OUT/LOG, whose tail
 # is printed; records the first failure.
 run() {
   local limit=$1 log=$2; shift 2
-  [[ " ${written[*]} " == *" $log "* ]] || written+=("$log")
+  record "$log"
   if [ "$dry_run" -eq 1 ]; then
     printf '[timeout %ss] ' "$limit"; printf '%q ' "$@"; printf '>> %s\n' "$OUT/$log"
     return 0
@@ -156,7 +156,7 @@ build() {
   if [ "$dry_run" -eq 0 ] && [ -f build/gpu.stamp ] && [ "$(cat build/gpu.stamp)" = "$sources" ] \
     && "$PYTHON" -c "import fusedclip._C as c; assert c.cuda_kernels" > /dev/null 2>&1; then
     echo "== build: reusing this machine's build of these sources (build/gpu.stamp)" | tee -a "$OUT/build.log"
-    [[ " ${written[*]} " == *" build.log "* ]] || written+=(build.log)
+    record build.log
   else
     run 150 build.log env FUSEDCLIP_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
       "$PYTHON" setup.py build_ext --inplace || stop "the build failed: $OUT/build.log"
@@ -184,7 +184,7 @@ for call in "${calls[@]}"; do
         --target-processes application-only --print-limit 20 "${PYTEST[@]}" "${RACECHECK_TESTS[@]}" ;;
     bench)
       run 170 "$stem-bench.log" "${BENCH[@]}"
-      written+=("$stem.json" "$stem.md" "$stem.png") ;;
+      record "$stem.json"; record "$stem.md"; record "$stem.png" ;;
   esac
 done
 if [ "$dry_run" -eq 1 ]; then

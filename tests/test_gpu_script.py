@@ -190,12 +190,7 @@ def test_the_machine_check_stops_with_one_clear_line(tmp_path):
         result = gpu_sh("check", env={"OUT": str(tmp_path / "a")})
         assert result.returncode == 3
         assert result.stdout.strip().splitlines()[-1].startswith("gpu.sh: STOP: nvidia-smi")
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    for tool in ("nvidia-smi", "nvcc", "ninja", "compute-sanitizer"):
-        (fake / tool).write_text("#!/bin/sh\nexit 0\n")
-        (fake / tool).chmod(0o755)
-    env = {"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable, "OUT": str(tmp_path / "b")}
+    env = {**_stand_ins(tmp_path), "PYTHON": sys.executable, "OUT": str(tmp_path / "b")}  # the real Python
     result = gpu_sh("check", env=env)
     import torch
 
