@@ -124,9 +124,15 @@ def clip_coefficient(total_norm: Tensor, max_norm: Union[float, Tensor]) -> Tens
     """min(max_norm / (total_norm + 1e-6), 1), computed as torch computes it (bitwise).
 
     torch's ``max_norm / (total_norm + 1e-6)`` is ``reciprocal() * max_norm``
-    (Tensor.__rtruediv__). torch reads a tensor max_norm as a float first; here a 0-d tensor,
-    in the norm's dtype, multiplies as that float does, without a host read.
+    (Tensor.__rtruediv__). torch reads a tensor max_norm as a float first, and a tensor times a
+    float multiplies in the tensor's compute dtype (float32 for float16 and bfloat16) and rounds
+    the product once. Here a 0-d tensor in that compute dtype multiplies as that float does,
+    without a host read, and the product is rounded to the norm's dtype.
     """
-    if isinstance(max_norm, Tensor):  # torch reads it as a float, which rounds to the norm's dtype
-        max_norm = max_norm.to(total_norm.dtype)
-    return ((total_norm + CLIP_EPS).reciprocal() * max_norm).clamp(max=1.0)
+    reciprocal = (total_norm + CLIP_EPS).reciprocal()
+    if isinstance(max_norm, Tensor):
+        compute_dtype = torch.promote_types(total_norm.dtype, torch.float32)
+        coef = (reciprocal.to(compute_dtype) * max_norm.to(compute_dtype)).to(total_norm.dtype)
+    else:
+        coef = reciprocal * max_norm
+    return coef.clamp(max=1.0)

@@ -59,14 +59,16 @@ def test_coefficient_bitwise_the_same_on_every_cpu_backend_and_torch(dtype):
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
-@pytest.mark.parametrize("max_dtype", [torch.float32, torch.float64, torch.int64])
-def test_tensor_max_norm_scales_as_torch_bitwise(backend, max_dtype):
+@pytest.mark.parametrize("max_dtype", [torch.float32, torch.float64, torch.int64, torch.bfloat16])
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_tensor_max_norm_scales_as_torch_bitwise(backend, max_dtype, norm_dtype):
     """torch reads a tensor max_norm as a float; fusedclip keeps it on the device, and must still
-    give torch's bits."""
+    give torch's bits, whatever the dtype of the norm it is given (a float16 or bfloat16 norm
+    multiplies the float in float32, not max_norm rounded to the norm's dtype)."""
     gen = torch.Generator().manual_seed(80)
     for _ in range(60):
-        grads = [torch.randn(7, generator=gen) * 10, torch.randn(3, 2, generator=gen)]
-        total = torch.rand((), generator=gen) * 100 + 1
+        grads = [(torch.randn(7, generator=gen) * 10).to(norm_dtype), torch.randn(3, 2, generator=gen)]
+        total = (torch.rand((), generator=gen) * 100 + 1).to(norm_dtype)
         max_norm = (torch.rand((), generator=gen, dtype=torch.float64) * 50 + 1).to(max_dtype)
         ours, theirs = params_with([g.clone() for g in grads]), params_with([g.clone() for g in grads])
         fusedclip.clip_grads_with_norm_(ours, max_norm, total, backend=backend)
