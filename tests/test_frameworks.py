@@ -2,8 +2,10 @@
 Accelerator.clip_grad_norm_ and PyTorch Lightning's Trainer(gradient_clip_val=...), on CPU.
 
 Both are optional test dependencies (the `integration` extra); without them these tests skip and
-say why. Each run is compared with the same run on torch's own clipping, and a spy on fusedclip's
-operator layer shows that fusedclip did the clipping."""
+say why. Each run is compared with the same run on torch's own clipping, and a ClipRoute
+(tests/clip_route.py) shows that fusedclip took the norm and scaled the gradients, not torch,
+whichever of torch's functions the framework calls (Accelerate 1.16 calls get_total_norm and
+clip_grads_with_norm_, earlier versions and Lightning clip_grad_norm_)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 import fusedclip
-from helpers import OpsSpy
+from clip_route import FUSEDCLIP, TORCH, ClipRoute
 
 
 def _data(seed=0, n=64):
@@ -27,6 +29,17 @@ def _data(seed=0, n=64):
 def _model(seed=1):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def _assert_clipped_by(route: ClipRoute, layer: str, steps: int, max_norm: float) -> None:
+    """Each step took one norm of the grads and scaled them once, all in `layer` (torch's own
+    functions or fusedclip's operators), and nothing ran in the other; torch's functions, where
+    they ran, were given the framework's max_norm."""
+    other = FUSEDCLIP if layer == TORCH else TORCH
+    assert route.of(other) == [], route.calls
+    assert route.norms(layer) == steps and route.writes(layer) == steps, route.calls
+    if layer == TORCH:
+        assert route.max_norms(TORCH) == [max_norm] * steps
 
 
 def test_accelerate_clip_grad_norm_through_the_patch(monkeypatch):
@@ -48,11 +61,12 @@ def test_accelerate_clip_grad_norm_through_the_patch(monkeypatch):
                 opt.step()
         return norms, [p.detach().clone() for p in model.parameters()]
 
-    spy = OpsSpy(monkeypatch, "clip_grad_norm_of_params")
+    route = ClipRoute(monkeypatch)
     ref_norms, ref_params = train(patched=False)
-    assert spy.calls == 0
+    _assert_clipped_by(route, TORCH, steps=4, max_norm=0.5)
+    route.clear()
     norms, params = train(patched=True)
-    assert spy.calls == 4
+    _assert_clipped_by(route, FUSEDCLIP, steps=4, max_norm=0.5)
     assert not fusedclip.is_torch_patched()
     for n, r in zip(norms, ref_norms):
         torch.testing.assert_close(n, r, rtol=1e-5, atol=0)
@@ -96,11 +110,12 @@ def test_lightning_gradient_clip_val_through_the_patch(monkeypatch, tmp_path):
                 trainer.fit(module, loader)
         return module
 
-    spy = OpsSpy(monkeypatch, "clip_grad_norm_of_params")
+    route = ClipRoute(monkeypatch)
     ref = train(patched=False)
-    assert spy.calls == 0
+    _assert_clipped_by(route, TORCH, steps=4, max_norm=0.5)
+    route.clear()
     ours = train(patched=True)
-    assert spy.calls == 4
+    _assert_clipped_by(route, FUSEDCLIP, steps=4, max_norm=0.5)
     assert not fusedclip.is_torch_patched()
     # on_before_optimizer_step runs before Lightning clips: the unclipped norms, which clip.
     assert min(float(n) for n in ref.norms) > 0.5

@@ -1,12 +1,14 @@
 """Hugging Face Trainer with fusedclip, on CPU, with a tiny GPT-2 built from a config (nothing is
 downloaded): Trainer(max_grad_norm=...) through fusedclip.patch_torch() (Trainer clips through
-Accelerate's clip_grad_norm_), and Trainer(optimizers=(ClipOptimizer(...), scheduler),
-max_grad_norm=0), which clips inside the optimizer step instead.
+Accelerate's clip_grad_norm_, which calls torch.nn.utils.clip_grad_norm_ before Accelerate 1.16,
+get_total_norm then clip_grads_with_norm_ from 1.16 on), and Trainer(optimizers=(ClipOptimizer(...),
+scheduler), max_grad_norm=0), which clips inside the optimizer step instead.
 
 transformers is an optional test dependency (the `integration` extra); without it these tests
-skip. Each run is compared with the same run on torch's own clipping.
+skip. Each run is compared with the same run on torch's own clipping, and a ClipRoute
+(tests/clip_route.py) tells which of torch's functions and fusedclip's operators took the norms and
+scaled the gradients, whichever route the installed versions take.
 """
-
 from __future__ import annotations
 
 import math
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import _backends, _ops
+from clip_route import FUSEDCLIP, TORCH, ClipRoute
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (extra 'integration')")
 
@@ -77,55 +79,63 @@ def _assert_same_parameters(model, ref):
 
 
 def test_trainer_max_grad_norm_through_patch_torch(monkeypatch, tmp_path):
-    """Trainer clips with Accelerator.clip_grad_norm_, which calls torch.nn.utils.clip_grad_norm_:
-    patch_torch() makes that fusedclip's, with Trainer's max_grad_norm."""
-    fused = Recorder(monkeypatch, _ops, "clip_grad_norm_of_params", lambda params, max_norm, norm_type: max_norm)
+    """Trainer clips with Accelerator.clip_grad_norm_, which calls torch.nn.utils' clipping
+    functions: patch_torch() makes them fusedclip's, with Trainer's max_grad_norm."""
+    route = ClipRoute(monkeypatch)
     ref, ref_norms = _train(tmp_path / "torch", MAX_NORM)
-    assert fused.calls == []
+    assert route.of(FUSEDCLIP) == []
+    assert route.norms(TORCH) == STEPS and route.writes(TORCH) == STEPS  # once per step
+    assert route.max_norms(TORCH) == [MAX_NORM] * STEPS  # with the max_norm given
+    route.clear()
     with fusedclip.patch_torch():
         model, norms = _train(tmp_path / "fusedclip", MAX_NORM)
     assert not fusedclip.is_torch_patched()
-    assert fused.calls == [MAX_NORM] * STEPS  # once per step, with the max_norm given
+    assert route.of(TORCH) == []  # fusedclip took every norm and did every clip
+    assert route.norms(FUSEDCLIP) == STEPS and route.writes(FUSEDCLIP) == STEPS
     assert len(norms) == STEPS and min(ref_norms) > MAX_NORM  # every step clips
     assert norms == pytest.approx(ref_norms, rel=1e-5)
-    _assert_same_parameters(model, ref)
+    _assert_same_parameters(model, ref)  # hence the max_norm fusedclip clipped with
 
 
 def test_trainer_with_clip_optimizer(monkeypatch, tmp_path):
     """ClipOptimizer clips once per step inside its step(); with max_grad_norm=0, Trainer's own
     clip does not run (Trainer still takes the norm for its log, with max_norm=inf: no clip)."""
-    torch_clip = Recorder(monkeypatch, torch.nn.utils, "clip_grad_norm_",
-                          lambda parameters, max_norm, norm_type=2.0, **kw: max_norm)
+    route = ClipRoute(monkeypatch)
     ref, ref_norms = _train(tmp_path / "torch", MAX_NORM)
-    assert torch_clip.calls == [MAX_NORM] * STEPS
-    torch_clip.calls.clear()
+    assert route.writes(TORCH) == STEPS and route.max_norms(TORCH) == [MAX_NORM] * STEPS
+    route.clear()
 
     steps = Recorder(monkeypatch, fusedclip.ClipOptimizer, "step", lambda self, closure=None: self.max_norm)
-    fused = Recorder(monkeypatch, _ops, "clip_grad_norm_of_params", lambda params, max_norm, norm_type: max_norm)
     model, norms = _train(
         tmp_path / "clip_optimizer", 0.0,
         optimizer=lambda m: fusedclip.ClipOptimizer(torch.optim.SGD(m.parameters(), lr=LR, fused=True), MAX_NORM),
     )
     assert steps.calls == [MAX_NORM] * STEPS  # the clip, once per step, inside ClipOptimizer
-    assert all(math.isinf(max_norm) for max_norm in torch_clip.calls)  # Trainer only measured
-    assert len(torch_clip.calls) == STEPS
-    assert fused.calls == []  # fusedclip.clip_grad_norm_ did not run either
+    # Trainer only measured, with torch's functions: a norm per step, no write.
+    assert route.norms(TORCH) == STEPS and route.writes(TORCH) == 0
+    assert all(math.isinf(max_norm) for max_norm in route.max_norms(TORCH))
+    # fusedclip's operators ran in ClipOptimizer alone: its norm, once per step, and no scale pass
+    # (over a fused SGD, ClipOptimizer folds the coefficient into the step's grad_scale).
+    assert route.norms(FUSEDCLIP) == STEPS and route.writes(FUSEDCLIP) == 0
     assert min(ref_norms) > MAX_NORM
     assert norms == pytest.approx(ref_norms, rel=1e-5)  # the norms before clipping
     _assert_same_parameters(model, ref)
 
 
 def test_clip_optimizer_under_patch_torch_clips_once(monkeypatch, tmp_path):
-    """With patch_torch() as well, Trainer's norm for its log runs fusedclip's clip_grad_norm_
-    with max_norm=inf, which does not write the gradients; the clip is still ClipOptimizer's."""
-    fused = Recorder(monkeypatch, _ops, "clip_grad_norm_of_params", lambda params, max_norm, norm_type: max_norm)
+    """With patch_torch() as well, Trainer's norm for its log runs fusedclip's functions with
+    max_norm=inf, which do not write the gradients; the clip is still ClipOptimizer's alone."""
     steps = Recorder(monkeypatch, fusedclip.ClipOptimizer, "step", lambda self, closure=None: self.max_norm)
     ref, _ = _train(tmp_path / "torch", MAX_NORM)
+    route = ClipRoute(monkeypatch)
     with fusedclip.patch_torch():
         model, _ = _train(
             tmp_path / "clip_optimizer", 0.0,
             optimizer=lambda m: fusedclip.ClipOptimizer(torch.optim.SGD(m.parameters(), lr=LR), MAX_NORM),
         )
     assert steps.calls == [MAX_NORM] * STEPS
-    assert len(fused.calls) == STEPS and all(math.isinf(max_norm) for max_norm in fused.calls)
+    assert route.of(TORCH) == []
+    # Per step: Trainer's norm and ClipOptimizer's, one scale (ClipOptimizer's).
+    assert route.norms(FUSEDCLIP) == 2 * STEPS and route.writes(FUSEDCLIP) == STEPS
+    assert all(math.isinf(max_norm) for max_norm in route.max_norms(FUSEDCLIP))
     _assert_same_parameters(model, ref)
