@@ -13,7 +13,7 @@ than the kernels): :func:`on_cpu_grads`. On another device one C++ call collects
 grads of one device for its backend: :func:`one_device_group`. Anything they do not take (grads
 on several devices, tensor subclasses, torch.compile) or refuse goes the general path: :func:`group_by_device` validates
 each grad in Python (raising a precise error) and groups them by device, each device with its
-own backend.
+own backend, and each tensor-subclass grad in a group of its own (:func:`group_key`).
 """
 
 from __future__ import annotations
@@ -84,16 +84,38 @@ def param_grads(parameters: list) -> list[Optional[Tensor]]:
 
 
 def _check_scalar_tensor(value: Tensor, name: str) -> None:
-    if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+    """A one-element real tensor (bool and integer included, as torch's float() reads them) that
+    holds a value: not a meta tensor."""
+    if value.numel() != 1 or value.is_complex():
         raise TypeError(f"{name} must be a real number or a one-element real tensor")
+    if value.is_meta:
+        raise ValueError(f"{name} is a meta tensor, which holds no value")
 
 
-def non_negative(value: Union[float, Tensor], name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+def as_float(value: Any, name: str) -> float:
+    """float(value), as torch reads max_norm and clip_value: a real number (bool included), a
+    numeric string (" 1e-3 ", "inf"), a Decimal, anything with __float__, a one-element real
+    tensor (a device tensor syncs here, as in torch); refused with the argument's name
+    otherwise (complex numbers included: float() refuses them)."""
     if isinstance(value, Tensor):
         _check_scalar_tensor(value, name)
-    value = float(value)  # a device tensor syncs here, as in torch
+    elif isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    elif not isinstance(value, numbers.Real) and not hasattr(type(value), "__float__"):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{name} is too large for a float, got {value!r}") from None
+    except (TypeError, ValueError) as error:  # a __float__ that refuses (a numpy array of two)
+        raise type(error)(f"{name} must be a real number, got {type(value).__name__}: {error}") from None
+
+
+def non_negative(value: Any, name: str) -> float:
+    value = as_float(value, name)
     # `not value >= 0` is true for nan and for negatives; unlike math.isnan it traces when
     # torch.compile makes a float argument symbolic (a max_norm that changes between calls).
     if not value >= 0:
@@ -123,6 +145,8 @@ def max_norm(value: Union[float, Tensor]) -> Union[float, Tensor]:
 
 
 def norm_type(norm_type: Union[float, str]) -> float:
+    if isinstance(norm_type, Tensor) and norm_type.is_meta:
+        raise ValueError("norm_type is a meta tensor, which holds no value")
     try:
         value = float(norm_type)
     except (TypeError, ValueError):
@@ -172,7 +196,8 @@ def check_writable(i: int, g: Tensor) -> None:
 def group_by_device(
     grads: list, foreach: Optional[bool], backend: str, writes: bool
 ) -> list[Group]:
-    """Validates every grad and groups them by device, in first-seen order, with a backend each.
+    """Validates every grad and groups them by device, in first-seen order, with a backend each
+    (a tensor-subclass grad alone: see group_key).
 
     Grads that the operators take as they are, all on one device, are one group after one C++
     call (``fusedclip._C.tensors_on_one_device``: the checks below, ~10 ns a grad); anything
@@ -180,7 +205,7 @@ def group_by_device(
     if type(grads) is list and grads and _backends._C is not None and not torch.compiler.is_compiling():
         if _backends._C.tensors_on_one_device(grads, writes):
             return [_one_group(grads, foreach, backend)]
-    groups: dict[torch.device, list[Tensor]] = {}
+    groups: dict[Any, list[Tensor]] = {}
     for i, g in enumerate(grads):
         if not isinstance(g, Tensor):
             raise TypeError(f"gradient {i} must be a torch.Tensor, got {type(g).__name__}")
@@ -196,10 +221,34 @@ def group_by_device(
             )
         if writes:
             check_writable(i, g)
-        groups.setdefault(g.device, []).append(g)
-    for device in groups:
+        groups.setdefault(group_key(i, g), []).append(g)
+    result = []
+    for ts in groups.values():
+        device = ts[0].device
         check_foreach(foreach, device)
-    return [(device, _backends.resolve_backend(backend, device), ts) for device, ts in groups.items()]
+        result.append((device, _backends.resolve_backend(backend, device), ts))
+    return result
+
+
+def is_dispatch_subclass(t: Tensor) -> bool:
+    """Whether t is a tensor subclass with a ``__torch_dispatch__`` of its own (TwoTensor, DTensor,
+    ...): every op that t enters runs the subclass's Python, which may run it once per component
+    on every tensor of the op's lists (TwoTensor does). A plain Tensor or Parameter, or a
+    subclass with only ``__torch_function__``, is not one. Read from the type, which
+    torch.compile knows without a guard on the tensor."""
+    cls = type(t)
+    return cls is not Tensor and cls is not torch.nn.Parameter and (
+        cls.__torch_dispatch__ is not torch._C._disabled_torch_dispatch_impl
+    )
+
+
+def group_key(i: int, g: Tensor) -> Any:
+    """The group of grad i in group_by_device: its device, or a group of its own for a
+    dispatch subclass. An operator given a subclass grad in a list with plain grads may be
+    redispatched by the subclass with the whole list once per component (TwoTensor: the plain
+    grads scaled twice, by two coefficients); alone in its list, the subclass runs each operator
+    on its own grad only, as torch's clipping runs it (tensor by tensor, no foreach)."""
+    return ("subclass", i) if is_dispatch_subclass(g) else g.device
 
 
 def cpu_fast_path(backend: str) -> bool:
@@ -364,11 +413,14 @@ def norms_of_groups(groups: list[Group], tensors: list[Tensor], norm_type: float
     total = norm_of_group_statistics(groups, statistics, norm_type)
     if len(groups) == 1:
         return total, per_group[0].to(total.dtype)
-    # Groups hold the tensors of each device in first-seen device order: put them back in order.
-    position = {device: [] for device, _, _ in groups}
+    # Groups hold the tensors of each group_key in first-seen order: put them back in order.
+    position: dict[Any, list[int]] = {}
     for i, t in enumerate(tensors):
-        position[t.device].append(i)
-    order = torch.tensor([i for device, _, _ in groups for i in position[device]])
-    per = torch.empty(len(tensors), dtype=total.dtype, device=total.device)
-    per[order.to(total.device)] = torch.cat([p.to(total.device, total.dtype) for p in per_group])
-    return total, per
+        position.setdefault(group_key(i, t), []).append(i)
+    grouped_at = [0] * len(tensors)  # where tensor i's norm is in the groups' concatenation
+    for k, i in enumerate(i for indices in position.values() for i in indices):
+        grouped_at[i] = k
+    # A gather, not a scatter into a plain tensor: a subclass norm (a group of its own) keeps
+    # its type, as torch.stack of per-tensor norms keeps it.
+    per = torch.cat([p.to(total.device, total.dtype) for p in per_group])
+    return total, per[torch.tensor(grouped_at, device=total.device)]

@@ -177,6 +177,11 @@ def check_grad_scaler_arguments(
     error_if_nonfinite: bool,
 ) -> None:
     """The checks of clip_grad_norm_'s grad_scaler= and optimizer= arguments."""
+    if grad_scaler is None:  # so optimizer= was given: it has no use without the scaler
+        raise ValueError(
+            "optimizer= is the optimizer of grad_scaler=, which is missing: pass grad_scaler= (the "
+            "torch.amp.GradScaler that scaled the loss) too, or leave optimizer= out to clip only"
+        )
     if not isinstance(grad_scaler, torch.amp.GradScaler):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
     if optimizer is None:

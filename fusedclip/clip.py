@@ -9,7 +9,9 @@ device), with these deliberate differences:
 * ``norm_type=0`` counts nonzero elements (torch counts tensors that have a nonzero element).
 * Bad arguments (negative or nan ``max_norm``, nan ``norm_type``, negative or nan
   ``clip_value``, sparse or non-float grads, non-tensor parameters) raise before anything is
-  modified.
+  modified. ``max_norm`` and ``clip_value`` are read as torch reads them (``float()``: a bool, a
+  numeric string, a one-element bool or integer tensor), a bool or integer ``total_norm`` is
+  promoted as torch's ``total_norm + 1e-6`` promotes it; a complex or meta one is refused.
 * Gradients are not written when the clip coefficient is 1.
 
 How a call runs: the C++ fast path when every grad is a plain CPU tensor, else the general path
@@ -104,9 +106,12 @@ def clip_grads_with_norm_(
 ) -> None:
     r"""Scales the gradients by :math:`\min(\mathrm{max\_norm} / (\mathrm{total\_norm} + 10^{-6}), 1)`.
 
-    torch.nn.utils.clip_grads_with_norm_ with a precomputed ``total_norm`` (a tensor, read
-    without a host sync; a DTensor norm is made whole first). Gradients are not written when the
-    coefficient is 1; DTensor gradients are scaled shard by shard.
+    torch.nn.utils.clip_grads_with_norm_ with a precomputed ``total_norm`` (a one-element real
+    tensor, read without a host sync; a bool or integer one in the default dtype, as torch's
+    ``total_norm + 1e-6`` promotes it; a DTensor norm is made whole first; a meta one scales meta
+    gradients only). Gradients are not written when the coefficient is 1; DTensor gradients are
+    scaled shard by shard; a tensor-subclass gradient is scaled in a list of its own, as torch
+    scales it (see fusedclip/_core.py group_key).
     """
     with torch.no_grad():
         max_norm = _core.max_norm(max_norm)
@@ -114,13 +119,17 @@ def clip_grads_with_norm_(
             total_norm = distributed.as_tensor(total_norm)
         if not isinstance(total_norm, Tensor):
             raise TypeError(f"total_norm must be a torch.Tensor, got {type(total_norm).__name__}")
-        if total_norm.numel() != 1 or not total_norm.is_floating_point():
+        if total_norm.numel() != 1 or total_norm.is_complex():
             raise TypeError(
-                "total_norm must be a one-element floating-point tensor, got shape "
+                "total_norm must be a one-element real tensor, got shape "
                 f"{tuple(total_norm.shape)} and dtype {total_norm.dtype}"
             )
         total_norm = total_norm.reshape(())  # a (1,) norm scales a 0-d grad too
+        if not total_norm.is_floating_point():  # bool or integer: as torch's `total_norm + 1e-6`
+            total_norm = total_norm.to(torch.get_default_dtype())
         params = _core.as_list(parameters)
+        if total_norm.is_meta:
+            _check_meta_total_norm(params)
         coef = numerics.clip_coefficient(total_norm, max_norm)
         if coef.device.type == "cpu" and _core.cpu_fast_path(backend):  # never copy a device scalar
             if _core.on_cpu_grads(_ops.scale_grads_of_params_, params, coef):
@@ -136,6 +145,16 @@ def clip_grads_with_norm_(
             distributed.scale_dtensor_grads_(grads, coef, foreach, backend)
             return
         _core.scale_groups(_core.group_by_device(grads, foreach, backend, writes=True), coef)
+
+
+def _check_meta_total_norm(params: list) -> None:
+    """A meta total_norm scales meta grads only (torch fails bringing it to another device)."""
+    for g in _core.grads_of(params):
+        if isinstance(g, Tensor) and not g.is_meta:
+            raise ValueError(
+                f"total_norm is a meta tensor, which holds no value, and cannot scale gradients on "
+                f"{g.device}"
+            )
 
 
 def clip_grad_norm_(
@@ -165,7 +184,9 @@ def clip_grad_norm_(
     Args:
         parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped (``None``
             grads are skipped).
-        max_norm: the largest norm allowed; a non-negative number.
+        max_norm: the largest norm allowed; a non-negative number, read as torch reads it
+            (``float(max_norm)``: a bool, a numeric string, a one-element tensor; a tensor is
+            read on its device, without a host sync).
         norm_type: p, any number or ``'inf'``; not nan. ``0`` counts nonzero elements.
         error_if_nonfinite: raise ``RuntimeError``, before scaling, if the norm is nan or inf.
         foreach: accepted for compatibility (see :func:`get_total_norm`).
@@ -233,8 +254,8 @@ def clip_grad_value_(
     r"""Clamps every gradient element to :math:`[-\mathrm{clip\_value}, \mathrm{clip\_value}]`.
 
     torch.nn.utils.clip_grad_value_, in one read-write pass (torch makes two); nan stays nan.
-    ``clip_value`` must be a non-negative number; complex gradients are refused (clamping is not
-    defined for them).
+    ``clip_value`` must be a non-negative number, read as torch reads it (``float(clip_value)``);
+    complex gradients are refused (clamping is not defined for them).
     """
     with torch.no_grad():
         clip_value = _core.non_negative(clip_value, "clip_value")

@@ -178,11 +178,18 @@ class GradientMonitor:
         if isinstance(named_parameters, torch.nn.Module):
             named_parameters = named_parameters.named_parameters()
         pairs = []
+        seen: set[str] = set()
         for item in named_parameters:
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
                     and isinstance(item[1], Tensor)):
                 raise TypeError("named_parameters must be a module or yield (name, parameter) pairs, "
                                 f"such as model.named_parameters(); got an item of type {type(item).__name__}")
+            # One name, one TensorBoard tag and one row of summary(): a name given twice would log
+            # two parameters under one tag. (Tied weights appear once in named_parameters(), and
+            # under their distinct names with remove_duplicate=False.)
+            if item[0] in seen:
+                raise ValueError(f"named_parameters gives the name {item[0]!r} twice; names must be unique")
+            seen.add(item[0])
             if item[1].requires_grad:
                 pairs.append(item)
         if not pairs:

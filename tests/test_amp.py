@@ -162,6 +162,11 @@ def test_errors_before_anything_is_modified():
     _set_scaled_grads(params, scaler, seed=6)
     clip = fusedclip.clip_grad_norm_
     _bad_call_leaves_grads(params, lambda: clip(params, 1.0, grad_scaler=scaler), ValueError, "needs optimizer")
+    # optimizer= alone is not a grad_scaler=None: it is the scaler's argument, and the scaler is missing
+    _bad_call_leaves_grads(params, lambda: clip(params, 1.0, optimizer=opt), ValueError,
+                           "optimizer= is the optimizer of grad_scaler=, which is missing")
+    _bad_call_leaves_grads(params, lambda: clip(params, 1.0, grad_scaler=None, optimizer=opt), ValueError,
+                           "optimizer= is the optimizer of grad_scaler=, which is missing")
     _bad_call_leaves_grads(params, lambda: clip(params, 1.0, grad_scaler=object(), optimizer=opt), TypeError,
                            "grad_scaler must be a torch.amp.GradScaler")
     _bad_call_leaves_grads(params, lambda: clip(params, 1.0, error_if_nonfinite=True, grad_scaler=scaler,

@@ -5,6 +5,8 @@ Non-contiguous and complex grads and clip_grad_value_ against torch take the ``b
 
 from __future__ import annotations
 
+import decimal
+import fractions
 import math
 import warnings
 
@@ -550,3 +552,63 @@ def test_torch_backend_clamps_float16_past_its_range_like_cpu():
         results[backend] = copies
     assert_bitwise_equal(results["torch"], results["cpu"])
     assert float(results["cpu"][1][2]) == math.inf  # 70000 rounds to inf in float16: no clamp
+
+
+# --- arguments that torch reads with float(): accepted, with torch's results ------------------------
+# torch reads max_norm and clip_value with float(), so it takes a bool, a numeric string, a
+# Decimal and a one-element bool or integer tensor; and computes `max_norm / (total_norm + 1e-6)`,
+# which takes an integer or bool total_norm (promoted to the default dtype). fusedclip takes the
+# same, with torch's bits: a call with such an argument gives what the call with float(value)
+# gives, and clip_grads_with_norm_ and clip_grad_value_ give torch's bits.
+
+TORCH_READS_AS_FLOAT = [True, False, "1.0", " 0.25 ", "1e-3", "inf", decimal.Decimal("0.5"),
+                        fractions.Fraction(1, 3), torch.tensor(True), torch.tensor(2), torch.tensor(False)]
+TORCH_READS_AS_FLOAT_IDS = ["True", "False", "str", "str-spaces", "str-exp", "str-inf", "Decimal",
+                            "Fraction", "tensor-True", "tensor-int", "tensor-False"]
+
+
+def _torch_like_grads(dtype=torch.float32, seed=60):
+    return make_grads([(300,), (0,), (7, 9), (1,)], dtype, seed=seed, scale=2.0)
+
+
+@pytest.mark.parametrize("max_norm", TORCH_READS_AS_FLOAT, ids=TORCH_READS_AS_FLOAT_IDS)
+@pytest.mark.parametrize("backend", ("auto",) + CPU_BACKENDS)
+def test_max_norm_read_as_torch_reads_it(backend, max_norm):
+    as_float = float(max_norm)
+    grads, expected = _torch_like_grads(), _torch_like_grads()
+    total = fusedclip.clip_grad_norm_(params_with(grads), max_norm, backend=backend)
+    expected_total = fusedclip.clip_grad_norm_(params_with(expected), as_float, backend=backend)
+    assert_bitwise_equal([total] + grads, [expected_total] + expected)
+    # clip_grads_with_norm_: torch's own bits
+    grads, theirs = _torch_like_grads(), _torch_like_grads()
+    norm = torch.tensor(31.25)
+    fusedclip.clip_grads_with_norm_(params_with(grads), max_norm, norm, backend=backend)
+    torch.nn.utils.clip_grads_with_norm_(params_with(theirs), max_norm, norm)
+    assert_bitwise_equal(grads, theirs)
+
+
+@pytest.mark.parametrize("clip_value", [True, "0.5", " 1e-1", decimal.Decimal("0.3"), torch.tensor(True),
+                                        torch.tensor(1)],
+                         ids=["True", "str", "str-exp", "Decimal", "tensor-True", "tensor-int"])
+@pytest.mark.parametrize("backend", ("auto",) + CPU_BACKENDS)
+def test_clip_value_read_as_torch_reads_it(backend, clip_value):
+    grads, theirs = _torch_like_grads(), _torch_like_grads()
+    fusedclip.clip_grad_value_(params_with(grads), clip_value, backend=backend)
+    torch.nn.utils.clip_grad_value_(params_with(theirs), clip_value)
+    assert_bitwise_equal(grads, theirs)
+
+
+@pytest.mark.parametrize("total_norm", [torch.tensor(5), torch.tensor(True), torch.tensor(False),
+                                        torch.tensor(7, dtype=torch.int8), torch.tensor(200, dtype=torch.uint8),
+                                        torch.tensor([3], dtype=torch.int32)],
+                         ids=["int64", "True", "False", "int8", "uint8", "int32-1elem"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ("auto",) + CPU_BACKENDS)
+def test_integer_or_bool_total_norm_as_torch(backend, dtype, total_norm):
+    """torch's `max_norm / (total_norm + 1e-6)` promotes an integer or bool norm to the default
+    dtype (float32); fusedclip scales by that coefficient, bit for bit. (A (1,)-shaped norm, which
+    torch refuses, scales as its 0-dim value, as for a floating-point norm.)"""
+    grads, theirs = _torch_like_grads(dtype), _torch_like_grads(dtype)
+    fusedclip.clip_grads_with_norm_(params_with(grads), 2.5, total_norm, backend=backend)
+    torch.nn.utils.clip_grads_with_norm_(params_with(theirs), 2.5, total_norm.reshape(()))
+    assert_bitwise_equal(grads, theirs)

@@ -40,11 +40,63 @@ def test_bad_max_norm(backend, max_norm):
              grads, ValueError, "max_norm must be a non-negative number")
 
 
-@pytest.mark.parametrize("max_norm", ["1.0", None, True, torch.ones(2)], ids=["str", "None", "bool", "2-elem"])
-def test_max_norm_not_a_number(max_norm):
+# What torch reads with float() (a bool, a numeric string, a bool tensor) is accepted: test_api.py.
+@pytest.mark.parametrize("max_norm", [None, torch.ones(2), [1.0], 1 + 0j, torch.tensor(1 + 0j)],
+                         ids=["None", "2-elem", "list", "complex", "complex-tensor"])
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_max_norm_not_a_number(backend, max_norm):
     grads = _grads()
-    _refused(lambda: fusedclip.clip_grad_norm_(params_with(grads), max_norm), grads,
+    _refused(lambda: fusedclip.clip_grad_norm_(params_with(grads), max_norm, backend=backend), grads,
              TypeError, "max_norm must be a real number")
+    _refused(lambda: fusedclip.clip_grad_value_(params_with(grads), max_norm, backend=backend), grads,
+             TypeError, "clip_value must be a real number")
+
+
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_max_norm_string_not_a_number(backend):
+    """torch's float("abc") raises ValueError: so does fusedclip, naming the argument."""
+    grads = _grads()
+    _refused(lambda: fusedclip.clip_grad_norm_(params_with(grads), "abc", backend=backend), grads,
+             ValueError, "max_norm must be a number, got 'abc'")
+    _refused(lambda: fusedclip.clip_grads_with_norm_(params_with(grads), "1,5", torch.tensor(3.0),
+                                                     backend=backend),
+             grads, ValueError, "max_norm must be a number, got '1,5'")
+    _refused(lambda: fusedclip.clip_grad_value_(params_with(grads), "", backend=backend), grads,
+             ValueError, "clip_value must be a number, got ''")
+
+
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_meta_max_norm_or_clip_value_refused(backend):
+    """A meta tensor holds no value (torch fails reading it: RuntimeError or NotImplementedError)."""
+    grads = _grads()
+    meta = torch.tensor(1.0, device="meta")
+    _refused(lambda: fusedclip.clip_grad_norm_(params_with(grads), meta, backend=backend), grads,
+             ValueError, "max_norm is a meta tensor")
+    _refused(lambda: fusedclip.clip_grads_with_norm_(params_with(grads), meta, torch.tensor(3.0),
+                                                     backend=backend),
+             grads, ValueError, "max_norm is a meta tensor")
+    _refused(lambda: fusedclip.clip_grad_value_(params_with(grads), meta, backend=backend), grads,
+             ValueError, "clip_value is a meta tensor")
+    _refused(lambda: fusedclip.clip_grad_norm_with_norms_(params_with(grads), meta, backend=backend), grads,
+             ValueError, "max_norm is a meta tensor")
+    _refused(lambda: fusedclip.clip_grad_norm_(params_with(grads), 1.0, meta, backend=backend), grads,
+             ValueError, "norm_type is a meta tensor")
+
+
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_meta_total_norm_refused_for_grads_elsewhere(backend):
+    """torch fails with NotImplementedError ("Cannot copy out of meta tensor") when it brings the
+    coefficient to the grads' device; fusedclip names total_norm before anything is written. Meta
+    grads take a meta norm, as in torch."""
+    grads = _grads()
+    params = params_with(grads) + params_with([torch.empty(4, device="meta")])
+    meta = torch.tensor(5.0, device="meta")
+    _refused(lambda: fusedclip.clip_grads_with_norm_(params, 1.0, meta, backend=backend), grads,
+             ValueError, "total_norm is a meta tensor")
+    _refused(lambda: fusedclip.clip_grads_with_norm_(params[:2], 1.0, meta.reshape(1), backend=backend),
+             grads, ValueError, "total_norm is a meta tensor")
+    if backend != "cpu":  # backend "cpu" runs CPU tensors only
+        fusedclip.clip_grads_with_norm_(params[-1:], 1.0, meta, backend=backend)
 
 
 @pytest.mark.parametrize("norm_type, match", [

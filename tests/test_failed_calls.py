@@ -243,14 +243,6 @@ def test_clippers_name_a_lazily_conjugated_or_negated_grad(clipper, view):
         assert torch.equal(p.grad.resolve_conj().resolve_neg(), b)
 
 
-def test_bool_tensor_clip_value_refused():
-    grads = _grads(seed=79)
-    params = params_with(clone_all(grads))
-    with pytest.raises(TypeError, match="clip_value must be a real number"):
-        fusedclip.clip_grad_value_(params, torch.tensor(True))
-    assert_bitwise_equal([p.grad for p in params], grads)
-
-
 def test_gradient_monitor_refuses_an_unknown_backend_when_made():
     model = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -211,9 +211,36 @@ def test_monitor_history_is_bounded_and_bad_arguments_raise():
             fusedclip.GradientMonitor([("p", p)], **kwargs)
     with pytest.raises(TypeError, match="named_parameters"):
         fusedclip.GradientMonitor([p])
+    # a name given twice would log two parameters under one tag (tied weights appear once in
+    # named_parameters(), and under two names with remove_duplicate=False)
+    with pytest.raises(ValueError, match="named_parameters gives the name 'w' twice"):
+        fusedclip.GradientMonitor([("w", p), ("b", torch.nn.Parameter(torch.zeros(1))),
+                                   ("w", torch.nn.Parameter(torch.zeros(2)))])
     frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
     with pytest.raises(ValueError, match="requires grad"):
         fusedclip.GradientMonitor([("frozen", frozen)])
+
+
+def test_monitor_of_a_model_with_tied_weights():
+    """Tied weights are one parameter under one name in named_parameters(): the monitor takes the
+    model, and clips as clip_grad_norm_ of model.parameters() does."""
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(11, 4)
+            self.head = torch.nn.Linear(4, 11, bias=False)
+            self.head.weight = self.embed.weight
+
+    model, reference = Tied(), Tied()
+    reference.load_state_dict(model.state_dict())
+    for m in (model, reference):
+        m.head(m.embed(torch.arange(11))).square().sum().backward()
+    monitor = fusedclip.GradientMonitor(model)
+    assert monitor.names == ["embed.weight"]
+    total = monitor.clip_grad_norm_(0.5)
+    expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(model.embed.weight.grad, reference.embed.weight.grad, rtol=1e-6, atol=0)
 
 
 def test_monitor_logs_to_tensorboard(tmp_path):
