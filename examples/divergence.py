@@ -101,6 +101,12 @@ def plot(runs: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _json_float(value) -> "float | str":
+    """A float for strict JSON: non-finite values as the strings "nan", "inf" and "-inf"."""
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="fewer steps (for tests)")
@@ -131,17 +137,17 @@ def main(argv=None) -> dict:
         finite = losses.isfinite()
         first_bad = int((~finite).nonzero()[0]) + 1 if not finite.all() else None
         summary[key] = {
-            "initial_loss": float(losses[0]),
-            "final_loss": float(losses[-10:].mean()),  # nan once the run has diverged
+            "initial_loss": _json_float(losses[0]),
+            "final_loss": _json_float(losses[-10:].mean()),  # "nan" once the run has diverged
             "first_non_finite_step": first_bad,
-            "max_grad_norm": float(monitor.history()["total"].nan_to_num(nan=math.inf).max()),
+            "max_grad_norm": _json_float(monitor.history()["total"].nan_to_num(nan=math.inf).max()),
             "exploding_parameters_last_step": monitor.exploding(),
         }
-        print(f"{key:>9}: loss {summary[key]['initial_loss']:.3g} -> {summary[key]['final_loss']:.3g}, "
+        print(f"{key:>9}: loss {float(summary[key]['initial_loss']):.3g} -> {float(summary[key]['final_loss']):.3g}, "
               f"first non-finite loss at step {first_bad}")
     print(runs["clip_grad_norm_"][1].summary())
     print(f"wrote {args.png}")
-    print(json.dumps(summary))
+    print(json.dumps(summary, allow_nan=False))
     return summary
 
 
