@@ -5,8 +5,10 @@ global norm of ``max_norm`` and steps. torch's fused optimizers (Adam, AdamW, SG
 ``fused=True``) divide each gradient by a ``grad_scale`` tensor and skip the step when a
 ``found_inf`` tensor is nonzero, inside their kernel (the inputs a GradScaler uses). Folding the
 clip coefficient :math:`c` in as ``grad_scale = 1 / c`` leaves one read of the gradients (the
-norm) and no scale pass. With ``fold=False``, or an optimizer that is not fused, fusedclip's
-scale pass runs before the step; found_inf still skips a fused step on a non-finite norm.
+norm) and no scale pass, but the kernel then writes every gradient back; fusedclip's scale pass
+writes nothing on a step that does not clip. ``fold="auto"`` (the default) folds where the
+coefficient can be read without a host sync (CPU), and takes the scale pass elsewhere (see the
+class's docstring for the bytes). found_inf skips a fused step on a non-finite norm either way.
 """
 
 from __future__ import annotations
@@ -52,14 +54,57 @@ class ClipOptimizer(torch.optim.Optimizer):
     schedulers take a ClipOptimizer. Step hooks registered on the wrapped optimizer run inside
     its step, after the norm is taken.
 
+    **A skipped step and the state it made.** torch's fused optimizers make a parameter's state
+    on its first step before their kernel reads found_inf: fused SGD with momentum makes the
+    momentum buffer with ``empty_like`` (uninitialised memory, which the next step would read
+    as the previous momentum), and fused Adam, AdamW and Adagrad make zeros and a step count of
+    0. Neither is what a user who skipped the step by hand would have: no state at all, so that
+    the next step is a first step (SGD's first step copies the gradient into the buffer, which
+    no buffer value can reproduce when ``dampening`` is not 0). So a fused step that made state
+    is followed by one host read of found_inf (a sync on a GPU) and, when the step was skipped,
+    the entries and keys it made are removed. Only a step that makes state pays it: the first
+    step of each parameter, nothing after. Under CUDA graph capture, where no host read is
+    possible, the state that step made is zeroed on the device instead (where found_inf is
+    set), which is what no state means for Adam, AdamW, Adagrad and SGD without dampening; with
+    dampening, take the first step before capturing, as torch asks for its own state anyway.
+
+    **fold: the bytes.** Per parameter and step, counting the gradient's traffic only (the
+    optimizer's own reads and writes of the parameter and its state are the same either way),
+    with ``G`` the gradient's size (4 bytes fp32, 2 bf16):
+
+    =====================================  ==========================  ==========================
+    path                                   step that clips             step that does not clip
+    =====================================  ==========================  ==========================
+    scale pass (``fold=False``)            norm G, scale 2G, step G:   norm G, step G: 2G
+                                           4G                          (the scale writes nothing)
+    fold, grad_scale always passed (GPU)   norm G, step G, write-back  3G (the kernel writes back
+                                           G: 3G                       whatever grad_scale is)
+    fold, grad_scale None at c = 1 (CPU)   3G                          2G
+    torch: ``clip_grad_norm_``, step()     4G                          4G (it multiplies by 1)
+    =====================================  ==========================  ==========================
+
+    fp32 gradients: 16/8 bytes for the scale pass against 12/12 for the fold on a GPU; bf16:
+    8/4 against 6/6. Passing no grad_scale when nothing clips needs the coefficient on the host:
+    free for CPU tensors, a sync for GPU tensors, so on a GPU the fold gains G on a clipping step
+    and loses G on every other one (against a fused AdamW step's own 6G: the parameter and two
+    moments, each read and written), and pays off only when more than half of the steps clip.
+    ``fold="auto"`` therefore folds where the coefficient reads for free (CPU: never worse,
+    3G/2G) and takes the scale pass on a GPU (4G/2G), on the premise that most steps do not clip
+    (a long run, where the clip guards against spikes). A run that clips most of its steps (a
+    small ``max_norm``) saves G a step with ``fold=True``. ``python -m fusedclip bench --training
+    adamw`` times the four cases on the device at hand and prints the share of clipping steps
+    above which the fold is the faster.
+
     Args:
         optimizer: the optimizer to wrap.
         max_norm: the largest global norm allowed; a non-negative number.
         norm_type: p of the norm, any number or ``'inf'``; not nan.
-        fold: with a fused optimizer, apply the coefficient through its grad_scale (default)
-            or with fusedclip's scale pass before the step (False: the gradients then round
-            exactly as clip_grad_norm_ rounds them). A GradScaler's step always folds: its
-            scale goes through grad_scale anyway.
+        fold: with a fused optimizer, apply the coefficient through its grad_scale (True) or
+            with fusedclip's scale pass before the step (False: the gradients then round
+            exactly as clip_grad_norm_ rounds them); ``"auto"`` (the default): True where the
+            coefficient is on the CPU, False elsewhere (the bytes above). A GradScaler's step
+            always folds: its scale goes through grad_scale, and the kernel writes the
+            gradients back, anyway.
         backend: fusedclip's backend for the norm and the scale pass.
     """
 
@@ -69,7 +114,7 @@ class ClipOptimizer(torch.optim.Optimizer):
         max_norm: float,
         norm_type: Union[float, str] = 2.0,
         *,
-        fold: bool = True,
+        fold: Union[bool, str] = "auto",
         backend: str = "auto",
     ):
         # Optimizer.__init__ is not called: param_groups, state and defaults are the wrapped
@@ -87,8 +132,8 @@ class ClipOptimizer(torch.optim.Optimizer):
         for device in sorted(devices, key=str):
             _backends.resolve_backend(backend, device)
         self.backend = backend
-        if not isinstance(fold, bool):
-            raise TypeError(f"fold must be True or False, got {fold!r}")
+        if not (isinstance(fold, bool) or (isinstance(fold, str) and fold == "auto")):
+            raise TypeError(f"fold must be True, False or 'auto', got {fold!r}")
         self.fold = fold
 
     # --- what the wrapped optimizer owns ---------------------------------------------------------
@@ -182,7 +227,7 @@ class ClipOptimizer(torch.optim.Optimizer):
             for extra in (found_inf, scaler_found_inf):
                 if extra is not None:
                     non_finite = torch.maximum(non_finite, extra.to(device=non_finite.device, dtype=torch.float32))
-            if scaler_scale is not None or self.fold:
+            if scaler_scale is not None or self._folds(coef.device):
                 grad_scale = _grad_scale(coef, scaler_scale)
             else:
                 # The scale pass; coefficient 1 (nothing written) when the step will be skipped.
@@ -192,8 +237,23 @@ class ClipOptimizer(torch.optim.Optimizer):
             self._fused_step(grad_scale, non_finite)
         return total
 
+    def _folds(self, device: torch.device) -> bool:
+        """Whether the coefficient goes through the fused kernel's grad_scale (see the class's
+        docstring): fold=True or False as given; "auto" where the coefficient reads for free."""
+        return _auto_folds(device) if self.fold == "auto" else bool(self.fold)
+
     def _fused_step(self, grad_scale: Optional[Tensor], found_inf: Tensor) -> None:
-        """The wrapped fused optimizer's step, dividing by grad_scale and skipped on found_inf."""
+        """The wrapped fused optimizer's step, dividing by grad_scale and skipped on found_inf;
+        the state a skipped step made is then removed (see the class's docstring).
+
+        Whether the step made state is told by the sizes of the state's entries before and
+        after, a look at each entry's length (tens of nanoseconds a parameter, no tensor read):
+        dicts keep insertion order, so the entries the step made come after the old ones, and
+        the keys it added to an old entry after that entry's old keys.
+        """
+        state = self.optimizer.state
+        entries_before = len(state)
+        sizes_before = list(map(len, state.values()))
         self.optimizer.grad_scale = grad_scale
         self.optimizer.found_inf = found_inf
         try:
@@ -201,6 +261,48 @@ class ClipOptimizer(torch.optim.Optimizer):
         finally:
             del self.optimizer.grad_scale
             del self.optimizer.found_inf
+        if len(state) != entries_before or list(map(len, state.values())) != sizes_before:
+            _forget_state_of_a_skipped_step(state, entries_before, sizes_before, found_inf)
+
+
+def _auto_folds(device: torch.device) -> bool:
+    """What fold="auto" does with a coefficient on this device: fold where it reads for free."""
+    return _reads_without_sync(device)
+
+
+def _reads_without_sync(device: torch.device) -> bool:
+    """Whether reading a tensor of this device on the host costs no device sync."""
+    return device.type == "cpu"
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is being captured into a graph (no host read allowed)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _forget_state_of_a_skipped_step(state: dict, entries_before: int, sizes_before: list[int],
+                                    found_inf: Tensor) -> None:
+    """After a fused step that made optimizer state: when found_inf says the step was skipped,
+    removes the entries it made and the keys it added, so that the next step is the parameters'
+    first, as if this one had never been called. One host read of found_inf (a sync on a GPU),
+    on such a step only; under CUDA graph capture the made tensors are zeroed on the device
+    where found_inf is set (the class's docstring says when that is the same)."""
+    items = list(state.items())
+    new_params = [p for p, _ in items[entries_before:]]
+    added = [(entry, list(entry)[size:]) for (_, entry), size in zip(items, sizes_before) if len(entry) > size]
+    if not _capturing(found_inf.device):
+        if bool(found_inf):  # the host read
+            for p in new_params:
+                del state[p]
+            for entry, keys in added:
+                for key in keys:
+                    del entry[key]
+        return
+    skipped = found_inf > 0
+    made = [v for p in new_params for v in state[p].values()] + [entry[k] for entry, keys in added for k in keys]
+    for t in made:
+        if isinstance(t, Tensor):
+            t.masked_fill_(skipped.to(t.device), 0)
 
 
 def _grad_scale(coef: Tensor, scaler_scale: Optional[Tensor]) -> Optional[Tensor]:
@@ -213,7 +315,7 @@ def _grad_scale(coef: Tensor, scaler_scale: Optional[Tensor]) -> Optional[Tensor
     """
     coef = coef.float()
     if scaler_scale is None:
-        if coef.device.type == "cpu" and bool(coef >= 1.0):
+        if _reads_without_sync(coef.device) and bool(coef >= 1.0):
             return None
         return coef.reciprocal()
     return coef.reciprocal() * scaler_scale.to(device=coef.device, dtype=torch.float32)

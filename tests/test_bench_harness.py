@@ -180,3 +180,36 @@ def test_a_failing_backend_is_left_out_and_reported(monkeypatch, tmp_path):
                  "--training", "--no-health", "--repeats", "1", "--output", str(tmp_path)]) == 1
     markdown = next(tmp_path.glob("*.md")).read_text()
     assert "FAILED: backend torch on test-small float32: RuntimeError: kernel exploded" in markdown
+
+
+def test_training_rows_time_the_fold_and_the_scale_pass_on_clipping_and_other_steps(monkeypatch):
+    """The "adamw" training rows: a clipping and a non-clipping step, each with fold=True and
+    fold=False, the row fold="auto" takes on the device marked, and the share of clipping steps
+    above which the fold is the faster, below the rows (on CPU here, small shapes)."""
+    from fusedclip.bench import training
+
+    monkeypatch.setattr(harness, "gpt2_small_shapes", lambda: ((64, 3), (5,), (0,)))
+    lines = []
+    rows = training.run(torch.device("cpu"), ["adamw"], repeats=2, warmup=1, log=lines.append)
+    assert [(r["mode"], r["fold"]) for r in rows] == [("clip", True), ("clip", False), ("noclip", True),
+                                                      ("noclip", False)]
+    # On a CPU "auto" folds: the fold=True rows are its.
+    assert [r["benchmark"] for r in rows] == [
+        "clip + fused AdamW, fold=True (auto)", "clip + fused AdamW, fold=False",
+        "noclip + fused AdamW, fold=True (auto)", "noclip + fused AdamW, fold=False"]
+    assert all(r["fusedclip_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
+    f = training.fold_break_even(rows)
+    assert 0.0 <= f <= 1.0
+    assert lines[-1].startswith("fold=True is ") and lines[-1] in training.markdown_table(rows)
+
+    def timed(clip_fold, clip_scale, noclip_fold, noclip_scale):
+        return [{"mode": m, "fold": fold, "fusedclip_ms": ms}
+                for (m, fold), ms in zip([("clip", True), ("clip", False), ("noclip", True), ("noclip", False)],
+                                         (clip_fold, clip_scale, noclip_fold, noclip_scale))]
+
+    # Folding gains 1 ms on a clipping step and loses 3 on another: it pays past 3/4 of steps clipping.
+    assert training.fold_break_even(timed(10.0, 11.0, 9.0, 6.0)) == pytest.approx(0.75)
+    assert training.fold_break_even(timed(10.0, 11.0, 6.0, 6.0)) == 0.0  # loses nothing: always
+    assert training.fold_break_even(timed(11.0, 10.0, 7.0, 6.0)) == 1.0  # gains nothing: never
+    assert training.fold_break_even(rows[:3]) is None
+    assert "more than 75% of steps clip" in training._break_even_line(timed(10.0, 11.0, 9.0, 6.0))

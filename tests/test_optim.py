@@ -1,9 +1,12 @@
 """ClipOptimizer against clip_grad_norm_ followed by step(), over several steps: torch's fused
 Adam, AdamW and SGD (the clip folded into their kernels) and an unfused optimizer (the scale
-pass); non-finite norms, a GradScaler, and what the wrapped optimizer owns."""
+pass); non-finite norms, a GradScaler, and what the wrapped optimizer owns. A skipped step
+against skipping by hand, for every optimizer of torch.optim, fused and not, first step or
+later (the state a skipped fused step made is removed), and where fold puts the coefficient."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -92,6 +95,227 @@ def test_non_finite_norm_skips_the_step(name, fold, bad):
     assert not torch.equal(params[0], before[0])
 
 
+# --- a skipped step leaves everything as torch's user who skips it by hand --------------------------
+
+SKIP_SHAPES = [(33,), (4, 257), (1,), (0,), (5, 6, 7)]
+# Every optimizer of torch.optim that ClipOptimizer wraps, fused (the skip inside the kernel, through
+# found_inf) and not (the step not called): None takes SKIP_SHAPES; Adafactor divides by zero on an
+# empty parameter and Muon takes 2-D parameters only.
+SKIP_OPTIMIZERS = {
+    # fused=True (torch 2.13: SGD, Adam, AdamW, Adagrad; test_every_fused_optimizer_is_covered)
+    "sgd-fused": (lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True), None),
+    "sgd-momentum-fused": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True), None),
+    "sgd-dampening-fused": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01,
+                                                       fused=True), None),
+    "sgd-nesterov-fused": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.8, nesterov=True, maximize=True,
+                                                      fused=True), None),
+    "adam-fused": (lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True), None),
+    "adam-amsgrad-fused": (lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=0.01, fused=True),
+                           None),
+    "adamw-fused": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True), None),
+    "adagrad-fused": (lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.01, fused=True), None),
+    # not fused
+    "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=False), None),
+    "sgd-momentum": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, foreach=False), None),
+    "sgd-dampening-foreach": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3, foreach=True),
+                              None),
+    "adam": (lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False), None),
+    "adamw-foreach": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True), None),
+    "adagrad": (lambda ps: torch.optim.Adagrad(ps, lr=0.1, foreach=False), None),
+    "rmsprop": (lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5), None),
+    "nadam": (lambda ps: torch.optim.NAdam(ps, lr=1e-2), None),
+    "radam": (lambda ps: torch.optim.RAdam(ps, lr=1e-2), None),
+    "adamax": (lambda ps: torch.optim.Adamax(ps, lr=1e-2), None),
+    "adadelta": (lambda ps: torch.optim.Adadelta(ps), None),
+    "asgd": (lambda ps: torch.optim.ASGD(ps, lr=1e-2), None),
+    "rprop": (lambda ps: torch.optim.Rprop(ps, lr=1e-2), None),
+    "adafactor": (lambda ps: torch.optim.Adafactor(ps, lr=1e-2), [(33,), (4, 257), (1,), (5, 6, 7)]),
+    "muon": (lambda ps: torch.optim.Muon(ps, lr=1e-2), [(4, 257), (3, 5), (1, 1)]),
+}
+
+
+def _fused_optimizer_classes() -> set[str]:
+    """torch.optim's optimizers that take fused=True on CPU parameters."""
+    names = set()
+    for name in dir(torch.optim):
+        cls = getattr(torch.optim, name)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            continue
+        if "fused" not in inspect.signature(cls.__init__).parameters:
+            continue
+        try:
+            cls([torch.nn.Parameter(torch.ones(2))], fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            continue
+        names.add(cls.__name__)
+    return names
+
+
+def test_every_fused_optimizer_is_covered():
+    """The fused optimizers of the torch installed all have a case in SKIP_OPTIMIZERS."""
+    covered = {type(make([torch.nn.Parameter(torch.ones(2))])).__name__
+               for name, (make, _) in SKIP_OPTIMIZERS.items() if name.endswith("-fused")}
+    found = _fused_optimizer_classes()
+    assert {"SGD", "Adam", "AdamW", "Adagrad"} <= found
+    assert found <= covered, found - covered
+
+
+def _skip_params(shapes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).float()) for s in shapes]
+
+
+def _skip_grads(params, step, bad):
+    """The step's grads: drawn, 1e-4 of that on step 3 (a step that does not clip), and bad in the
+    second parameter's first element when given."""
+    shapes = [tuple(p.shape) for p in params]
+    for p, g in zip(params, make_grads(shapes, torch.float32, seed=100 + step, scale=2.0)):
+        g = g.to(p.device)
+        p.grad = g * 1e-4 if step == 3 else g
+    if bad is not None:
+        params[1].grad.view(-1)[0] = bad
+
+
+def _assert_same_state(opt, ref_opt, params, ref_params, rtol=1e-5, atol=1e-6):
+    """The same parameters have state (no entry where torch has none), with the same keys, the
+    same step counts and close tensors. Reads with `in` and get: indexing the state (a
+    defaultdict) would make an entry."""
+    for i, (p, r) in enumerate(zip(params, ref_params)):
+        assert (p in opt.state) == (r in ref_opt.state), (i, dict(opt.state.get(p, {})))
+        if r not in ref_opt.state:
+            continue
+        state, ref_state = opt.state[p], ref_opt.state[r]
+        assert state.keys() == ref_state.keys(), (i, state.keys(), ref_state.keys())
+        for key, expected in ref_state.items():
+            actual = state[key]
+            if key == "step" or not torch.is_tensor(expected) or not expected.is_floating_point():
+                assert torch.equal(torch.as_tensor(actual), torch.as_tensor(expected)), (i, key, actual, expected)
+            else:  # atol at the tensor's scale: RMSprop's momentum buffer cancels to near 0 in places
+                scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+                torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=f"{i} {key}")
+
+
+@pytest.mark.parametrize("name", SKIP_OPTIMIZERS)
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "scale-pass"])
+@pytest.mark.parametrize("bad_step", [0, 2], ids=["first-step", "later-step"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
+def test_skipped_step_then_finite_steps_match_skipping_by_hand(name, fold, bad_step, bad):
+    """A non-finite norm on the first step (no optimizer state yet) or a later one, then finite
+    steps: parameters, gradients, optimizer state (its entries, keys and step counts) after every
+    step equal those of clip_grad_norm_ + step() where the user skips the non-finite step by hand
+    (never calls step). torch's fused SGD with momentum makes its momentum buffers with
+    empty_like before its kernel reads found_inf, and the fused Adam, AdamW and Adagrad make
+    their state (zeros, step 0) too: a skipped step must not leave either behind."""
+    make, shapes = SKIP_OPTIMIZERS[name]
+    if not fold and not name.endswith("-fused"):
+        pytest.skip("fold=False differs from the default for fused optimizers only")
+    shapes = shapes or SKIP_SHAPES
+    ref_params, params = _skip_params(shapes), _skip_params(shapes)
+    try:
+        ref_opt = make(ref_params)
+    except AttributeError:  # Muon and Adafactor are newer than the oldest torch fusedclip loads on
+        pytest.skip(f"torch {torch.__version__} has no {name}")
+    opt = fusedclip.ClipOptimizer(make(params), max_norm=1.5, fold=fold)
+    assert opt.fused == name.endswith("-fused")
+    for step in range(6):
+        this_bad = bad if step == bad_step else None
+        _skip_grads(params, step, this_bad)
+        _skip_grads(ref_params, step, this_bad)
+        total = opt.step()
+        if this_bad is None:
+            torch.nn.utils.clip_grad_norm_([p for p in ref_params if p.numel()], 1.5)
+            ref_opt.step()
+        else:
+            assert not math.isfinite(float(total))
+        for i, (p, r) in enumerate(zip(params, ref_params)):
+            torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6, msg=f"step {step}, parameter {i}")
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-6, atol=1e-12, equal_nan=True,
+                                       msg=f"step {step}, grad {i}")
+        _assert_same_state(opt, ref_opt, params, ref_params)
+
+
+def test_only_a_step_that_makes_state_looks_at_found_inf(monkeypatch):
+    """The host read of found_inf (a sync on a GPU) happens on a step that made optimizer state
+    only: the first step of each parameter, skipped or not, and nothing after."""
+    calls = []
+    real = fusedclip.optim._forget_state_of_a_skipped_step
+    monkeypatch.setattr(fusedclip.optim, "_forget_state_of_a_skipped_step",
+                        lambda *args: (calls.append(len(args[0])), real(*args))[1])
+    params = _skip_params(SKIP_SHAPES)
+    opt = fusedclip.ClipOptimizer(torch.optim.AdamW(params[:3], lr=1e-2, fused=True), max_norm=1.0)
+    for step, bad in enumerate([math.nan, None, None, math.inf, None]):
+        _skip_grads(params, step, bad)
+        opt.step()
+    opt.add_param_group({"params": params[3:]})  # the new parameters' first step makes state
+    for step in range(5, 7):
+        _skip_grads(params, step, None)
+        opt.step()
+    # Entries after each such step: 3 made and removed (skipped), 3 made, 3 + 2 made.
+    assert calls == [3, 3, 5]
+
+
+@pytest.mark.parametrize("name", ["sgd-momentum-fused", "sgd-nesterov-fused", "adam-fused", "adam-amsgrad-fused",
+                                  "adamw-fused"])
+def test_under_capture_a_skipped_first_step_leaves_zeroed_state(monkeypatch, name):
+    """Where no host read is allowed (CUDA graph capture, played here by _capturing), the state
+    a skipped first step made stays, zeroed on the device: the steps after it then equal
+    skipping by hand for Adam, AdamW and SGD without dampening."""
+    monkeypatch.setattr(fusedclip.optim, "_capturing", lambda device: True)
+    make, _ = SKIP_OPTIMIZERS[name]
+    ref_params, params = _skip_params(SKIP_SHAPES), _skip_params(SKIP_SHAPES)
+    ref_opt = make(ref_params)
+    opt = fusedclip.ClipOptimizer(make(params), max_norm=1.5)
+    _skip_grads(params, 0, math.nan)
+    opt.step()
+    assert all(p in opt.state for p in params)
+    assert all(torch.equal(v, torch.zeros_like(v)) for p in params for v in opt.state[p].values())
+    for step in range(1, 5):
+        _skip_grads(params, step, None)
+        _skip_grads(ref_params, step, None)
+        opt.step()
+        torch.nn.utils.clip_grad_norm_([p for p in ref_params if p.numel()], 1.5)
+        ref_opt.step()
+        for p, r in zip(params, ref_params):
+            torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    _assert_same_state(opt, ref_opt, params, ref_params)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["adamw-fused", "sgd-momentum-fused", "sgd-dampening-fused"])
+@pytest.mark.parametrize("fold", [True, False, "auto"])
+def test_cuda_skipped_first_step_then_steps_without_a_host_sync(name, fold):
+    """On CUDA: a non-finite first step leaves no state (the one host read, on the step that made
+    state), the steps after it equal skipping by hand, and once the state exists a step, clipping
+    or not, skipped or not, reads nothing back to the host."""
+    make, _ = SKIP_OPTIMIZERS[name]
+    ref_params, params = _skip_params(SKIP_SHAPES), _skip_params(SKIP_SHAPES)
+    ref_params = [torch.nn.Parameter(p.detach().cuda()) for p in ref_params]
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in params]
+    ref_opt = make(ref_params)
+    opt = fusedclip.ClipOptimizer(make(params), max_norm=1.5, fold=fold)
+    for step, bad in enumerate([math.nan, None, None, None, math.inf, None]):
+        for ps in (params, ref_params):
+            _skip_grads(ps, step, bad)
+        checked = step >= 2
+        if checked:
+            torch.cuda.synchronize()
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            if checked:
+                torch.cuda.set_sync_debug_mode(previous)
+        if bad is None:
+            torch.nn.utils.clip_grad_norm_([p for p in ref_params if p.numel()], 1.5)
+            ref_opt.step()
+        if step == 0:
+            assert not any(p in opt.state for p in params)
+        for p, r in zip(params, ref_params):
+            torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    _assert_same_state(opt, ref_opt, params, ref_params)
+
+
 @pytest.mark.parametrize("name,fold", [("adamw-fused", True), ("adamw-fused", False), ("sgd-plain", True)])
 def test_grad_scaler_steps_a_clip_optimizer(name, fold):
     """scaler.step(ClipOptimizer): the same result as scaler.unscale_ + clip + scaler.step."""
@@ -115,6 +339,38 @@ def test_grad_scaler_steps_a_clip_optimizer(name, fold):
         assert scaler.get_scale() == ref_scaler.get_scale()
         for p, r in zip(params, ref_params):
             torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sgd-momentum-fused", "sgd-dampening-fused", "adam-fused", "adamw-fused"])
+def test_grad_scaler_inf_on_the_first_step_leaves_no_state(name):
+    """A GradScaler whose scale overflows the first steps (as its default 2**16 often does):
+    scaler.step(ClipOptimizer(fused)) skips inside the kernel, and the state that skipped step
+    made is removed, so the run equals the same optimizer unfused, which the scaler skips by
+    not calling step() at all."""
+    make, _ = SKIP_OPTIMIZERS[name]
+    ref_params, params = _skip_params(SKIP_SHAPES), _skip_params(SKIP_SHAPES)
+    ref_opt = make(ref_params)
+    for group in ref_opt.param_groups:  # the same optimizer, unfused
+        group["fused"], group["foreach"] = False, False
+    ref_opt._step_supports_amp_scaling = False
+    opt = fusedclip.ClipOptimizer(make(params), max_norm=1.5)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1) for _ in range(2)]
+    for step, bad in enumerate([math.inf, None, math.nan, None, None]):
+        for ps, sc in ((ref_params, scalers[0]), (params, scalers[1])):
+            sc.scale(torch.ones(()))
+            _skip_grads(ps, step, bad)
+            for p in ps:
+                p.grad.mul_(sc.get_scale())
+        scalers[0].unscale_(ref_opt)
+        torch.nn.utils.clip_grad_norm_([p for p in ref_params if p.numel()], 1.5)
+        scalers[0].step(ref_opt)
+        scalers[1].step(opt)
+        for sc in scalers:
+            sc.update()
+        assert scalers[1].get_scale() == scalers[0].get_scale()
+        for p, r in zip(params, ref_params):
+            torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+        _assert_same_state(opt, ref_opt, params, ref_params)
 
 
 def test_passthrough_of_the_wrapped_optimizer():
@@ -184,15 +440,23 @@ def test_bad_arguments():
         fusedclip.ClipOptimizer(inner, max_norm=1.0, norm_type=math.nan)
     with pytest.raises(ValueError, match="backend"):
         fusedclip.ClipOptimizer(inner, max_norm=1.0, backend="nope")
-    with pytest.raises(TypeError, match="fold must be True or False"):
-        fusedclip.ClipOptimizer(inner, max_norm=1.0, fold=None)
+    for fold in (None, 1, "yes"):
+        with pytest.raises(TypeError, match="fold must be True, False or 'auto'"):
+            fusedclip.ClipOptimizer(inner, max_norm=1.0, fold=fold)
     with pytest.raises(TypeError, match="already a ClipOptimizer"):
         fusedclip.ClipOptimizer(fusedclip.ClipOptimizer(inner, max_norm=1.0), max_norm=1.0)
 
 
-@pytest.mark.parametrize("fold,expect_grad_scale", [(True, True), (False, False)])
-def test_fold_decides_where_the_coefficient_goes(fold, expect_grad_scale):
-    """fold=True (the default) hands 1/c to the kernel; False scales first."""
+@pytest.mark.parametrize("fold", [True, False, "auto"])
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu", "as-on-a-gpu"])
+@pytest.mark.parametrize("clips", [True, False], ids=["clips", "does-not-clip"])
+def test_fold_decides_where_the_coefficient_goes(monkeypatch, fold, on_gpu, clips):
+    """fold=True hands 1/c to the kernel; False scales first; "auto" (the default) folds where the
+    coefficient reads without a sync (CPU) and scales first elsewhere. Without a sync to tell c = 1,
+    a fold passes 1/c even on a step that does not clip (the kernel then writes every gradient
+    back); on the CPU it passes None then. A GPU is played by _reads_without_sync."""
+    if on_gpu:
+        monkeypatch.setattr(fusedclip.optim, "_reads_without_sync", lambda device: False)
     params = _params()
     inner = torch.optim.AdamW(params, lr=1e-2, fused=True)
     seen = []
@@ -203,12 +467,19 @@ def test_fold_decides_where_the_coefficient_goes(fold, expect_grad_scale):
         return original_step(*args, **kwargs)
 
     inner.step = recording_step
-    opt = fusedclip.ClipOptimizer(inner, max_norm=0.1, fold=fold)
+    max_norm = 0.1 if clips else 1e6
+    opt = fusedclip.ClipOptimizer(inner, max_norm=max_norm, fold=fold)
+    assert fusedclip.ClipOptimizer(torch.optim.AdamW(_params(), fused=True), 1.0).fold == "auto"
     _set_grads(params, seed=9)
+    grads = [p.grad.clone() for p in params]
     total = opt.step()
     (grad_scale, found_inf), = seen
     assert found_inf is not None and float(found_inf) == 0.0
-    if expect_grad_scale:
-        torch.testing.assert_close(grad_scale, (total + 1e-6) / 0.1, rtol=1e-6, atol=0)
+    folds = fold is True or (fold == "auto" and not on_gpu)
+    if folds and (clips or on_gpu):
+        expected = (total + 1e-6) / max_norm if clips else torch.tensor(1.0)
+        torch.testing.assert_close(grad_scale, expected, rtol=1e-6, atol=0)
     else:
         assert grad_scale is None
+    if not clips:
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
