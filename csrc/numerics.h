@@ -45,6 +45,20 @@ FUSEDCLIP_HOST_DEVICE A root_of_statistic(A statistic, double p, bool empty) {
   else return statistic;
 }
 
+// Whether a norm's statistic is a sum that can overflow its accumulator while every |x| is finite
+// (then the norm is taken again of x / max|x|: rescaled_norm).
+FUSEDCLIP_HOST_DEVICE inline bool sum_may_overflow(NormKind kind) {
+  return kind == NormKind::kSquareSum || kind == NormKind::kAbsSum || kind == NormKind::kPowerSum;
+}
+
+// The norm from the statistic of x / largest (largest = max|x|, finite and nonzero):
+// largest * statistic^(1/p), in float64 (fusedclip.numerics.rescaled_norm).
+FUSEDCLIP_HOST_DEVICE inline double rescaled_norm(double largest, double scaled_statistic, double p) {
+  if (p == 1.0) return largest * scaled_statistic;
+  if (p == 2.0) return largest * sqrt(scaled_statistic);
+  return largest * pow(scaled_statistic, 1.0 / p);
+}
+
 // min(max_norm * (1 / (total + kClipEps)), 1) with the operations and roundings of torch's
 // ((total + 1e-6).reciprocal() * max_norm).clamp(max=1.0), in the norm's type A; nan kept.
 template <typename A>

@@ -356,12 +356,26 @@ def norm_from_statistics(
     return numerics.total_norm_from_statistic(statistic, norm_type, empty)
 
 
+def norm_of_cpu_statistic(tensors: list[Tensor], statistic: Tensor, norm_type: float) -> Tensor:
+    """The norm of CPU tensors from their statistic (the C++ fast path's), as
+    norm_of_group_statistics takes it of one CPU group."""
+    empty = not any(t.numel() for t in tensors)
+    total = numerics.total_norm_from_statistic(statistic, norm_type, empty)
+    return reference.rescaled_if_overflowed(tensors, total, norm_type)
+
+
 def norm_of_group_statistics(
     groups: list[Group], statistics: list[Tensor], norm_type: float
 ) -> Tensor:
-    """The global norm from one norm statistic per group, on the first group's device."""
+    """The global norm from one norm statistic per group, on the first group's device; taken
+    again of x / max|x| when the sum overflowed while every |x| is finite, where deciding it is
+    free (numerics.rescale_decided_on_host: every group on the CPU)."""
     empty = not any(t.numel() for _, _, ts in groups for t in ts)
-    return norm_from_statistics(statistics, groups[0][0], empty, norm_type)
+    total = norm_from_statistics(statistics, groups[0][0], empty, norm_type)
+    if all(device.type == "cpu" for device, _, _ in groups):
+        # A second read after an overflow only: backend "torch"'s kernels serve every backend.
+        total = reference.rescaled_if_overflowed([t for _, _, ts in groups for t in ts], total, norm_type)
+    return total
 
 
 def total_norm(groups: list[Group], norm_type: float) -> Tensor:

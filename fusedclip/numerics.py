@@ -8,6 +8,8 @@ kernels' are in csrc/numerics.h, and tests/test_numerics.py checks that they agr
   combine in a fixed order, float64 for sums (:func:`combine_statistics`).
 * The norm from the statistic: the p-th root for finite p other than 0 and 1
   (:func:`total_norm_from_statistic`).
+* A norm whose sum overflowed while every |x| is finite is taken again of x / max|x|
+  (:func:`rescale_decided_on_host`, :func:`rescaled_norm`).
 * The clip coefficient ``min(max_norm / (norm + CLIP_EPS), 1)`` computed as torch computes it
   (:func:`clip_coefficient`).
 """
@@ -25,11 +27,14 @@ __all__ = [
     "CLIP_EPS",
     "FLOAT64_DTYPES",
     "NormKind",
+    "SUM_KINDS",
     "norm_kind",
     "accumulate_dtype",
     "statistic_identity",
     "combine_statistics",
     "total_norm_from_statistic",
+    "rescale_decided_on_host",
+    "rescaled_norm",
     "clip_coefficient",
 ]
 
@@ -45,6 +50,10 @@ class NormKind(enum.IntEnum):
     MAX = 3  # inf
     MIN = 4  # -inf
     COUNT = 5  # p = 0: the count of nonzero elements
+
+
+# The statistics that are sums of |x|^p, which can overflow while every |x| is finite.
+SUM_KINDS = (NormKind.SQUARE_SUM, NormKind.ABS_SUM, NormKind.POWER_SUM)
 
 
 def norm_kind(norm_type: float) -> NormKind:
@@ -118,6 +127,33 @@ def _pth_root(statistic: Tensor, norm_type: float) -> Tensor:
 @_pth_root.register_fake
 def _(statistic: Tensor, norm_type: float) -> Tensor:
     return torch.empty_like(statistic)
+
+
+def rescale_decided_on_host(total: Tensor, norm_type: float) -> bool:
+    """Whether to take a norm again of x / max|x|: its statistic is a sum (p other than 0 and
+    +-inf) and the norm came out inf, read on the host only where that is free (a CPU tensor,
+    eagerly). A sum of |x|^p overflows its accumulator long before any |x| is inf (x^2 of a
+    float32 x above 1.8e19); taken of x / max|x|, whose terms are at most 1, it cannot."""
+    return (
+        total.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and norm_kind(norm_type) in SUM_KINDS
+        and bool(total.isinf())
+    )
+
+
+def rescaled_norm(largest: Tensor, scaled_statistic: Tensor, norm_type: float, dtype: torch.dtype) -> Tensor:
+    """largest * scaled_statistic^(1/p), in float64, rounded once to dtype: the norm of x from
+    largest = max|x| (finite, nonzero) and the statistic of x / largest (csrc/numerics.h's
+    rescaled_norm)."""
+    largest, scaled = largest.double(), scaled_statistic.double()
+    if norm_type == 1.0:
+        root = scaled
+    elif norm_type == 2.0:
+        root = scaled.sqrt()
+    else:
+        root = scaled.pow(1.0 / norm_type)
+    return (largest * root).to(dtype)
 
 
 def clip_coefficient(total_norm: Tensor, max_norm: Union[float, Tensor]) -> Tensor:

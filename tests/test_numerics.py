@@ -94,3 +94,84 @@ def test_square_root_correctly_rounded(backend):
         exact = torch.tensor(math.sqrt(float((g.double() ** 2).sum().float())), dtype=torch.float32)
         assert torch.equal(ours, exact), (values, ours, exact)
         assert torch.equal(ours, torch.nn.utils.get_total_norm([g])), values
+
+
+@pytest.fixture(scope="module")
+def numerics_h(tmp_path_factory):
+    """tests/numerics_test.cpp, csrc/numerics.h's rules behind stdin, built with g++ (no torch,
+    no CUDA): a function of queries to answers."""
+    import os
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ is not installed: csrc/numerics.h cannot be built on the host")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    binary = str(tmp_path_factory.mktemp("numerics") / "numerics_test")
+    subprocess.run([compiler, "-std=c++17", "-O2", "-I", os.path.join(root, "csrc"),
+                    os.path.join(root, "tests", "numerics_test.cpp"), "-o", binary], check=True)
+
+    def ask(queries: list[str]) -> list[str]:
+        run = subprocess.run([binary], input="\n".join(queries) + "\n", capture_output=True, text=True, check=True)
+        return run.stdout.split()
+
+    return ask
+
+
+def _hex(x: float) -> str:
+    return float(x).hex()
+
+
+def _bits_equal(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+
+
+SPECIAL_NORMS = NORMS + [0.0, 5e-45, 1e-30, 3.4e38, math.inf, math.nan]
+
+
+@pytest.mark.parametrize("dtype,op", [(torch.float32, "coef32"), (torch.float64, "coef64")])
+def test_numerics_h_coefficient_is_the_python_rule(numerics_h, dtype, op):
+    """csrc/numerics.h's clip_coefficient (the CPU and CUDA kernels') gives the bits of
+    fusedclip.numerics.clip_coefficient (torch's), the clamp to 1 included."""
+    cases = [(total, max_norm) for total in SPECIAL_NORMS
+             for max_norm in [total * f for f in FACTORS if math.isfinite(total * f)] + [0.0, 1.0, 1e30]]
+    answers = numerics_h([f"{op} {_hex(t)} {_hex(m)}" for t, m in cases])
+    assert len(answers) == len(cases)
+    clamped = 0
+    for (total, max_norm), answer in zip(cases, answers):
+        expected = float(numerics.clip_coefficient(torch.tensor(total, dtype=dtype), max_norm))
+        assert _bits_equal(float.fromhex(answer), expected), (total, max_norm, answer, expected)
+        clamped += expected == 1.0 and max_norm > total
+    assert clamped > 10  # the clamp is exercised
+
+
+@pytest.mark.parametrize("dtype,op", [(torch.float32, "root32"), (torch.float64, "root64")])
+def test_numerics_h_root_is_the_python_rule(numerics_h, dtype, op):
+    statistics = [0.0, 1e-30, 0.25, 2.0, 50.0, 7.0710678, 3.4e38, math.inf]
+    cases = [(p, s, empty) for p in (2.0, 1.0, 3.5, 0.5, -2.0, math.inf, -math.inf, 0.0)
+             for s in statistics for empty in (False, True)]
+    queries = [f"{op} {int(numerics.norm_kind(p))} {_hex(s)} {_hex(p)} {int(e)}" for p, s, e in cases]
+    for (p, s, empty), answer in zip(cases, numerics_h(queries), strict=True):
+        expected = float(numerics.total_norm_from_statistic(torch.tensor(s, dtype=dtype), p, empty))
+        answer = float.fromhex(answer)
+        if dtype == torch.float64 and numerics.norm_kind(p) == numerics.NormKind.POWER_SUM and not empty:
+            # libm's pow and ATen's are each within an ulp of the truth, not always the same ulp
+            # (1e-30 ** -0.5); rounded to float32 they agree.
+            assert answer == expected or abs(answer - expected) <= math.ulp(expected), (p, s, answer, expected)
+        else:
+            assert _bits_equal(answer, expected), (p, s, empty, answer, expected)
+
+
+def test_numerics_h_kinds_and_rescale_are_the_python_rules(numerics_h):
+    ps = [2.0, 1.0, 0.0, math.inf, -math.inf, 3.5, -2.0, 0.5, 1e6]
+    assert [int(a) for a in numerics_h([f"kind {_hex(p)}" for p in ps])] == [int(numerics.norm_kind(p)) for p in ps]
+    overflow = numerics_h([f"overflow {int(k)}" for k in numerics.NormKind])
+    assert [a == "1" for a in overflow] == [k in numerics.SUM_KINDS for k in numerics.NormKind]
+    cases = [(1e20, 1.0, 2.0), (3e38, 2.0, 2.0), (300.0, 1.0, 1e6), (7e19, 1003.5, 2.0), (2.5, 17.25, 1.0),
+             (1e13, 39999.0, 3.5)]
+    answers = numerics_h([f"rescaled {_hex(m)} {_hex(s)} {_hex(p)}" for m, s, p in cases])
+    for (m, s, p), answer in zip(cases, answers, strict=True):
+        expected = float(numerics.rescaled_norm(torch.tensor(m, dtype=torch.float64), torch.tensor(s, dtype=torch.float64), p,
+                                                torch.float64))
+        assert _bits_equal(float.fromhex(answer), expected), (m, s, p, answer, expected)

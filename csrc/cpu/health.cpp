@@ -43,8 +43,9 @@ std::tuple<at::Tensor, at::Tensor> clip_grad_norm_with_norms_(at::TensorList ten
   check_writable(tensors, "clip_grad_norm_with_norms_", at::kCPU);
   const TensorTable table(tensors, Access::kRead, "clip_grad_norm_with_norms_");
   const auto [statistic, per_statistic] = norm_statistic(table, norm_type, true);
-  at::Tensor total = total_norm_from_statistic(statistic, norm_type, table.numel() == 0);
-  scale_writable(tensors, clip_coefficient(total, max_norm).item<double>(), "clip_grad_norm_with_norms_",
+  const at::Tensor total = rescaled_if_overflowed(
+      table, total_norm_from_statistic(statistic, norm_type, table.numel() == 0), norm_type);
+  scale_writable(tensors, clip_coefficient(total, max_norm), "clip_grad_norm_with_norms_",
                  &table);
   return {total, per_tensor_roots(per_statistic, tensors, norm_type)};
 }

@@ -33,8 +33,9 @@ at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_
   check_writable(tensors, "clip_grad_norm_", at::kCPU);
   const TensorTable table(tensors, Access::kRead, "clip_grad_norm_");
   const at::Tensor statistic = std::get<0>(norm_statistic(table, norm_type, false));
-  at::Tensor total = total_norm_from_statistic(statistic, norm_type, table.numel() == 0);
-  scale_writable(tensors, clip_coefficient(total, max_norm).item<double>(), "clip_grad_norm_", &table);
+  const at::Tensor total = rescaled_if_overflowed(
+      table, total_norm_from_statistic(statistic, norm_type, table.numel() == 0), norm_type);
+  scale_writable(tensors, clip_coefficient(total, max_norm), "clip_grad_norm_", &table);
   return total;
 }
 

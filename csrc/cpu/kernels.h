@@ -333,10 +333,30 @@ inline at::Tensor total_norm_from_statistic(const at::Tensor& statistic, double 
   return (kind == NormKind::kSquareSum ? wide.sqrt() : wide.pow(1.0 / norm_type)).to(statistic.scalar_type());
 }
 
-// torch's clip coefficient, in the norm's dtype: max_norm * (1 / (norm + 1e-6)), clamped to 1
-// (the ATen ops of the rule in csrc/numerics.h, on a device scalar).
-inline at::Tensor clip_coefficient(const at::Tensor& total, double max_norm) {
-  return ((total + fusedclip::kClipEps).reciprocal() * max_norm).clamp_max(1.0);
+// The statistic of x * inv_scale over the table (csrc/cpu/unscale_norm.cpp), with found_inf.
+std::tuple<at::Tensor, at::Tensor> unscaled_statistic(const TensorTable& table, double norm_type, double inv_scale);
+
+// The total norm, again, when its sum of |x|^p overflowed the accumulator while every |x| is
+// finite: largest * (sum |x / largest|^p)^(1/p), as fusedclip/reference.py's
+// rescaled_if_overflowed (the rule is fusedclip.numerics.rescaled_norm). A second read of the
+// tensors, only after an overflow; the total as it was otherwise.
+inline at::Tensor rescaled_if_overflowed(const TensorTable& table, const at::Tensor& total, double norm_type) {
+  if (!fusedclip::sum_may_overflow(fusedclip::norm_kind(norm_type)) || !std::isinf(total.item<double>())) {
+    return total;
+  }
+  const double largest = std::get<0>(norm_statistic(table, INFINITY, false)).item<double>();
+  if (!std::isfinite(largest) || largest == 0) return total;
+  const double inv_scale = total.scalar_type() == at::kDouble ? 1.0 / largest : static_cast<float>(1.0 / largest);
+  const double scaled = std::get<0>(unscaled_statistic(table, norm_type, inv_scale)).item<double>();
+  return at::scalar_tensor(fusedclip::rescaled_norm(largest, scaled, norm_type),
+                           at::TensorOptions().dtype(total.scalar_type()));
+}
+
+// torch's clip coefficient (csrc/numerics.h's rule), in the norm's dtype (float32 or float64),
+// read from a CPU scalar.
+inline double clip_coefficient(const at::Tensor& total, double max_norm) {
+  if (total.scalar_type() == at::kDouble) return fusedclip::clip_coefficient(total.item<double>(), max_norm);
+  return fusedclip::clip_coefficient(total.item<float>(), max_norm);
 }
 
 }  // namespace fusedclip::cpu

@@ -116,6 +116,12 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_unscale_norm(at::TensorList tens
   check_scalar(inv_scale, "multi_tensor_unscale_norm", "inv_scale");
   const double inv = inv_scale.item<double>();  // a CPU tensor: reading it is no device sync
   const TensorTable table(tensors, Access::kRead, "multi_tensor_unscale_norm");
+  return unscaled_statistic(table, norm_type, inv);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> unscaled_statistic(const TensorTable& table, double norm_type, double inv) {
   if (norm_type == 2.0) return reduce_unscaled<NormKind::kSquareSum>(table, norm_type, inv);
   if (norm_type == 1.0) return reduce_unscaled<NormKind::kAbsSum>(table, norm_type, inv);
   if (norm_type == 0.0) return reduce_unscaled<NormKind::kCount>(table, norm_type, inv);
@@ -123,8 +129,6 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_unscale_norm(at::TensorList tens
   if (std::isinf(norm_type)) return reduce_unscaled<NormKind::kMin>(table, norm_type, inv);
   return reduce_unscaled<NormKind::kPowerSum>(table, norm_type, inv);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
   m.impl("multi_tensor_unscale_norm", &multi_tensor_unscale_norm);

@@ -1,0 +1,104 @@
+"""A norm whose sum of |x|^p overflows its float32 accumulator while every |x| is finite.
+
+torch returns a finite norm for one element of 1e20 (its norm of one element is |x|) and zeroes
+nothing; a float32 sum of squares overflows there (1e40). fusedclip takes such a norm again of
+x / max|x| on CPU tensors (backends "cpu" and "torch", where reading the norm is free), for every
+length: the norm is finite wherever the true norm fits in its dtype. Backends that decide on a
+device ("cuda", "triton") would need a host sync for it and keep the overflowed inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedclip
+from helpers import CPU_BACKENDS, params_with
+
+# (values of the grads, norm_type): torch's own finite cases first, then longer lists.
+CASES = [
+    pytest.param([[1e20]], 2.0, id="one-element-1e20"),
+    pytest.param([[300.0]], 1e6, id="one-element-p=1e6"),
+    pytest.param([[-3e30]], 3.0, id="one-element-p=3"),
+    pytest.param([[1e20] * 3, [2.5e19, -1.0], []], 2.0, id="three-tensors"),
+    pytest.param([[], [7e19] * 1000, [1e-3] * 5, []], 2.0, id="long-with-empties"),
+    pytest.param([[1e13] * 40000], 3.5, id="p=3.5-many"),
+]
+
+
+def _oracle(values, norm_type) -> float:
+    flat = [abs(v) for vs in values for v in vs]
+    largest = max(flat)
+    return largest * math.fsum((v / largest) ** norm_type for v in flat) ** (1.0 / norm_type)
+
+
+def _grads(values, dtype):
+    return [torch.tensor(vs, dtype=dtype) for vs in values]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("values,norm_type", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_finite_where_the_truth_fits(backend, values, norm_type, dtype):
+    grads = _grads(values, dtype)
+    truth = _oracle([g.double().tolist() for g in grads], norm_type)
+    assert math.isfinite(truth) and truth < torch.finfo(torch.float32).max
+    rtol = 1e-5 if dtype == torch.float32 else 1e-3
+    total = fusedclip.get_total_norm(grads, norm_type, error_if_nonfinite=True, backend=backend)
+    assert total.dtype == torch.float32
+    assert math.isclose(float(total), truth, rel_tol=rtol), (float(total), truth)
+    for function in (fusedclip.get_norms, ):
+        assert math.isclose(float(function(grads, norm_type, backend=backend)[0]), truth, rel_tol=rtol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("values,norm_type", CASES)
+@pytest.mark.parametrize("clip", ["clip_grad_norm_", "clip_grad_norm_with_norms_", "get_total_norm+clip_grads_with_norm_"])
+def test_clip_scales_to_max_norm_instead_of_zeroing(backend, values, norm_type, clip):
+    grads = _grads(values, torch.float32)
+    params = params_with([g.clone() for g in grads])
+    if clip == "clip_grad_norm_":
+        total = fusedclip.clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=True, backend=backend)
+    elif clip == "clip_grad_norm_with_norms_":
+        total, _ = fusedclip.clip_grad_norm_with_norms_(params, 1.0, norm_type, backend=backend)
+    else:
+        total = fusedclip.get_total_norm([p.grad for p in params], norm_type, backend=backend)
+        fusedclip.clip_grads_with_norm_(params, 1.0, total, backend=backend)
+    assert math.isfinite(float(total))
+    clipped = [p.grad.double().tolist() for p in params]
+    assert math.isclose(_oracle(clipped, norm_type), 1.0, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_agrees_with_torch_where_torch_is_finite(backend):
+    """torch's finite overflow cases (one element) give torch's norm and torch's clipped grad."""
+    for value, norm_type in ((1e20, 2.0), (300.0, 1e6), (-2e25, 2.0), (1e30, 4.0)):
+        ours, theirs = params_with([torch.tensor(value)]), params_with([torch.tensor(value)])
+        total = fusedclip.clip_grad_norm_(ours, 1.0, norm_type, backend=backend)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+        assert torch.isfinite(expected)
+        torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(ours[0].grad, theirs[0].grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_finite_elements_and_norms_beyond_float32_stay_non_finite(backend):
+    cases = [
+        ([[1e20, math.inf], [1.0]], 2.0, math.inf),
+        ([[1e20, math.nan], [1.0]], 2.0, math.nan),
+        ([[3e38] * 4], 2.0, math.inf),  # the true norm, 6e38, is beyond float32
+        ([[3e38, 3e38]], 1.0, math.inf),
+    ]
+    for values, norm_type, expected in cases:
+        total = fusedclip.get_total_norm(_grads(values, torch.float32), norm_type, backend=backend)
+        if math.isnan(expected):
+            assert math.isnan(float(total)), values
+        else:
+            assert float(total) == expected, values
+    # float64 grads hold the same norm
+    total = fusedclip.get_total_norm(_grads([[3e38] * 4], torch.float64), 2.0, backend=backend)
+    assert math.isclose(float(total), 6e38, rel_tol=1e-12)
+    total = fusedclip.get_total_norm(_grads([[1e200] * 3], torch.float64), 2.0, backend=backend)
+    assert math.isclose(float(total), 1e200 * math.sqrt(3), rel_tol=1e-12)
