@@ -21,6 +21,8 @@ from fusedclip.numerics import (
     accumulate_dtype,
     clip_coefficient,
     combine_statistics,
+    rescale_decided_on_host,
+    rescaled_norm,
     statistic_identity,
     total_norm_from_statistic,
 )
@@ -32,6 +34,7 @@ __all__ = [
     "multi_tensor_unscale_norm",
     "multiply_",
     "clip_grad_norm_",
+    "rescaled_if_overflowed",
     "multi_tensor_agc_",
     "multi_tensor_scale_per_tensor_",
     "per_tensor_norms",
@@ -100,8 +103,10 @@ def multi_tensor_norm(
 
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     """tensors *= coef in place, in float32 (float64 for float64 tensors), rounded once."""
-    if coef.device.type == "cpu" and not torch.compiler.is_compiling() and bool(coef >= 1.0):
-        return  # reading a CPU tensor is no sync (nor traceable); multiplying by 1 is exact anyway
+    # Reading a plain CPU tensor is no sync (nor traceable); multiplying by 1 is exact anyway. A
+    # subclass coefficient (TwoTensor) holds more than the one value its bool() would read.
+    if type(coef) is Tensor and coef.device.type == "cpu" and not torch.compiler.is_compiling() and bool(coef >= 1.0):
+        return
     multiply_(tensors, coef)
 
 
@@ -157,10 +162,24 @@ def _bound_in(dtype: torch.dtype, value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32).to(dtype))
 
 
+def rescaled_if_overflowed(tensors: list[Tensor], total: Tensor, norm_type: float) -> Tensor:
+    """The norm again, of x / max|x|, when its sum overflowed while every |x| is finite (see
+    numerics.rescale_decided_on_host: CPU norms only); else total as it is. A second read of the
+    tensors, only after an overflow (C++'s is csrc/cpu/kernels.h's rescaled_if_overflowed)."""
+    if not rescale_decided_on_host(total, norm_type):
+        return total
+    largest = multi_tensor_norm(tensors, math.inf)[0].to(total.dtype)
+    if not bool(torch.isfinite(largest) & (largest > 0)):
+        return total
+    scaled, _ = multi_tensor_unscale_norm(tensors, largest.double().reciprocal().to(total.dtype), norm_type)
+    return rescaled_norm(largest, scaled, norm_type, total.dtype)
+
+
 def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
     """Norm, coefficient and scale of tensors on one device; returns the norm."""
     statistic, _ = multi_tensor_norm(tensors, norm_type)
     total = total_norm_from_statistic(statistic, norm_type, not any(t.numel() for t in tensors))
+    total = rescaled_if_overflowed(tensors, total, norm_type)
     multi_tensor_scale_(tensors, clip_coefficient(total, max_norm))
     return total
 
@@ -216,6 +235,7 @@ def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type
     """clip_grad_norm_ that also returns the per-tensor norms before clipping, from one read."""
     statistic, per_statistic = multi_tensor_norm(tensors, norm_type, per_tensor=True)
     total = total_norm_from_statistic(statistic, norm_type, not any(t.numel() for t in tensors))
+    total = rescaled_if_overflowed(tensors, total, norm_type)
     multi_tensor_scale_(tensors, clip_coefficient(total, max_norm))
     return total, per_tensor_norms(per_statistic, tensors, norm_type)
 

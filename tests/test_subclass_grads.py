@@ -67,17 +67,6 @@ def _assert_all_like(actual: list[torch.Tensor], expected: list[torch.Tensor], r
         _assert_like(a, e, rtol)
 
 
-def _reference_reads_the_coefficient(request, backend: str, components_disagree: bool) -> None:
-    """Backend "torch" decides on the host whether a CPU coefficient clips (reference.py
-    multi_tensor_scale_: ``bool(coef >= 1.0)``); a TwoTensor coefficient answers with its first
-    component, so where component a does not clip and b does, nothing is scaled. The fix is
-    reference.py's (skip only for a plain coefficient); until it is made these cases fail."""
-    if backend == "torch" and components_disagree:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "reference.multi_tensor_scale_ reads a subclass coefficient on the host "
-            "(bool(coef >= 1.0) answers with TwoTensor's first component)")))
-
-
 def _per_tensor_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     """What torch would give per tensor: its vector_norm of each, stacked."""
     return torch.stack([torch.linalg.vector_norm(g) for g in grads])
@@ -86,8 +75,7 @@ def _per_tensor_norms(grads: list[torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("case", MAX_NORMS)
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_clip_grad_norm_(request, backend, position, case):
-    _reference_reads_the_coefficient(request, backend, case == "one_clips")
+def test_clip_grad_norm_(backend, position, case):
     grads, expected = _grads(position), _grads(position)
     total_torch = torch.nn.utils.clip_grad_norm_(params_with(expected), MAX_NORMS[case])
     total = fusedclip.clip_grad_norm_(params_with(grads), MAX_NORMS[case], backend=backend)
@@ -108,8 +96,7 @@ def test_get_total_norm(backend, position):
 @pytest.mark.parametrize("case", MAX_NORMS)
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_clip_grads_with_norm_(request, backend, position, case, total_kind):
-    _reference_reads_the_coefficient(request, backend, case == "one_clips" and total_kind == "two_tensor")
+def test_clip_grads_with_norm_(backend, position, case, total_kind):
     grads, expected = _grads(position), _grads(position)
     total = torch.nn.utils.get_total_norm(grads)  # a TwoTensor
     if total_kind == "plain":
@@ -146,8 +133,7 @@ def test_get_norms(backend, position):
 @pytest.mark.parametrize("case", MAX_NORMS)
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_clip_grad_norm_with_norms_(request, backend, position, case):
-    _reference_reads_the_coefficient(request, backend, case == "one_clips")
+def test_clip_grad_norm_with_norms_(backend, position, case):
     grads, expected = _grads(position), _grads(position)
     per_torch = _per_tensor_norms(expected)
     params = params_with(grads)
@@ -161,9 +147,8 @@ def test_clip_grad_norm_with_norms_(request, backend, position, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_subclass_grads_only(request, backend):
+def test_subclass_grads_only(backend):
     """Two TwoTensor grads and nothing else: each component clipped by its own coefficient."""
-    _reference_reads_the_coefficient(request, backend, True)
     grads = [_two_tensor(7), _two_tensor(8)]
     expected = _clone(grads)
     total_torch = torch.nn.utils.clip_grad_norm_(params_with(expected), 12.0)
