@@ -14,6 +14,7 @@ the backend is reported unavailable with the reason (backend_status) and "auto" 
 
 from __future__ import annotations
 
+import importlib.machinery
 import logging
 import os
 from typing import Optional
@@ -26,14 +27,31 @@ logger = logging.getLogger("fusedclip")
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
+
+
+def _c_error(error: BaseException) -> str:
+    """Why fusedclip._C did not load, and what to do: not built at all, or built but refused (most
+    often built against another torch)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    built = [name for name in sorted(os.listdir(package))
+             if any(name == "_C" + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES)]
+    if not built:
+        return (f"fusedclip._C is not built (no compiled extension in {package}); build it from the "
+                "source tree with `pip install --no-build-isolation -e .`, against the torch installed")
+    return (f"fusedclip._C ({built[0]}) could not be loaded ({error}); it was most likely built against "
+            f"another torch than this one ({torch.__version__}): rebuild it with "
+            "`pip install --no-build-isolation -e .`")
+
+
 try:
     from fusedclip import _C  # noqa: F401  (loading it registers the operators)
 
     _C_ERROR: Optional[str] = None
 except (ImportError, OSError) as error:  # not built, or built against another torch
     _C = None
-    _C_ERROR = f"fusedclip._C could not be loaded ({error})"
-    logger.warning("%s; using the pure-PyTorch backend", _C_ERROR)
+    _C_ERROR = _c_error(error)
+    logger.warning("%s. Meanwhile CPU tensors use the pure-PyTorch backend ('torch'), CUDA tensors "
+                   "'triton' where Triton imports, else 'torch'", _C_ERROR)
 
 if _C is None:
     _CUDA_ERROR: Optional[str] = _C_ERROR

@@ -16,7 +16,7 @@ from fusedclip import _backends, _ops
 from helpers import make_grads, oracle_norm, params_with
 
 
-def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _run(code: str, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "FUSEDCLIP_BACKEND"}
     environ.update(env or {})
     result = subprocess.run(
@@ -25,6 +25,7 @@ def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
         text=True,
         env=environ,
         timeout=300,
+        cwd=cwd,
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
@@ -105,7 +106,7 @@ print("ok")
     assert result.stdout.strip().endswith("ok")
     # the fallback is logged once, with the reason
     assert result.stderr.count("could not be loaded") == 1, result.stderr
-    assert "using the pure-PyTorch backend" in result.stderr
+    assert "CPU tensors use the pure-PyTorch backend" in result.stderr
 
 
 def test_env_backend_cpu_without_the_cpp_library_raises():
@@ -194,3 +195,50 @@ def test_public_names():
         assert hasattr(fusedclip, name)
     assert set(fusedclip.available_backends()) <= set(fusedclip.BACKENDS)
     assert "torch" in fusedclip.available_backends()
+
+
+def _package_copy(tmp_path, extension: bytes | None):
+    """A copy of the fusedclip package without its compiled _C, or with a broken one in its place."""
+    import shutil
+
+    package = os.path.dirname(fusedclip.__file__)
+    copy = tmp_path / "fusedclip"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    if extension is not None:
+        import importlib.machinery
+
+        (copy / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(extension)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["not-built", "unloadable"])
+def test_warning_says_why_c_did_not_load_and_what_to_do(tmp_path, case):
+    """Without _C the warning says whether it is missing or refused (another torch), how to build
+    it, and which backends run instead, once; not an import error's internals."""
+    root = _package_copy(tmp_path, None if case == "not-built" else b"not an ELF file")
+    result = _run(
+        """
+        import logging, sys
+        logging.basicConfig(level=logging.WARNING)
+        # Only the copy: an editable install's finder would map fusedclip._C to the source tree's.
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+        import torch, fusedclip
+        from fusedclip import _backends
+        assert fusedclip.__file__.startswith(sys.path[1]) or "fusedclip" in fusedclip.__file__
+        assert _backends._C is None
+        assert fusedclip.get_total_norm([torch.ones(4)]).item() == 2.0
+        print("ok")
+        """,
+        env={"PYTHONPATH": root},
+        cwd=root,  # `python -c` looks in its working directory first
+    )
+    assert result.stdout.strip().endswith("ok")
+    warning = result.stderr
+    assert warning.count("fusedclip._C") == 1, warning
+    assert "partially initialized" not in warning and "circular import" not in warning, warning
+    assert "pip install --no-build-isolation -e ." in warning, warning
+    assert "CPU tensors use the pure-PyTorch backend ('torch')" in warning, warning
+    if case == "not-built":
+        assert "fusedclip._C is not built" in warning, warning
+    else:
+        assert "could not be loaded" in warning and f"({torch.__version__})" in warning, warning
