@@ -50,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--training", nargs="*", choices=["amp", "adamw"],
                        help="training-step benchmarks (default: all; none with an empty list)")
     bench.add_argument("--repeats", type=int, default=15, help="timed repetitions per mode")
-    bench.add_argument("--output", default="benchmarks/results", help="folder for JSON, Markdown and PNG")
+    bench.add_argument("--output", default=None,
+                       help="folder for JSON, Markdown and PNG (default: none, the tables are printed only; "
+                            "scripts/bench.sh passes benchmarks/results)")
     bench.add_argument("--health", action=argparse.BooleanOptionalAction, default=True,
                        help="also time AGC and GradientMonitor (fusedclip/bench/health.py)")
     bench.add_argument("--launches", action=argparse.BooleanOptionalAction, default=True,

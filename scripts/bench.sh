@@ -4,4 +4,4 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 "$PYTHON" -m fusedclip info
-"$PYTHON" -m fusedclip bench "$@"
+"$PYTHON" -m fusedclip bench --output benchmarks/results "$@"  # a later --output wins

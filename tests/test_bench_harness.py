@@ -213,3 +213,21 @@ def test_training_rows_time_the_fold_and_the_scale_pass_on_clipping_and_other_st
     assert training.fold_break_even(timed(11.0, 10.0, 7.0, 6.0)) == 1.0  # gains nothing: never
     assert training.fold_break_even(rows[:3]) is None
     assert "more than 75% of steps clip" in training._break_even_line(timed(10.0, 11.0, 9.0, 6.0))
+
+
+def test_bench_command_writes_no_file_unless_asked(monkeypatch, tmp_path, capsys):
+    """Without --output the tables are printed and nothing is written, neither in the working
+    directory nor in the source tree's benchmarks/results (scripts/bench.sh asks for that one)."""
+    import os
+
+    from fusedclip.__main__ import main
+
+    results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+    before = set(os.listdir(results))
+    _small_workloads(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--device", "cpu", "--workloads", "test-small", "--backends", "cpu",
+                 "--training", "--no-health", "--repeats", "1"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert set(os.listdir(results)) == before
+    assert "no files written" in capsys.readouterr().out

@@ -357,8 +357,10 @@ def main(args) -> int:
     print("floor: the row's bytes at the probe bandwidth measured during that row (read for the "
           "norm, read-modify-write for the scale); copy: the bytes moved over the time, against the "
           "copy probe's bandwidth")
-    os.makedirs(args.output, exist_ok=True)
-    stem = os.path.join(args.output, f"{report['date']}-{device_slug(report['device'])}")
+    stem = None
+    if args.output is not None:
+        os.makedirs(args.output, exist_ok=True)
+        stem = os.path.join(args.output, f"{report['date']}-{device_slug(report['device'])}")
     _save(report, stem)
     if device.type == "cuda" and fusedclip.backend_status()["cuda"] is None and args.launches:
         print("\nbackend cuda: the single-launch clip against two launches")
@@ -373,19 +375,25 @@ def main(args) -> int:
         report["training"] = training.run(device, args.training, repeats=args.repeats)
     _save(report, stem)
     print(f"\ntargets (the GPU kernels' goals; on a CPU for reference):\n{targets_table(report['targets'])}")
-    print(f"wrote {stem}.json and {stem}.md")
-    if plot(report, stem + ".png"):
-        print(f"wrote {stem}.png")
+    if stem is None:
+        print("no files written (--output FOLDER writes JSON, Markdown and a chart)")
     else:
-        print("matplotlib is not installed: no chart (pip install matplotlib)")
+        print(f"wrote {stem}.json and {stem}.md")
+        if plot(report, stem + ".png"):
+            print(f"wrote {stem}.png")
+        else:
+            print("matplotlib is not installed: no chart (pip install matplotlib)")
     for error in report["errors"]:
         print(f"FAILED: backend {error['backend']} on {error['workload']}: {error['error']}")
     return 1 if report["errors"] else 0
 
 
-def _save(report: dict, stem: str) -> None:
-    """Writes the report as it stands to stem.json and stem.md, its targets recomputed."""
+def _save(report: dict, stem: Optional[str]) -> None:
+    """Writes the report as it stands to stem.json and stem.md (nothing when stem is None), its
+    targets recomputed."""
     report["targets"] = target_rows(report)
+    if stem is None:
+        return
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
