@@ -14,21 +14,16 @@ again after a block that patched them.
 """
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import re
-import sys
 import textwrap
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 import fusedclip
+from torchvision_stand_ins import torchvision_stand_ins
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -147,68 +142,11 @@ def _block_id(block: str) -> str:
     return re.sub(r"\W+", "_", first).strip("_")[:40]
 
 
-# --- timm without torchvision --------------------------------------------------------------------
-
-# timm imports these torchvision modules when it is imported (timm.layers, timm.data, timm.utils),
-# though its clipping code never uses them. scripts/setup.sh installs timm without torchvision
-# (PyPI's torchvision is built against a CUDA torch and does not load beside a CPU-only one), so
-# where torchvision is missing, empty stand-ins serve those imports while the block runs.
-_TORCHVISION_IMPORTED_BY_TIMM = (
-    "torchvision",
-    "torchvision.datasets",
-    "torchvision.ops",
-    "torchvision.ops.misc",
-    "torchvision.transforms",
-    "torchvision.transforms.functional",
-)
-
-
-class _Placeholder(type):
-    """A stand-in class whose every attribute is another stand-in (``InterpolationMode.BILINEAR``)."""
-
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Placeholder(name, (), {})
-
-
-class _StandInModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = _Placeholder(name, (), {})
-        setattr(self, name, value)
-        return value
-
-
-class _StandInTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name in _TORCHVISION_IMPORTED_BY_TIMM:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        return _StandInModule(spec.name)
-
-    def exec_module(self, module):
-        module.__path__ = []
-
-
-@pytest.fixture
-def torchvision_stand_ins():
-    """Stand-ins for torchvision while a block runs, only where torchvision is not installed."""
-    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+@pytest.fixture(name="torchvision_stand_ins")
+def _torchvision_stand_ins_fixture():
+    """Stand-ins for timm's torchvision imports while a block runs, where torchvision is missing."""
+    with torchvision_stand_ins():
         yield
-        return
-    finder = _StandInTorchvision()
-    sys.meta_path.insert(0, finder)
-    try:
-        yield
-    finally:
-        sys.meta_path.remove(finder)
-        for name in _TORCHVISION_IMPORTED_BY_TIMM:
-            if isinstance(sys.modules.get(name), _StandInModule):
-                del sys.modules[name]
 
 
 # --- the tests -----------------------------------------------------------------------------------

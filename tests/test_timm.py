@@ -21,50 +21,7 @@ import torch
 import fusedclip
 import fusedclip.adaptive
 import fusedclip.clip
-
-# torchvision modules that timm imports when it is imported (timm.layers, timm.data, timm.utils).
-_TORCHVISION_IMPORTED_BY_TIMM = (
-    "torchvision",
-    "torchvision.datasets",
-    "torchvision.ops",
-    "torchvision.ops.misc",
-    "torchvision.transforms",
-    "torchvision.transforms.functional",
-)
-
-
-class _Placeholder(type):
-    """A stand-in class whose every attribute is another stand-in (``InterpolationMode.BILINEAR``)."""
-
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Placeholder(name, (), {})
-
-
-class _StandInModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = _Placeholder(name, (), {})
-        setattr(self, name, value)
-        return value
-
-
-class _StandInTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves the torchvision modules that timm imports at import time, as empty stand-ins."""
-
-    def find_spec(self, name, path, target=None):
-        if name in _TORCHVISION_IMPORTED_BY_TIMM:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None  # torchvision.models.feature_extraction: timm falls back without it
-
-    def create_module(self, spec):
-        return _StandInModule(spec.name)
-
-    def exec_module(self, module):
-        module.__path__ = []
-
+from torchvision_stand_ins import torchvision_is_real, torchvision_stand_ins
 
 def _import_timm() -> types.ModuleType:
     """Imports timm, or skips the module.
@@ -78,22 +35,17 @@ def _import_timm() -> types.ModuleType:
     """
     if importlib.util.find_spec("timm") is None:
         pytest.skip("timm is not installed (scripts/setup.sh installs it)", allow_module_level=True)
-    if "timm" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+    if "timm" in sys.modules or torchvision_is_real():
         try:
             import timm.utils
         except Exception as exc:  # a torchvision that does not load raises RuntimeError
             pytest.skip(f"timm does not import: {exc}", allow_module_level=True)
         return timm
-    finder = _StandInTorchvision()
-    sys.meta_path.insert(0, finder)
-    try:
-        import timm.utils
-    except Exception as exc:  # a timm that imports more of torchvision, or lacks a dependency
-        pytest.skip(f"timm does not import without torchvision: {exc!r}", allow_module_level=True)
-    finally:
-        sys.meta_path.remove(finder)
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-            del sys.modules[name]
+    with torchvision_stand_ins():
+        try:
+            import timm.utils
+        except Exception as exc:  # a timm that imports more of torchvision, or lacks a dependency
+            pytest.skip(f"timm does not import without torchvision: {exc!r}", allow_module_level=True)
     return timm
 
 
