@@ -91,8 +91,29 @@ def pytest_runtest_setup(item):
         pytest.skip(marker.kwargs.get("reason", "needs a CUDA device"))
 
 
+def _runs_tests(session) -> bool:
+    """Whether the run goes on to run its tests: not a collection only (or a setup plan), and not a
+    collection with errors that stops the run."""
+    option = session.config.option
+    if option.collectonly or getattr(option, "setupplan", False):
+        return False
+    return not (session.testsfailed and not option.continue_on_collection_errors)
+
+
 def pytest_collection_finish(session):
     """Starts the interpreted Triton suite's subprocess as soon as this run is known to include
-    test_triton.py::test_interpreted_suite, so that it runs beside the rest (see helpers.py)."""
-    if not INTERPRETED and any(item.name == "test_interpreted_suite" for item in session.items):
+    test_triton.py::test_interpreted_suite and to run tests, so that it runs beside the rest (see
+    helpers.py)."""
+    if not INTERPRETED and _runs_tests(session) and any(item.name == "test_interpreted_suite"
+                                                         for item in session.items):
         InterpretedSuite.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The interpreted suite's subprocess ends with the run, however the run ends (its end, -x,
+    Ctrl-C, an internal error): nothing started here outlives pytest."""
+    InterpretedSuite.stop()
+
+
+def pytest_unconfigure(config):
+    InterpretedSuite.stop()

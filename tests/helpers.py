@@ -320,23 +320,67 @@ def poisoned_buffer(sizes: Sequence[int], dtype: torch.dtype, seed: int, device=
 class InterpretedSuite:
     """Every ``triton_interpreter`` case of tests/ in a subprocess started with TRITON_INTERPRET=1
     (which must be set before triton is imported). conftest.py starts it as soon as a run is known
-    to include test_triton.py::test_interpreted_suite, so it runs beside the rest of the suite
-    (the interpreter is single-threaded Python); the test waits for its result."""
+    to include test_triton.py::test_interpreted_suite and to run tests (not with --collect-only),
+    so it runs beside the rest of the suite (the interpreter is single-threaded Python); the test
+    waits for its result.
+
+    Nothing of it outlives the run: conftest.py stops it when the session finishes and at
+    unconfigure (the end of a run, an -x stop, Ctrl-C, an internal error), an atexit handler at the
+    interpreter's exit, and on Linux the subprocess asks the kernel to kill it when its parent dies
+    (PR_SET_PDEATHSIG), for a run killed outright. It runs in a session of its own, whose processes
+    stop() ends together."""
 
     _process: Optional[subprocess.Popen] = None
     _output: Optional[tuple] = None  # files for its stdout and stderr (a pipe could fill and block it)
     TIMEOUT_S = 1500
 
+    # What the subprocess runs: PR_SET_PDEATHSIG (1) with SIGKILL, then pytest unless its parent
+    # (whose pid it is given) died before that.
+    _BOOT = (
+        "import ctypes, os, signal, sys\n"
+        "parent = int(sys.argv.pop(1))\n"
+        "if sys.platform.startswith('linux'):\n"
+        "    try:\n"
+        "        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)\n"
+        "    except (OSError, AttributeError):\n"
+        "        pass\n"
+        "if os.getppid() != parent:\n"
+        "    sys.exit('the interpreted suite: its parent process is gone')\n"
+        "import pytest\n"
+        "sys.exit(pytest.main(sys.argv[1:]))\n"
+    )
+
+    @classmethod
+    def pytest_args(cls) -> list[str]:
+        """The subprocess's pytest arguments."""
+        return ["-q", "-p", "no:cacheprovider", "-m", "triton_interpreter", os.path.dirname(os.path.abspath(__file__))]
+
     @classmethod
     def start(cls) -> None:
+        import atexit
+
         if cls._process is None:
             cls._output = (tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+"))
+            atexit.register(cls.stop)
             cls._process = subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "triton_interpreter",
-                 os.path.dirname(os.path.abspath(__file__))],
+                [sys.executable, "-c", cls._BOOT, str(os.getpid()), *cls.pytest_args()],
                 env=dict(os.environ, TRITON_INTERPRET="1"), stdout=cls._output[0], stderr=cls._output[1],
-                text=True,
+                text=True, start_new_session=True,
             )
+
+    @classmethod
+    def stop(cls) -> None:
+        """Kills the subprocess and its session if it still runs (idempotent); its result stays."""
+        import signal
+
+        process = cls._process
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, AttributeError):  # AttributeError: no killpg
+            process.kill()
+        process.wait()
 
     @classmethod
     def result(cls) -> tuple[int, str, str]:
@@ -345,8 +389,7 @@ class InterpretedSuite:
         try:
             cls._process.wait(timeout=cls.TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            cls._process.kill()
-            cls._process.wait()
+            cls.stop()
         stdout, stderr = cls._output
         stdout.seek(0)
         stderr.seek(0)
