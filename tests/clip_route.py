@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple, Optional
 
-import torch.nn.utils
-
 import fusedclip.patch
 from fusedclip import _ops
 
