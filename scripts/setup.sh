@@ -35,6 +35,7 @@ if ! reason="$("$PYTHON" scripts/setup_state.py check install)"; then
   # extra (Accelerate, Lightning, transformers) is optional: when it cannot be installed, its
   # tests skip. scripts/constraints.txt pins the framework versions the suite was last green with
   # (scripts/test-newest.sh tries the newest releases).
+  complete=1  # 0 when an optional package could not be installed: the next run tries again
   TORCH_CONSTRAINT="$(mktemp)"
   "$PYTHON" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$TORCH_CONSTRAINT"
   if DIST_EXTRA_CONFIG="$BUILD_CONFIG" "$PYTHON" -m pip install -q --no-build-isolation \
@@ -42,14 +43,17 @@ if ! reason="$("$PYTHON" scripts/setup_state.py check install)"; then
     # timm without its torchvision dependency (its others come with the integration extra): PyPI's
     # torchvision is built against a CUDA torch and does not load beside a CPU-only one.
     "$PYTHON" -m pip install -q --no-deps -c "$TORCH_CONSTRAINT" -c scripts/constraints.txt timm \
-      || echo "setup: timm could not be installed; tests/test_timm.py will skip" >&2
+      || { complete=0; echo "setup: timm could not be installed; tests/test_timm.py will skip" >&2; }
   else
+    complete=0
     echo "setup: the 'integration' extra could not be installed; tests/test_frameworks.py, test_hf_trainer.py and test_timm.py will skip" >&2
     DIST_EXTRA_CONFIG="$BUILD_CONFIG" "$PYTHON" -m pip install -q --no-build-isolation \
       -c "$TORCH_CONSTRAINT" -e ".[test,bench]"
   fi
   rm -f "$TORCH_CONSTRAINT"
-  "$PYTHON" scripts/setup_state.py record install
+  if [ "$complete" = 1 ]; then
+    "$PYTHON" scripts/setup_state.py record install
+  fi
   "$PYTHON" scripts/setup_state.py record build  # the editable install built fusedclip._C
 fi
 

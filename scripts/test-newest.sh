@@ -30,7 +30,9 @@ EOF
 
 TORCH_PIN="$VENV/torch-constraint.txt"
 "$PYTHON" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$TORCH_PIN"
-"$VENV/bin/python" -m pip install -q --upgrade -c "$TORCH_PIN" \
+# eager: the frameworks' dependencies too (lightning-utilities, torchmetrics, ...), not only those
+# the pinned environment does not satisfy.
+"$VENV/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -c "$TORCH_PIN" \
   accelerate transformers lightning huggingface-hub tokenizers safetensors
 "$VENV/bin/python" -m pip install -q --upgrade --no-deps timm
 

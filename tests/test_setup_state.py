@@ -118,6 +118,9 @@ STAND_IN = """#!/usr/bin/env bash
 # Records each call; pip and setup.py are recorded and skipped (pip's editable install and setup.py
 # build_ext write the library, as the real ones do), the rest runs on the real Python.
 echo "$*" >> "$CALLS"
+if [ "$1 $2" = "-m pip" ] && [ -n "${FAIL_PIP_WITH:-}" ]; then
+  case "$*" in *"$FAIL_PIP_WITH"*) exit 1 ;; esac
+fi
 if [ "$1 $2" = "-m pip" ]; then
   case " $* " in *" -e "*) echo "built by pip" > "fusedclip/{ext}" ;; esac
   exit 0
@@ -168,6 +171,17 @@ def test_setup_sh_skips_what_is_up_to_date(tree, tmp_path):
     installs = _setup_sh(tree, tmp_path, env={"FUSEDCLIP_CPU_ARCH": "default"})
     assert any(" -e .[test,bench,integration]" in call for call in installs), installs
     assert _setup_sh(tree, tmp_path, env={"FUSEDCLIP_CPU_ARCH": "default"}) == []
+
+
+@pytest.mark.parametrize("failing", ["integration]", "timm"])
+def test_setup_sh_tries_an_optional_install_again_after_it_failed(tree, tmp_path, failing):
+    """An integration extra or timm that could not be installed (a network failure) is not
+    recorded as installed: the next run tries again, and once it succeeds nothing runs."""
+    first = _setup_sh(tree, tmp_path, env={"FAIL_PIP_WITH": failing})
+    assert any(failing in call for call in first), first
+    again = _setup_sh(tree, tmp_path)
+    assert any(" -e .[test,bench,integration]" in call for call in again), again
+    assert _setup_sh(tree, tmp_path) == []
 
 
 def test_setup_sh_builds_in_a_kept_folder(tree, tmp_path):
