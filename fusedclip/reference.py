@@ -223,8 +223,11 @@ def multi_tensor_scale_per_tensor_(tensors: list[Tensor], coefs: Tensor) -> None
 
 def per_tensor_norms(statistics: Tensor, tensors: list[Tensor], norm_type: float) -> Tensor:
     """Norms from per-tensor statistics; a tensor with no elements has norm 0 for every p (the
-    root of the identity is not 0 for p = -inf or p < 0)."""
+    root of the identity is not 0 for p = -inf or p < 0); a norm whose sum overflowed is taken
+    again of its tensor (rescaled_if_overflowed)."""
     norms = total_norm_from_statistic(statistics, norm_type, empty=False)
+    if rescale_decided_on_host(norms, norm_type):  # a tensor's sum overflowed: that norm again
+        norms = torch.stack([rescaled_if_overflowed([t], n, norm_type) for t, n in zip(tensors, norms.unbind())])
     if any(t.numel() == 0 for t in tensors):
         empty = torch.tensor([t.numel() == 0 for t in tensors]).to(norms.device, non_blocking=True)
         norms = torch.where(empty, torch.zeros_like(norms), norms)
@@ -236,8 +239,9 @@ def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type
     statistic, per_statistic = multi_tensor_norm(tensors, norm_type, per_tensor=True)
     total = total_norm_from_statistic(statistic, norm_type, not any(t.numel() for t in tensors))
     total = rescaled_if_overflowed(tensors, total, norm_type)
+    per_tensor = per_tensor_norms(per_statistic, tensors, norm_type)  # may read the tensors again: first
     multi_tensor_scale_(tensors, clip_coefficient(total, max_norm))
-    return total, per_tensor_norms(per_statistic, tensors, norm_type)
+    return total, per_tensor
 
 
 def monitor_update_(

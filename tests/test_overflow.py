@@ -31,6 +31,8 @@ CASES = [
 def _oracle(values, norm_type) -> float:
     flat = [abs(v) for vs in values for v in vs]
     largest = max(flat)
+    if largest == 0:
+        return 0.0
     return largest * math.fsum((v / largest) ** norm_type for v in flat) ** (1.0 / norm_type)
 
 
@@ -49,8 +51,17 @@ def test_norm_finite_where_the_truth_fits(backend, values, norm_type, dtype):
     total = fusedclip.get_total_norm(grads, norm_type, error_if_nonfinite=True, backend=backend)
     assert total.dtype == torch.float32
     assert math.isclose(float(total), truth, rel_tol=rtol), (float(total), truth)
-    for function in (fusedclip.get_norms, ):
-        assert math.isclose(float(function(grads, norm_type, backend=backend)[0]), truth, rel_tol=rtol)
+    total, per_tensor = fusedclip.get_norms(grads, norm_type, backend=backend)
+    assert math.isclose(float(total), truth, rel_tol=rtol)
+    _assert_per_tensor(per_tensor, grads, norm_type, rtol)
+
+
+def _assert_per_tensor(per_tensor, grads, norm_type, rtol):
+    """Each tensor's norm against its own oracle (0 for an empty tensor)."""
+    assert per_tensor.shape == (len(grads),)
+    for norm, g in zip(per_tensor.tolist(), grads):
+        expected = _oracle([g.double().tolist()], norm_type) if g.numel() else 0.0
+        assert math.isclose(norm, expected, rel_tol=rtol), (norm, expected)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -62,7 +73,8 @@ def test_clip_scales_to_max_norm_instead_of_zeroing(backend, values, norm_type, 
     if clip == "clip_grad_norm_":
         total = fusedclip.clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=True, backend=backend)
     elif clip == "clip_grad_norm_with_norms_":
-        total, _ = fusedclip.clip_grad_norm_with_norms_(params, 1.0, norm_type, backend=backend)
+        total, per_tensor = fusedclip.clip_grad_norm_with_norms_(params, 1.0, norm_type, backend=backend)
+        _assert_per_tensor(per_tensor, grads, norm_type, 1e-5)
     else:
         total = fusedclip.get_total_norm([p.grad for p in params], norm_type, backend=backend)
         fusedclip.clip_grads_with_norm_(params, 1.0, total, backend=backend)
@@ -102,3 +114,24 @@ def test_non_finite_elements_and_norms_beyond_float32_stay_non_finite(backend):
     assert math.isclose(float(total), 6e38, rel_tol=1e-12)
     total = fusedclip.get_total_norm(_grads([[1e200] * 3], torch.float64), 2.0, backend=backend)
     assert math.isclose(float(total), 1e200 * math.sqrt(3), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("values,norm_type", CASES)
+def test_per_tensor_clip_and_monitor_see_the_rescaled_norms(backend, values, norm_type):
+    """PerTensorClip scales each gradient to max_norm instead of zeroing it; GradientMonitor
+    records the finite per-parameter norms."""
+    grads = _grads(values, torch.float32)
+    params = params_with([g.clone() for g in grads])
+    fusedclip.PerTensorClip(1.0, norm_type, backend=backend)(params)
+    for p, g in zip(params, grads):
+        if g.numel():
+            expected = min(1.0, 1.0 / _oracle([g.double().tolist()], norm_type))
+            assert math.isclose(_oracle([p.grad.double().tolist()], norm_type),
+                                expected * _oracle([g.double().tolist()], norm_type), rel_tol=1e-4)
+    params = params_with([g.clone() for g in grads])
+    monitor = fusedclip.GradientMonitor([(f"p{i}", p) for i, p in enumerate(params)], norm_type=norm_type,
+                                        backend=backend)
+    monitor.observe()
+    _assert_per_tensor(monitor.history()["per_parameter"][-1], grads, norm_type, 1e-5)
+    assert monitor.exploding() == [], monitor.exploding()

@@ -11,9 +11,12 @@ namespace {
 // thousand elements enter a parallel region, which costs a scheduler time slice (milliseconds) on
 // a busy machine. A tensor with no elements has norm 0 for every p (the root of the identity is
 // not 0 for p = -inf or p < 0). sqrt in float64 then rounded to float32 is float32's sqrt.
+// A norm whose sum overflowed while every |x| of its tensor is finite is taken again, of that
+// tensor alone (rescaled_if_overflowed).
 template <typename T>
 void take_roots(T* value, at::TensorList tensors, double norm_type) {
   const bool is_root = !(norm_type == 0.0 || norm_type == 1.0 || std::isinf(norm_type));
+  const bool may_overflow = fusedclip::sum_may_overflow(fusedclip::norm_kind(norm_type));
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (tensors[i].numel() == 0) {
       value[i] = T(0);
@@ -21,6 +24,11 @@ void take_roots(T* value, at::TensorList tensors, double norm_type) {
       value[i] = static_cast<T>(std::sqrt(static_cast<double>(value[i])));
     } else if (is_root) {
       value[i] = static_cast<T>(std::pow(static_cast<double>(value[i]), 1.0 / norm_type));
+    }
+    if (may_overflow && std::isinf(value[i])) {
+      const TensorTable one(tensors.slice(i, 1), Access::kRead, "clip_grad_norm_with_norms_");
+      const at::Tensor norm = at::scalar_tensor(static_cast<double>(value[i]), at::CppTypeToScalarType<T>::value);
+      value[i] = rescaled_if_overflowed(one, norm, norm_type).template item<T>();
     }
   }
 }
@@ -45,9 +53,10 @@ std::tuple<at::Tensor, at::Tensor> clip_grad_norm_with_norms_(at::TensorList ten
   const auto [statistic, per_statistic] = norm_statistic(table, norm_type, true);
   const at::Tensor total = rescaled_if_overflowed(
       table, total_norm_from_statistic(statistic, norm_type, table.numel() == 0), norm_type);
-  scale_writable(tensors, clip_coefficient(total, max_norm), "clip_grad_norm_with_norms_",
-                 &table);
-  return {total, per_tensor_roots(per_statistic, tensors, norm_type)};
+  // The roots before the scale: an overflowed norm is taken again of its tensor as it was.
+  const at::Tensor per_tensor = per_tensor_roots(per_statistic, tensors, norm_type);
+  scale_writable(tensors, clip_coefficient(total, max_norm), "clip_grad_norm_with_norms_", &table);
+  return {total, per_tensor};
 }
 
 }  // namespace
