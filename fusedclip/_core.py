@@ -356,14 +356,6 @@ def norm_from_statistics(
     return numerics.total_norm_from_statistic(statistic, norm_type, empty)
 
 
-def norm_of_cpu_statistic(tensors: list[Tensor], statistic: Tensor, norm_type: float) -> Tensor:
-    """The norm of CPU tensors from their statistic (the C++ fast path's), as
-    norm_of_group_statistics takes it of one CPU group."""
-    empty = not any(t.numel() for t in tensors)
-    total = numerics.total_norm_from_statistic(statistic, norm_type, empty)
-    return reference.rescaled_if_overflowed(tensors, total, norm_type)
-
-
 def norm_of_group_statistics(
     groups: list[Group], statistics: list[Tensor], norm_type: float
 ) -> Tensor:

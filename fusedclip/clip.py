@@ -85,7 +85,7 @@ def get_total_norm(
         if process_group is None and _core.first_on_cpu(tensors) and _core.cpu_fast_path(backend):
             result = _core.on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type, writes=False)
             if result is not None:
-                total = _core.norm_of_cpu_statistic(tensors, result[0], norm_type)
+                total = _core.norm_of_group_statistics([(torch.device("cpu"), "cpu", tensors)], [result[0]], norm_type)
         if total is None and _is_distributed(tensors, process_group):
             total = distributed.get_total_norm(tensors, norm_type, foreach, backend, process_group)
         if total is None:

@@ -224,7 +224,6 @@ def test_warning_says_why_c_did_not_load_and_what_to_do(tmp_path, case):
         sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
         import torch, fusedclip
         from fusedclip import _backends
-        assert fusedclip.__file__.startswith(sys.path[1]) or "fusedclip" in fusedclip.__file__
         assert _backends._C is None
         assert fusedclip.get_total_norm([torch.ones(4)]).item() == 2.0
         print("ok")
