@@ -135,3 +135,12 @@ def test_per_tensor_clip_and_monitor_see_the_rescaled_norms(backend, values, nor
     monitor.observe()
     _assert_per_tensor(monitor.history()["per_parameter"][-1], grads, norm_type, 1e-5)
     assert monitor.exploding() == [], monitor.exploding()
+
+
+def test_compiled_call_keeps_the_overflowed_inf():
+    """The documented exception: a compiled call makes no host decision, so it returns the
+    overflowed norm as inf (as torch does), where eager takes it again."""
+    grads = _grads([[1e20] * 3], torch.float32)
+    compiled = torch.compile(lambda gs: fusedclip.get_total_norm(gs), fullgraph=True, backend="eager")
+    assert float(compiled(grads)) == math.inf
+    assert math.isclose(float(fusedclip.get_total_norm(grads)), 1e20 * math.sqrt(3), rel_tol=1e-6)
