@@ -134,12 +134,11 @@ def rescale_decided_on_host(total: Tensor, norm_type: float) -> bool:
     a sum (p other than 0 and +-inf) and the norm came out inf, read on the host only where that
     is free (a CPU tensor, eagerly; not under torch.compile, where it would break the graph). A sum of |x|^p overflows its accumulator long before any |x| is inf (x^2 of a
     float32 x above 1.8e19); taken of x / max|x|, whose terms are at most 1, it cannot."""
-    return (
-        total.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and norm_kind(norm_type) in SUM_KINDS
-        and bool(total.isinf().any())
-    )
+    if norm_kind(norm_type) not in SUM_KINDS or total.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if total.dim() == 0:
+        return math.isinf(total.item())  # a microsecond; isinf().any() takes two ATen ops
+    return bool(total.isinf().any())
 
 
 def rescaled_norm(largest: Tensor, scaled_statistic: Tensor, norm_type: float, dtype: torch.dtype) -> Tensor:
