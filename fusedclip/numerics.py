@@ -132,8 +132,9 @@ def _(statistic: Tensor, norm_type: float) -> Tensor:
 def rescale_decided_on_host(total: Tensor, norm_type: float) -> bool:
     """Whether to take a norm (or any of a vector of norms) again of x / max|x|: its statistic is
     a sum (p other than 0 and +-inf) and the norm came out inf, read on the host only where that
-    is free (a CPU tensor, eagerly; not under torch.compile, where it would break the graph). A sum of |x|^p overflows its accumulator long before any |x| is inf (x^2 of a
-    float32 x above 1.8e19); taken of x / max|x|, whose terms are at most 1, it cannot."""
+    is free (a CPU tensor, eagerly; not under torch.compile, where it would break the graph).
+    A sum of |x|^p overflows its accumulator long before any |x| is inf (x^2 of a float32 x
+    above 1.8e19); taken of x / max|x|, whose terms are at most 1, it cannot."""
     if norm_kind(norm_type) not in SUM_KINDS or total.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     if total.dim() == 0:
