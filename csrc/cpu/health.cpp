@@ -1,8 +1,9 @@
-// CPU kernel of clip_grad_norm_with_norms_ (schema in csrc/fusedclip.cpp): the fused clip, also
+// CPU kernel of clip_grad_norm_with_norms_ (schema in fusedclip/operators.py): the fused clip, also
 // returning the per-tensor norms that the norm pass reduces on the way to the total.
 #include "kernels.h"
 
-#include <torch/library.h>
+#include <cmath>
+#include <type_traits>
 
 namespace fusedclip::cpu {
 namespace {
@@ -14,7 +15,8 @@ namespace {
 // A norm whose sum overflowed while every |x| of its tensor is finite is taken again, of that
 // tensor alone (rescaled_if_overflowed).
 template <typename T>
-void take_roots(T* value, at::TensorList tensors, double norm_type) {
+void take_roots(T* value, const TensorList& tensors, double norm_type) {
+  constexpr ScalarType dtype = std::is_same_v<T, double> ? ScalarType::Double : ScalarType::Float;
   const bool is_root = !(norm_type == 0.0 || norm_type == 1.0 || std::isinf(norm_type));
   const bool may_overflow = fusedclip::sum_may_overflow(fusedclip::norm_kind(norm_type));
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -26,43 +28,45 @@ void take_roots(T* value, at::TensorList tensors, double norm_type) {
       value[i] = static_cast<T>(std::pow(static_cast<double>(value[i]), 1.0 / norm_type));
     }
     if (may_overflow && std::isinf(value[i])) {
-      const TensorTable one(tensors.slice(i, 1), Access::kRead, "clip_grad_norm_with_norms_");
-      const at::Tensor norm = at::scalar_tensor(static_cast<double>(value[i]), at::CppTypeToScalarType<T>::value);
-      value[i] = rescaled_if_overflowed(one, norm, norm_type).template item<T>();
+      const TensorTable one(TensorList{tensors[i]}, Access::kRead, "clip_grad_norm_with_norms_");
+      const Tensor norm = cpu_scalar(static_cast<double>(value[i]), dtype);
+      value[i] = static_cast<T>(cpu_value(rescaled_if_overflowed(one, norm, norm_type)));
     }
   }
 }
 
 // In place on the statistics, which the norm pass returned as a new contiguous tensor: no copy and
 // no conversion on the per-step path of a GradientMonitor.
-at::Tensor per_tensor_roots(const at::Tensor& statistics, at::TensorList tensors, double norm_type) {
-  TORCH_INTERNAL_ASSERT(statistics.is_contiguous() && statistics.numel() == static_cast<int64_t>(tensors.size()));
-  if (statistics.scalar_type() == at::kDouble) {
-    take_roots(statistics.data_ptr<double>(), tensors, norm_type);
+Tensor per_tensor_roots(const Tensor& statistics, const TensorList& tensors, double norm_type) {
+  if (!(statistics.is_contiguous() && statistics.numel() == static_cast<int64_t>(tensors.size()))) {
+    fail("clip_grad_norm_with_norms_: the per-tensor statistics are not a contiguous tensor of one entry per "
+         "tensor (internal error)");
+  }
+  if (statistics.scalar_type() == ScalarType::Double) {
+    take_roots(static_cast<double*>(statistics.mutable_data_ptr()), tensors, norm_type);
   } else {
-    take_roots(statistics.data_ptr<float>(), tensors, norm_type);
+    take_roots(static_cast<float*>(statistics.mutable_data_ptr()), tensors, norm_type);
   }
   return statistics;
 }
 
-std::tuple<at::Tensor, at::Tensor> clip_grad_norm_with_norms_(at::TensorList tensors, double max_norm,
-                                                              double norm_type) {
+std::tuple<Tensor, Tensor> clip_grad_norm_with_norms_(TensorList tensors, double max_norm, double norm_type) {
   check_norm_type(norm_type);
-  check_writable(tensors, "clip_grad_norm_with_norms_", at::kCPU);
+  check_writable(tensors, "clip_grad_norm_with_norms_", DeviceType::CPU);
   const TensorTable table(tensors, Access::kRead, "clip_grad_norm_with_norms_");
   const auto [statistic, per_statistic] = norm_statistic(table, norm_type, true);
-  const at::Tensor total = rescaled_if_overflowed(
+  const Tensor total = rescaled_if_overflowed(
       table, total_norm_from_statistic(statistic, norm_type, table.numel() == 0), norm_type);
   // The roots before the scale: an overflowed norm is taken again of its tensor as it was.
-  const at::Tensor per_tensor = per_tensor_roots(per_statistic, tensors, norm_type);
+  const Tensor per_tensor = per_tensor_roots(per_statistic, tensors, norm_type);
   scale_writable(tensors, clip_coefficient(total, max_norm), "clip_grad_norm_with_norms_", &table);
   return {total, per_tensor};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
-  m.impl("clip_grad_norm_with_norms_", &clip_grad_norm_with_norms_);
+STABLE_TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("clip_grad_norm_with_norms_", TORCH_BOX(&clip_grad_norm_with_norms_));
 }
 
 }  // namespace fusedclip::cpu

@@ -1,7 +1,7 @@
-// CPU kernel of monitor_update_ (schema in csrc/fusedclip.cpp): GradientMonitor's per-step update
-// of its per-parameter statistics and flags, in one loop over the entries. It replaces about
-// thirty ATen elementwise ops on vectors of one entry per parameter, each of which costs more in
-// dispatch than its arithmetic at a few thousand entries.
+// CPU kernel of monitor_update_ (schema in fusedclip/operators.py): GradientMonitor's per-step
+// update of its per-parameter statistics and flags, in one loop over the entries. It replaces
+// about thirty ATen elementwise ops on vectors of one entry per parameter, each of which costs
+// more in dispatch than its arithmetic at a few thousand entries.
 //
 // Every step below is one ATen op of fusedclip.reference.monitor_update_ (the definition), done
 // in the norms' dtype with each product and sum rounded on its own, so the results are bitwise
@@ -13,23 +13,20 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-#include <ATen/ATen.h>
-#include <c10/util/Optional.h>
-#include <torch/library.h>
-
 #include "../tensor_checks.h"
 
 #include <cmath>
-#include <string>
+#include <cstdint>
+#include <optional>
 
 namespace fusedclip::cpu {
 namespace {
 
 template <typename T>
-void update(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
-            const at::Tensor& below, const at::Tensor& explosions, const at::Tensor& exploding,
-            const at::Tensor& vanishing, double alpha, int64_t warmup_steps, double z_threshold,
-            c10::optional<double> explode_threshold, double vanish_eps, int64_t vanish_steps) {
+void update(const Tensor& norms, const Tensor& mean, const Tensor& var, const Tensor& count,
+            const Tensor& below, const Tensor& explosions, const Tensor& exploding,
+            const Tensor& vanishing, double alpha, int64_t warmup_steps, double z_threshold,
+            std::optional<double> explode_threshold, double vanish_eps, int64_t vanish_steps) {
   // Python float arguments enter the reference's ops as scalars cast to the norms' dtype.
   const T ema_weight = static_cast<T>(1.0 - alpha);
   const T z_squared = static_cast<T>(z_threshold * z_threshold);
@@ -37,15 +34,16 @@ void update(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& v
   const T vanish = static_cast<T>(vanish_eps);
   const bool has_explode = explode_threshold.has_value();
   const T explode = has_explode ? static_cast<T>(*explode_threshold) : T(0);
-  const T* n_ptr = norms.data_ptr<T>();
-  T* mean_ptr = mean.data_ptr<T>();
-  T* var_ptr = var.data_ptr<T>();
-  int64_t* count_ptr = count.data_ptr<int64_t>();
-  int64_t* below_ptr = below.data_ptr<int64_t>();
-  int64_t* explosions_ptr = explosions.data_ptr<int64_t>();
-  bool* exploding_ptr = exploding.data_ptr<bool>();
-  bool* vanishing_ptr = vanishing.data_ptr<bool>();
-  for (int64_t i = 0; i < norms.numel(); ++i) {
+  const auto* n_ptr = static_cast<const T*>(norms.const_data_ptr());
+  auto* mean_ptr = static_cast<T*>(mean.mutable_data_ptr());
+  auto* var_ptr = static_cast<T*>(var.mutable_data_ptr());
+  auto* count_ptr = static_cast<int64_t*>(count.mutable_data_ptr());
+  auto* below_ptr = static_cast<int64_t*>(below.mutable_data_ptr());
+  auto* explosions_ptr = static_cast<int64_t*>(explosions.mutable_data_ptr());
+  auto* exploding_ptr = static_cast<bool*>(exploding.mutable_data_ptr());
+  auto* vanishing_ptr = static_cast<bool*>(vanishing.mutable_data_ptr());
+  const int64_t size = norms.numel();
+  for (int64_t i = 0; i < size; ++i) {
     const T n = n_ptr[i];
     const T mu = mean_ptr[i];
     const T sigma2 = var_ptr[i];
@@ -77,15 +75,12 @@ void update(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& v
   }
 }
 
-void monitor_update_(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& var,
-                     const at::Tensor& count, const at::Tensor& below, const at::Tensor& explosions,
-                     const at::Tensor& exploding, const at::Tensor& vanishing, double alpha, int64_t warmup_steps,
-                     double z_threshold, c10::optional<double> explode_threshold, double vanish_eps,
+void monitor_update_(Tensor norms, Tensor mean, Tensor var, Tensor count, Tensor below, Tensor explosions,
+                     Tensor exploding, Tensor vanishing, double alpha, int64_t warmup_steps,
+                     double z_threshold, std::optional<double> explode_threshold, double vanish_eps,
                      int64_t vanish_steps) {
-  check_monitor_state(norms, mean, var, count, below, explosions, exploding, vanishing, at::kCPU);
-  // Written in place: marked modified, as autograd's in-place kernels mark theirs.
-  bump_versions({mean, var, count, below, explosions, exploding, vanishing});
-  if (norms.scalar_type() == at::kDouble) {
+  check_monitor_state(norms, mean, var, count, below, explosions, exploding, vanishing, DeviceType::CPU);
+  if (norms.scalar_type() == ScalarType::Double) {
     update<double>(norms, mean, var, count, below, explosions, exploding, vanishing, alpha, warmup_steps,
                    z_threshold, explode_threshold, vanish_eps, vanish_steps);
   } else {
@@ -96,8 +91,8 @@ void monitor_update_(const at::Tensor& norms, const at::Tensor& mean, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
-  m.impl("monitor_update_", &monitor_update_);
+STABLE_TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("monitor_update_", TORCH_BOX(&monitor_update_));
 }
 
 }  // namespace fusedclip::cpu
