@@ -1,56 +1,60 @@
-"""Builds fusedclip._C, the C++ operator library with its CPU kernels, and its CUDA kernels
-(csrc/cuda/) when torch was built with CUDA and nvcc is found.
+"""Builds fusedclip's native libraries on PyTorch's stable ABI: one build loads under every torch
+from 2.10 on (TORCH_TARGET_VERSION) and every CPython from 3.10 on (the limited API, abi3).
+
+  fusedclip._C       the CPU kernels (csrc/cpu/). Their vector code is compiled three times, for
+                     baseline x86-64, AVX2 (+FMA, F16C) and AVX-512, each in its own object with
+                     its own flags; csrc/cpu/isa.cpp picks one when the library loads (on other
+                     machines: the baseline build only).
+  fusedclip._C_cuda  the CUDA kernels (csrc/cuda/), when nvcc is found and either torch has CUDA or
+                     FUSEDCLIP_CUDA=1 (no GPU is needed to build; the library loads only where
+                     torch has CUDA).
 
 Environment:
-  FUSEDCLIP_CPU_ARCH   "avx2" or "default": the at::vec instruction set of the CPU kernels
-                       (default: avx2 when the building machine has AVX2, FMA and F16C). The
-                       kernels run only on CPUs with the instruction set they were built for.
-  FUSEDCLIP_CUDA       "1" builds the CUDA kernels (an error without nvcc or a CUDA torch), "0"
-                       does not; unset: built when torch.version.cuda is set and nvcc is found.
-  TORCH_CUDA_ARCH_LIST the GPU architectures (e.g. "8.0;9.0"); default "8.0;9.0" (A100, H100/H200)
-                       plus PTX for newer GPUs. No GPU is needed to build.
+  FUSEDCLIP_CUDA        "1" builds the CUDA library (an error without nvcc), "0" does not; unset:
+                        built when torch.version.cuda is set and nvcc is found.
+  TORCH_CUDA_ARCH_LIST  the GPU architectures (e.g. "8.0;9.0"); default "8.0;9.0" (A100,
+                        H100/H200) plus PTX for newer GPUs.
+  FUSEDCLIP_DEBUG       "1" builds with -g (release builds carry no debug information).
 """
 
 import glob
 import os
 import platform
+import subprocess
+import sys
 
 from setuptools import setup
-import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# torch 2.10: the oldest stable ABI the libraries call (torch/headeronly/version.h's encoding).
+TARGET_VERSION = "0x020a000000000000"
+# CPython 3.10: the oldest Python the abi3 libraries load in.
+LIMITED_API = "0x030a0000"
 
-def _host_has_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
+# The instruction sets of csrc/cpu/isa_kernels.cpp: (name, compiler flags). The name is the one
+# FUSEDCLIP_CPU_ISA and `python -m fusedclip info` use.
+ISA_BUILDS = (
+    [
+        ("baseline", ["-march=x86-64", "-mtune=generic"]),
+        ("avx2", ["-march=x86-64", "-mavx2", "-mfma", "-mf16c", "-mtune=haswell"]),
+        ("avx512", ["-march=x86-64", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                    "-mtune=skylake-avx512"]),
+    ]
+    if X86_64
+    else [("baseline", [])]
+)
 
-def _cpu_arch() -> str:
-    arch = os.environ.get("FUSEDCLIP_CPU_ARCH", "").strip().lower()
-    if arch not in ("", "avx2", "default"):
-        raise ValueError(f"FUSEDCLIP_CPU_ARCH must be 'avx2' or 'default', got {arch!r}")
-    if not arch:
-        arch = "avx2" if _host_has_avx2() else "default"
-    return arch
-
-
-def _cpu_flags() -> tuple[list[str], list[str]]:
-    compile_args = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
-    if _cpu_arch() == "avx2":
-        # ATen selects its 256-bit vector types with these macros; the namespace keeps them apart
-        # from libtorch's own copies.
-        compile_args += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    else:
-        compile_args += ["-DCPU_CAPABILITY=DEFAULT"]
-    return compile_args, ["-fopenmp"]
+DEBUG = os.environ.get("FUSEDCLIP_DEBUG", "") == "1"
+# No contraction into FMA outside the vector kernels: the host-side rules (csrc/numerics.h) must give
+# fusedclip.numerics' bits. The vector kernels contract (a later flag wins).
+COMMON_CXX = ["-O3", "-std=c++17", "-fvisibility=hidden", "-ffp-contract=off"] + (["-g"] if DEBUG else [])
+# (torch.utils.cpp_extension defines Py_LIMITED_API for py_limited_api extensions.)
+STABLE_ABI = [f"-DTORCH_TARGET_VERSION={TARGET_VERSION}"]
 
 
 def _build_cuda() -> bool:
@@ -58,16 +62,14 @@ def _build_cuda() -> bool:
     setting = os.environ.get("FUSEDCLIP_CUDA", "").strip()
     if setting not in ("", "0", "1"):
         raise ValueError(f"FUSEDCLIP_CUDA must be '0' or '1', got {setting!r}")
-    found = torch.version.cuda is not None and CUDA_HOME is not None
-    if setting == "1" and not found:
-        raise RuntimeError(
-            "FUSEDCLIP_CUDA=1, but "
-            + ("this torch has no CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)")
-        )
-    return found if setting == "" else setting == "1"
+    if setting == "1" and CUDA_HOME is None:
+        raise RuntimeError("FUSEDCLIP_CUDA=1, but nvcc was not found (set CUDA_HOME)")
+    if setting:
+        return setting == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-def _cuda_arch_flags() -> list[str]:
+def _cuda_arch_flags() -> list:
     """-gencode flags for TORCH_CUDA_ARCH_LIST (torch's own handling), else sm_80 and sm_90."""
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return []  # torch.utils.cpp_extension turns it into -gencode flags
@@ -78,32 +80,114 @@ def _cuda_arch_flags() -> list[str]:
     ]
 
 
-def _extensions():
-    compile_args, link_args = _cpu_flags()
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+def _cpu_extension() -> CppExtension:
+    sources = ["csrc/tensor_checks.cpp"] + sorted(
+        s for s in glob.glob("csrc/cpu/*.cpp") if os.path.basename(s) != "isa_kernels.cpp"
+    )
+    return CppExtension(
+        name="fusedclip._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": COMMON_CXX + STABLE_ABI + ["-fopenmp"]},
+        extra_link_args=["-fopenmp"] + ([] if DEBUG else ["-s"]),
+        py_limited_api=True,
+    )
+
+
+def _cuda_extension() -> CppExtension:
+    """fusedclip._C_cuda, linked against nothing of torch's CUDA: a CppExtension (libc10, libtorch,
+    libtorch_cpu, which every torch has; the linker keeps only what the library calls), not a
+    CUDAExtension, which links libc10_cuda, libtorch_cuda and libcudart. The one CUDA entry of the
+    shim the kernels call is looked up in the loaded libtorch_cuda (csrc/cuda/ops.cpp). The CUDA
+    runtime is linked statically (no libcudart soname to match), its symbols kept inside the library
+    (--exclude-libs): the library's calls cannot bind to torch's libcudart, loaded RTLD_GLOBAL."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    # The CUDA toolkit: $CUDA_HOME or $CUDA_PATH, torch's, nvcc's on the PATH, /usr/local/cuda; the
+    # first with nvcc and the runtime's headers (a /usr/local/bin/nvcc that is a wrapper script
+    # names /usr/local). BuildExtension compiles the .cu sources with its CUDA_HOME's nvcc, so it
+    # gets the same (torch without CUDA leaves it unset).
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), CUDA_HOME,
+                  os.path.dirname(os.path.dirname(nvcc)) if nvcc else None, "/usr/local/cuda"]
+    cuda_home = next(
+        (home for home in candidates
+         if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+         and os.path.isfile(os.path.join(home, "bin", "nvcc"))),
+        None,
+    )
+    if cuda_home is None:
+        raise RuntimeError(f"no CUDA toolkit (bin/nvcc, include/cuda_runtime.h) in any of {candidates}: "
+                           "set CUDA_HOME")
+    cpp_extension.CUDA_HOME = cuda_home
+    cuda_lib = next(
+        (d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"),
+                     os.path.join(cuda_home, "targets", f"{platform.machine()}-linux", "lib"))
+         if os.path.isfile(os.path.join(d, "libcudart_static.a"))),
+        os.path.join(cuda_home, "lib64"),
+    )
+
+    sources = ["csrc/tensor_checks.cpp"] + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    return CppExtension(
+        name="fusedclip._C_cuda",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(cuda_home, "include")],
+        library_dirs=[cuda_lib],
+        # librt, libdl, libpthread: what the static runtime needs (part of libc from glibc 2.34 on,
+        # where the linker drops them).
+        libraries=["cudart_static", "rt", "dl", "pthread"],
+        extra_compile_args={
+            "cxx": COMMON_CXX + STABLE_ABI,
+            "nvcc": ["-O3", "-std=c++17", "-Xcompiler", "-fvisibility=hidden"] + STABLE_ABI + _cuda_arch_flags(),
+        },
+        extra_link_args=["-Wl,--exclude-libs,libcudart_static.a"] + ([] if DEBUG else ["-s"]),
+        py_limited_api=True,
+    )
+
+
+class BuildWithIsaObjects(BuildExtension):
+    """torch's BuildExtension, plus the per-instruction-set objects of fusedclip._C: one source
+    compiled with each ISA_BUILDS flag set (setuptools gives all sources of an extension the same
+    flags), linked into the library beside the rest."""
+
+    def build_extension(self, ext):
+        if ext.name == "fusedclip._C":
+            ext.extra_objects = self._isa_objects()
+        super().build_extension(ext)
+
+    def _isa_objects(self) -> list:
+        source = os.path.join(ROOT, "csrc", "cpu", "isa_kernels.cpp")
+        headers = [os.path.join(ROOT, "csrc", "cpu", name) for name in ("vec.h", "segment_kernels.h")]
+        headers.append(os.path.join(ROOT, "csrc", "numerics.h"))
+        newest_input = max(os.path.getmtime(p) for p in [source, __file__] + headers)
+        out_dir = os.path.join(os.path.abspath(self.build_temp), "isa")
+        os.makedirs(out_dir, exist_ok=True)
+        compiler = os.environ.get("CXX", "c++")
+        objects = []
+        for name, flags in ISA_BUILDS:
+            obj = os.path.join(out_dir, f"isa_kernels_{name}.o")
+            if not os.path.exists(obj) or os.path.getmtime(obj) < newest_input:
+                command = [compiler, "-c", source, "-o", obj, "-fPIC", f"-I{os.path.join(ROOT, 'csrc')}",
+                           f"-DFUSEDCLIP_ISA={name}"] + COMMON_CXX + flags + ["-ffp-contract=fast"]
+                print(" ".join(command), file=sys.stderr)
+                subprocess.check_call(command)
+            objects.append(obj)
+        return objects
+
+
+def _extensions() -> list:
+    extensions = [_cpu_extension()]
     if _build_cuda():
-        cuda_sources = sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc_args = ["-O3", "-std=c++17", "-DFUSEDCLIP_WITH_CUDA"] + _cuda_arch_flags()
-        return [
-            CUDAExtension(
-                name="fusedclip._C",
-                sources=sources + cuda_sources,
-                include_dirs=[os.path.join(ROOT, "csrc")],
-                extra_compile_args={"cxx": compile_args + ["-DFUSEDCLIP_WITH_CUDA"], "nvcc": nvcc_args},
-                extra_link_args=link_args,
-            )
-        ]
-    return [
-        CppExtension(
-            name="fusedclip._C",
-            sources=sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": compile_args},
-            extra_link_args=link_args,
-        )
-    ]
+        extensions.append(_cuda_extension())
+    return extensions
 
 
 # ninja compiles the sources in parallel and, on a rebuild, only those that changed (torch falls
 # back to one file at a time, with a warning, where ninja is not installed).
-setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExtension})
+setup(
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildWithIsaObjects},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

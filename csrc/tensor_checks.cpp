@@ -1,8 +1,5 @@
 #include "tensor_checks.h"
 
-#include <ATen/MemoryOverlap.h>
-#include <c10/core/InferenceMode.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,106 +8,132 @@
 
 namespace fusedclip {
 
-void check_tensors(at::TensorList tensors, const char* op, c10::DeviceType device_type) {
+void check_tensors(const TensorList& tensors, const char* op, DeviceType device_type) {
+  const char* expected_device = device_type == DeviceType::CUDA ? "CUDA" : "CPU";
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK_TYPE(t.defined(), "fusedclip.", op, ": tensor ", i, " is undefined");
-    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "fusedclip.", op, ": tensor ", i, " has layout ",
-                     t.layout(), "; only dense (strided) tensors are supported");
-    TORCH_CHECK_TYPE(t.device().type() == device_type, "fusedclip.", op, ": the ", device_type,
-                     " kernels take ", device_type, " tensors, but tensor ", i, " is on ", t.device());
-    TORCH_CHECK_TYPE(t.device() == tensors[0].device(), "fusedclip.", op,
-                     ": all tensors must be on one device, but tensor 0 is on ", tensors[0].device(),
-                     " and tensor ", i, " on ", t.device());
-    const at::ScalarType s = t.scalar_type();
-    TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16 ||
-                         s == at::kComplexFloat || s == at::kComplexDouble,
-                     "fusedclip.", op, ": tensor ", i, " has dtype ", s,
-                     "; expected float32, float64, float16, bfloat16 or complex");
+    const Tensor& t = tensors[i];
+    FUSEDCLIP_CHECK_TYPE(t.defined(), op, ": tensor ", i, " is undefined");
+    FUSEDCLIP_CHECK_TYPE(t.layout() == torch::headeronly::Layout::Strided, op, ": tensor ", i,
+                         " is not a dense (strided) tensor; only dense tensors are supported");
+    FUSEDCLIP_CHECK_TYPE(t.device().type() == device_type, op, ": the ", expected_device, " kernels take ",
+                         expected_device, " tensors, but tensor ", i, " is on ", device_name(t));
+    FUSEDCLIP_CHECK_TYPE(t.device() == tensors[0].device(), op, ": all tensors must be on one device, but tensor 0 is on ",
+                         device_name(tensors[0]), " and tensor ", i, " on ", device_name(t));
+    const ScalarType s = t.scalar_type();
+    FUSEDCLIP_CHECK_TYPE(is_floating(s) || is_complex(s), op, ": tensor ", i, " has dtype ", dtype_name(s),
+                         "; expected float32, float64, float16, bfloat16 or complex");
   }
 }
 
-void check_writable(at::TensorList tensors, const char* op, c10::DeviceType device_type) {
+bool non_overlapping(const Tensor& t) {
+  // As torch's in-place ops decide it: memory overlaps where a dimension of more than one element
+  // has stride 0 (an expanded tensor). Other overlapping strides are too rare to pay a sort for;
+  // the kernels write such a tensor through a dense copy (see cpu/tensor_table.h), as torch does.
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.stride(d) == 0 && t.size(d) > 1) return false;
+  }
+  return true;
+}
+
+bool non_overlapping_and_dense(const Tensor& t) {
+  // Sorted by stride, the dimensions of more than one element must each step over exactly the
+  // block of the ones before: 1, then size * stride of the previous.
+  const int64_t dims = t.dim();
+  if (dims == 0) return true;
+  if (dims == 1) return t.size(0) < 2 || t.stride(0) == 1;
+  if (t.is_contiguous()) return true;
+  std::vector<std::pair<int64_t, int64_t>> by_stride;  // (stride, size) of dims of size > 1
+  by_stride.reserve(static_cast<size_t>(dims));
+  for (int64_t d = 0; d < dims; ++d) {
+    if (t.size(d) == 0) return true;  // no elements: nothing to overlap
+    if (t.size(d) > 1) by_stride.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(by_stride.begin(), by_stride.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : by_stride) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+void check_writable(const TensorList& tensors, const char* op, DeviceType device_type) {
   check_tensors(tensors, op, device_type);
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK_VALUE(at::has_internal_overlap(tensors[i]) != at::MemOverlap::Yes, "fusedclip.", op,
-                      ": tensor ", i,
-                      " has internally overlapping memory (an expanded tensor) and cannot be "
-                      "modified in place; clone it first");
-    TORCH_CHECK_VALUE(!tensors[i].is_inference() || c10::InferenceMode::is_enabled(), "fusedclip.", op,
-                      ": tensor ", i,
-                      " is an inference tensor, which cannot be modified in place outside "
-                      "torch.inference_mode()");
+    FUSEDCLIP_CHECK_VALUE(non_overlapping(tensors[i]), op, ": tensor ", i,
+                          " has internally overlapping memory (an expanded tensor) and cannot be "
+                          "modified in place; clone it first");
   }
 }
 
-void check_agc_arguments(at::TensorList grads, at::TensorList params, double clip_factor, double eps,
-                         c10::DeviceType device_type) {
+void check_agc_arguments(const TensorList& grads, const TensorList& params, double clip_factor, double eps,
+                         DeviceType device_type) {
   const char* op = "multi_tensor_agc_";
-  TORCH_CHECK_VALUE(grads.size() == params.size(), "fusedclip.", op, ": got ", grads.size(), " gradients but ",
-                    params.size(), " parameters");
-  TORCH_CHECK_VALUE(clip_factor >= 0, "fusedclip.", op, ": clip_factor must be >= 0, got ", clip_factor);
-  TORCH_CHECK_VALUE(eps >= 0, "fusedclip.", op, ": eps must be >= 0, got ", eps);
+  FUSEDCLIP_CHECK_VALUE(grads.size() == params.size(), op, ": got ", grads.size(), " gradients but ", params.size(),
+                        " parameters");
+  FUSEDCLIP_CHECK_VALUE(clip_factor >= 0, op, ": clip_factor must be >= 0, got ", clip_factor);
+  FUSEDCLIP_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
   check_writable(grads, op, device_type);
   for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK_TYPE(p.defined() && p.layout() == at::kStrided && p.device() == grads[i].device(), "fusedclip.",
-                     op, ": parameter ", i, " must be a dense tensor on its gradient's device (", grads[i].device(),
-                     ")");
-    const at::ScalarType dtype = p.scalar_type();
-    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                     "fusedclip.", op, ": parameter ", i, " has dtype ", dtype,
-                     "; expected float32, float64, float16 or bfloat16");
-    TORCH_CHECK_TYPE(!grads[i].is_complex(), "fusedclip.", op, ": gradient ", i,
-                     " is complex; AGC is defined for real tensors");
-    TORCH_CHECK_VALUE(p.sizes() == grads[i].sizes(), "fusedclip.", op, ": parameter ", i, " has shape ", p.sizes(),
-                      " but its gradient has shape ", grads[i].sizes());
+    const Tensor& p = params[i];
+    FUSEDCLIP_CHECK_TYPE(p.defined() && p.layout() == torch::headeronly::Layout::Strided &&
+                             p.device() == grads[i].device(),
+                         op, ": parameter ", i, " must be a dense tensor on its gradient's device (",
+                         device_name(grads[i]), ")");
+    FUSEDCLIP_CHECK_TYPE(is_floating(p.scalar_type()), op, ": parameter ", i, " has dtype ",
+                         dtype_name(p.scalar_type()), "; expected float32, float64, float16 or bfloat16");
+    FUSEDCLIP_CHECK_TYPE(!is_complex(grads[i].scalar_type()), op, ": gradient ", i,
+                         " is complex; AGC is defined for real tensors");
+    bool same_shape = p.dim() == grads[i].dim();
+    for (int64_t d = 0; same_shape && d < p.dim(); ++d) same_shape = p.size(d) == grads[i].size(d);
+    FUSEDCLIP_CHECK_VALUE(same_shape, op, ": parameter ", i, " and its gradient have different shapes");
   }
 }
 
-void check_monitor_state(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& var,
-                         const at::Tensor& count, const at::Tensor& below, const at::Tensor& explosions,
-                         const at::Tensor& exploding, const at::Tensor& vanishing, c10::DeviceType device_type) {
-  const at::ScalarType dtype = norms.scalar_type();
-  TORCH_CHECK_TYPE(norms.device().type() == device_type && (dtype == at::kFloat || dtype == at::kDouble),
-                   "fusedclip.monitor_update_: norms must be a float32 or float64 ", device_type, " tensor, got ",
-                   dtype, " on ", norms.device());
-  TORCH_CHECK_VALUE(norms.dim() == 1, "fusedclip.monitor_update_: norms must be 1-dim, got shape ", norms.sizes());
+void check_monitor_state(const Tensor& norms, const Tensor& mean, const Tensor& var, const Tensor& count,
+                         const Tensor& below, const Tensor& explosions, const Tensor& exploding,
+                         const Tensor& vanishing, DeviceType device_type) {
+  const ScalarType dtype = norms.scalar_type();
+  FUSEDCLIP_CHECK_TYPE(norms.device().type() == device_type && (dtype == ScalarType::Float || dtype == ScalarType::Double),
+                       "monitor_update_: norms must be a float32 or float64 ",
+                       device_type == DeviceType::CUDA ? "CUDA" : "CPU", " tensor, got ", dtype_name(dtype), " on ",
+                       device_name(norms));
+  FUSEDCLIP_CHECK_VALUE(norms.dim() == 1, "monitor_update_: norms must be 1-dim, got ", norms.dim(), " dimensions");
   const int64_t size = norms.size(0);
   struct State {
-    const at::Tensor& tensor;
+    const Tensor& tensor;
     const char* name;
-    at::ScalarType dtype;
+    ScalarType dtype;
   };
   for (const State& s : {State{norms, "norms", dtype}, State{mean, "mean", dtype}, State{var, "var", dtype},
-                         State{count, "count", at::kLong}, State{below, "below", at::kLong},
-                         State{explosions, "explosions", at::kLong}, State{exploding, "exploding", at::kBool},
-                         State{vanishing, "vanishing", at::kBool}}) {
-    TORCH_CHECK_TYPE(s.tensor.device() == norms.device() && s.tensor.scalar_type() == s.dtype,
-                     "fusedclip.monitor_update_: ", s.name, " must be a ", s.dtype, " tensor on ", norms.device(),
-                     ", got ", s.tensor.scalar_type(), " on ", s.tensor.device());
-    TORCH_CHECK_VALUE(s.tensor.dim() == 1 && s.tensor.size(0) == size && s.tensor.is_contiguous(),
-                      "fusedclip.monitor_update_: ", s.name, " must be a contiguous 1-dim tensor of size ", size,
-                      ", got shape ", s.tensor.sizes(), " and strides ", s.tensor.strides());
+                         State{count, "count", ScalarType::Long}, State{below, "below", ScalarType::Long},
+                         State{explosions, "explosions", ScalarType::Long},
+                         State{exploding, "exploding", ScalarType::Bool},
+                         State{vanishing, "vanishing", ScalarType::Bool}}) {
+    FUSEDCLIP_CHECK_TYPE(s.tensor.device() == norms.device() && s.tensor.scalar_type() == s.dtype, "monitor_update_: ",
+                         s.name, " must be a ", dtype_name(s.dtype), " tensor on ", device_name(norms), ", got ",
+                         dtype_name(s.tensor.scalar_type()), " on ", device_name(s.tensor));
+    FUSEDCLIP_CHECK_VALUE(s.tensor.dim() == 1 && s.tensor.size(0) == size && s.tensor.is_contiguous(),
+                          "monitor_update_: ", s.name, " must be a contiguous 1-dim tensor of size ", size);
   }
 }
 
 void check_norm_type(double norm_type) {
-  TORCH_CHECK_VALUE(!std::isnan(norm_type), "fusedclip: norm_type must not be nan");
+  FUSEDCLIP_CHECK_VALUE(!std::isnan(norm_type), "norm_type must not be nan");
 }
 
-void check_scalar(const at::Tensor& t, const char* op, const char* arg_name) {
-  TORCH_CHECK_VALUE(t.numel() == 1, "fusedclip.", op, ": ", arg_name,
-                    " must be a one-element float tensor, got shape ", t.sizes());
-  TORCH_CHECK_TYPE(t.is_floating_point(), "fusedclip.", op, ": ", arg_name,
-                   " must be a one-element float tensor, got ", t.scalar_type());
+void check_scalar(const Tensor& t, const char* op, const char* arg_name) {
+  FUSEDCLIP_CHECK_VALUE(t.numel() == 1, op, ": ", arg_name, " must be a one-element float tensor, got ", t.numel(),
+                        " elements");
+  FUSEDCLIP_CHECK_TYPE(is_floating(t.scalar_type()), op, ": ", arg_name, " must be a one-element float tensor, got ",
+                       dtype_name(t.scalar_type()));
 }
 
-bool any_memory_shared(at::TensorList tensors) {
+bool any_memory_shared(const TensorList& tensors) {
   // The byte range each tensor can touch: [first element, one past its farthest element].
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
   ranges.reserve(tensors.size());
-  for (const at::Tensor& t : tensors) {
+  for (const Tensor& t : tensors) {
     if (t.numel() == 0) continue;
     int64_t last = 0;  // offset of the farthest element, in elements
     for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
@@ -130,10 +153,6 @@ bool any_memory_shared(at::TensorList tensors) {
     if (ranges[i - 1].second > ranges[i].first) return true;
   }
   return false;
-}
-
-void bump_versions(at::TensorList tensors) {
-  for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace fusedclip

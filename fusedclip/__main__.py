@@ -20,9 +20,10 @@ def info() -> int:
     print(f"python     {platform.python_version()} on {platform.platform()}")
     print(f"threads    {torch.get_num_threads()} (torch intra-op)")
     if _backends._C is not None:
-        print(f"_C         CPU kernels built for {_backends._C.cpu_capability}, "
-              f"OpenMP {'on' if _backends._C.openmp else 'off'}, "
-              f"CUDA kernels {'built' if getattr(_backends._C, 'cuda_kernels', False) else 'not built'}")
+        print(f"_C         CPU kernels for {_backends._C.cpu_isa} (the widest this CPU runs: "
+              f"{_backends._C.widest_cpu_isa}; FUSEDCLIP_CPU_ISA chooses a lower one)")
+    if _backends._C_CUDA is not None:
+        print(f"_C_cuda    CUDA kernels, built with CUDA runtime {_backends._C_CUDA.cuda_version}")
     print("backends:")
     for name, reason in _backends.backend_status().items():
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")

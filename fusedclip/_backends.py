@@ -1,19 +1,23 @@
-"""The backends: loads the C++ library and Triton, says which backends can run here, and picks
-the backend of each device.
+"""The backends: defines the operators, loads the native libraries and Triton, says which
+backends can run here, and picks the backend of each device.
 
 Backends:
   "cpu"    C++ kernels in fusedclip._C (csrc/cpu/), for CPU tensors.
-  "cuda"   CUDA kernels in fusedclip._C (csrc/cuda/), for CUDA tensors, when _C was built with them.
+  "cuda"   CUDA kernels in fusedclip._C_cuda (csrc/cuda/), for CUDA tensors, where it was built
+           and torch has CUDA.
   "triton" Triton kernels (fusedclip/triton/), for CUDA tensors; for CPU tensors in a process
            started with TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests).
   "torch"  pure PyTorch (fusedclip/reference.py), any device, nothing compiled.
 
-Loading fails softly: without _C (not built, or built against another torch) or without triton,
-the backend is reported unavailable with the reason (backend_status) and "auto" takes another.
+The native libraries are built on PyTorch's stable ABI for torch 2.10 and newer. Loading fails
+softly: on an older torch, or without a library (not built, or refused by the loader), the backend
+is reported unavailable with the reason (backend_status), ``import fusedclip`` warns once, and
+"auto" takes another.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
 import logging
 import os
@@ -21,61 +25,78 @@ from typing import Optional
 
 import torch
 
-__all__ = ["BACKENDS", "backend_status", "check_backend_name", "resolve_backend"]
+from fusedclip import operators
+
+__all__ = ["BACKENDS", "backend_status", "check_backend_name", "resolve_backend", "MIN_TORCH"]
 
 logger = logging.getLogger("fusedclip")
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
+# The oldest torch whose stable ABI the native libraries call (setup.py's TORCH_TARGET_VERSION).
+MIN_TORCH = (2, 10)
+
+# The operators' definitions (fusedclip::<op>), kept alive for as long as the process runs: the
+# native libraries register kernels for them when they load.
+_LIBRARY = operators.define("fusedclip")
 
 
-def _c_error(error: BaseException) -> str:
-    """Why fusedclip._C did not load, and what to do: not built at all, or built but refused (most
-    often built against another torch)."""
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _native_error(module: str, error: BaseException) -> str:
+    """Why fusedclip.<module> did not load, and what to do: not built at all, or built but refused."""
     package = os.path.dirname(os.path.abspath(__file__))
     built = [name for name in sorted(os.listdir(package))
-             if any(name == "_C" + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES)]
+             if any(name == module + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES)]
     if not built:
-        return (f"fusedclip._C is not built (no compiled extension in {package}); build it from the "
-                "source tree with `pip install --no-build-isolation -e .`, against the torch installed")
-    return (f"fusedclip._C ({built[0]}) could not be loaded ({error}); it was most likely built against "
-            f"another torch than this one ({torch.__version__}): rebuild it with "
-            "`pip install --no-build-isolation -e .`")
+        return (f"fusedclip.{module} is not built (no compiled library in {package}); install the wheel "
+                "(`pip install fusedclip`) or build from the source tree with "
+                "`pip install --no-build-isolation -e .`")
+    return f"fusedclip.{module} ({built[0]}) could not be loaded: {error}"
 
 
-try:
-    from fusedclip import _C  # noqa: F401  (loading it registers the operators)
+def _load(module: str) -> tuple[Optional[object], Optional[str]]:
+    """(the native library, None), or (None, why it is not available)."""
+    if _torch_version() < MIN_TORCH:
+        return None, (f"the native libraries need torch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer "
+                      f"(its stable ABI), this is torch {torch.__version__}")
+    if os.environ.get("FUSEDCLIP_FORCE_NO_NATIVE", "") == "1":  # tests: the fallback, on purpose
+        return None, "FUSEDCLIP_FORCE_NO_NATIVE=1 is set"
+    try:
+        return importlib.import_module(f"fusedclip.{module}"), None
+    except (ImportError, OSError) as error:
+        return None, _native_error(module, error)
 
-    _C_ERROR: Optional[str] = None
-except (ImportError, OSError) as error:  # not built, or built against another torch
-    _C = None
-    _C_ERROR = _c_error(error)
+
+_C, _C_ERROR = _load("_C")  # importing it registers the CPU kernels
+if _C_ERROR is not None:
     logger.warning("%s. Meanwhile CPU tensors use the pure-PyTorch backend ('torch'), CUDA tensors "
                    "'triton' where Triton imports, else 'torch'", _C_ERROR)
+elif _C.cpu_isa_request_ignored:
+    logger.warning("FUSEDCLIP_CPU_ISA=%r names no instruction set this CPU and build can run (%s at most); the "
+                   "CPU kernels use %s", os.environ.get("FUSEDCLIP_CPU_ISA"), _C.widest_cpu_isa, _C.cpu_isa)
 
-if _C is None:
-    _CUDA_ERROR: Optional[str] = _C_ERROR
-elif not getattr(_C, "cuda_kernels", False):
-    _CUDA_ERROR = (
-        "fusedclip._C was built without its CUDA kernels (they need a torch with CUDA and nvcc "
-        "at build time)"
-    )
+if torch.version.cuda is None:
+    _C_CUDA, _CUDA_ERROR = None, "this torch has no CUDA"
 else:
-    _CUDA_ERROR = None
+    _C_CUDA, _CUDA_ERROR = _load("_C_cuda")  # importing it registers the CUDA kernels
 
 
 _KERNELS_RUN_ON: dict[int, bool] = {}  # by GPU index: _cuda_kernels_run_on's answers
 
 
-# A constant to torch.compile: dynamo calls it while tracing, instead of tracing into _C (which
-# it cannot, so "auto" on CUDA tensors broke every fullgraph compile).
+# A constant to torch.compile: dynamo calls it while tracing, instead of tracing into the
+# library (which it cannot, so "auto" on CUDA tensors broke every fullgraph compile).
 @torch.compiler.assume_constant_result
 def _cuda_kernels_run_on(index: Optional[int]) -> bool:
     """Whether the CUDA kernels were built for the GPU's architecture (TORCH_CUDA_ARCH_LIST at
     build time); a GPU they were not built for takes another backend under "auto"."""
     index = torch.cuda.current_device() if index is None else index
     if index not in _KERNELS_RUN_ON:
-        _KERNELS_RUN_ON[index] = bool(_C.cuda_kernels_run_on(index))
+        _KERNELS_RUN_ON[index] = bool(_C_CUDA.kernels_run_on(index))
     return _KERNELS_RUN_ON[index]
 
 

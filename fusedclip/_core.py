@@ -6,14 +6,15 @@ module; it imports only the backends (_backends), the operator layer (_ops), the
 (numerics) and the pure-PyTorch kernels (reference), so nothing here reaches back up
 (tests/test_layering.py).
 
-How a call runs: the grads of one device go to one backend (see fusedclip/_ops.py). When every
-grad is on the CPU, the C++ library reads the grads itself and runs the operator on the whole
-list, validating it before writing anything (a Python loop over 10,000 parameters costs more
-than the kernels): :func:`on_cpu_grads`. On another device one C++ call collects and checks the
-grads of one device for its backend: :func:`one_device_group`. Anything they do not take (grads
-on several devices, tensor subclasses, torch.compile) or refuse goes the general path: :func:`group_by_device` validates
-each grad in Python (raising a precise error) and groups them by device, each device with its
-own backend, and each tensor-subclass grad in a group of its own (:func:`group_key`).
+How a call runs: the grads of one device go to one backend (see fusedclip/_ops.py), by one
+route. The grads are read in Python; when they are plain tensors, they go to the operators as one
+list on the first grad's device (:func:`run_as_one_group`), and the native operators validate
+every tensor before writing anything (a Python loop over 10,000 grads costs more than the
+kernels). Anything they refuse (grads on several devices, an expanded or sparse grad) or do not
+take (tensor subclasses, torch.compile, backend "torch") goes the general path:
+:func:`group_by_device` validates each grad in Python (raising a precise error) and groups them by
+device, each device with its own backend, and each tensor-subclass grad in a group of its own
+(:func:`group_key`).
 """
 
 from __future__ import annotations
@@ -65,7 +66,12 @@ def as_list(items: TensorOrTensors, warn_if_empty_generator: bool = False) -> li
 
 def grads_of(parameters: list) -> list[Tensor]:
     """The defined grads of parameters, each read once."""
-    return [g for g in param_grads(parameters) if g is not None]
+    grads = param_grads(parameters)
+    # A scan of the types in C (~20 ns a grad) before a Python filter (~30 ns a grad) that most
+    # steps do not need.
+    if type(None) in set(map(type, grads)):
+        return [g for g in grads if g is not None]
+    return grads
 
 
 def param_grads(parameters: list) -> list[Optional[Tensor]]:
@@ -199,12 +205,7 @@ def group_by_device(
     """Validates every grad and groups them by device, in first-seen order, with a backend each
     (a tensor-subclass grad alone: see group_key).
 
-    Grads that the operators take as they are, all on one device, are one group after one C++
-    call (``fusedclip._C.tensors_on_one_device``: the checks below, ~10 ns a grad); anything
-    else is checked here in Python, which names what it refuses."""
-    if type(grads) is list and grads and _backends._C is not None and not torch.compiler.is_compiling():
-        if _backends._C.tensors_on_one_device(grads, writes):
-            return [_one_group(grads, foreach, backend)]
+    Every grad is checked here in Python, which names what it refuses."""
     groups: dict[Any, list[Tensor]] = {}
     for i, g in enumerate(grads):
         if not isinstance(g, Tensor):
@@ -251,58 +252,59 @@ def group_key(i: int, g: Tensor) -> Any:
     return ("subclass", i) if is_dispatch_subclass(g) else g.device
 
 
-def cpu_fast_path(backend: str) -> bool:
-    """True when CPU grads go to the C++ operators straight, validated there, not in Python."""
-    if torch.compiler.is_compiling():
-        return False  # trace the general path: its checks cost nothing at run time there
-    try:
-        return _backends.resolve_backend(backend, torch.device("cpu")) == "cpu"
-    except ValueError:  # a GPU backend: the general path resolves it per device (and says why not)
-        return False
-
-
-# What the C++ operators raise when they refuse a list, before writing anything: their own
-# checks (csrc/cpu/tensor_table.cpp) raise TypeError or ValueError, the dispatcher raises
+# What the operators raise when they refuse a list, before writing anything: their own checks
+# (fusedclip.operators.call turns a native refusal into TypeError or ValueError), the dispatcher's
 # NotImplementedError for a tensor it has no kernel for (a sparse grad).
 REFUSALS = (TypeError, ValueError, NotImplementedError)
 
+# The types of the grads the one-group route takes: a tensor subclass goes to group_key.
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
 
-def on_cpu_grads(entry: Callable, *args, writes: bool = True):
-    """entry(*args), a C++ entry point of backend "cpu"; None when it refused the grads.
 
-    A refusal comes before anything is written; the general path then says why, or regroups.
-    Any other error of an entry that writes (an allocation that failed) may come after writes
-    began, and propagates: running the pass again would apply it twice. An entry that only
-    reads (writes=False) writes nothing whatever fails, so any RuntimeError is taken as a refusal
-    too (a non-tensor item fails in torch's argument parser). Entries return None (or False)
-    themselves when they do not take the list (see _ops).
-    """
+def _refused_by_dispatcher(error: RuntimeError) -> bool:
+    """Whether torch's dispatcher refused the call before any kernel ran: a lazily conjugated or
+    negated tensor in a list an operator writes."""
+    return "mutable TensorLists with" in str(error)
+
+
+_is_inference = Tensor.is_inference
+
+
+def one_group(tensors: list, foreach: Optional[bool], backend: str, writes: bool) -> Optional[Group]:
+    """The tensors as one group on the first one's device, with its backend, when the operators
+    can be given them as they are: a non-empty list of plain tensors (no subclass: group_key)
+    going to a native backend, which checks every tensor itself before writing. None otherwise,
+    and under torch.compile, which traces the general path (its checks cost nothing at run time
+    there). The stable ABI cannot ask whether a tensor is an inference tensor, which may not be
+    written outside inference mode: asked here, of a list to write (~70 ns a tensor)."""
+    if not tensors or torch.compiler.is_compiling() or not set(map(type, tensors)) <= _PLAIN_TYPES:
+        return None
+    if writes and not torch.is_inference_mode_enabled() and any(map(_is_inference, tensors)):
+        return None
+    device = tensors[0].device
+    check_foreach(foreach, device)
+    group_backend = _backends.resolve_backend(backend, device)
+    return None if group_backend == "torch" else (device, group_backend, tensors)
+
+
+def run_as_one_group(tensors: list, foreach: Optional[bool], backend: str, writes: bool,
+                     fn: Callable[[Group], Any]):
+    """fn(group) with the tensors as one group (see one_group); None when they are not one, or when
+    the operators refuse them. fn must write only in its last operator call and return something
+    other than None: a refusal comes before anything is written, and the caller then takes the
+    general path, which raises the precise error or regroups. Any other error propagates: writes
+    may have begun, and running the pass again would apply it twice."""
+    group = one_group(tensors, foreach, backend, writes)
+    if group is None:
+        return None
     try:
-        return entry(*args)
+        return fn(group)
     except REFUSALS:
         return None
-    except RuntimeError:
-        if writes:
-            raise
-        return None
-
-
-def one_device_group(
-    params: list, foreach: Optional[bool], backend: str, writes: bool, real_only: bool = False
-) -> Optional[Group]:
-    """The grads of params as one group, when C++ finds them plain tensors on one device that the
-    operators take (``fusedclip._C.grads_on_one_device``: collection and checks of 1,000 grads in
-    one call of microseconds); None when it does not (the general path then validates, groups and
-    says why), when a grad is complex with real_only, under torch.compile, which traces the
-    general path, or when they go to backend "cpu", whose C++ entry points (cpu_fast_path) took
-    them or refused them already. The fast path of every other device and backend."""
-    if _backends._C is None or torch.compiler.is_compiling():
-        return None
-    grads = _backends._C.grads_on_one_device(params, writes, real_only)
-    if grads is None:
-        return None
-    group = _one_group(grads, foreach, backend)
-    return None if group[1] == "cpu" else group  # the C++ entry points took or refused those
+    except RuntimeError as error:
+        if _refused_by_dispatcher(error):
+            return None
+        raise
 
 
 def _one_group(grads: list[Tensor], foreach: Optional[bool], backend: str) -> Group:
@@ -310,20 +312,6 @@ def _one_group(grads: list[Tensor], foreach: Optional[bool], backend: str) -> Gr
     device = grads[0].device
     check_foreach(foreach, device)
     return device, _backends.resolve_backend(backend, device), grads
-
-
-def first_on_cpu(tensors: list) -> bool:
-    """Whether the first item is a CPU tensor (else the general path checks every item)."""
-    return isinstance(tensors[0], Tensor) and tensors[0].device.type == "cpu"
-
-
-def plain_on_cpu(tensors: list) -> bool:
-    """Whether every item is a plain CPU tensor, one the C++ operators take as it is (not a
-    subclass, nor a lazily conjugated or negated view, which meet torch's dispatch before the
-    operators' checks). An in-place fast path of a list asks it first, so that anything else
-    gets the general path's precise error. One C++ call (~5 ns a tensor); asked after
-    cpu_fast_path, which is False under torch.compile (that call does not trace)."""
-    return _backends._C is not None and _backends._C.plain_cpu_tensors(tensors)
 
 
 # --- norms ----------------------------------------------------------------------------------------
@@ -393,19 +381,12 @@ def scale_groups(groups: list[Group], coef: Tensor) -> None:
 
 
 def run_grouped(tensors: list[Tensor], backend: str, writes: bool, fn: Callable[[list[Group]], Any]):
-    """fn(groups): the tensors as one CPU group when the C++ operators take them, else validated
-    and grouped by device.
-
-    The C++ operators validate every tensor before writing anything, so the CPU group skips the
-    Python checks (a loop that costs more than the kernels at thousands of tensors). fn must
-    write only in its last operator call and return something other than None: when the operators
-    refuse the tensors, nothing has been written, and the general path then raises the precise
-    error or regroups (see on_cpu_grads).
-    """
-    if cpu_fast_path(backend) and (plain_on_cpu(tensors) if writes else first_on_cpu(tensors)):
-        result = on_cpu_grads(fn, [(torch.device("cpu"), "cpu", tensors)], writes=writes)
-        if result is not None:
-            return result
+    """fn(groups): the tensors as one group when the operators take them (run_as_one_group), else
+    validated and grouped by device. fn follows run_as_one_group's rule: it writes only in its last
+    operator call and returns something other than None."""
+    result = run_as_one_group(tensors, None, backend, writes, lambda group: fn([group]))
+    if result is not None:
+        return result
     return fn(group_by_device(tensors, None, backend, writes))
 
 

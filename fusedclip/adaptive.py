@@ -153,12 +153,13 @@ class AGC:
         """Clips every pair; returns the sum of squares of the gradients before clipping."""
         grads = [g for g, _ in pairs]
         params = [p for _, p in pairs]
-        if _core.cpu_fast_path(self.backend) and _core.plain_on_cpu(grads):
-            # The operator validates everything before writing; when it refuses, the general
-            # path below says why, or regroups.
-            result = _core.on_cpu_grads(_ops.multi_tensor_agc_, "cpu", grads, params, self.clip_factor, self.eps)
-            if result is not None:
-                return result[0]
+        # The operators validate everything before writing; when they refuse, the general path
+        # below says why, or regroups.
+        result = _core.run_as_one_group(
+            grads, None, self.backend, True,
+            lambda group: _ops.multi_tensor_agc_(group[1], group[2], params, self.clip_factor, self.eps))
+        if result is not None:
+            return result[0]
         groups = _core.group_by_device(grads, None, self.backend, writes=True)
         self._check_params(pairs)
         statistics = []

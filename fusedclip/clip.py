@@ -14,9 +14,9 @@ device), with these deliberate differences:
   promoted as torch's ``total_norm + 1e-6`` promotes it; a complex or meta one is refused.
 * Gradients are not written when the clip coefficient is 1.
 
-How a call runs: the C++ fast path when every grad is a plain CPU tensor, else the general path
-(grads validated and grouped by device, each device with its own backend), both in
-fusedclip/_core.py; process groups and DTensor grads go to fusedclip/distributed.py, a
+How a call runs: the grads are read, then go to one operator call as one list when they are plain
+tensors (the native operators validate them before writing), else the general path (grads
+validated and grouped by device, each device with its own backend), both in fusedclip/_core.py; process groups and DTensor grads go to fusedclip/distributed.py, a
 GradScaler to fusedclip/amp.py.
 """
 
@@ -82,10 +82,9 @@ def get_total_norm(
         if not tensors and process_group is None:
             return torch.tensor(0.0)
         total = None
-        if process_group is None and _core.first_on_cpu(tensors) and _core.cpu_fast_path(backend):
-            result = _core.on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type, writes=False)
-            if result is not None:
-                total = _core.norm_of_group_statistics([(torch.device("cpu"), "cpu", tensors)], [result[0]], norm_type)
+        if process_group is None:
+            total = _core.run_as_one_group(tensors, foreach, backend, False,
+                                           lambda group: _core.total_norm([group], norm_type))
         if total is None and _is_distributed(tensors, process_group):
             total = distributed.get_total_norm(tensors, norm_type, foreach, backend, process_group)
         if total is None:
@@ -130,20 +129,25 @@ def clip_grads_with_norm_(
         if total_norm.is_meta:
             _check_meta_total_norm(params)
         coef = numerics.clip_coefficient(total_norm, max_norm)
-        if coef.device.type == "cpu" and _core.cpu_fast_path(backend):  # never copy a device scalar
-            if _core.on_cpu_grads(_ops.scale_grads_of_params_, params, coef):
-                return
-        group = _core.one_device_group(params, foreach, backend, writes=True)
-        if group is not None and coef.device == group[0]:
-            _ops.multi_tensor_scale_(group[1], group[2], coef)
-            return
         grads = _core.grads_of(params)
         if not grads:
+            return
+        if _core.run_as_one_group(grads, foreach, backend, True, lambda group: _scale_one_group(group, coef)):
             return
         if _is_distributed(grads, None):
             distributed.scale_dtensor_grads_(grads, coef, foreach, backend)
             return
         _core.scale_groups(_core.group_by_device(grads, foreach, backend, writes=True), coef)
+
+
+def _scale_one_group(group: _core.Group, coef: Tensor) -> Optional[bool]:
+    """Scales the group by coef when coef is on its device (a device scalar is never copied here:
+    the general path moves it); None when it is not."""
+    device, backend, grads = group
+    if coef.device != device:
+        return None
+    _ops.multi_tensor_scale_(backend, grads, coef)
+    return True
 
 
 def _check_meta_total_norm(params: list) -> None:
@@ -216,16 +220,13 @@ def clip_grad_norm_(
         norm_type = _core.norm_type(norm_type)
         params = _core.as_list(parameters, warn_if_empty_generator=True)
         fused = isinstance(max_norm, float) and not error_if_nonfinite  # the fused operators' max_norm
-        if process_group is None and fused:
-            if _core.cpu_fast_path(backend):
-                total = _core.on_cpu_grads(_ops.clip_grad_norm_of_params, params, max_norm, norm_type)
-                if total is not None:
-                    return total
-            group = _core.one_device_group(params, foreach, backend, writes=True)
-            if group is not None:
-                _, group_backend, ts = group
-                return _ops.clip_grad_norm_(group_backend, ts, max_norm, norm_type)
         grads = _core.grads_of(params)
+        if process_group is None and fused:
+            total = _core.run_as_one_group(
+                grads, foreach, backend, True, lambda group: _ops.clip_grad_norm_(group[1], group[2], max_norm, norm_type)
+            )
+            if total is not None:
+                return total
         if _is_distributed(grads, process_group):
             return distributed.clip_grad_norm_(
                 grads, max_norm, norm_type, error_if_nonfinite, foreach, backend, process_group
@@ -258,16 +259,11 @@ def clip_grad_value_(
     """
     with torch.no_grad():
         clip_value = _core.non_negative(clip_value, "clip_value")
-        params = _core.as_list(parameters)
-        if _core.cpu_fast_path(backend):
-            if _core.on_cpu_grads(_ops.clamp_grads_of_params_, params, -clip_value, clip_value):
-                return
-        group = _core.one_device_group(params, foreach, backend, writes=True, real_only=True)
-        if group is not None:
-            _ops.multi_tensor_clamp_(group[1], group[2], -clip_value, clip_value)
-            return
-        grads = _core.grads_of(params)
+        grads = _core.grads_of(_core.as_list(parameters))
         if not grads:
+            return
+        clamp = lambda group: _ops.multi_tensor_clamp_(group[1], group[2], -clip_value, clip_value) or True  # noqa: E731
+        if _core.run_as_one_group(grads, foreach, backend, True, clamp):
             return
         if _is_distributed(grads, None):  # DTensor grads: clamp their local tensors
             grads = distributed.local_tensors_to_clamp(grads)

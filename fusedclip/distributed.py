@@ -258,12 +258,12 @@ def process_groups(process_group: Optional[ProcessGroups]) -> list:
 def _local_statistic(
     tensors: list[Tensor], norm_type: float, foreach: Optional[bool], backend: str
 ) -> Tensor:
-    """The statistic of tensors on this rank. A CPU list goes to the C++ operator whole, which
-    validates it itself; the general path validates in Python and groups by device."""
-    if _core.first_on_cpu(tensors) and _core.cpu_fast_path(backend):
-        result = _core.on_cpu_grads(_ops.multi_tensor_norm, "cpu", tensors, norm_type, writes=False)
-        if result is not None:
-            return result[0]
+    """The statistic of tensors on this rank. A list of plain tensors goes to the operator whole,
+    which validates it itself; the general path validates in Python and groups by device."""
+    result = _core.run_as_one_group(tensors, foreach, backend, False,
+                                    lambda group: _ops.multi_tensor_norm(group[1], group[2], norm_type))
+    if result is not None:
+        return result[0]
     groups = _core.group_by_device(tensors, foreach, backend, writes=False)
     return _core.statistic(groups, norm_type)
 
@@ -344,19 +344,21 @@ def total_norm(
 def scale_(tensors: list[Tensor], coef: Tensor, foreach: Optional[bool], backend: str) -> None:
     """tensors *= coef in place (plain tensors: DTensor grads given by their local tensors).
 
-    A CPU list goes to the C++ operator whole, which refuses what it cannot write before writing
-    anything; the general path then validates in Python and says why.
+    A list of plain tensors on coef's device goes to the operator whole, which refuses what it
+    cannot write before writing anything; the general path then validates in Python and says why.
     """
     if not tensors:
         return
-    on_cpu = coef.device.type == "cpu" and _core.cpu_fast_path(backend) and _core.plain_on_cpu(tensors)
-    if on_cpu and _core.on_cpu_grads(_scale_on_cpu, tensors, coef):
+    if _core.run_as_one_group(tensors, foreach, backend, True, lambda group: _scale_on_its_device(group, coef)):
         return
     _core.scale_groups(_core.group_by_device(tensors, foreach, backend, writes=True), coef)
 
 
-def _scale_on_cpu(tensors: list[Tensor], coef: Tensor) -> bool:
-    _ops.multi_tensor_scale_("cpu", tensors, coef)
+def _scale_on_its_device(group: _core.Group, coef: Tensor) -> Optional[bool]:
+    device, backend, tensors = group
+    if coef.device != device:  # the general path moves coef to each device
+        return None
+    _ops.multi_tensor_scale_(backend, tensors, coef)
     return True
 
 

@@ -60,14 +60,14 @@ def get_norms(
 
 
 def _clip_with_norms(params: list, max_norm: float, norm_type: float, backend: str) -> tuple[Tensor, Tensor]:
-    if _core.cpu_fast_path(backend):
-        result = _core.on_cpu_grads(_ops.clip_grad_norm_with_norms_of_params, params, max_norm, norm_type)
-        if result is not None:
-            return result
     param_grads = _core.param_grads(params)  # read once: the norms are reported against these
     grads = [g for g in param_grads if g is not None]
     if not grads:
         return torch.tensor(0.0), torch.zeros(len(params))
+    result = _core.run_as_one_group(
+        grads, None, backend, True, lambda group: _ops.clip_grad_norm_with_norms_(group[1], group[2], max_norm, norm_type))
+    if result is not None:
+        return result[0], _per_parameter(result[1], [g is not None for g in param_grads])
     groups = _core.group_by_device(grads, None, backend, writes=True)
     if len(groups) == 1:
         _, group_backend, ts = groups[0]

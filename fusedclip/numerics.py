@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import math
+from array import array as _array
 from typing import Union
 
 import torch
@@ -172,3 +173,21 @@ def clip_coefficient(total_norm: Tensor, max_norm: Union[float, Tensor]) -> Tens
     else:
         coef = reciprocal * max_norm
     return coef.clamp(max=1.0)
+
+
+def _float32(value: float) -> float:
+    """value rounded to float32 (to nearest even; inf past float32's range), as a Python float."""
+    return _array("f", (value,))[0]
+
+
+def coefficient_below_one(total: float, dtype: torch.dtype, max_norm: float) -> bool:
+    """Whether the clip coefficient of a norm ``total`` of dtype float32 or float64 is below 1 (or
+    nan): whether a fused clip on the host writes (csrc/numerics.h's clip_coefficient, same
+    roundings; each float32 operation taken in float64 then rounded, which gives float32's own
+    result for +, * and /)."""
+    if dtype == torch.float64:
+        coef = max_norm * (1.0 / (total + CLIP_EPS))
+    else:
+        f32 = _float32
+        coef = f32(f32(max_norm) * f32(1.0 / f32(total + f32(CLIP_EPS))))
+    return not coef >= 1.0

@@ -1,51 +1,119 @@
-// CPU kernels of the fusedclip operators (the building blocks are in kernels.h).
+// The CPU kernels of multi_tensor_norm, multi_tensor_scale_, multi_tensor_clamp_ and
+// clip_grad_norm_ (schemas in fusedclip/operators.py), and the building blocks of kernels.h.
 #include "kernels.h"
 
-#include <torch/library.h>
-
 namespace fusedclip::cpu {
+
+std::tuple<Tensor, Tensor> norm_statistic(const TensorTable& table, double norm_type, bool per_tensor) {
+  const NormKind kind = norm_kind(norm_type);
+  const SegmentKernels& kernels = segment_kernels();
+  const auto& segments = table.segments();
+  std::vector<double> partial(segments.size());
+  parallel_over_chunks(table.num_chunks(), [&](int64_t begin, int64_t end) {
+    for_each_segment(table, begin, end, table.memory_descending(), [&](int64_t s) {
+      partial[s] = kernels.statistic(kind, segments[s], norm_type);
+    });
+  });
+  double total = identity_of(kind);
+  for (double value : partial) total = combine(kind, total, value);
+
+  const ScalarType acc = table.accumulate_dtype();
+  Tensor per = torch::stable::empty({per_tensor ? table.num_tensors() : 0}, acc);
+  if (per_tensor) {
+    std::vector<double> by_tensor(table.num_tensors(), identity_of(kind));
+    for (size_t s = 0; s < segments.size(); ++s) {
+      by_tensor[segments[s].tensor] = combine(kind, by_tensor[segments[s].tensor], partial[s]);
+    }
+    if (acc == ScalarType::Double) {
+      auto* out = static_cast<double*>(per.mutable_data_ptr());
+      for (int64_t i = 0; i < table.num_tensors(); ++i) out[i] = by_tensor[i];
+    } else {
+      auto* out = static_cast<float*>(per.mutable_data_ptr());
+      for (int64_t i = 0; i < table.num_tensors(); ++i) out[i] = static_cast<float>(by_tensor[i]);
+    }
+  }
+  return {cpu_scalar(total, acc), per};
+}
+
+Tensor total_norm_from_statistic(const Tensor& statistic, double norm_type, bool empty) {
+  const double value = cpu_value(statistic);
+  const ScalarType dtype = statistic.scalar_type();
+  const NormKind kind = norm_kind(norm_type);
+  if (dtype == ScalarType::Double) {
+    switch (kind) {
+      case NormKind::kSquareSum: return cpu_scalar(root_of_statistic<NormKind::kSquareSum>(value, norm_type, empty), dtype);
+      case NormKind::kPowerSum: return cpu_scalar(root_of_statistic<NormKind::kPowerSum>(value, norm_type, empty), dtype);
+      default: return cpu_scalar(empty ? 0.0 : value, dtype);
+    }
+  }
+  const float single = static_cast<float>(value);
+  switch (kind) {
+    case NormKind::kSquareSum: return cpu_scalar(root_of_statistic<NormKind::kSquareSum>(single, norm_type, empty), dtype);
+    case NormKind::kPowerSum: return cpu_scalar(root_of_statistic<NormKind::kPowerSum>(single, norm_type, empty), dtype);
+    default: return cpu_scalar(empty ? 0.0f : single, dtype);
+  }
+}
+
+Tensor rescaled_if_overflowed(const TensorTable& table, const Tensor& total, double norm_type) {
+  if (!sum_may_overflow(norm_kind(norm_type)) || !std::isinf(cpu_value(total))) return total;
+  const double largest = cpu_value(std::get<0>(norm_statistic(table, INFINITY, false)));
+  if (!std::isfinite(largest) || largest == 0) return total;
+  const bool wide = total.scalar_type() == ScalarType::Double;
+  const double inv_scale = wide ? 1.0 / largest : static_cast<float>(1.0 / largest);
+  const double scaled = cpu_value(std::get<0>(unscaled_statistic(table, norm_type, inv_scale)));
+  return cpu_scalar(rescaled_norm(largest, scaled, norm_type), total.scalar_type());
+}
+
+double clip_coefficient(const Tensor& total, double max_norm) {
+  if (total.scalar_type() == ScalarType::Double) return fusedclip::clip_coefficient(cpu_value(total), max_norm);
+  return fusedclip::clip_coefficient(static_cast<float>(cpu_value(total)), max_norm);
+}
+
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(at::TensorList tensors, double norm_type,
-                                                     bool per_tensor) {
+std::tuple<Tensor, Tensor> multi_tensor_norm(TensorList tensors, double norm_type, bool per_tensor) {
   check_norm_type(norm_type);
   const TensorTable table(tensors, Access::kRead, "multi_tensor_norm");
   return norm_statistic(table, norm_type, per_tensor);
 }
 
-void multi_tensor_scale_(at::TensorList tensors, const at::Tensor& coef) {
+void multi_tensor_scale_(TensorList tensors, Tensor coef) {
   check_scalar(coef, "multi_tensor_scale_", "coef");
-  check_writable(tensors, "multi_tensor_scale_", at::kCPU);
-  scale_writable(tensors, coef.item<double>(), "multi_tensor_scale_");  // a CPU tensor: reading it is no device sync
+  FUSEDCLIP_CHECK_TYPE(coef.is_cpu(), "multi_tensor_scale_: coef must be a CPU tensor for CPU tensors, got one on ",
+                       device_name(coef));
+  check_writable(tensors, "multi_tensor_scale_", DeviceType::CPU);
+  scale_writable(tensors, cpu_value(coef), "multi_tensor_scale_");
 }
 
-void multi_tensor_clamp_(at::TensorList tensors, double lo, double hi) {
-  check_writable(tensors, "multi_tensor_clamp_", at::kCPU);
+void multi_tensor_clamp_(TensorList tensors, double lo, double hi) {
+  check_writable(tensors, "multi_tensor_clamp_", DeviceType::CPU);
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK_TYPE(!tensors[i].is_complex(), "fusedclip.multi_tensor_clamp_: tensor ", i,
-                     " is complex; clamping is not defined for complex values");
+    FUSEDCLIP_CHECK_TYPE(!is_complex(tensors[i].scalar_type()), "multi_tensor_clamp_: tensor ", i,
+                         " is complex; clamping is not defined for complex values");
   }
-  transform_writable(tensors, ClampOp{lo, hi}, "multi_tensor_clamp_");
+  const SegmentKernels& kernels = segment_kernels();
+  transform_writable(tensors, [&kernels, lo, hi](const Segment& s) { kernels.clamp(s, lo, hi); },
+                     "multi_tensor_clamp_");
 }
 
-at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_type) {
+Tensor clip_grad_norm_(TensorList tensors, double max_norm, double norm_type) {
   check_norm_type(norm_type);
-  check_writable(tensors, "clip_grad_norm_", at::kCPU);
+  check_writable(tensors, "clip_grad_norm_", DeviceType::CPU);
   const TensorTable table(tensors, Access::kRead, "clip_grad_norm_");
-  const at::Tensor statistic = std::get<0>(norm_statistic(table, norm_type, false));
-  const at::Tensor total = rescaled_if_overflowed(
-      table, total_norm_from_statistic(statistic, norm_type, table.numel() == 0), norm_type);
+  const Tensor statistic = std::get<0>(norm_statistic(table, norm_type, false));
+  const Tensor total =
+      rescaled_if_overflowed(table, total_norm_from_statistic(statistic, norm_type, table.numel() == 0), norm_type);
   scale_writable(tensors, clip_coefficient(total, max_norm), "clip_grad_norm_", &table);
   return total;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
-  m.impl("multi_tensor_norm", &multi_tensor_norm);
-  m.impl("multi_tensor_scale_", &multi_tensor_scale_);
-  m.impl("multi_tensor_clamp_", &multi_tensor_clamp_);
-  m.impl("clip_grad_norm_", &clip_grad_norm_);
+STABLE_TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("multi_tensor_norm", TORCH_BOX(&multi_tensor_norm));
+  m.impl("multi_tensor_scale_", TORCH_BOX(&multi_tensor_scale_));
+  m.impl("multi_tensor_clamp_", TORCH_BOX(&multi_tensor_clamp_));
+  m.impl("clip_grad_norm_", TORCH_BOX(&clip_grad_norm_));
 }
 
 }  // namespace fusedclip::cpu

@@ -1,19 +1,18 @@
 // A list of tensors laid out as one virtual flat vector, cut into fixed-size chunks.
 //
-// The CPU kernels run one at::parallel_for over chunks of this vector, so 10,000 small tensors
-// cost a few hundred tasks, not 10,000 dispatches. A chunk may hold pieces of several tensors and
-// a tensor may span several chunks: each piece is a Segment. Chunk boundaries depend only on the
-// tensors' sizes, never on the thread count, so partials reduced in segment order give bitwise
-// identical results run to run.
+// The CPU kernels run one parallel_for over chunks of this vector, so 10,000 small tensors cost a
+// few hundred tasks, not 10,000 dispatches. A chunk may hold pieces of several tensors and a
+// tensor may span several chunks: each piece is a Segment (csrc/cpu/segment_kernels.h). Chunk
+// boundaries depend only on the tensors' sizes, never on the thread count, so partials reduced in
+// segment order give bitwise identical results run to run.
 #pragma once
-
-#include <ATen/ATen.h>
-
-#include "../tensor_checks.h"
 
 #include <cstdint>
 #include <utility>
 #include <vector>
+
+#include "../tensor_checks.h"
+#include "segment_kernels.h"
 
 namespace fusedclip::cpu {
 
@@ -21,22 +20,18 @@ namespace fusedclip::cpu {
 // to a hundred threads over a 100M-element model.
 constexpr int64_t kChunkElements = int64_t{1} << 15;
 
-struct Segment {
-  void* data;             // first element of this piece
-  int64_t numel;          // elements in this piece
-  int64_t tensor;         // index of its tensor in the caller's list
-  at::ScalarType dtype;   // Float, Double, Half or BFloat16
-};
-
 // How a table will be used: kRead makes a real view of complex tensors through their absolute
 // values (a temporary); kWrite views complex tensors as (re, im) pairs and copies non-dense
 // tensors to dense temporaries that write_back() copies into the originals.
 enum class Access { kRead, kWrite };
 
+// The kernels' dtype of a real floating-point tensor.
+DType dtype_of(const Tensor& t);
+
 class TensorTable {
  public:
   // Checks the tensors first (check_tensors, for CPU tensors); op names the operator in errors.
-  TensorTable(at::TensorList tensors, Access access, const char* op);
+  TensorTable(const TensorList& tensors, Access access, const char* op);
 
   const std::vector<Segment>& segments() const { return segments_; }
   int64_t num_chunks() const { return static_cast<int64_t>(chunk_begin_.size()) - 1; }
@@ -45,7 +40,7 @@ class TensorTable {
   int64_t numel() const { return numel_; }
   int64_t num_tensors() const { return num_tensors_; }
   // float64 when any tensor is float64 (or complex128), else float32.
-  at::ScalarType accumulate_dtype() const { return accumulate_dtype_; }
+  ScalarType accumulate_dtype() const { return accumulate_dtype_; }
 
   // True when the last segment lies below the first in memory: tensors allocated in reverse list
   // order, as backward allocates grads.
@@ -61,15 +56,15 @@ class TensorTable {
   void write_back();
 
  private:
-  void append(const at::Tensor& dense, int64_t tensor_index);
+  void append(void* data, int64_t numel, int64_t element_size, DType dtype, int64_t tensor_index);
 
   std::vector<Segment> segments_;
   std::vector<int64_t> chunk_begin_;
-  std::vector<at::Tensor> keep_alive_;                          // temporaries the segments point into
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;   // (original, dense copy)
+  std::vector<Tensor> keep_alive_;                       // temporaries the segments point into
+  std::vector<std::pair<Tensor, Tensor>> write_back_;    // (original, dense copy)
   int64_t numel_ = 0;
   int64_t num_tensors_ = 0;
-  at::ScalarType accumulate_dtype_ = at::kFloat;
+  ScalarType accumulate_dtype_ = ScalarType::Float;
 };
 
 }  // namespace fusedclip::cpu

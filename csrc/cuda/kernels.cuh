@@ -1,4 +1,4 @@
-// The interface between the CUDA kernels (csrc/cuda/*.cu) and their ATen glue (csrc/cuda/*.cpp).
+// The interface between the CUDA kernels (csrc/cuda/*.cu) and their stable-ABI glue (csrc/cuda/ops.cpp).
 //
 // Plain C++ and the CUDA runtime only: the .cu files include nothing of torch, so nvcc compiles
 // them on a machine with a CPU-only torch (tests/test_cuda_compile.py does, for sm_80 and sm_90).

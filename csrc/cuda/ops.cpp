@@ -1,70 +1,102 @@
-// The CUDA kernels of the fusedclip operators: the ATen glue of csrc/cuda/*.cu (which take raw
-// pointers). Checks the tensors, makes dense real tensors of the others (complex through |z| to
+// The CUDA kernels of the fusedclip operators: the stable-ABI glue of csrc/cuda/*.cu (which take
+// raw pointers). Checks the tensors, makes dense real tensors of the others (complex through |z| to
 // read, as (re, im) pairs to write; non-dense through a contiguous copy, copied back after a
 // write), builds the tensor tables and launches on the current stream. No host sync: the norm,
 // the total and the coefficient stay in device memory.
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+//
+// Only torch's stable ABI (csrc/stable.h: the C shim and its header-only wrappers) and the CUDA
+// runtime: no ATen or c10 C++ symbol, so one build loads under every torch from 2.10 on. The
+// schemas are defined by the Python layer (fusedclip/operators.py) before this library loads; this
+// file registers the CUDA kernels of those schemas. The Python layer also bumps the version
+// counters of the tensors a kernel writes.
+
+// The CUDA entries of the C shim (aoti_torch_get_current_cuda_stream) are declared only with
+// USE_CUDA; see current_stream for how the library reaches them.
+#ifndef USE_CUDA
+#define USE_CUDA
+#endif
+
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <initializer_list>
 #include <optional>
+#include <sstream>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "cuda/kernels.cuh"
 #include "cuda/ops.h"
+#include "stable.h"
 #include "tensor_checks.h"
 
 namespace fusedclip::cuda {
 
 namespace {
 std::atomic<int64_t> single_launch_bytes{-1};
+
+// A CUDA runtime call that failed: a RuntimeError naming the call and the error, with the error
+// cleared (as C10_CUDA_CHECK does), so that it does not surface again in a later, unrelated check.
+void check_cuda(cudaError_t status, const char* call) {
+  if (status == cudaSuccess) return;
+  (void)cudaGetLastError();
+  fail("CUDA error in ", call, ": ", cudaGetErrorString(status), " (", cudaGetErrorName(status), ")");
+}
+
+#define FUSEDCLIP_CUDA_CHECK(call) ::fusedclip::cuda::check_cuda((call), #call)
 }  // namespace
 
 void set_single_launch_max_bytes(int64_t bytes) { single_launch_bytes.store(bytes); }
 int64_t single_launch_max_bytes() { return single_launch_bytes.load(); }
 
 bool kernels_run_on(int device) {
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  // No device of that index (no GPU, no driver): the kernels run nowhere, and nothing is set.
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const torch::stable::accelerator::DeviceGuard guard(device);
   const cudaError_t status = kernel_image_status();
   (void)cudaGetLastError();  // a missing image is an answer here, not an error to leave pending
   return status == cudaSuccess;
 }
 
+int cuda_runtime_version() { return CUDART_VERSION; }
+
 namespace {
 
 // --- checks ----------------------------------------------------------------------------------
 
-DType dtype_of(at::ScalarType t) {
+DType dtype_of(ScalarType t) {
   switch (t) {
-    case at::kFloat: case at::kComplexFloat: return DType::kFloat32;
-    case at::kDouble: case at::kComplexDouble: return DType::kFloat64;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "fusedclip: unexpected dtype ", t);
+    case ScalarType::Float: case ScalarType::ComplexFloat: return DType::kFloat32;
+    case ScalarType::Double: case ScalarType::ComplexDouble: return DType::kFloat64;
+    case ScalarType::Half: return DType::kFloat16;
+    case ScalarType::BFloat16: return DType::kBFloat16;
+    default: fail("unexpected dtype ", dtype_name(t));
   }
 }
 
 // The shared checks (csrc/tensor_checks.h), for a non-empty list of CUDA tensors on one device.
-void check_not_empty(at::TensorList tensors, const char* op) {
-  TORCH_CHECK_VALUE(!tensors.empty(), "fusedclip.", op, ": expected at least one tensor");
+void check_not_empty(const TensorList& tensors, const char* op) {
+  FUSEDCLIP_CHECK_VALUE(!tensors.empty(), op, ": expected at least one tensor");
 }
 
-void check_inputs(at::TensorList tensors, const char* op) {
+void check_inputs(const TensorList& tensors, const char* op) {
   check_not_empty(tensors, op);
-  check_tensors(tensors, op, at::kCUDA);
+  check_tensors(tensors, op, DeviceType::CUDA);
 }
 
-void check_writable(at::TensorList tensors, const char* op) {
+void check_writable(const TensorList& tensors, const char* op) {
   check_not_empty(tensors, op);
-  fusedclip::check_writable(tensors, op, at::kCUDA);
+  fusedclip::check_writable(tensors, op, DeviceType::CUDA);
 }
 
 NormKind norm_kind(double norm_type) {
@@ -72,57 +104,117 @@ NormKind norm_kind(double norm_type) {
   return fusedclip::norm_kind(norm_type);
 }
 
+// A tensor's sizes as torch prints them: [2, 3].
+std::string shape_of(const Tensor& t) {
+  std::ostringstream out;
+  out << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out << (d > 0 ? ", " : "") << t.size(d);
+  out << "]";
+  return out.str();
+}
+
+// --- devices and streams ---------------------------------------------------------------------
+
+// The shim's aoti_torch_get_current_cuda_stream, looked up once. It lives in libtorch_cuda, which
+// the library does not link: a CPU torch has none to link against, and the library's own
+// dependencies (libtorch_cpu, libc10) do not bring it into its lookup scope under a CUDA torch
+// either (torch loads libtorch_cuda RTLD_LOCAL, behind torch._C). torch has loaded it by the time a
+// CUDA kernel runs, so it is found among the loaded libraries (RTLD_NOLOAD: never loaded here).
+using GetCurrentCudaStream = decltype(&aoti_torch_get_current_cuda_stream);
+
+GetCurrentCudaStream get_current_cuda_stream() {
+  static const GetCurrentCudaStream function = [] {
+    void* symbol = dlsym(RTLD_DEFAULT, "aoti_torch_get_current_cuda_stream");
+    if (symbol == nullptr) {
+      if (void* library = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD)) {
+        symbol = dlsym(library, "aoti_torch_get_current_cuda_stream");
+        dlclose(library);  // drops the reference RTLD_NOLOAD took; torch keeps the library loaded
+      }
+    }
+    return reinterpret_cast<GetCurrentCudaStream>(symbol);
+  }();
+  if (function == nullptr) {
+    fail("the CUDA kernels need a torch built with CUDA (aoti_torch_get_current_cuda_stream of libtorch_cuda.so "
+         "was not found)");
+  }
+  return function;
+}
+
+// The current CUDA stream of the device (torch's, as at::cuda::getCurrentCUDAStream gives it).
+cudaStream_t current_stream(const Tensor& on_device) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(get_current_cuda_stream()(on_device.get_device_index(), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+// Makes the tensors' device current while an operator runs (allocations, launches), as
+// c10::cuda::CUDAGuard did.
+struct DeviceOf {
+  torch::stable::accelerator::DeviceGuard guard;
+  cudaStream_t stream;
+  explicit DeviceOf(const Tensor& t) : guard(t.get_device_index()), stream(current_stream(t)) {}
+};
+
+// A new tensor of sizes and dtype on like's device.
+Tensor empty_on(const Tensor& like, std::initializer_list<int64_t> sizes, ScalarType dtype) {
+  return torch::stable::new_empty(like, std::vector<int64_t>(sizes), dtype);
+}
+
+ScalarType acc_dtype(bool acc_double) { return acc_double ? ScalarType::Double : ScalarType::Float; }
+
 // --- dense real tensors and their tables ------------------------------------------------------
 
 enum class Access { kRead, kWrite };
 
 // One dense real tensor per input (zero-size ones kept, so table slots match list indices).
 struct DenseTensors {
-  std::vector<at::Tensor> tensors;
-  std::vector<std::pair<at::Tensor, at::Tensor>> write_back;  // (original, dense copy)
+  TensorList tensors;
+  std::vector<std::pair<Tensor, Tensor>> write_back;  // (original, dense copy)
   bool direct = true;       // every tensor is an input itself: no temporaries
   bool acc_double = false;  // some input is float64 or complex128
   int64_t numel = 0;
   int64_t bytes = 0;
 
-  DenseTensors(at::TensorList inputs, Access access) {
+  DenseTensors(const TensorList& inputs, Access access) {
     tensors.reserve(inputs.size());
-    for (const at::Tensor& t : inputs) {
-      acc_double = acc_double || t.scalar_type() == at::kDouble || t.scalar_type() == at::kComplexDouble;
-      at::Tensor real = t;
-      if (t.is_complex()) {
-        real = access == Access::kRead ? at::abs(t) : at::view_as_real(t);
+    for (const Tensor& t : inputs) {
+      const ScalarType dtype = t.scalar_type();
+      acc_double = acc_double || dtype == ScalarType::Double || dtype == ScalarType::ComplexDouble;
+      Tensor real = t;
+      if (is_complex(dtype)) {
+        real = access == Access::kRead ? aten_unary("aten::abs", "", t) : aten_unary("aten::view_as_real", "", t);
         direct = direct && access == Access::kWrite;
       }
-      if (real.numel() > 0 && !real.is_non_overlapping_and_dense()) {
-        at::Tensor dense = real.contiguous();
+      const int64_t real_numel = real.numel();
+      if (real_numel > 0 && !non_overlapping_and_dense(real)) {
+        Tensor dense = torch::stable::contiguous(real);
         if (access == Access::kWrite) write_back.emplace_back(real, dense);
         real = dense;
         direct = false;
       }
-      numel += real.numel();
-      bytes += real.numel() * real.element_size();
+      numel += real_numel;
+      bytes += real_numel * static_cast<int64_t>(real.element_size());
       tensors.push_back(std::move(real));
     }
   }
 
   void copy_back() {
-    for (auto& [original, dense] : write_back) original.copy_(dense);
+    for (auto& [original, dense] : write_back) torch::stable::copy_(original, dense);
   }
 };
 
 // Tables of at most kMaxTensors tensors each, in list order (table.cuh); first_tensor is the index
 // of tensors[0] in the caller's list.
 struct Tables : TableList<FullTable> {
-  explicit Tables(const std::vector<at::Tensor>& tensors, int32_t first_tensor = 0) : TableList(first_tensor) {
-    for (const at::Tensor& t : tensors) {
-      TORCH_CHECK(append_tensor(t.numel() > 0 ? t.data_ptr() : nullptr, t.numel(), dtype_of(t.scalar_type())),
-                  "fusedclip: too many elements for one call");
+  explicit Tables(const TensorList& tensors, int32_t first_tensor = 0) : TableList(first_tensor) {
+    for (const Tensor& t : tensors) {
+      const int64_t numel = t.numel();
+      if (!append_tensor(numel > 0 ? t.data_ptr() : nullptr, numel, dtype_of(t.scalar_type()))) {
+        fail("too many elements for one call");
+      }
     }
   }
 };
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // --- the norm ----------------------------------------------------------------------------------
 
@@ -130,25 +222,25 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 // non-finite flag (zeroed when the launches use them; the single-launch clip syncs its grid
 // instead, and stays one launch).
 struct NormScratch {
-  at::Tensor memory;
-  NormScratch(int64_t num_chunks, int64_t launches, const at::Device& device, NormParams& params,
+  Tensor memory;
+  NormScratch(int64_t num_chunks, int64_t launches, const Tensor& like, cudaStream_t stream, NormParams& params,
               bool zero_counters = true) {
     const int64_t doubles = std::max<int64_t>(num_chunks, 1) + launches;
     const int64_t counters = launches + 1;
-    memory = at::empty({doubles * 8 + counters * 4}, at::TensorOptions().dtype(at::kByte).device(device));
+    memory = empty_on(like, {doubles * 8 + counters * 4}, ScalarType::Byte);
     auto* base = static_cast<char*>(memory.data_ptr());
     params.chunk_partials = reinterpret_cast<double*>(base);
     params.launch_partials = params.chunk_partials + std::max<int64_t>(num_chunks, 1);
     params.tickets = reinterpret_cast<unsigned int*>(base + doubles * 8);
     params.non_finite = params.tickets + launches;
-    if (zero_counters) C10_CUDA_CHECK(cudaMemsetAsync(params.tickets, 0, counters * 4, current_stream()));
+    if (zero_counters) FUSEDCLIP_CUDA_CHECK(cudaMemsetAsync(params.tickets, 0, counters * 4, stream));
   }
 };
 
 // Outputs of a norm: the statistic, per-tensor statistics, and (for the fused clip) the total
 // norm and the coefficient, all in the accumulation dtype.
 struct NormOutputs {
-  at::Tensor statistic, per_tensor, total, coef;
+  Tensor statistic, per_tensor, total, coef;
 };
 
 NormParams norm_params(const DenseTensors& dense, double norm_type, const NormOutputs& out, double max_norm) {
@@ -165,12 +257,12 @@ NormParams norm_params(const DenseTensors& dense, double norm_type, const NormOu
   return params;
 }
 
-void run_norm(const Tables& tables, NormParams params, const at::Device& device) {
-  NormScratch scratch(tables.num_chunks, static_cast<int64_t>(tables.tables.size()), device, params);
+void run_norm(const Tables& tables, NormParams params, const Tensor& like, cudaStream_t stream) {
+  NormScratch scratch(tables.num_chunks, static_cast<int64_t>(tables.tables.size()), like, stream, params);
   params.num_launches = static_cast<int32_t>(tables.tables.size());
   for (size_t l = 0; l < tables.tables.size(); ++l) {
     params.launch = static_cast<int32_t>(l);
-    C10_CUDA_CHECK(launch_norm(tables.tables[l], params, current_stream()));
+    FUSEDCLIP_CUDA_CHECK(launch_norm(tables.tables[l], params, stream));
   }
 }
 
@@ -180,67 +272,61 @@ void run_norm(const Tables& tables, NormParams params, const at::Device& device)
 // memory run one at a time in list order, so shared bytes are transformed once per tensor, as
 // torch does (each table then starts at its tensor's index: per-tensor coefficients).
 template <typename Launch>
-void transform_writable(at::TensorList tensors, const Launch& launch) {
-  const auto transform_list = [&launch](at::TensorList list, int32_t first_tensor) {
+void transform_writable(const TensorList& tensors, const Launch& launch) {
+  const auto transform_list = [&launch](const TensorList& list, int32_t first_tensor) {
     DenseTensors dense(list, Access::kWrite);
     const Tables tables(dense.tensors, first_tensor);
-    for (const FullTable& table : tables.tables) C10_CUDA_CHECK(launch(table));
+    for (const FullTable& table : tables.tables) FUSEDCLIP_CUDA_CHECK(launch(table));
     dense.copy_back();
   };
   if (any_memory_shared(tensors)) {
-    for (size_t i = 0; i < tensors.size(); ++i) transform_list(tensors[i], static_cast<int32_t>(i));
+    for (size_t i = 0; i < tensors.size(); ++i) transform_list(TensorList{tensors[i]}, static_cast<int32_t>(i));
   } else {
     transform_list(tensors, 0);
   }
 }
 
 // A one-element float tensor argument: by value when it is on the CPU (reading it is no device
-// sync), else its address on the tensors' device.
-Coef scalar_arg(const at::Tensor& t, const at::Device& device, const char* op, const char* name) {
+// sync), else its address on the device of like (the tensors').
+Coef scalar_arg(const Tensor& t, const Tensor& like, const char* op, const char* name) {
   check_scalar(t, op, name);
-  if (t.device().is_cpu()) return {nullptr, DType::kFloat64, t.item<double>(), false};
-  TORCH_CHECK_TYPE(t.device() == device, "fusedclip.", op, ": ", name, " is on ", t.device(),
-                   " but the tensors are on ", device);
+  if (t.is_cpu()) return {nullptr, DType::kFloat64, cpu_value(t), false};
+  FUSEDCLIP_CHECK_TYPE(t.device() == like.device(), op, ": ", name, " is on ", device_name(t),
+                       " but the tensors are on ", device_name(like));
   return {t.data_ptr(), dtype_of(t.scalar_type()), 0.0, false};
-}
-
-at::TensorOptions acc_options(const at::Tensor& like, bool acc_double) {
-  return like.options().dtype(acc_double ? at::kDouble : at::kFloat);
 }
 
 // --- the operators -----------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm(at::TensorList tensors, double norm_type, bool per_tensor) {
+std::tuple<Tensor, Tensor> multi_tensor_norm(TensorList tensors, double norm_type, bool per_tensor) {
   check_inputs(tensors, "multi_tensor_norm");
   norm_kind(norm_type);
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
+  const DeviceOf device(tensors[0]);
   const DenseTensors dense(tensors, Access::kRead);
-  const auto options = acc_options(tensors[0], dense.acc_double);
+  const ScalarType acc = acc_dtype(dense.acc_double);
   NormOutputs out;
-  out.statistic = at::empty({}, options);
-  out.per_tensor = at::empty({per_tensor ? static_cast<int64_t>(tensors.size()) : 0}, options);
-  run_norm(Tables(dense.tensors), norm_params(dense, norm_type, out, 0.0), tensors[0].device());
+  out.statistic = empty_on(tensors[0], {}, acc);
+  out.per_tensor = empty_on(tensors[0], {per_tensor ? static_cast<int64_t>(tensors.size()) : 0}, acc);
+  run_norm(Tables(dense.tensors), norm_params(dense, norm_type, out, 0.0), tensors[0], device.stream);
   return {out.statistic, out.per_tensor};
 }
 
-void multi_tensor_scale_(at::TensorList tensors, const at::Tensor& coef) {
+void multi_tensor_scale_(TensorList tensors, Tensor coef) {
   check_writable(tensors, "multi_tensor_scale_");
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
-  const Coef value = scalar_arg(coef, tensors[0].device(), "multi_tensor_scale_", "coef");
+  const Coef value = scalar_arg(coef, tensors[0], "multi_tensor_scale_", "coef");
   if (value.data == nullptr && value.value >= 1.0) return;  // a CPU coef: nothing to write
-  bump_versions(tensors);
-  transform_writable(tensors, [&](const FullTable& table) { return launch_scale(table, value, current_stream()); });
+  const DeviceOf device(tensors[0]);
+  transform_writable(tensors, [&](const FullTable& table) { return launch_scale(table, value, device.stream); });
 }
 
-void multi_tensor_clamp_(at::TensorList tensors, double lo, double hi) {
+void multi_tensor_clamp_(TensorList tensors, double lo, double hi) {
   check_writable(tensors, "multi_tensor_clamp_");
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK_TYPE(!tensors[i].is_complex(), "fusedclip.multi_tensor_clamp_: tensor ", i,
-                     " is complex; clamping is not defined for complex values");
+    FUSEDCLIP_CHECK_TYPE(!is_complex(tensors[i].scalar_type()), "multi_tensor_clamp_: tensor ", i,
+                         " is complex; clamping is not defined for complex values");
   }
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
-  bump_versions(tensors);
-  transform_writable(tensors, [&](const FullTable& table) { return launch_clamp(table, lo, hi, current_stream()); });
+  const DeviceOf device(tensors[0]);
+  transform_writable(tensors, [&](const FullTable& table) { return launch_clamp(table, lo, hi, device.stream); });
 }
 
 // The device's L2 size in bytes, queried once per device (an attribute read, no sync).
@@ -249,109 +335,111 @@ int64_t l2_bytes(int device) {
   if (device < 0 || device >= 64) return 0;
   if (cached[device].load() == 0) {
     int bytes = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device));
+    FUSEDCLIP_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device));
     cached[device].store(std::max(bytes, 1));
   }
   return cached[device].load();
 }
 
-bool use_single_launch(const DenseTensors& dense, const Tables& tables, at::TensorList tensors) {
+bool use_single_launch(const DenseTensors& dense, const Tables& tables, const TensorList& tensors) {
   int64_t limit = single_launch_max_bytes();
-  if (limit < 0) limit = l2_bytes(tensors[0].device().index());
+  if (limit < 0) limit = l2_bytes(tensors[0].get_device_index());
   return dense.bytes <= limit && tables.tables.size() == 1 && dense.direct && !any_memory_shared(tensors);
 }
 
 // The fused clip; with_norms also returns the per-tensor norms of the same read.
-std::tuple<at::Tensor, at::Tensor> clip(at::TensorList tensors, double max_norm, double norm_type, bool with_norms,
-                                        const char* op) {
+std::tuple<Tensor, Tensor> clip(const TensorList& tensors, double max_norm, double norm_type, bool with_norms,
+                                const char* op) {
   check_writable(tensors, op);
   norm_kind(norm_type);
-  const at::Device device = tensors[0].device();
-  const c10::cuda::CUDAGuard guard(device);
+  const Tensor& like = tensors[0];
+  const DeviceOf device(like);
   const DenseTensors dense(tensors, Access::kRead);
   const Tables tables(dense.tensors);
   NormOutputs out;
-  const auto options = acc_options(tensors[0], dense.acc_double);
-  out.statistic = at::empty({}, options);
-  out.total = at::empty({}, options);
-  out.coef = at::empty({}, options);
-  if (with_norms) out.per_tensor = at::empty({static_cast<int64_t>(tensors.size())}, options);
+  const ScalarType acc = acc_dtype(dense.acc_double);
+  out.statistic = empty_on(like, {}, acc);
+  out.total = empty_on(like, {}, acc);
+  out.coef = empty_on(like, {}, acc);
+  // The second result: the per-tensor norms, or an undefined tensor (clip_grad_norm_ returns the
+  // total only).
+  if (with_norms) out.per_tensor = empty_on(like, {static_cast<int64_t>(tensors.size())}, acc);
   NormParams params = norm_params(dense, norm_type, out, max_norm);
   params.per_tensor_roots = with_norms;
-  bump_versions(tensors);
 
   if (use_single_launch(dense, tables, tensors)) {
     NormParams single = params;
-    NormScratch scratch(tables.num_chunks, 1, device, single, /*zero_counters=*/false);
+    NormScratch scratch(tables.num_chunks, 1, like, device.stream, single, /*zero_counters=*/false);
     single.launch = 0;
     single.num_launches = 1;
-    const cudaError_t error = launch_clip_single(tables.tables[0], single, current_stream());
+    const cudaError_t error = launch_clip_single(tables.tables[0], single, device.stream);
     if (error == cudaSuccess) return {out.total, out.per_tensor};
     // Only "no cooperative launch here" falls back to two launches; anything else is an error.
-    if (error != cudaErrorNotSupported && error != cudaErrorCooperativeLaunchTooLarge) C10_CUDA_CHECK(error);
+    if (error != cudaErrorNotSupported && error != cudaErrorCooperativeLaunchTooLarge) {
+      check_cuda(error, "launch_clip_single");
+    }
     (void)cudaGetLastError();
   }
 
-  run_norm(tables, params, device);
+  run_norm(tables, params, like, device.stream);
   const Coef coef{out.coef.data_ptr(), dense.acc_double ? DType::kFloat64 : DType::kFloat32, 0.0, false};
   if (dense.direct && !any_memory_shared(tensors)) {
-    for (const FullTable& table : tables.tables) C10_CUDA_CHECK(launch_scale(table, coef, current_stream()));
+    for (const FullTable& table : tables.tables) FUSEDCLIP_CUDA_CHECK(launch_scale(table, coef, device.stream));
   } else {
-    transform_writable(tensors, [&](const FullTable& table) { return launch_scale(table, coef, current_stream()); });
+    transform_writable(tensors, [&](const FullTable& table) { return launch_scale(table, coef, device.stream); });
   }
   return {out.total, out.per_tensor};
 }
 
-at::Tensor clip_grad_norm_(at::TensorList tensors, double max_norm, double norm_type) {
+Tensor clip_grad_norm_(TensorList tensors, double max_norm, double norm_type) {
   return std::get<0>(clip(tensors, max_norm, norm_type, false, "clip_grad_norm_"));
 }
 
-std::tuple<at::Tensor, at::Tensor> clip_grad_norm_with_norms_(at::TensorList tensors, double max_norm,
-                                                              double norm_type) {
+std::tuple<Tensor, Tensor> clip_grad_norm_with_norms_(TensorList tensors, double max_norm, double norm_type) {
   return clip(tensors, max_norm, norm_type, true, "clip_grad_norm_with_norms_");
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_unscale_norm(at::TensorList tensors, const at::Tensor& inv_scale,
-                                                             double norm_type) {
+std::tuple<Tensor, Tensor> multi_tensor_unscale_norm(TensorList tensors, Tensor inv_scale, double norm_type) {
   const char* op = "multi_tensor_unscale_norm";
   const NormKind kind = norm_kind(norm_type);
   check_scalar(inv_scale, op, "inv_scale");
   if (tensors.empty()) {  // reached through a CUDA inv_scale: the statistic of no elements
-    const auto options = inv_scale.options().dtype(at::kFloat);
-    return {at::full({}, kind == NormKind::kMin ? INFINITY : 0.0, options), at::zeros({}, options)};
+    return {torch::stable::full({}, kind == NormKind::kMin ? INFINITY : 0.0, ScalarType::Float, std::nullopt,
+                                inv_scale.device()),
+            torch::stable::new_zeros(inv_scale, {}, ScalarType::Float)};
   }
   check_inputs(tensors, op);
-  const at::Device device = tensors[0].device();
-  const c10::cuda::CUDAGuard guard(device);
-  const Coef inv = scalar_arg(inv_scale, device, op, "inv_scale");
+  const Tensor& like = tensors[0];
+  const Coef inv = scalar_arg(inv_scale, like, op, "inv_scale");
+  const DeviceOf device(like);
   const DenseTensors dense(tensors, Access::kRead);
   NormOutputs out;
-  out.statistic = at::empty({}, acc_options(tensors[0], dense.acc_double));
-  at::Tensor found_inf = at::empty({}, tensors[0].options().dtype(at::kFloat));
+  out.statistic = empty_on(like, {}, acc_dtype(dense.acc_double));
+  Tensor found_inf = empty_on(like, {}, ScalarType::Float);
   NormParams params = norm_params(dense, norm_type, out, 0.0);
   params.unscale = true;
   params.inv_scale = inv;
-  params.found_inf = found_inf.data_ptr<float>();
-  run_norm(Tables(dense.tensors), params, device);
+  params.found_inf = static_cast<float*>(found_inf.data_ptr());
+  run_norm(Tables(dense.tensors), params, like, device.stream);
   return {out.statistic, found_inf};
 }
 
-void multi_tensor_scale_per_tensor_(at::TensorList tensors, const at::Tensor& coefs) {
+void multi_tensor_scale_per_tensor_(TensorList tensors, Tensor coefs) {
   const char* op = "multi_tensor_scale_per_tensor_";
-  TORCH_CHECK_TYPE(coefs.is_floating_point() && coefs.is_cuda(), "fusedclip.", op,
-                   ": coefs must be a float CUDA tensor, got ", coefs.scalar_type(), " on ", coefs.device());
-  TORCH_CHECK_VALUE(coefs.dim() == 1 && coefs.numel() == static_cast<int64_t>(tensors.size()), "fusedclip.", op,
-                    ": coefs must be 1-dim with one coefficient per tensor (", tensors.size(), "), got shape ",
-                    coefs.sizes());
+  FUSEDCLIP_CHECK_TYPE(is_floating(coefs.scalar_type()) && coefs.is_cuda(), op,
+                       ": coefs must be a float CUDA tensor, got ", dtype_name(coefs.scalar_type()), " on ",
+                       device_name(coefs));
+  FUSEDCLIP_CHECK_VALUE(coefs.dim() == 1 && coefs.numel() == static_cast<int64_t>(tensors.size()), op,
+                        ": coefs must be 1-dim with one coefficient per tensor (", tensors.size(), "), got shape ",
+                        shape_of(coefs));
   if (tensors.empty()) return;
   check_writable(tensors, op);
-  TORCH_CHECK_TYPE(coefs.device() == tensors[0].device(), "fusedclip.", op, ": coefs is on ", coefs.device(),
-                   " but the tensors are on ", tensors[0].device());
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
-  const at::Tensor dense_coefs = coefs.contiguous();
+  FUSEDCLIP_CHECK_TYPE(coefs.device() == tensors[0].device(), op, ": coefs is on ", device_name(coefs),
+                       " but the tensors are on ", device_name(tensors[0]));
+  const DeviceOf device(tensors[0]);
+  const Tensor dense_coefs = torch::stable::contiguous(coefs);
   const Coef coef{dense_coefs.data_ptr(), dtype_of(dense_coefs.scalar_type()), 0.0, /*per_tensor=*/true};
-  bump_versions(tensors);  // which tensors are written is known on the device only
-  transform_writable(tensors, [&](const FullTable& table) { return launch_scale(table, coef, current_stream()); });
+  transform_writable(tensors, [&](const FullTable& table) { return launch_scale(table, coef, device.stream); });
 }
 
 // --- AGC -------------------------------------------------------------------------------------
@@ -359,22 +447,23 @@ void multi_tensor_scale_per_tensor_(at::TensorList tensors, const at::Tensor& co
 // AGC of one list in one pass (a launch per table, and one more for a table with long rows):
 // total and per receive the sums of squares of the gradients before clipping. Units are rows of
 // the row-major layout: other layouts go through contiguous temporaries, written back after.
-void agc_list(at::TensorList grads, at::TensorList params, double clip_factor, double eps, bool acc_double,
-              const at::Tensor& total, const at::Tensor& per) {
-  std::vector<at::Tensor> row_major;  // (grad, param) per tensor: the temporaries live until queued
+void agc_list(const TensorList& grads, const TensorList& params, double clip_factor, double eps, bool acc_double,
+              const Tensor& total, const Tensor& per, cudaStream_t stream) {
+  TensorList row_major;  // (grad, param) per tensor: the temporaries live until queued
   TableList<FullAgcTable> list;
   bool long_rows = false;
   for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor grad = grads[i].contiguous();
-    const at::Tensor param = params[i].contiguous();
+    const Tensor grad = torch::stable::contiguous(grads[i]);
+    const Tensor param = torch::stable::contiguous(params[i]);
     row_major.push_back(grad);
     row_major.push_back(param);
     const int64_t numel = grad.numel();
     const int64_t row_numel = numel == 0 ? 0 : numel / (grad.dim() > 1 ? grad.size(0) : 1);
     long_rows = long_rows || (numel > 0 && agc_geometry(row_numel).items_per_row > 1);
-    TORCH_CHECK(list.append_agc(numel > 0 ? grad.data_ptr() : nullptr, numel > 0 ? param.data_ptr() : nullptr,
-                                numel, row_numel, dtype_of(grad.scalar_type()), dtype_of(param.scalar_type())),
-                "fusedclip: too many elements for one call");
+    if (!list.append_agc(numel > 0 ? grad.data_ptr() : nullptr, numel > 0 ? param.data_ptr() : nullptr, numel,
+                         row_numel, dtype_of(grad.scalar_type()), dtype_of(param.scalar_type()))) {
+      fail("too many elements for one call");
+    }
   }
   AgcParams agc{};
   agc.norm.kind = NormKind::kSquareSum;
@@ -385,69 +474,71 @@ void agc_list(at::TensorList grads, at::TensorList params, double clip_factor, d
   agc.norm.num_launches = static_cast<int32_t>(list.tables.size());
   agc.clip_factor = clip_factor;
   agc.eps = eps;
-  const at::Device device = grads[0].device();
-  NormScratch scratch(list.num_chunks, agc.norm.num_launches, device, agc.norm);
-  at::Tensor pieces;
+  const Tensor& like = grads[0];
+  NormScratch scratch(list.num_chunks, agc.norm.num_launches, like, stream, agc.norm);
+  Tensor pieces;
   if (long_rows) {
-    pieces = at::empty({2 * list.num_chunks}, at::TensorOptions().dtype(at::kDouble).device(device));
-    agc.piece_grad_sq = pieces.data_ptr<double>();
+    pieces = empty_on(like, {2 * list.num_chunks}, ScalarType::Double);
+    agc.piece_grad_sq = static_cast<double*>(pieces.data_ptr());
     agc.piece_param_sq = agc.piece_grad_sq + list.num_chunks;
   }
   for (size_t l = 0; l < list.tables.size(); ++l) {
     agc.norm.launch = static_cast<int32_t>(l);
-    C10_CUDA_CHECK(launch_agc(list.tables[l], agc, current_stream()));
+    FUSEDCLIP_CUDA_CHECK(launch_agc(list.tables[l], agc, stream));
   }
+  // A grad that contiguous() returned as it is (the same data) was written in place; a copy is
+  // written back.
   for (size_t i = 0; i < grads.size(); ++i) {
-    if (!row_major[2 * i].is_same(grads[i])) grads[i].copy_(row_major[2 * i]);
+    Tensor grad = grads[i];
+    if (grad.numel() > 0 && row_major[2 * i].data_ptr() != grad.data_ptr()) {
+      torch::stable::copy_(grad, row_major[2 * i]);
+    }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_agc_(at::TensorList grads, at::TensorList params,
-                                                     double clip_factor, double eps) {
+std::tuple<Tensor, Tensor> multi_tensor_agc_(TensorList grads, TensorList params, double clip_factor, double eps) {
   check_not_empty(grads, "multi_tensor_agc_");
-  check_agc_arguments(grads, params, clip_factor, eps, at::kCUDA);
-  const c10::cuda::CUDAGuard guard(grads[0].device());
+  check_agc_arguments(grads, params, clip_factor, eps, DeviceType::CUDA);
+  const DeviceOf device(grads[0]);
   const bool acc_double = std::any_of(grads.begin(), grads.end(),
-                                      [](const at::Tensor& g) { return g.scalar_type() == at::kDouble; });
-  const auto options = acc_options(grads[0], acc_double);
+                                      [](const Tensor& g) { return g.scalar_type() == ScalarType::Double; });
+  const ScalarType acc = acc_dtype(acc_double);
   const auto num_tensors = static_cast<int64_t>(grads.size());
-  at::Tensor per = at::empty({num_tensors}, options);
-  bump_versions(grads);
+  Tensor per = empty_on(grads[0], {num_tensors}, acc);
   if (!any_memory_shared(grads)) {
-    at::Tensor total = at::empty({}, options);
-    agc_list(grads, params, clip_factor, eps, acc_double, total, per);
+    Tensor total = empty_on(grads[0], {}, acc);
+    agc_list(grads, params, clip_factor, eps, acc_double, total, per, device.stream);
     return {total, per};
   }
   // Gradients that share memory are clipped one tensor at a time in list order, as torch's
   // per-tensor loop clips them: each write-back lands before the next tensor is read, so a later
   // occurrence sees the earlier clips. The total then sums the per-tensor results in order.
   for (int64_t i = 0; i < num_tensors; ++i) {
-    agc_list(grads.slice(i, 1), params.slice(i, 1), clip_factor, eps, acc_double, at::empty({}, options),
-             per.narrow(0, i, 1));
+    const auto at = static_cast<size_t>(i);
+    agc_list(TensorList{grads[at]}, TensorList{params[at]}, clip_factor, eps, acc_double, empty_on(grads[0], {}, acc),
+             torch::stable::narrow(per, 0, i, 1), device.stream);
   }
-  return {per.sum(at::kDouble).to(options.dtype()), per};
+  return {torch::stable::to(torch::stable::sum(per, std::nullopt, false, ScalarType::Double), acc), per};
 }
 
 // --- GradientMonitor -------------------------------------------------------------------------
 
-void monitor_update_(const at::Tensor& norms, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& count,
-                     const at::Tensor& below, const at::Tensor& explosions, const at::Tensor& exploding,
-                     const at::Tensor& vanishing, double alpha, int64_t warmup_steps, double z_threshold,
+void monitor_update_(Tensor norms, Tensor mean, Tensor var, Tensor count, Tensor below, Tensor explosions,
+                     Tensor exploding, Tensor vanishing, double alpha, int64_t warmup_steps, double z_threshold,
                      std::optional<double> explode_threshold, double vanish_eps, int64_t vanish_steps) {
-  check_monitor_state(norms, mean, var, count, below, explosions, exploding, vanishing, at::kCUDA);
-  bump_versions({mean, var, count, below, explosions, exploding, vanishing});
-  const c10::cuda::CUDAGuard guard(norms.device());
+  check_monitor_state(norms, mean, var, count, below, explosions, exploding, vanishing, DeviceType::CUDA);
+  const DeviceOf device(norms);
   MonitorParams params{};
   params.norms = norms.data_ptr();
   params.mean = mean.data_ptr();
   params.var = var.data_ptr();
-  params.count = count.data_ptr<int64_t>();
-  params.below = below.data_ptr<int64_t>();
-  params.explosions = explosions.data_ptr<int64_t>();
-  params.exploding = exploding.data_ptr<bool>();
-  params.vanishing = vanishing.data_ptr<bool>();
+  params.count = static_cast<int64_t*>(count.data_ptr());
+  params.below = static_cast<int64_t*>(below.data_ptr());
+  params.explosions = static_cast<int64_t*>(explosions.data_ptr());
+  params.exploding = static_cast<bool*>(exploding.data_ptr());
+  params.vanishing = static_cast<bool*>(vanishing.data_ptr());
   params.size = norms.size(0);
-  params.is_double = norms.scalar_type() == at::kDouble;
+  params.is_double = norms.scalar_type() == ScalarType::Double;
   params.has_explode = explode_threshold.has_value();
   params.ema_weight = 1.0 - alpha;
   params.z_squared = z_threshold * z_threshold;
@@ -455,21 +546,21 @@ void monitor_update_(const at::Tensor& norms, const at::Tensor& mean, const at::
   params.vanish_eps = vanish_eps;
   params.warmup_steps = warmup_steps;
   params.vanish_steps = vanish_steps;
-  C10_CUDA_CHECK(launch_monitor_update(params, current_stream()));
+  FUSEDCLIP_CUDA_CHECK(launch_monitor_update(params, device.stream));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
-  m.impl("multi_tensor_norm", &multi_tensor_norm);
-  m.impl("multi_tensor_scale_", &multi_tensor_scale_);
-  m.impl("multi_tensor_clamp_", &multi_tensor_clamp_);
-  m.impl("clip_grad_norm_", &clip_grad_norm_);
-  m.impl("multi_tensor_agc_", &multi_tensor_agc_);
-  m.impl("multi_tensor_scale_per_tensor_", &multi_tensor_scale_per_tensor_);
-  m.impl("clip_grad_norm_with_norms_", &clip_grad_norm_with_norms_);
-  m.impl("multi_tensor_unscale_norm", &multi_tensor_unscale_norm);
-  m.impl("monitor_update_", &monitor_update_);
+STABLE_TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
+  m.impl("multi_tensor_norm", TORCH_BOX(&multi_tensor_norm));
+  m.impl("multi_tensor_scale_", TORCH_BOX(&multi_tensor_scale_));
+  m.impl("multi_tensor_clamp_", TORCH_BOX(&multi_tensor_clamp_));
+  m.impl("clip_grad_norm_", TORCH_BOX(&clip_grad_norm_));
+  m.impl("multi_tensor_agc_", TORCH_BOX(&multi_tensor_agc_));
+  m.impl("multi_tensor_scale_per_tensor_", TORCH_BOX(&multi_tensor_scale_per_tensor_));
+  m.impl("clip_grad_norm_with_norms_", TORCH_BOX(&clip_grad_norm_with_norms_));
+  m.impl("multi_tensor_unscale_norm", TORCH_BOX(&multi_tensor_unscale_norm));
+  m.impl("monitor_update_", TORCH_BOX(&monitor_update_));
 }
 
 }  // namespace fusedclip::cuda

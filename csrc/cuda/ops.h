@@ -1,4 +1,4 @@
-// Settings of the CUDA operators that fusedclip._C exposes (csrc/python_module.cpp).
+// Settings of the CUDA operators that fusedclip._C_cuda exposes to Python (csrc/cuda/module.cpp).
 #pragma once
 
 #include <cstdint>
@@ -13,7 +13,12 @@ void set_single_launch_max_bytes(int64_t bytes);
 int64_t single_launch_max_bytes();
 
 // Whether this build's kernels run on CUDA device `device` (its architectures include the
-// device's, or PTX the driver can compile for it). Sets no device and leaves no error behind.
+// device's, or PTX the driver can compile for it). False where there is no such device (no GPU,
+// no driver). Sets no device and leaves no error behind.
 bool kernels_run_on(int device);
+
+// The CUDA runtime version this library was compiled with (CUDART_VERSION, e.g. 13000); the
+// runtime is linked statically, so it is also the version that runs.
+int cuda_runtime_version();
 
 }  // namespace fusedclip::cuda

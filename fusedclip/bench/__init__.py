@@ -227,9 +227,9 @@ def run_cuda_launches(device: torch.device, repeats: int = 15, warmup: int = 3,
                       log: Callable[[str], None] = print) -> list[dict]:
     """Times backend "cuda"'s fused clip as two launches and as one cooperative launch, with
     fusedclip's pure-PyTorch backend and torch.nn.utils beside them, interleaved (the order rotates
-    each repetition). Needs fusedclip._C with its CUDA kernels."""
+    each repetition). Needs fusedclip._C_cuda, the CUDA kernels."""
     single_launch_limit = {"cuda two-launch": 0, "cuda single-launch": 2**62}
-    previous_limit = _backends._C.cuda_single_launch_max_bytes()
+    previous_limit = _backends._C_CUDA.single_launch_max_bytes()
     rows = []
     log(f"{'workload':<20} {'mode':<7} " + " ".join(f"{v + ' ms':>22}" for v in CUDA_LAUNCH_VARIANTS))
     for workload in CUDA_LAUNCH_WORKLOADS():
@@ -246,14 +246,14 @@ def run_cuda_launches(device: torch.device, repeats: int = 15, warmup: int = 3,
                 "torch.nn.utils": lambda: TORCH["clip_grad_norm_"](params, max_norm),
             }
             def before(name: str) -> None:
-                _backends._C.set_cuda_single_launch_max_bytes(single_launch_limit.get(name, previous_limit))
+                _backends._C_CUDA.set_single_launch_max_bytes(single_launch_limit.get(name, previous_limit))
                 torch._foreach_mul_(grads, refresh)
 
             try:
                 times = interleave({name: calls[name] for name in CUDA_LAUNCH_VARIANTS}, device, repeats,
                                    warmup, before=before)
             finally:
-                _backends._C.set_cuda_single_launch_max_bytes(previous_limit)
+                _backends._C_CUDA.set_single_launch_max_bytes(previous_limit)
             row = {"workload": workload.label, "mode": mode, "tensors": len(workload.shapes),
                    "bytes": workload.numel * 4}
             row.update({f"{name} ms": statistics.median(times[name]) * 1e3 for name in CUDA_LAUNCH_VARIANTS})

@@ -1,7 +1,8 @@
 """Launchers and operators of backend "triton": ``torch.ops.fusedclip_triton.*``.
 
-The operators have the schemas and semantics of the C++ library's (csrc/fusedclip.cpp), in
-their own namespace so that they never clash with kernels registered for ``fusedclip::``.
+The operators have the schemas and semantics of fusedclip/operators.py (defined from its schemas,
+not typed again here), in their own namespace so that they never clash with the CUDA kernels
+registered for ``fusedclip::``.
 
 A call builds (or finds in a cache) one device table of int64 describing every chunk of every
 tensor (tables.py), then launches one kernel per dtype present (launch.py): the norm
@@ -18,7 +19,8 @@ addresses cannot be built from fake tensors, which have none. With fake kernels,
 torch.compile(fullgraph=True) puts them in its graph as single nodes, as it does the C++
 operators. (``torch.library.custom_op`` would bump version counters one tensor at a time in
 Python: ~0.35 ms at 1,000 tensors.) An in-place operator bumps every tensor it may write: which
-ones a per-tensor scale leaves alone is known only on the device.
+ones a per-tensor scale leaves alone is known only on the device. Its kernel refuses bad input
+with the TypeError or ValueError itself, before writing.
 """
 
 
@@ -30,8 +32,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fusedclip import fakes, numerics
-from fusedclip._eager import EagerOperator
+from fusedclip import numerics, operators
 from fusedclip.triton import kernels, launch
 from fusedclip.triton.launch import NormResults, bits, norm, transform
 from fusedclip.triton.tables import agc_operands_of, check, operands_of, prepare
@@ -64,19 +65,13 @@ def _check_float(t: Tensor, op: str, name: str, device: torch.device, one_elemen
 
 _library = torch.library.Library("fusedclip_triton", "DEF")
 
-try:
-    from fusedclip._C import bump_versions as _bump_versions  # ~5 ns a tensor
-except (ImportError, OSError):  # not built
-    _bump_versions = None
 
-
-def _operator(schema: str, mutates: Union[bool, tuple[int, ...]] = False):
-    """Defines ``fusedclip_triton::<schema>`` with the decorated function as its kernel for every
-    device, and returns it as fusedclip calls it (fusedclip/_eager.py: the kernel straight in eager
-    mode). An in-place operator bumps the version counters of what it writes in one C++ call
-    before running (what a ``custom_op`` does one tensor at a time in Python, ~0.35 ms at 1,000
-    tensors): ``mutates=True`` for its first argument, a list; else the positions of the tensor
-    arguments it writes."""
+def _operator(mutates: Union[bool, tuple[int, ...]] = False):
+    """Defines ``fusedclip_triton::<name>`` (the decorated function's name, the schema of
+    fusedclip/operators.py) with the function as its kernel for every device and the operator's
+    fake kernel. An in-place operator's ADInplaceOrView kernel bumps the version counters of what
+    it may write in one call before running: ``mutates=True`` for its first argument, a list;
+    else the positions of the tensor arguments it writes."""
     written = (0,) if mutates is True else tuple(mutates or ())
 
     def written_by(args) -> list[Tensor]:
@@ -85,34 +80,25 @@ def _operator(schema: str, mutates: Union[bool, tuple[int, ...]] = False):
         return [args[i] for i in written]
 
     def define(kernel):
-        name = schema.split("(")[0]
-        _library.define(schema)
+        name = kernel.__name__
+        _library.define(name + operators.OPERATORS[name].schema)
         _library.impl(name, kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"fusedclip_triton::{name}", operators.OPERATORS[name].fake, lib=_library)
         op = getattr(torch.ops.fusedclip_triton, name)
         if written:
             below = torch._C._after_ADInplaceOrView_keyset
-            bump = _bump_versions or torch._C._increment_version
 
             def bump_versions(keyset, *args):
-                bump(written_by(args))
+                torch._C._increment_version(written_by(args))
                 return op.default.redispatch(keyset & below, *args)
 
             _library.impl(name, bump_versions, "ADInplaceOrView", with_keyset=True)
-        if _bump_versions is None:  # not built: every call goes through torch.ops
-            return EagerOperator(op, op)
-        if not written:
-            return EagerOperator(op, kernel)
-
-        def bump_and_run(*args):
-            _bump_versions(written_by(args))
-            return kernel(*args)
-
-        return EagerOperator(op, bump_and_run)
+        return kernel
 
     return define
 
 
-@_operator("multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor=False) -> (Tensor, Tensor)")
+@_operator()
 def multi_tensor_norm(
     tensors: list[Tensor], norm_type: float, per_tensor: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -128,7 +114,7 @@ def multi_tensor_norm(
     return statistic, per
 
 
-@_operator("multi_tensor_unscale_norm(Tensor[] tensors, Tensor inv_scale, float norm_type) -> (Tensor, Tensor)")
+@_operator()
 def multi_tensor_unscale_norm(tensors: list[Tensor], inv_scale: Tensor, norm_type: float) -> tuple[Tensor, Tensor]:
     """The statistic of tensors * inv_scale (the products rounded to float32, float64 for float64
     tensors, as torch's unscale_ computes them) and found_inf (float32 1. when any element of the
@@ -143,7 +129,7 @@ def multi_tensor_unscale_norm(tensors: list[Tensor], inv_scale: Tensor, norm_typ
     return results.statistic, results.found_inf
 
 
-@_operator("multi_tensor_scale_(Tensor(a!)[] tensors, Tensor coef) -> ()", mutates=True)
+@_operator(mutates=True)
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     """tensors *= coef in place, in float32 (float64 for float64 tensors), rounded once; coef is
     read on the device, and nothing is written when coef >= 1."""
@@ -163,7 +149,7 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
               PER_TENSOR=False)
 
 
-@_operator("multi_tensor_scale_per_tensor_(Tensor(a!)[] tensors, Tensor coefs) -> ()", mutates=True)
+@_operator(mutates=True)
 def multi_tensor_scale_per_tensor_(tensors: list[Tensor], coefs: Tensor) -> None:
     """tensors[i] *= coefs[i] in place, as multi_tensor_scale_ scales by one coefficient: one
     launch per dtype, each chunk reading its tensor's coefficient on the device; a chunk whose
@@ -180,7 +166,7 @@ def multi_tensor_scale_per_tensor_(tensors: list[Tensor], coefs: Tensor) -> None
               args_of=lambda i: (coefs[i], 0), PER_TENSOR=True)
 
 
-@_operator("multi_tensor_clamp_(Tensor(a!)[] tensors, float min, float max) -> ()", mutates=True)
+@_operator(mutates=True)
 def multi_tensor_clamp_(tensors: list[Tensor], min: float, max: float) -> None:  # noqa: A002
     """tensors = min(max(tensors, min), max) in place, one pass; nan stays nan."""
     if not tensors:
@@ -210,7 +196,7 @@ def _clip(tensors: list[Tensor], max_norm: float, norm_type: float, op: str, per
     return results
 
 
-@_operator("clip_grad_norm_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> Tensor", mutates=True)
+@_operator(mutates=True)
 def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
     """Norm, coefficient min(max_norm / (norm + 1e-6), 1) and scale, in one norm launch and one
     scale launch per dtype, with no host sync; returns the norm."""
@@ -220,8 +206,7 @@ def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) ->
     return _clip(tensors, max_norm, norm_type, "clip_grad_norm_", False).total
 
 
-@_operator("clip_grad_norm_with_norms_(Tensor(a!)[] tensors, float max_norm, float norm_type) -> (Tensor, Tensor)",
-           mutates=True)
+@_operator(mutates=True)
 def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type: float) -> tuple[Tensor, Tensor]:
     """clip_grad_norm_, also returning each tensor's norm before clipping (0 for a tensor with no
     elements) from the same read: the per-tensor statistics and their roots are one more launch."""
@@ -232,8 +217,7 @@ def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type
     return results.total, results.per
 
 
-@_operator("multi_tensor_agc_(Tensor(a!)[] grads, Tensor[] params, float clip_factor, float eps) -> (Tensor, Tensor)",
-           mutates=True)
+@_operator(mutates=True)
 def multi_tensor_agc_(grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float) -> tuple[Tensor, Tensor]:
     """Unit-wise AGC in place (launch.agc: one launch per dtype that clips every row of at most a
     chunk where it is read, and three more when rows are longer); returns the sums of squares of
@@ -256,10 +240,7 @@ def multi_tensor_agc_(grads: list[Tensor], params: list[Tensor], clip_factor: fl
     return numerics.combine_statistics(per, 2.0), per
 
 
-@_operator("monitor_update_(Tensor norms, Tensor(a!) mean, Tensor(b!) var, Tensor(c!) count, Tensor(d!) below, "
-           "Tensor(e!) explosions, Tensor(f!) exploding, Tensor(g!) vanishing, float alpha, int warmup_steps, "
-           "float z_threshold, float? explode_threshold, float vanish_eps, int vanish_steps) -> ()",
-           mutates=(1, 2, 3, 4, 5, 6, 7))
+@_operator(mutates=(1, 2, 3, 4, 5, 6, 7))
 def monitor_update_(norms: Tensor, mean: Tensor, var: Tensor, count: Tensor, below: Tensor, explosions: Tensor,
                     exploding: Tensor, vanishing: Tensor, alpha: float, warmup_steps: int, z_threshold: float,
                     explode_threshold: Optional[float], vanish_eps: float, vanish_steps: int) -> None:
@@ -284,8 +265,3 @@ def monitor_update_(norms: Tensor, mean: Tensor, var: Tensor, count: Tensor, bel
     if norms.numel():
         launch.monitor(norms, state, alpha, warmup_steps, z_threshold, explode_threshold, vanish_eps, vanish_steps)
 
-
-# --- fake kernels: shapes and dtypes, for torch.compile and opcheck -------------------------------
-
-
-fakes.register("fusedclip_triton", __all__)

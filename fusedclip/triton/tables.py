@@ -3,8 +3,8 @@
 
 Tables depend only on each tensor's address, numel, dtype and whether it is dense in memory, so
 the operands of a list seen before on the same stream (the same grads every step) come from a
-small cache: no checks, no table built, no host-to-device copy; the key is made in C++
-(fusedclip._C.triton_table_key) in ~20 ns a tensor. A tensor that fills its memory exactly once
+small cache: no checks, no table built, no host-to-device copy (the key costs about 0.5 us a
+tensor in Python). A tensor that fills its memory exactly once
 (contiguous, channels_last, transposed) is one flat span of it: every op here but AGC is
 elementwise and order-free. Truly strided tensors (t[::2]) and complex tensors read for a norm
 (|z| is a temporary) go through temporaries, built per call; in-place ops write a strided
@@ -33,10 +33,6 @@ from torch import Tensor
 
 from fusedclip import numerics
 
-try:
-    from fusedclip._C import triton_table_key as _c_table_key
-except (ImportError, OSError):  # the C++ extension is not built: keys are made in Python (slower)
-    _c_table_key = None
 from fusedclip.triton import kernels
 
 # Elements per chunk (one program): 64 KB of float32, a few hundred cycles of memory traffic per
@@ -433,16 +429,11 @@ def key_of(tensors: list[Tensor], writes: bool) -> Optional[tuple]:
 
     A hit stands for the checks too: a tensor's address fixes its device (CUDA's unified
     addressing gives host and every device disjoint ranges), and the rest is in the key."""
-    if _c_table_key is not None:
-        items = _c_table_key(tensors)  # ~20 ns a tensor
-        if items is None:
-            return None
-    else:
-        try:
-            items = tuple([(t.data_ptr(), t.numel(), t.dtype, t.is_contiguous() or is_dense(t),
-                            t.is_inference()) for t in tensors])
-        except RuntimeError:
-            return None
+    try:
+        items = tuple([(t.data_ptr(), t.numel(), t.dtype, t.is_contiguous() or is_dense(t),
+                        t.is_inference()) for t in tensors])
+    except RuntimeError:
+        return None
     return tensors[0].device, writes, torch.is_inference_mode_enabled(), items
 
 
