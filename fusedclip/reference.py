@@ -1,6 +1,6 @@
 """Backend "torch": the fusedclip primitives in pure PyTorch.
 
-The same operators as the C++ library (csrc/fusedclip.cpp) with the same numerics: statistics
+The operators of fusedclip/operators.py, with the native kernels' numerics: statistics
 of rows of 1024 elements accumulated in float32 (float64 for float64 input) by
 ``torch.linalg.vector_norm``, combined in float64 in order, the coefficient applied in float32
 and rounded once. It runs
@@ -72,7 +72,7 @@ def _tensor_statistic(t: Tensor, norm_type: float, acc: torch.dtype) -> Tensor:
 def multi_tensor_norm(
     tensors: list[Tensor], norm_type: float, per_tensor: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """The norm statistic before the root; see the schema in csrc/fusedclip.cpp."""
+    """The norm statistic before the root; see the schema in fusedclip/operators.py."""
     if not tensors:  # the identity, as the kernels give it
         return torch.tensor(statistic_identity(norm_type)), torch.empty(0)
     acc = accumulate_dtype(tensors)
@@ -131,7 +131,7 @@ def multi_tensor_unscale_norm(
     """The statistic of x * inv_scale and found_inf (1. when any x is inf or nan, else 0.).
 
     The products are computed as torch's unscale_ computes them (float32, float64 for float64
-    tensors), here in temporaries; see the schema in csrc/fusedclip.cpp.
+    tensors), here in temporaries; see the schema in fusedclip/operators.py.
     """
     unscaled = []
     for t in tensors:
@@ -189,7 +189,7 @@ def multi_tensor_agc_(
 ) -> tuple[Tensor, Tensor]:
     """Unit-wise AGC in place; returns the pre-clip sums of squares (total, per tensor).
 
-    See the schema in csrc/fusedclip.cpp. Units are the slices along dim 0 of tensors with more
+    See the schema in fusedclip/operators.py. Units are the slices along dim 0 of tensors with more
     than one dimension, else the whole tensor. Multiplies every unit (by 1 where it does not
     clip), so that nothing here reads a device value on the host. A parameter's dtype may differ
     from its gradient's (torch allows it through ``grad_dtype``): each tensor's norm is taken in
