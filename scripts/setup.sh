@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Installs what fusedclip needs on a fresh machine with Python 3.9+, then builds it in place.
+# Installs what fusedclip needs on a fresh machine with Python 3.10+, then builds it in place.
 # Sourced by scripts/test.sh and scripts/bench.sh. TORCH_SPEC picks the torch to install when none
-# is present (default: torch==2.13.0); an installed torch >= 2.6 is kept.
+# is present (default: torch==2.13.0); an installed torch is kept (the native libraries build and
+# load with torch 2.10 or newer).
 #
 # A re-run skips what is up to date (stamps in build/setup-state/, see scripts/setup_state.py): the
 # pip installs run again when pyproject.toml, setup.py, scripts/constraints.txt, this script, the
 # Python or torch changed (or fusedclip is no longer installed from this tree, or a pinned package
-# is at another version); fusedclip._C is built again when a file under csrc/, setup.py, torch or
-# a build variable (FUSEDCLIP_CPU_ARCH, FUSEDCLIP_CUDA, TORCH_CUDA_ARCH_LIST, CUDA_HOME, CXX, ...)
-# changed. The object files stay in build/temp, where ninja recompiles only the changed sources.
-# `rm -rf build` starts over.
+# is at another version); the native libraries (fusedclip._C, and fusedclip._C_cuda where it is
+# built) are built again when a file under csrc/, setup.py, torch or a build variable
+# (FUSEDCLIP_DEBUG, FUSEDCLIP_CUDA, TORCH_CUDA_ARCH_LIST, CUDA_HOME, CXX, ...) changed. The object
+# files stay in build/temp, where ninja recompiles only the changed sources. `rm -rf build` starts
+# over.
 set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -54,7 +56,7 @@ if ! reason="$("$PYTHON" scripts/setup_state.py check install)"; then
   if [ "$complete" = 1 ]; then
     "$PYTHON" scripts/setup_state.py record install
   fi
-  "$PYTHON" scripts/setup_state.py record build  # the editable install built fusedclip._C
+  "$PYTHON" scripts/setup_state.py record build  # the editable install built the native libraries
 fi
 
 if ! reason="$("$PYTHON" scripts/setup_state.py check build)"; then

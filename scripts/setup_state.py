@@ -34,7 +34,7 @@ INSTALL_INPUTS = ("pyproject.toml", "setup.py", "scripts/constraints.txt", "scri
 BUILD_INPUTS = ("setup.py",)
 # The environment of a build: setup.py's variables, torch.utils.cpp_extension's (where CUDA is, how
 # many jobs do not change the result), the compiler's.
-BUILD_ENV = ("FUSEDCLIP_CPU_ARCH", "FUSEDCLIP_CUDA", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH",
+BUILD_ENV = ("FUSEDCLIP_DEBUG", "FUSEDCLIP_CUDA", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH",
              "CC", "CXX", "CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDFLAGS")
 
 
