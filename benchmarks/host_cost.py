@@ -10,14 +10,15 @@ Rows (median over 15 repetitions of the mean of a batch of calls, in microsecond
   triton_with_norm_api_us  fusedclip.clip_grads_with_norm_(params, 1.0, norm, backend="triton")
   triton_operator_us       the operator fusedclip calls (fusedclip._ops.clip_grad_norm_("triton", ...))
   triton_dispatcher_us     torch.ops.fusedclip_triton.clip_grad_norm_ (the path torch.compile takes)
-  collect_us               fusedclip._C.grads_on_one_device: C++ grad collection and checks, the
-                           part of a GPU call (backends "cuda" and "triton") before its operator
+  collect_us               the one-group route's collection: grads read in Python, their types and
+                           (to write) inference flags scanned, the backend resolved; the part of
+                           every call before its operator
   python_collect_us        fusedclip's general path for the same list: grads read in Python,
-                           checked and grouped (one C++ check when it takes them)
-  cpp_operator_us          a C++ operator called as fusedclip calls it (fusedclip._C.direct:
-                           the list read in C++, the dispatcher below autograd, the glue's
-                           checks), with nothing to write: multi_tensor_scale_ by 1 on the CPU;
-                           the CUDA glue does the same before its launches
+                           checked one by one and grouped
+  cpp_operator_us          a C++ operator called as fusedclip calls it (through the dispatcher,
+                           the stable ABI's boxed call, the kernel's checks), with nothing to
+                           write: multi_tensor_scale_ by 1 on the CPU; the CUDA library does the
+                           same before its launches
   cpu_api_us               fusedclip.clip_grad_norm_(params, 1.0) on CPU, kernels included
   torch_cpu_us             torch.nn.utils.clip_grad_norm_(params, 1.0) on CPU, kernels included
                            (both with one intra-op thread)
@@ -90,7 +91,7 @@ def main() -> None:
                 lambda: fusedclip.clip_grads_with_norm_(params, 1.0, norm, backend="triton"), 200),
             "triton_operator_us": (lambda: _ops.clip_grad_norm_("triton", grads, 1.0, 2.0), 200),
             "triton_dispatcher_us": (lambda: torch.ops.fusedclip_triton.clip_grad_norm_(grads, 1.0, 2.0), 200),
-            "collect_us": (lambda: fusedclip._backends._C.grads_on_one_device(params, True, False), 500),
+            "collect_us": (lambda: _core.one_group(_core.grads_of(params), None, "triton", writes=True), 500),
             "python_collect_us": (
                 lambda: _core.group_by_device(_core.grads_of(params), None, "triton", writes=True), 100),
             "cpp_operator_us": (lambda: _ops.multi_tensor_scale_("cpu", grads, one), 500),
@@ -98,7 +99,7 @@ def main() -> None:
         results = {name: median_us(fn, calls) for name, (fn, calls) in rows.items()}
     finally:
         launch.run_kernel = kernels
-    # With the kernels: the whole CPU call, fusedclip's fast path against torch's.
+    # With the kernels: the whole CPU call, fusedclip's against torch's.
     with torch.no_grad():
         for p in params:
             p.grad.mul_(1e-3)  # below max_norm: nothing is scaled, every call does the same work

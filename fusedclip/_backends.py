@@ -52,10 +52,13 @@ def _native_error(module: str, error: BaseException) -> str:
     built = [name for name in sorted(os.listdir(package))
              if any(name == module + suffix for suffix in importlib.machinery.EXTENSION_SUFFIXES)]
     if not built:
-        return (f"fusedclip.{module} is not built (no compiled library in {package}); install the wheel "
-                "(`pip install fusedclip`) or build from the source tree with "
-                "`pip install --no-build-isolation -e .`")
-    return f"fusedclip.{module} ({built[0]}) could not be loaded: {error}"
+        how = ("build it from the source tree with `FUSEDCLIP_CUDA=1 pip install --no-build-isolation -e .` "
+               "(nvcc needed)" if module == "_C_cuda" else
+               "install the wheel (`pip install fusedclip`) or build from the source tree with "
+               "`pip install --no-build-isolation -e .`")
+        return f"fusedclip.{module} is not built (no compiled library in {package}); {how}"
+    return (f"fusedclip.{module} ({built[0]}) could not be loaded under torch {torch.__version__}: {error}; "
+            "reinstall the wheel, or rebuild from the source tree with `pip install --no-build-isolation -e .`")
 
 
 def _load(module: str) -> tuple[Optional[object], Optional[str]]:
@@ -63,8 +66,6 @@ def _load(module: str) -> tuple[Optional[object], Optional[str]]:
     if _torch_version() < MIN_TORCH:
         return None, (f"the native libraries need torch {MIN_TORCH[0]}.{MIN_TORCH[1]} or newer "
                       f"(its stable ABI), this is torch {torch.__version__}")
-    if os.environ.get("FUSEDCLIP_FORCE_NO_NATIVE", "") == "1":  # tests: the fallback, on purpose
-        return None, "FUSEDCLIP_FORCE_NO_NATIVE=1 is set"
     try:
         return importlib.import_module(f"fusedclip.{module}"), None
     except (ImportError, OSError) as error:

@@ -1,5 +1,5 @@
 """What the public API and the features share: argument checks, grad collection and grouping,
-the C++ fast path, and the norm of grouped grads.
+the one-group route, and the norm of grouped grads.
 
 clip.py (the public functions), amp, distributed, ddp, health, adaptive and optim build on this
 module; it imports only the backends (_backends), the operator layer (_ops), the numeric rules

@@ -214,6 +214,11 @@ def refusal_of(error: RuntimeError) -> Optional[Exception]:
     return _REFUSAL_TYPES[match.group(1)](message)
 
 
+# Whether a CPU kernel's writes are read on the host (free for CPU tensors) to bump only what it
+# wrote; tests turn it off to run the CPU path as a GPU runs (no tensor read on the host).
+DECIDE_WRITES_ON_HOST = True
+
+
 def call(op: Callable, name: str, args: tuple, exact_writes: bool) -> Any:
     """op(*args), an operator through the dispatcher: its refusal raised as the TypeError or
     ValueError it stands for, and the version counters of what it wrote bumped (exact_writes: the
@@ -227,7 +232,7 @@ def call(op: Callable, name: str, args: tuple, exact_writes: bool) -> Any:
         raise refusal from None
     writes = OPERATORS[name].writes
     if writes is not None and not torch.compiler.is_compiling():
-        written = writes(args, result, exact_writes)
+        written = writes(args, result, exact_writes and DECIDE_WRITES_ON_HOST)
         if written:
             torch._C._increment_version(written)
     return result

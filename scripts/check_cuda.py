@@ -12,7 +12,7 @@
    kBlockThreads threads (csrc/cuda/kernels.cuh: two of 512) on one SM of each architecture
    (65536 registers, allocated per warp in units of 256; the SM's shared memory, 1 KB of it
    reserved per block); ``--report`` prints the figures of every kernel.
-4. The ATen glue (csrc/cuda/*.cpp) passes ``g++ -fsyntax-only -Wall -Wextra`` against the
+4. The stable-ABI glue (csrc/cuda/*.cpp) passes ``g++ -fsyntax-only -Wall -Wextra`` against the
    installed torch's headers and the CUDA toolkit's, when both are present. A CPU-only torch ships
    c10/cuda but not its generated cuda_cmake_macros.h; an empty stand-in is written for that one
    (in a temporary folder, like every other output of this script).
@@ -266,20 +266,13 @@ def glue_command(out_dir: str) -> Optional[list[str]]:
     if cuda_include is None:
         return None
     includes = cpp_extension.include_paths()
-    if not any(os.path.isfile(os.path.join(p, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for p in includes):
-        stub = os.path.join(out_dir, "stub", "c10", "cuda", "impl")
-        os.makedirs(stub, exist_ok=True)
-        with open(os.path.join(stub, "cuda_cmake_macros.h"), "w") as f:
-            f.write("#pragma once\n")
-        includes = includes + [os.path.join(out_dir, "stub")]
-    command = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DFUSEDCLIP_WITH_CUDA",
-               "-DCPU_CAPABILITY=DEFAULT",  # what python_module.cpp needs of the CPU build
+    # The stable ABI of torch 2.10 (setup.py's TORCH_TARGET_VERSION) and the limited C API.
+    command = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+               "-DTORCH_TARGET_VERSION=0x020a000000000000", "-DPy_LIMITED_API=0x030a0000",
                "-I", os.path.join(ROOT, "csrc")]
     for path in includes + [cuda_include, sysconfig.get_paths()["include"]]:
         command += ["-isystem", path]  # torch's own headers warn under -Wextra
-    # python_module.cpp too: its CUDA entry points are compiled only with FUSEDCLIP_WITH_CUDA.
-    python_module = os.path.join(ROOT, "csrc", "python_module.cpp")
-    return command + sorted(glob.glob(os.path.join(CUDA_DIR, "*.cpp"))) + [python_module]
+    return command + sorted(glob.glob(os.path.join(CUDA_DIR, "*.cpp")))
 
 
 def check_glue(out_dir: str) -> Optional[list[str]]:

@@ -15,7 +15,7 @@
 #   all        the three in a row, for a machine without the lease's limits
 #   check      the machine check alone
 # Every call first checks the machine, in seconds, and stops at the first thing missing with one
-# line "gpu.sh: STOP: ...". It then builds fusedclip._C with its CUDA kernels (ninja, MAX_JOBS=16,
+# line "gpu.sh: STOP: ...". It then builds fusedclip._C and fusedclip._C_cuda (ninja, MAX_JOBS=16,
 # TORCH_CUDA_ARCH_LIST=9.0), unless build/gpu.stamp says that an earlier call on this same machine
 # (still warm) built these very sources with this torch; a fresh machine builds again.
 #
@@ -154,7 +154,7 @@ build() {
   [ "$dry_run" -eq 1 ] || sources="$( { cat setup.py; find csrc -type f | LC_ALL=C sort | xargs cat; \
     "$PYTHON" -c "import torch; print(torch.__version__)" 2>&1; nvcc --version; } | sha256sum | cut -d' ' -f1)"
   if [ "$dry_run" -eq 0 ] && [ -f build/gpu.stamp ] && [ "$(cat build/gpu.stamp)" = "$sources" ] \
-    && "$PYTHON" -c "import fusedclip._C as c; assert c.cuda_kernels" > /dev/null 2>&1; then
+    && "$PYTHON" -c "import fusedclip, fusedclip._C_cuda" > /dev/null 2>&1; then
     echo "== build: reusing this machine's build of these sources (build/gpu.stamp)" | tee -a "$OUT/build.log"
     record build.log
   else

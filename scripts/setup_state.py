@@ -14,7 +14,7 @@ Usage (with the Python that setup.sh installs into; run from anywhere):
   python scripts/setup_state.py check install|build   exit 0 when up to date, else 1 and the reason
   python scripts/setup_state.py record install|build  after the step succeeded
   python scripts/setup_state.py forget                 removes both stamps
-Python 3.9+, standard library only (pip's vendored ``packaging`` reads the constraints' markers).
+Python 3.10+, standard library only (pip's vendored ``packaging`` reads the constraints' markers).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import sys
-import sysconfig
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +95,8 @@ def _python() -> str:
 
 
 def _ext_path(root: str) -> str:
-    return os.path.join(root, "fusedclip", "_C" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    """fusedclip._C as setup.py builds it: a limited-API (abi3) library."""
+    return os.path.join(root, "fusedclip", "_C.abi3.so")
 
 
 def state(kind: str, root: str = ROOT, env=None) -> dict:

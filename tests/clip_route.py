@@ -28,16 +28,13 @@ _TORCH_FUNCTIONS = {
     "clip_grads_with_norm_": (False, 1),  # (parameters, max_norm, total_norm)
 }
 _FUSED_FUNCTIONS = {
-    "clip_grad_norm_of_params": (True, 1),  # the C++ entry point of backend "cpu"
     "clip_grad_norm_": (True, 2),  # (backend, tensors, max_norm, norm_type)
-    "clip_grad_norm_with_norms_of_params": (True, 1),
     "clip_grad_norm_with_norms_": (True, 2),
     "multi_tensor_norm": (True, None),
     "multi_tensor_unscale_norm": (True, None),
-    "scale_grads_of_params_": (False, None),
     "multi_tensor_scale_": (False, None),
 }
-_SCALES = ("scale_grads_of_params_", "multi_tensor_scale_")
+_SCALES = ("multi_tensor_scale_",)
 
 
 class Call(NamedTuple):

@@ -400,16 +400,15 @@ class InterpretedSuite:
 
 
 def operator_of(backend, name: str):
-    """The backend's operator for name (its OpOverload), for opcheck: the torch.ops operator an
-    EagerOperator calls under a dispatch mode. Backend "torch" runs reference.py's functions."""
+    """The backend's operator for name (its OpOverload), for opcheck: what fusedclip._ops calls
+    through the dispatcher. Backend "torch" runs reference.py's functions."""
     from fusedclip import _ops
 
-    kernel = _ops.KERNELS[name][backend.name]
-    kernel = getattr(kernel, "op", kernel)  # an EagerOperator (fusedclip/_eager.py)
-    if not isinstance(kernel, torch._ops.OpOverloadPacket):
+    namespace = {"cpu": "fusedclip", "cuda": "fusedclip", "triton": "fusedclip_triton"}.get(backend.name)
+    if namespace is None or backend.name not in _ops.NATIVE_BACKENDS[name]:
         pytest.skip(f"backend {backend.name!r} runs {name} as a Python function (reference.py): no "
                     "operator to opcheck")
-    return kernel.default
+    return getattr(getattr(torch.ops, namespace), name).default
 
 
 def monitor_state(size: int, dtype: torch.dtype, device=None) -> list[torch.Tensor]:

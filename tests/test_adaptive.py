@@ -468,6 +468,8 @@ def test_clippers_never_read_a_tensor_on_the_host(monkeypatch):
             # As on a GPU: whether an overflowed norm is taken again is read on the host only for
             # CPU norms, where it is free (numerics.rescale_decided_on_host).
             m.setattr(fusedclip.reference, "rescale_decided_on_host", lambda total, norm_type: False)
+            # And which tensors a CPU kernel wrote (fusedclip.operators.call): all it may write.
+            m.setattr(fusedclip.operators, "DECIDE_WRITES_ON_HOST", False)
             for clipper in clippers:
                 clipper(model.parameters())
             monitor.clip_grad_norm_(1.0)

@@ -218,15 +218,15 @@ def test_schedules_compile_with_inductor_on_cuda_without_a_host_sync():
 
 
 def test_auto_on_cuda_resolves_under_fullgraph(monkeypatch):
-    """Resolving "auto" for a CUDA device asks _C whether its kernels run on the GPU: that C call
-    must not break a fullgraph trace (it broke every torch.compile of backend "auto" on CUDA
-    tensors). Here _C's answer comes from a C builtin that dynamo cannot trace (os.isatty)."""
+    """Resolving "auto" for a CUDA device asks _C_cuda whether its kernels run on the GPU: that C
+    call must not break a fullgraph trace (it broke every torch.compile of backend "auto" on CUDA
+    tensors). Here _C_cuda's answer comes from a C builtin that dynamo cannot trace (os.isatty)."""
     import os
     import types
 
     from fusedclip import _backends
 
-    monkeypatch.setattr(_backends, "_C", types.SimpleNamespace(cuda_kernels_run_on=os.isatty))
+    monkeypatch.setattr(_backends, "_C_CUDA", types.SimpleNamespace(kernels_run_on=os.isatty))
     monkeypatch.setattr(_backends, "_KERNELS_RUN_ON", {})
     compiled = torch.compile(lambda x: x + 1 if _backends._cuda_kernels_run_on(0) else x - 1, fullgraph=True)
     expected = torch.ones(2) + (1 if os.isatty(0) else -1)

@@ -56,7 +56,7 @@ STAT_NORM_TYPES = (1.0, 2.0, 3.5, 0.5, math.inf, -math.inf, 0.0, -2.0)
 
 def test_backend_status_says_why_cuda_is_missing():
     reason = fusedclip.backend_status()["cuda"]
-    assert (reason is None) == (_backends._C is not None and bool(_backends._C.cuda_kernels))
+    assert (reason is None) == (_backends._C_CUDA is not None)
     assert ("cuda" in fusedclip.available_backends()) == CUDA_BUILT
     if not CUDA_BUILT:
         assert "CUDA" in reason
@@ -94,7 +94,7 @@ def test_auto_takes_cuda_for_cuda_devices_when_built():
 @pytest.mark.cuda
 @needs_cuda_kernels
 def test_kernels_run_on_this_gpu_and_auto_takes_them():
-    assert _backends._C.cuda_kernels_run_on(torch.cuda.current_device())
+    assert _backends._C_CUDA.kernels_run_on(torch.cuda.current_device())
     assert _backends.resolve_backend("auto", torch.device("cuda")) == "cuda"
 
 
@@ -164,11 +164,11 @@ class single_launch:
         self.limit = 2**62 if enabled else 0
 
     def __enter__(self):
-        self.previous = _backends._C.cuda_single_launch_max_bytes()
-        _backends._C.set_cuda_single_launch_max_bytes(self.limit)
+        self.previous = _backends._C_CUDA.single_launch_max_bytes()
+        _backends._C_CUDA.set_single_launch_max_bytes(self.limit)
 
     def __exit__(self, *exc):
-        _backends._C.set_cuda_single_launch_max_bytes(self.previous)
+        _backends._C_CUDA.set_single_launch_max_bytes(self.previous)
 
 
 # --- no host sync, on every GPU backend --------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Calls that fail leave every gradient as it was; a failure after writes began is never re-run.
 
-The C++ fast path (backend "cpu" reading the grads itself) refuses what it does not take with a
-TypeError or ValueError before writing anything, and the general path then says why or
+The one-group route (a list of plain grads given to the operator whole) is refused, with a
+TypeError or ValueError, before anything is written, and the general path then says why or
 regroups. Any other error comes after writes may have begun, and must propagate: running the
 pass again would apply it twice.
 """
@@ -29,20 +29,19 @@ def _grads(seed=70):
 def _fails_after_writing(fn):
     """fn's stand-in: halves every grad (a pass that began writing), then fails."""
 
-    def entry(params, *args):
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(0.5)
+    def operator(backend, tensors, *args):
+        for t in tensors:
+            t.mul_(0.5)
         raise RuntimeError("out of memory (a failure after writes began)")
 
-    return entry
+    return operator
 
 
 @pytest.mark.parametrize("entry, call", [
-    ("clip_grad_norm_of_params", lambda ps: fusedclip.clip_grad_norm_(ps, 0.1)),
-    ("scale_grads_of_params_", lambda ps: fusedclip.clip_grads_with_norm_(ps, 0.1, torch.tensor(50.0))),
-    ("clamp_grads_of_params_", lambda ps: fusedclip.clip_grad_value_(ps, 0.1)),
-    ("clip_grad_norm_with_norms_of_params", lambda ps: fusedclip.clip_grad_norm_with_norms_(ps, 0.1)),
+    ("clip_grad_norm_", lambda ps: fusedclip.clip_grad_norm_(ps, 0.1)),
+    ("multi_tensor_scale_", lambda ps: fusedclip.clip_grads_with_norm_(ps, 0.1, torch.tensor(50.0))),
+    ("multi_tensor_clamp_", lambda ps: fusedclip.clip_grad_value_(ps, 0.1)),
+    ("clip_grad_norm_with_norms_", lambda ps: fusedclip.clip_grad_norm_with_norms_(ps, 0.1)),
 ])
 def test_failure_after_writes_is_not_run_again(monkeypatch, entry, call):
     grads = _grads()
@@ -59,28 +58,34 @@ def test_refusal_falls_back_to_the_general_path(monkeypatch, error):
     expected = params_with(clone_all(grads))
     total_expected = fusedclip.clip_grad_norm_(expected, 0.1, backend="torch")
 
-    def refuses(*args):
-        raise error("refused before any write")
+    original, calls = _ops.clip_grad_norm_, []
 
-    monkeypatch.setattr(_ops, "clip_grad_norm_of_params", refuses)
+    def refuses_once(*args):  # the one-group route refused; the general path's call runs
+        calls.append(args)
+        if len(calls) == 1:
+            raise error("refused before any write")
+        return original(*args)
+
+    monkeypatch.setattr(_ops, "clip_grad_norm_", refuses_once)
     params = params_with(clone_all(grads))
     total = fusedclip.clip_grad_norm_(params, 0.1)
     torch.testing.assert_close(total, total_expected, rtol=1e-6, atol=0)
     for p, q in zip(params, expected):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("op", ["multi_tensor_scale_", "multi_tensor_clamp_", "clip_grad_norm_",
                                 "multi_tensor_norm"])
 def test_cpu_operator_refusals_are_type_or_value_errors(op):
-    """What the C++ operators refuse before writing raises TypeError or ValueError, the
-    refusal that the fast path may take back."""
+    """What the C++ operators refuse before writing raises TypeError or ValueError (as fusedclip
+    calls them), the refusal that the one-group route may take back."""
     expanded = torch.randn(1, 5).expand(4, 5)
     call = {
-        "multi_tensor_scale_": lambda ts: torch.ops.fusedclip.multi_tensor_scale_(ts, torch.tensor(0.5)),
-        "multi_tensor_clamp_": lambda ts: torch.ops.fusedclip.multi_tensor_clamp_(ts, -0.1, 0.1),
-        "clip_grad_norm_": lambda ts: torch.ops.fusedclip.clip_grad_norm_(ts, 0.1, 2.0),
-        "multi_tensor_norm": lambda ts: torch.ops.fusedclip.multi_tensor_norm(ts, 2.0, False),
+        "multi_tensor_scale_": lambda ts: _ops.multi_tensor_scale_("cpu", ts, torch.tensor(0.5)),
+        "multi_tensor_clamp_": lambda ts: _ops.multi_tensor_clamp_("cpu", ts, -0.1, 0.1),
+        "clip_grad_norm_": lambda ts: _ops.clip_grad_norm_("cpu", ts, 0.1, 2.0),
+        "multi_tensor_norm": lambda ts: _ops.multi_tensor_norm("cpu", ts, 2.0, False),
     }[op]
     with pytest.raises((TypeError, ValueError)):
         call([torch.randn(3), torch.arange(4)])  # an integer tensor

@@ -1,7 +1,7 @@
-"""The fast paths of the public API: one C++ call collects and checks the grads of one device
-(``fusedclip._C.grads_on_one_device``) and the backend's operator runs on them, without the
-Python loop of the general path; backend "triton"'s operators run eagerly without the
-dispatcher, through it under a dispatch mode.
+"""The one route of the public API: the grads are read in Python, and a list of plain tensors goes
+to one operator call on the first grad's device (fusedclip._core.run_as_one_group), which checks
+every tensor before writing; what it refuses or does not take goes to the general path, which
+groups by device and names what it refuses. Backend "triton"'s operators take the same route.
 
 The Triton cases run in Triton's interpreter (marker ``triton_interpreter``): in the
 TRITON_INTERPRET=1 subprocess of tests/test_triton.py (test_interpreted_suite), skipped in the
@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedclip
-from fusedclip import _backends, _core
+from fusedclip import _backends, _core, _ops
 
 pytestmark = pytest.mark.skipif(_backends._C is None, reason="fusedclip._C is not built")
 
@@ -34,77 +34,114 @@ def params_of(grads):
     return params
 
 
-def collect(params, writes=True, real_only=False):
-    return _backends._C.grads_on_one_device(params, writes, real_only)
+# --- what the one-group route takes -----------------------------------------------------------------
 
 
-# --- the C++ collection ---------------------------------------------------------------------------
-
-
-def test_collects_the_defined_grads_in_order():
+def test_grads_of_reads_the_defined_grads_in_order():
     grads = [torch.randn(3), torch.randn(2, 2, dtype=torch.float64), torch.randn(4).to(torch.bfloat16)]
     params = params_of(grads)
     params.insert(1, torch.nn.Parameter(torch.randn(5)))  # no grad: skipped
-    collected = collect(params)
+    collected = _core.grads_of(params)
     assert len(collected) == 3 and all(c is g for c, g in zip(collected, grads))
+    with pytest.raises(TypeError, match=r"parameters\[1\] must be a torch.Tensor"):
+        _core.grads_of([params[0], object()])
 
 
-@pytest.mark.parametrize("case", ["two devices", "subclass", "conjugated", "expanded", "inference",
-                                  "int grad", "not a tensor", "complex, real only", "no grads"])
+def test_one_group_is_the_list_itself_on_the_first_grads_device():
+    grads = [torch.randn(3), torch.randn(4, dtype=torch.float64)]
+    device, backend, group = _core.one_group(grads, None, "auto", writes=True)
+    assert device.type == "cpu" and backend == "cpu" and group is grads
+    with pytest.raises(RuntimeError, match="foreach=True was passed"):
+        _core.one_group([torch.randn(3, device="meta")], True, "auto", writes=True)
+
+
+@pytest.mark.parametrize("case", ["subclass", "inference", "backend torch", "no grads"])
 def test_what_it_does_not_take(case):
-    """Each is left to the general path (None), which groups or says why."""
-    real_only = False
-    if case == "two devices":
-        params = params_of([torch.randn(3), torch.randn(3, device="meta")])
-    elif case == "subclass":  # a subclass that dispatches to Python, as DTensor does
+    """Each is left to the general path (None): a subclass (a group of its own), an inference
+    tensor to write (the stable ABI cannot ask), backend "torch" (whose kernels do not check)."""
+    backend = "auto"
+    if case == "subclass":  # a subclass that dispatches to Python, as DTensor does
         from torch.testing._internal.two_tensor import TwoTensor
 
-        params = params_of([torch.randn(3)])
-        params[0].grad = TwoTensor(torch.randn(3), torch.randn(3))
-    elif case == "conjugated":
-        params = params_of([torch.randn(3, dtype=torch.complex64).conj()])
-    elif case == "expanded":
-        params = params_of([torch.randn(1).expand(4)])
+        grads = [torch.randn(3), TwoTensor(torch.randn(3), torch.randn(3))]
     elif case == "inference":
         with torch.inference_mode():
-            g = torch.randn(3)
-        params = params_of([g])
-    elif case == "int grad":
-        params = [torch.nn.Parameter(torch.randn(3))]
-        params[0].grad = torch.randn(3)
-        params[0].grad.data = torch.ones(3, dtype=torch.int32)
-    elif case == "not a tensor":
-        params = params_of([torch.randn(3)]) + [object()]
-    elif case == "complex, real only":
-        params, real_only = params_of([torch.randn(3, dtype=torch.complex64)]), True
+            grads = [torch.randn(3)]
+        assert _core.one_group(grads, None, backend, writes=False) is not None  # read: fine
+    elif case == "backend torch":
+        grads, backend = [torch.randn(3)], "torch"
     else:
-        params = [torch.nn.Parameter(torch.randn(3))]
-    if case == "int grad" and params[0].grad.dtype != torch.int32:
-        pytest.skip("torch refuses an int grad on a float parameter")
-    assert collect(params, writes=True, real_only=real_only) is None
+        grads = []
+    assert _core.one_group(grads, None, backend, writes=True) is None
 
 
-def test_read_only_collection_takes_what_writes_may_not():
-    params = params_of([torch.randn(1).expand(4)])
-    assert collect(params, writes=True) is None
-    assert len(collect(params, writes=False)) == 1
+@pytest.mark.parametrize("case", ["two devices", "conjugated", "negated", "expanded", "int grad", "sparse"])
+def test_what_the_operators_refuse_goes_to_the_general_path(case):
+    """The operator refuses before writing (a TypeError or ValueError from its checks, the
+    dispatcher's refusal of a lazily conjugated tensor in a list to write, or no kernel for a
+    sparse tensor): run_as_one_group returns None and nothing is written."""
+    grads = [torch.randn(5)]
+    if case == "two devices":
+        grads.append(torch.randn(3, device="meta"))
+    elif case == "conjugated":
+        grads.append(torch.randn(3, dtype=torch.complex64).conj())
+    elif case == "negated":
+        grads.append(torch._neg_view(torch.randn(3)))
+    elif case == "expanded":
+        grads.append(torch.randn(1).expand(4))
+    elif case == "int grad":
+        grads.append(torch.ones(3, dtype=torch.int32))
+    else:
+        grads.append(torch.randn(3).to_sparse())
+    before = grads[0].clone()
+    version = grads[0]._version
+    result = _core.run_as_one_group(grads, None, "auto", True,
+                                    lambda group: _ops.multi_tensor_scale_(group[1], group[2], torch.tensor(0.5)))
+    assert result is None
+    assert torch.equal(grads[0], before) and grads[0]._version == version
 
 
-def test_one_device_group_resolves_the_backend_and_checks_foreach():
-    params = params_of([torch.randn(3, device="meta")])
-    device, backend, grads = _core.one_device_group(params, None, "auto", writes=True)
-    assert device.type == "meta" and backend == "torch" and len(grads) == 1
-    with pytest.raises(RuntimeError, match="foreach=True was passed"):
-        _core.one_device_group(params, True, "auto", writes=True)
+def test_public_calls_make_one_operator_call_and_never_the_general_path(monkeypatch):
+    grads = [torch.randn(50 + i) for i in range(40)] + [torch.randn(7, dtype=torch.float64)]
+    expected = [g.clone() for g in grads]
+    params = params_of(grads)
+    monkeypatch.setattr(_core, "group_by_device", lambda *a, **k: pytest.fail("the general path ran"))
+    total = fusedclip.clip_grad_norm_(params, 1.0)
+    reference = torch.nn.utils.clip_grad_norm_(params_of(expected), 1.0)
+    torch.testing.assert_close(total.double(), reference.double())
+    torch.testing.assert_close(grads, expected)
+    fusedclip.clip_grad_value_(params, 0.01)
+    assert max(float(g.abs().max()) for g in grads) <= 0.01
+    fusedclip.clip_grads_with_norm_(params, 0.001, torch.tensor(0.1))
+    fusedclip.get_total_norm(grads)
+    fusedclip.get_norms(grads)
+    fusedclip.clip_grad_norm_with_norms_(params, 0.1)
 
 
-def test_bump_versions():
-    tensors = [torch.randn(2) for _ in range(3)]
-    before = [t._version for t in tensors]
-    _backends._C.bump_versions(tensors)
-    assert [t._version for t in tensors] == [v + 1 for v in before]
-    with pytest.raises(TypeError, match="item 1 is not a tensor"):
-        _backends._C.bump_versions([tensors[0], 3])
+# --- version counters: what a native kernel wrote, bumped by fusedclip.operators.call ---------------
+
+
+def test_versions_are_bumped_exactly_for_what_the_cpu_kernels_wrote():
+    grads = [torch.randn(40) for _ in range(3)]
+    versions = [g._version for g in grads]
+    _ops.clip_grad_norm_("cpu", grads, 1e9, 2.0)  # the coefficient is 1: nothing written
+    _ops.multi_tensor_scale_("cpu", grads, torch.tensor(1.0))
+    assert [g._version for g in grads] == versions
+    _ops.clip_grad_norm_("cpu", grads, 1e-3, 2.0)
+    assert [g._version for g in grads] == [v + 1 for v in versions]
+    _ops.multi_tensor_scale_per_tensor_("cpu", grads, torch.tensor([1.0, 0.5, 2.0]))
+    assert [g._version for g in grads] == [versions[0] + 1, versions[1] + 2, versions[2] + 1]
+    _ops.multi_tensor_clamp_("cpu", grads, -1.0, 1.0)
+    assert [g._version for g in grads] == [versions[0] + 2, versions[1] + 3, versions[2] + 2]
+
+
+def test_without_host_decisions_every_tensor_a_call_may_write_is_bumped(monkeypatch):
+    """As on a GPU, whose kernels decide on the device: every tensor is bumped."""
+    monkeypatch.setattr(fusedclip.operators, "DECIDE_WRITES_ON_HOST", False)
+    grads = [torch.randn(40) for _ in range(3)]
+    versions = [g._version for g in grads]
+    _ops.clip_grad_norm_("cpu", grads, 1e9, 2.0)
+    assert [g._version for g in grads] == [v + 1 for v in versions]
 
 
 # --- backend "triton" through the fast path ----------------------------------------------------------
@@ -124,7 +161,7 @@ class OpLog(TorchDispatchMode):
 @pytest.mark.skipif(not INTERPRETED, reason=_IN_SUBPROCESS)
 def test_triton_public_calls_skip_the_python_checks(monkeypatch):
     """clip_grad_norm_, clip_grad_value_ and clip_grads_with_norm_ on backend "triton" make one
-    C++ call for the grads, never the general path's Python loop; the results are torch's."""
+    operator call for the grads, never the general path's Python loop; the results are torch's."""
     grads = [torch.randn(50 + i) for i in range(40)]
     expected = [g.clone() for g in grads]
     params = params_of(grads)
@@ -147,9 +184,7 @@ def test_triton_public_calls_skip_the_python_checks(monkeypatch):
 
 @pytest.mark.triton_interpreter
 @pytest.mark.skipif(not INTERPRETED, reason=_IN_SUBPROCESS)
-def test_triton_operators_run_eagerly_and_through_torch_ops_under_a_mode():
-    from fusedclip import _ops
-
+def test_triton_operators_run_through_torch_ops():
     grads = [torch.randn(30) for _ in range(5)]
     with OpLog() as log:
         _ops.clip_grad_norm_("triton", grads, 1.0, 2.0)
@@ -162,7 +197,7 @@ def test_triton_operators_run_eagerly_and_through_torch_ops_under_a_mode():
 @pytest.mark.triton_interpreter
 @pytest.mark.skipif(not INTERPRETED, reason=_IN_SUBPROCESS)
 def test_triton_refusals_leave_the_general_path_to_explain():
-    """A grad the C++ collection does not take goes the general path, which names it."""
+    """A grad the operator refuses goes the general path, which names it."""
     grads = [torch.randn(4), torch.randn(1).expand(3)]
     params = params_of(grads)
     before = [g.clone() for g in grads]
@@ -174,49 +209,17 @@ def test_triton_refusals_leave_the_general_path_to_explain():
 # --- the general path's grouping --------------------------------------------------------------------
 
 
-def test_group_by_device_takes_one_device_in_one_call(monkeypatch):
-    """Grads the operators take, on one device, are one group without the Python checks; the
-    others get them (and their precise errors)."""
-    grads = [torch.randn(3), torch.randn(4, dtype=torch.float64)]
-    monkeypatch.setattr(_core, "check_writable", lambda i, g: pytest.fail("the Python checks ran"))
-    [(device, backend, group)] = _core.group_by_device(grads, None, "auto", writes=True)
-    assert device.type == "cpu" and backend in ("cpu", "torch") and group is grads
-    monkeypatch.undo()
+def test_group_by_device_names_what_it_refuses_and_groups_devices():
     with pytest.raises(ValueError, match="gradient 1 has internally overlapping memory"):
         _core.group_by_device([torch.randn(3), torch.randn(1).expand(3)], None, "auto", writes=True)
     mixed = _core.group_by_device([torch.randn(3), torch.randn(3, device="meta")], None, "auto", writes=True)
     assert [d.type for d, _, _ in mixed] == ["cpu", "meta"]
 
 
-# --- the C++ operators called straight ------------------------------------------------------------
+# --- the operators through the dispatcher -----------------------------------------------------------
 
 
-def test_cpu_operators_are_called_straight_in_eager_mode():
-    """Eager calls of backend "cpu" go to fusedclip._C.direct (no Python argument parser, no
-    autograd fallback); the results and version bumps are torch.ops.fusedclip's."""
-    from fusedclip import _ops
-    from fusedclip._eager import EagerOperator
-
-    for name, row in _ops.KERNELS.items():
-        if name != "monitor_update_":
-            assert isinstance(row["cpu"], EagerOperator) and row["cpu"].eager is getattr(_backends._C.direct, name)
-    grads = [torch.randn(40) * 3 for _ in range(4)] + [torch.randn(7, dtype=torch.float64)]
-    twins = [g.clone() for g in grads]
-    versions = [g._version for g in grads]
-    total = _ops.clip_grad_norm_("cpu", grads, 1.0, 2.0)
-    expected = torch.ops.fusedclip.clip_grad_norm_(twins, 1.0, 2.0)
-    assert torch.equal(total, expected) and all(torch.equal(a, b) for a, b in zip(grads, twins))
-    assert all(g._version > v for g, v in zip(grads, versions))
-    statistic, per = _ops.multi_tensor_norm("cpu", grads, 3.0, True)
-    expected_statistic, expected_per = torch.ops.fusedclip.multi_tensor_norm(grads, 3.0, True)
-    assert torch.equal(statistic, expected_statistic) and torch.equal(per, expected_per)
-    with pytest.raises(TypeError, match="item 1 of the list is not a tensor"):
-        _ops.multi_tensor_norm("cpu", [grads[0], 1.0], 2.0)
-
-
-def test_cpu_operators_go_through_torch_ops_under_a_dispatch_mode():
-    from fusedclip import _ops
-
+def test_cpu_operators_go_through_torch_ops():
     grads = [torch.randn(10) for _ in range(3)]
     with OpLog() as log:
         _ops.multi_tensor_scale_("cpu", grads, torch.tensor(0.5))

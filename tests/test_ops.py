@@ -463,18 +463,26 @@ def test_operator_table_says_what_runs_each_operator():
                 assert kernel is not getattr(reference, op) and what == "kernel", (op, backend)
 
 
-def test_triton_schemas_are_the_cpp_schemas():
-    """The Triton backend's operators have the C++ operators' schemas, so one fake kernel each
-    (fusedclip/fakes.py) serves both namespaces."""
-    pytest.importorskip("triton")
-    import fusedclip.triton  # noqa: F401  (registers torch.ops.fusedclip_triton)
-    from fusedclip import fakes
+def test_every_namespace_has_the_schemas_of_fusedclip_operators():
+    """Both namespaces are defined from fusedclip/operators.py, each schema written once there:
+    the native kernels register for fusedclip::, the Triton ones define fusedclip_triton::."""
+    from fusedclip import operators
 
-    for name in ("multi_tensor_norm", "multi_tensor_scale_", "multi_tensor_clamp_", "clip_grad_norm_"):
-        cpp = getattr(torch.ops.fusedclip, name).default._schema
-        triton = getattr(torch.ops.fusedclip_triton, name).default._schema
-        assert str(cpp).replace("fusedclip::", "") == str(triton).replace("fusedclip_triton::", ""), name
-        assert name in fakes.FAKES
+    namespaces = [torch.ops.fusedclip]
+    if fusedclip.backend_status()["triton"] is None:
+        namespaces.append(torch.ops.fusedclip_triton)
+    for name, operator in operators.OPERATORS.items():
+        for namespace in namespaces:
+            schema = str(getattr(namespace, name).default._schema)
+            assert schema.split("::", 1)[1] == name + operator.schema, (namespace, name)
+
+
+def test_native_backends_are_read_from_the_registered_kernels():
+    """NATIVE_BACKENDS is derived: the dispatcher's CPU and CUDA kernels, the Triton library."""
+    for name, backends in _ops.NATIVE_BACKENDS.items():
+        assert ("cpu" in backends) == (_backends._C is not None)
+        assert ("cuda" in backends) == (_backends._C_CUDA is not None)
+        assert backends[-1] == "torch"
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, 0.0, 3.5, -2.0, math.inf, -math.inf], ids=norm_id)

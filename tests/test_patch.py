@@ -57,8 +57,8 @@ def test_context_manager(originals):
 
 
 def test_patched_calls_run_fusedclip(originals, monkeypatch):
-    norm_spy = OpsSpy(monkeypatch, "clip_grad_norm_of_params")
-    clamp_spy = OpsSpy(monkeypatch, "clamp_grads_of_params_")
+    norm_spy = OpsSpy(monkeypatch, "clip_grad_norm_")
+    clamp_spy = OpsSpy(monkeypatch, "multi_tensor_clamp_")
     grads = make_grads([(100,), (7, 3)], torch.float32, seed=1, scale=4.0)
     params = params_with([g.clone() for g in grads])
     ref = params_with([g.clone() for g in grads])
