@@ -7,8 +7,176 @@
 #include <vector>
 
 namespace fusedclip {
+namespace {
 
-void check_tensors(const TensorList& tensors, const char* op, DeviceType device_type) {
+// The shim's codes of the dtypes, device types and layout the checks compare with: functions of
+// libtorch in the stable ABI, asked once. (scalar_type(), device() and layout() of a stable
+// tensor map the code they read through a chain of these calls each time.)
+struct ShimCodes {
+  int32_t float32, float64, float16, bfloat16, complex64, complex128;
+  int32_t cpu, cuda;
+  int32_t strided;
+};
+
+const ShimCodes& shim_codes() {
+  static const ShimCodes codes{aoti_torch_dtype_float32(),    aoti_torch_dtype_float64(),
+                               aoti_torch_dtype_float16(),    aoti_torch_dtype_bfloat16(),
+                               aoti_torch_dtype_complex64(),  aoti_torch_dtype_complex128(),
+                               aoti_torch_device_type_cpu(),  aoti_torch_device_type_cuda(),
+                               aoti_torch_layout_strided()};
+  return codes;
+}
+
+// The dtype and element size of a shim dtype code that check_tensors accepts (float32, float64,
+// float16, bfloat16, complex64, complex128); false for any other.
+bool accepted_dtype(int32_t code, ScalarType* dtype, int64_t* element_size) {
+  const ShimCodes& c = shim_codes();
+  if (code == c.float32) { *dtype = ScalarType::Float; *element_size = 4; return true; }
+  if (code == c.float64) { *dtype = ScalarType::Double; *element_size = 8; return true; }
+  if (code == c.bfloat16) { *dtype = ScalarType::BFloat16; *element_size = 2; return true; }
+  if (code == c.float16) { *dtype = ScalarType::Half; *element_size = 2; return true; }
+  if (code == c.complex64) { *dtype = ScalarType::ComplexFloat; *element_size = 8; return true; }
+  if (code == c.complex128) { *dtype = ScalarType::ComplexDouble; *element_size = 16; return true; }
+  return false;
+}
+
+constexpr AOTITorchError kOk = AOTI_TORCH_SUCCESS;
+
+// non_overlapping's rule on a shape: no dimension of more than one element has stride 0.
+bool no_zero_stride_overlap(const int64_t* sizes, const int64_t* strides, int64_t dims) {
+  for (int64_t d = 0; d < dims; ++d) {
+    if (strides[d] == 0 && sizes[d] > 1) return false;
+  }
+  return true;
+}
+
+// non_overlapping_and_dense's rule on a shape. Sorted by stride, the dimensions of more than one
+// element must each step over exactly the block of the ones before: 1, then size * stride of the
+// previous. A tensor with no elements is dense. (A contiguous tensor passes the sorted test too:
+// the shortcut on is_contiguous() changes no answer.)
+bool dense_layout(const int64_t* sizes, const int64_t* strides, int64_t dims) {
+  // The common case first, without a sort: row-major, size-1 dimensions skipped.
+  int64_t expected = 1;
+  bool row_major = true;
+  for (int64_t d = dims - 1; d >= 0; --d) {
+    if (sizes[d] == 0) return true;  // no elements: nothing to overlap
+    if (sizes[d] == 1) continue;
+    if (strides[d] != expected) row_major = false;
+    expected *= sizes[d];
+  }
+  if (row_major) return true;
+  constexpr int64_t kInline = 16;
+  std::pair<int64_t, int64_t> inline_by_stride[kInline];  // (stride, size) of dims of size > 1
+  std::vector<std::pair<int64_t, int64_t>> heap_by_stride;
+  std::pair<int64_t, int64_t>* by_stride = inline_by_stride;
+  if (dims > kInline) {
+    heap_by_stride.resize(static_cast<size_t>(dims));
+    by_stride = heap_by_stride.data();
+  }
+  int64_t count = 0;
+  for (int64_t d = 0; d < dims; ++d) {
+    if (sizes[d] > 1) by_stride[count++] = {strides[d], sizes[d]};
+  }
+  std::sort(by_stride, by_stride + count);
+  expected = 1;
+  for (int64_t k = 0; k < count; ++k) {
+    if (by_stride[k].first != expected) return false;
+    expected *= by_stride[k].second;
+  }
+  return true;
+}
+
+// The shape of a tensor through the raw shim (three calls); false when a call fails.
+bool read_shape(AtenTensorHandle h, int64_t* dims, const int64_t** sizes, const int64_t** strides) {
+  int64_t* s = nullptr;
+  int64_t* st = nullptr;
+  if (aoti_torch_get_dim(h, dims) != kOk || aoti_torch_get_sizes(h, &s) != kOk ||
+      aoti_torch_get_strides(h, &st) != kOk) {
+    return false;
+  }
+  *sizes = s;
+  *strides = st;
+  return true;
+}
+
+// check_tensors' (with writable, check_writable's) checks and the metadata of every tensor in one
+// pass of eight shim calls a tensor: true when every tensor passes every check and every call
+// succeeds (out, when given, then holds the metadata). False says nothing about which tensor or
+// check: the caller then runs the tensor-by-tensor checks for their refusal.
+template <typename HandleAt>
+bool read_checked(size_t n, const HandleAt& handle_at, DeviceType device_type, bool writable, bool with_data,
+                  TensorMetaList* out) {
+  const ShimCodes& c = shim_codes();
+  int32_t expected_device = 0;
+  if (device_type == DeviceType::CPU) {
+    expected_device = c.cpu;
+  } else if (device_type == DeviceType::CUDA) {
+    expected_device = c.cuda;
+  } else {
+    return false;
+  }
+  if (out != nullptr) out->resize(n);
+  TensorMeta scratch;
+  int32_t first_index = 0;
+  for (size_t i = 0; i < n; ++i) {
+    // An undefined tensor has no dtype the kernels take and no device: it fails here.
+    const AtenTensorHandle h = handle_at(i);
+    TensorMeta& m = out != nullptr ? (*out)[i] : scratch;
+    int32_t dtype = 0, layout = 0, device = 0, index = 0;
+    if (aoti_torch_get_dtype(h, &dtype) != kOk || !accepted_dtype(dtype, &m.dtype, &m.element_size)) return false;
+    if (aoti_torch_get_layout(h, &layout) != kOk || layout != c.strided) return false;
+    if (aoti_torch_get_device_type(h, &device) != kOk || device != expected_device) return false;
+    if (aoti_torch_get_device_index(h, &index) != kOk) return false;
+    if (i == 0) {
+      first_index = index;
+    } else if (index != first_index) {
+      return false;
+    }
+    m.device_index = index;
+    if (!read_shape(h, &m.dim, &m.sizes, &m.strides)) return false;
+    if (writable && !no_zero_stride_overlap(m.sizes, m.strides, m.dim)) return false;
+    int64_t numel = 1;
+    for (int64_t d = 0; d < m.dim; ++d) numel *= m.sizes[d];
+    m.numel = numel;
+    m.data = nullptr;
+    if (with_data && numel > 0 && torch_get_mutable_data_ptr(h, &m.data) != kOk) return false;
+  }
+  return true;
+}
+
+// The byte ranges [first element, one past the farthest] overlap: the rule of any_memory_shared.
+bool ranges_overlap(std::vector<std::pair<uintptr_t, uintptr_t>>& ranges) {
+  // Grads are usually allocated in (reverse) parameter order: check those orders in one pass
+  // before sorting.
+  bool ascending = true, descending = true;
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    ascending = ascending && ranges[i - 1].second <= ranges[i].first;
+    descending = descending && ranges[i].second <= ranges[i - 1].first;
+  }
+  if (ascending || descending) return false;
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i - 1].second > ranges[i].first) return true;
+  }
+  return false;
+}
+
+void append_range(std::vector<std::pair<uintptr_t, uintptr_t>>& ranges, const void* data, const int64_t* sizes,
+                  const int64_t* strides, int64_t dims, int64_t element_size) {
+  int64_t last = 0;  // offset of the farthest element, in elements
+  for (int64_t d = 0; d < dims; ++d) last += (sizes[d] - 1) * strides[d];
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  ranges.emplace_back(begin, begin + (last + 1) * element_size);
+}
+
+bool read_checked(const TensorList& tensors, DeviceType device_type, bool writable, bool with_data,
+                  TensorMetaList* out) {
+  return read_checked(
+      tensors.size(), [&tensors](size_t i) { return tensors[i].get(); }, device_type, writable, with_data, out);
+}
+
+// check_tensors tensor by tensor, accessor by accessor: the refusals and their order.
+void check_tensors_one_by_one(const TensorList& tensors, const char* op, DeviceType device_type) {
   const char* expected_device = device_type == DeviceType::CUDA ? "CUDA" : "CPU";
   for (size_t i = 0; i < tensors.size(); ++i) {
     const Tensor& t = tensors[i];
@@ -25,19 +193,23 @@ void check_tensors(const TensorList& tensors, const char* op, DeviceType device_
   }
 }
 
-bool non_overlapping(const Tensor& t) {
-  // As torch's in-place ops decide it: memory overlaps where a dimension of more than one element
-  // has stride 0 (an expanded tensor). Other overlapping strides are too rare to pay a sort for;
-  // the kernels write such a tensor through a dense copy (see cpu/tensor_table.h), as torch does.
+bool non_overlapping_one_by_one(const Tensor& t) {
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (t.stride(d) == 0 && t.size(d) > 1) return false;
   }
   return true;
 }
 
-bool non_overlapping_and_dense(const Tensor& t) {
-  // Sorted by stride, the dimensions of more than one element must each step over exactly the
-  // block of the ones before: 1, then size * stride of the previous.
+void check_writable_one_by_one(const TensorList& tensors, const char* op, DeviceType device_type) {
+  check_tensors_one_by_one(tensors, op, device_type);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    FUSEDCLIP_CHECK_VALUE(non_overlapping_one_by_one(tensors[i]), op, ": tensor ", i,
+                          " has internally overlapping memory (an expanded tensor) and cannot be "
+                          "modified in place; clone it first");
+  }
+}
+
+bool non_overlapping_and_dense_one_by_one(const Tensor& t) {
   const int64_t dims = t.dim();
   if (dims == 0) return true;
   if (dims == 1) return t.size(0) < 2 || t.stride(0) == 1;
@@ -57,14 +229,157 @@ bool non_overlapping_and_dense(const Tensor& t) {
   return true;
 }
 
-void check_writable(const TensorList& tensors, const char* op, DeviceType device_type) {
-  check_tensors(tensors, op, device_type);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    FUSEDCLIP_CHECK_VALUE(non_overlapping(tensors[i]), op, ": tensor ", i,
-                          " has internally overlapping memory (an expanded tensor) and cannot be "
-                          "modified in place; clone it first");
+bool any_memory_shared_one_by_one(const TensorList& tensors) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  ranges.reserve(tensors.size());
+  for (const Tensor& t : tensors) {
+    if (t.numel() == 0) continue;
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    ranges.emplace_back(begin, begin + (last + 1) * t.element_size());
   }
+  return ranges_overlap(ranges);
 }
+
+}  // namespace
+
+void check_tensors(const TensorList& tensors, const char* op, DeviceType device_type) {
+  if (read_checked(tensors, device_type, false, false, nullptr)) return;
+  check_tensors_one_by_one(tensors, op, device_type);
+}
+
+void check_writable(const TensorList& tensors, const char* op, DeviceType device_type) {
+  if (read_checked(tensors, device_type, true, false, nullptr)) return;
+  check_writable_one_by_one(tensors, op, device_type);
+}
+
+TensorMetaList checked_meta(const TensorList& tensors, const char* op, DeviceType device_type, bool writable,
+                            bool with_data) {
+  TensorMetaList meta;
+  if (read_checked(tensors, device_type, writable, with_data, &meta)) return meta;
+  // A refusal (or an accessor that failed): the checks one by one raise it, in their order; a
+  // list they pass is read accessor by accessor, failing where an accessor fails.
+  if (writable) {
+    check_writable_one_by_one(tensors, op, device_type);
+  } else {
+    check_tensors_one_by_one(tensors, op, device_type);
+  }
+  meta.assign(tensors.size(), TensorMeta{});
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i];
+    TensorMeta& m = meta[i];
+    m.dtype = t.scalar_type();
+    m.dim = t.dim();
+    m.sizes = t.sizes().data();
+    m.strides = t.strides().data();
+    m.numel = t.numel();
+    m.element_size = static_cast<int64_t>(t.element_size());
+    m.device_index = t.get_device_index();
+    if (with_data && m.numel > 0) m.data = t.mutable_data_ptr();
+  }
+  return meta;
+}
+
+TensorMetaList checked_meta(TensorListArg& tensors, const char* op, DeviceType device_type, bool writable,
+                            bool with_data) {
+  TensorMetaList meta;
+  const AtenTensorHandle* handles = tensors.handles();
+  if (read_checked(
+          tensors.size(), [handles](size_t i) { return handles[i]; }, device_type, writable, with_data, &meta)) {
+    return meta;
+  }
+  return checked_meta(tensors.tensors(), op, device_type, writable, with_data);
+}
+
+TensorListArg::TensorListArg(StableIValue list) {
+  const auto list_handle = torch::stable::detail::to<StableListHandle>(list);
+  try {
+    size_t size = 0;
+    STABLE_TORCH_ERROR_CODE_CHECK(torch_list_size(list_handle, &size));
+    handles_.reserve(size);
+    for (size_t i = 0; i < size; ++i) {
+      StableIValue element;
+      STABLE_TORCH_ERROR_CODE_CHECK(torch_list_get_item(list_handle, i, &element));
+      handles_.push_back(torch::stable::detail::to<AtenTensorHandle>(element));  // owned from here
+    }
+  } catch (...) {
+    for (AtenTensorHandle h : handles_) aoti_torch_delete_tensor_object(h);
+    torch_delete_list(list_handle);
+    throw;
+  }
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_delete_list(list_handle));
+}
+
+TensorListArg::~TensorListArg() {
+  // The handles not handed to stable tensors (which delete theirs).
+  for (size_t i = tensors_.size(); i < handles_.size(); ++i) aoti_torch_delete_tensor_object(handles_[i]);
+}
+
+const TensorList& TensorListArg::tensors() {
+  if (tensors_.size() < handles_.size()) {
+    tensors_.reserve(handles_.size());
+    while (tensors_.size() < handles_.size()) tensors_.emplace_back(handles_[tensors_.size()]);
+  }
+  return tensors_;
+}
+
+bool non_overlapping(const Tensor& t) {
+  // As torch's in-place ops decide it: memory overlaps where a dimension of more than one element
+  // has stride 0 (an expanded tensor). Other overlapping strides are too rare to pay a sort for;
+  // the kernels write such a tensor through a dense copy (see cpu/tensor_table.h), as torch does.
+  int64_t dims = 0;
+  const int64_t* sizes = nullptr;
+  const int64_t* strides = nullptr;
+  if (!read_shape(t.get(), &dims, &sizes, &strides)) return non_overlapping_one_by_one(t);
+  return no_zero_stride_overlap(sizes, strides, dims);
+}
+
+bool non_overlapping(const TensorMeta& t) { return no_zero_stride_overlap(t.sizes, t.strides, t.dim); }
+
+bool non_overlapping_and_dense(const Tensor& t) {
+  int64_t dims = 0;
+  const int64_t* sizes = nullptr;
+  const int64_t* strides = nullptr;
+  if (!read_shape(t.get(), &dims, &sizes, &strides)) return non_overlapping_and_dense_one_by_one(t);
+  return dense_layout(sizes, strides, dims);
+}
+
+bool non_overlapping_and_dense(const TensorMeta& t) { return dense_layout(t.sizes, t.strides, t.dim); }
+
+namespace {
+
+// check_agc_arguments' checks of the parameters in one pass of six shim calls a parameter, from
+// the gradients' metadata: true when every pair passes, false (for any failure) sends the pairs
+// through the checks one by one for the refusal.
+bool agc_params_pass(const TensorList& params, const TensorMetaList& grads, DeviceType device_type) {
+  const ShimCodes& c = shim_codes();
+  const int32_t expected_device = device_type == DeviceType::CPU ? c.cpu : c.cuda;
+  if (device_type != DeviceType::CPU && device_type != DeviceType::CUDA) return false;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const TensorMeta& g = grads[i];
+    if (is_complex(g.dtype)) return false;
+    const AtenTensorHandle h = params[i].get();
+    int32_t dtype = 0, layout = 0, device = 0, index = 0;
+    ScalarType scalar_type = ScalarType::Float;
+    int64_t element_size = 0, dims = 0;
+    int64_t* sizes = nullptr;
+    if (aoti_torch_get_dtype(h, &dtype) != kOk || !accepted_dtype(dtype, &scalar_type, &element_size) ||
+        is_complex(scalar_type)) {
+      return false;
+    }
+    if (aoti_torch_get_layout(h, &layout) != kOk || layout != c.strided) return false;
+    if (aoti_torch_get_device_type(h, &device) != kOk || device != expected_device) return false;
+    if (aoti_torch_get_device_index(h, &index) != kOk || index != g.device_index) return false;
+    if (aoti_torch_get_dim(h, &dims) != kOk || dims != g.dim || aoti_torch_get_sizes(h, &sizes) != kOk) return false;
+    for (int64_t d = 0; d < dims; ++d) {
+      if (sizes[d] != g.sizes[d]) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
 
 void check_agc_arguments(const TensorList& grads, const TensorList& params, double clip_factor, double eps,
                          DeviceType device_type) {
@@ -73,7 +388,11 @@ void check_agc_arguments(const TensorList& grads, const TensorList& params, doub
                         " parameters");
   FUSEDCLIP_CHECK_VALUE(clip_factor >= 0, op, ": clip_factor must be >= 0, got ", clip_factor);
   FUSEDCLIP_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
-  check_writable(grads, op, device_type);
+  // check_writable of the gradients, keeping their metadata for the parameters' pass.
+  TensorMetaList grad_meta;
+  const bool one_pass = read_checked(grads, device_type, true, false, &grad_meta);
+  if (!one_pass) check_writable_one_by_one(grads, op, device_type);
+  if (one_pass && agc_params_pass(params, grad_meta, device_type)) return;
   for (size_t i = 0; i < grads.size(); ++i) {
     const Tensor& p = params[i];
     FUSEDCLIP_CHECK_TYPE(p.defined() && p.layout() == torch::headeronly::Layout::Strided &&
@@ -134,25 +453,35 @@ bool any_memory_shared(const TensorList& tensors) {
   std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
   ranges.reserve(tensors.size());
   for (const Tensor& t : tensors) {
-    if (t.numel() == 0) continue;
-    int64_t last = 0;  // offset of the farthest element, in elements
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    ranges.emplace_back(begin, begin + (last + 1) * t.element_size());
+    const AtenTensorHandle h = t.get();
+    int64_t dims = 0;
+    const int64_t* sizes = nullptr;
+    const int64_t* strides = nullptr;
+    int32_t dtype = 0;
+    ScalarType scalar_type = ScalarType::Float;
+    int64_t element_size = 0;
+    if (!read_shape(h, &dims, &sizes, &strides) || aoti_torch_get_dtype(h, &dtype) != kOk ||
+        !accepted_dtype(dtype, &scalar_type, &element_size)) {
+      return any_memory_shared_one_by_one(tensors);
+    }
+    int64_t numel = 1;
+    for (int64_t d = 0; d < dims; ++d) numel *= sizes[d];
+    if (numel == 0) continue;
+    void* data = nullptr;
+    if (aoti_torch_get_data_ptr(h, &data) != kOk) return any_memory_shared_one_by_one(tensors);
+    append_range(ranges, data, sizes, strides, dims, element_size);
   }
-  // Grads are usually allocated in (reverse) parameter order: check those orders in one pass
-  // before sorting.
-  bool ascending = true, descending = true;
-  for (size_t i = 1; i < ranges.size(); ++i) {
-    ascending = ascending && ranges[i - 1].second <= ranges[i].first;
-    descending = descending && ranges[i].second <= ranges[i - 1].first;
+  return ranges_overlap(ranges);
+}
+
+bool any_memory_shared(const TensorMetaList& tensors) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  ranges.reserve(tensors.size());
+  for (const TensorMeta& t : tensors) {
+    if (t.numel == 0) continue;
+    append_range(ranges, t.data, t.sizes, t.strides, t.dim, t.element_size);
   }
-  if (ascending || descending) return false;
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i) {
-    if (ranges[i - 1].second > ranges[i].first) return true;
-  }
-  return false;
+  return ranges_overlap(ranges);
 }
 
 }  // namespace fusedclip

@@ -49,4 +49,61 @@ void check_scalar(const Tensor& t, const char* op, const char* arg_name);
 // of in parallel, where two threads or blocks would read-modify-write the same bytes.
 bool any_memory_shared(const TensorList& tensors);
 
+// What the checks and the CPU tables need of one tensor, read once. Every accessor of a stable
+// tensor is a call into libtorch (and scalar_type(), device() and layout() a chain of them):
+// reading these few fields once, instead of asking each check and each pass again, is most of a
+// small tensor's host cost.
+struct TensorMeta {
+  void* data = nullptr;              // first element, storage offset included (null unless with_data)
+  const int64_t* sizes = nullptr;    // borrowed from the tensor: valid while it lives, unresized
+  const int64_t* strides = nullptr;  // borrowed likewise
+  int64_t dim = 0;
+  int64_t numel = 0;
+  int64_t element_size = 0;
+  ScalarType dtype = ScalarType::Float;
+  int32_t device_index = -1;
+};
+using TensorMetaList = std::vector<TensorMeta>;
+
+// check_tensors, or check_writable when writable, in one pass that also returns each tensor's
+// metadata (its data pointer too when with_data; read as mutable_data_ptr does, for a tensor with
+// elements). It refuses exactly as those checks do: any tensor the one pass does not clear (a
+// refusal, or an accessor that fails) sends the whole list through the tensor-by-tensor checks.
+TensorMetaList checked_meta(const TensorList& tensors, const char* op, DeviceType device_type, bool writable,
+                            bool with_data);
+
+// A Tensor[] argument of a boxed kernel as the calling convention hands it over: the handles of
+// its tensors, owned, and deleted with this. TORCH_BOX makes a torch::stable::Tensor of each, a
+// shared_ptr with an allocation and a free of its own (about 40 us of a 1,000-tensor call); the
+// one-pass paths read the handles, and tensors() makes the stable tensors for the paths that need
+// them (once; they then own the handles).
+class TensorListArg {
+ public:
+  // Takes over the list (a StableListHandle) and its tensors.
+  explicit TensorListArg(StableIValue list);
+  ~TensorListArg();
+  TensorListArg(const TensorListArg&) = delete;
+  TensorListArg& operator=(const TensorListArg&) = delete;
+
+  size_t size() const { return handles_.size(); }
+  const AtenTensorHandle* handles() const { return handles_.data(); }
+  const TensorList& tensors();
+
+ private:
+  std::vector<AtenTensorHandle> handles_;
+  TensorList tensors_;  // tensors_[i] owns handles_[i]; the handles past its end are owned here
+};
+
+// checked_meta of a list argument, from its handles; its tensors() are made only for a refusal
+// (or an accessor that fails).
+TensorMetaList checked_meta(TensorListArg& tensors, const char* op, DeviceType device_type, bool writable,
+                            bool with_data);
+
+// non_overlapping and non_overlapping_and_dense of a tensor from its metadata.
+bool non_overlapping(const TensorMeta& t);
+bool non_overlapping_and_dense(const TensorMeta& t);
+
+// any_memory_shared of tensors from their metadata (read with_data).
+bool any_memory_shared(const TensorMetaList& tensors);
+
 }  // namespace fusedclip

@@ -71,49 +71,82 @@ double clip_coefficient(const Tensor& total, double max_norm) {
 
 namespace {
 
-std::tuple<Tensor, Tensor> multi_tensor_norm(TensorList tensors, double norm_type, bool per_tensor) {
+std::tuple<Tensor, Tensor> multi_tensor_norm(TensorListArg& tensors, double norm_type, bool per_tensor) {
   check_norm_type(norm_type);
-  const TensorTable table(tensors, Access::kRead, "multi_tensor_norm");
+  const TensorMetaList meta = checked_meta(tensors, "multi_tensor_norm", DeviceType::CPU, false, true);
+  const TensorTable table(tensors, meta, Access::kRead);
   return norm_statistic(table, norm_type, per_tensor);
 }
 
-void multi_tensor_scale_(TensorList tensors, Tensor coef) {
+void multi_tensor_scale_(TensorListArg& tensors, const Tensor& coef) {
   check_scalar(coef, "multi_tensor_scale_", "coef");
   FUSEDCLIP_CHECK_TYPE(coef.is_cpu(), "multi_tensor_scale_: coef must be a CPU tensor for CPU tensors, got one on ",
                        device_name(coef));
-  check_writable(tensors, "multi_tensor_scale_", DeviceType::CPU);
-  scale_writable(tensors, cpu_value(coef), "multi_tensor_scale_");
+  // check_writable, reading each tensor's metadata once for the scale too.
+  const TensorMetaList meta = checked_meta(tensors, "multi_tensor_scale_", DeviceType::CPU, true, true);
+  scale_checked(meta, tensor_of(tensors), cpu_value(coef));
 }
 
-void multi_tensor_clamp_(TensorList tensors, double lo, double hi) {
-  check_writable(tensors, "multi_tensor_clamp_", DeviceType::CPU);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    FUSEDCLIP_CHECK_TYPE(!is_complex(tensors[i].scalar_type()), "multi_tensor_clamp_: tensor ", i,
+void multi_tensor_clamp_(TensorListArg& tensors, double lo, double hi) {
+  const TensorMetaList meta = checked_meta(tensors, "multi_tensor_clamp_", DeviceType::CPU, true, true);
+  for (size_t i = 0; i < meta.size(); ++i) {
+    FUSEDCLIP_CHECK_TYPE(!is_complex(meta[i].dtype), "multi_tensor_clamp_: tensor ", i,
                          " is complex; clamping is not defined for complex values");
   }
   const SegmentKernels& kernels = segment_kernels();
-  transform_writable(tensors, [&kernels, lo, hi](const Segment& s) { kernels.clamp(s, lo, hi); },
-                     "multi_tensor_clamp_");
+  transform_checked(meta, tensor_of(tensors), [&kernels, lo, hi](const Segment& s) { kernels.clamp(s, lo, hi); });
 }
 
-Tensor clip_grad_norm_(TensorList tensors, double max_norm, double norm_type) {
+Tensor clip_grad_norm_(TensorListArg& tensors, double max_norm, double norm_type) {
   check_norm_type(norm_type);
-  check_writable(tensors, "clip_grad_norm_", DeviceType::CPU);
-  const TensorTable table(tensors, Access::kRead, "clip_grad_norm_");
+  // check_writable, the table and the scale from one read of each tensor's metadata.
+  const TensorMetaList meta = checked_meta(tensors, "clip_grad_norm_", DeviceType::CPU, true, true);
+  const TensorTable table(tensors, meta, Access::kRead);
   const Tensor statistic = std::get<0>(norm_statistic(table, norm_type, false));
   const Tensor total =
       rescaled_if_overflowed(table, total_norm_from_statistic(statistic, norm_type, table.numel() == 0), norm_type);
-  scale_writable(tensors, clip_coefficient(total, max_norm), "clip_grad_norm_", &table);
+  scale_checked(meta, tensor_of(tensors), clip_coefficient(total, max_norm), &table);
   return total;
+}
+
+// The boxed kernels: TORCH_BOX's, but for the Tensor[] argument (see TensorListArg).
+using torch::stable::detail::from;
+using torch::stable::detail::to;
+
+void multi_tensor_norm_boxed(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity(num_args, 3, num_outputs, 2);
+  TensorListArg tensors(stack[0]);
+  const auto [total, per] = multi_tensor_norm(tensors, to<double>(stack[1]), to<bool>(stack[2]));
+  stack[0] = from(total);
+  stack[1] = from(per);
+}
+
+void multi_tensor_scale_boxed(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity(num_args, 2, num_outputs, 0);
+  TensorListArg tensors(stack[0]);
+  const Tensor coef = to<Tensor>(stack[1]);
+  multi_tensor_scale_(tensors, coef);
+}
+
+void multi_tensor_clamp_boxed(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity(num_args, 3, num_outputs, 0);
+  TensorListArg tensors(stack[0]);
+  multi_tensor_clamp_(tensors, to<double>(stack[1]), to<double>(stack[2]));
+}
+
+void clip_grad_norm_boxed(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity(num_args, 3, num_outputs, 1);
+  TensorListArg tensors(stack[0]);
+  stack[0] = from(clip_grad_norm_(tensors, to<double>(stack[1]), to<double>(stack[2])));
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
-  m.impl("multi_tensor_norm", TORCH_BOX(&multi_tensor_norm));
-  m.impl("multi_tensor_scale_", TORCH_BOX(&multi_tensor_scale_));
-  m.impl("multi_tensor_clamp_", TORCH_BOX(&multi_tensor_clamp_));
-  m.impl("clip_grad_norm_", TORCH_BOX(&clip_grad_norm_));
+  m.impl("multi_tensor_norm", &multi_tensor_norm_boxed);
+  m.impl("multi_tensor_scale_", &multi_tensor_scale_boxed);
+  m.impl("multi_tensor_clamp_", &multi_tensor_clamp_boxed);
+  m.impl("clip_grad_norm_", &clip_grad_norm_boxed);
 }
 
 }  // namespace fusedclip::cpu

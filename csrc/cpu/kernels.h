@@ -28,16 +28,36 @@ void for_each_segment(const TensorTable& table, int64_t begin, int64_t end, bool
   }
 }
 
+// Tables of fewer chunks than this run on the calling thread: 4 chunks are 128K elements (512 KB of
+// float32), which one core reads from cache in about 10 us, about what waking the other threads of
+// a parallel region costs on an idle machine; on a loaded one that wake-up can take a scheduler
+// time slice (1,000 grads of 64 elements, two chunks: 0.3 ms on one thread, 4 to 15 ms on two on
+// a loaded 2-core machine). Chunk boundaries, and so every result, do not depend on it.
+constexpr int64_t kMinParallelChunks = 4;
+
 // fn(begin, end) over chunks [0, num_chunks), in parallel on torch's intra-op threads when there
-// is more than one chunk (a parallel region costs microseconds: a list of small tensors, one
-// chunk, runs on the calling thread).
+// are kMinParallelChunks or more, else on the calling thread.
 template <typename Fn>
 void parallel_over_chunks(int64_t num_chunks, const Fn& fn) {
-  if (num_chunks <= 1) {
-    if (num_chunks == 1) fn(int64_t{0}, int64_t{1});
+  if (num_chunks < kMinParallelChunks) {
+    if (num_chunks > 0) fn(int64_t{0}, num_chunks);
     return;
   }
   torch::stable::parallel_for(0, num_chunks, 1, fn);
+}
+
+// tensor_at for the tables of a list argument: its stable tensors, made when first asked.
+inline auto tensor_of(TensorListArg& list) {
+  return [&list](size_t i) -> const Tensor& { return list.tensors()[i]; };
+}
+
+// TORCH_BOX's check of a boxed kernel's arity against its schema's, for the kernels that take
+// their Tensor[] argument as a TensorListArg and so are boxed by hand.
+inline void check_arity(uint64_t num_args, uint64_t kernel_args, uint64_t num_outputs, uint64_t kernel_outputs) {
+  STD_TORCH_CHECK(num_args == kernel_args, "Registered schema has ", num_args, " args, but the kernel to box has ",
+                  kernel_args);
+  STD_TORCH_CHECK(num_outputs == kernel_outputs, "Registered schema has ", num_outputs,
+                  " outputs, but the kernel to box has ", kernel_outputs);
 }
 
 inline double identity_of(NormKind kind) { return kind == NormKind::kMin ? INFINITY : 0.0; }
@@ -82,33 +102,56 @@ void transform_table(const TensorTable& table, const Kernel& kernel) {
   });
 }
 
-// Runs kernel in place over tensors that check_writable accepted. A read table that points into
-// the tensors themselves (no temporaries) serves the writes too. Tensors that share memory run one
-// at a time in list order, so shared bytes are transformed once per tensor, as torch does.
-template <typename Kernel>
-void transform_writable(const TensorList& tensors, const Kernel& kernel, const char* op,
-                        const TensorTable* read_table = nullptr) {
-  const auto transform_list = [&kernel, op](const TensorList& list) {
-    TensorTable table(list, Access::kWrite, op);
-    transform_table(table, kernel);
-    table.write_back();
-  };
-  if (any_memory_shared(tensors)) {
-    for (const Tensor& t : tensors) transform_list(TensorList{t});
+// Runs kernel in place over tensors that check_writable accepted, from their metadata as
+// checked_meta read it with_data; tensor_at(i) is the stable tensor i (a const Tensor&), asked only
+// for a complex or non-dense one. A read table that points into the tensors themselves (no
+// temporaries) serves the writes too. Tensors that share memory run one at a time in list order,
+// so shared bytes are transformed once per tensor, as torch does.
+template <typename Kernel, typename TensorAt>
+void transform_checked(const TensorMetaList& meta, const TensorAt& tensor_at, const Kernel& kernel,
+                       const TensorTable* read_table = nullptr) {
+  if (any_memory_shared(meta)) {
+    for (size_t i = 0; i < meta.size(); ++i) {
+      TensorTable table(TensorMetaList{meta[i]}, Access::kWrite, [&tensor_at, i](size_t) -> const Tensor& {
+        return tensor_at(i);
+      });
+      transform_table(table, kernel);
+      table.write_back();
+    }
   } else if (read_table != nullptr && read_table->direct()) {
     transform_table(*read_table, kernel);
   } else {
-    transform_list(tensors);
+    TensorTable table(meta, Access::kWrite, tensor_at);
+    transform_table(table, kernel);
+    table.write_back();
   }
+}
+
+// transform_checked of a list (op names the operator in errors).
+template <typename Kernel>
+void transform_writable(const TensorList& tensors, const Kernel& kernel, const char* op,
+                        const TensorTable* read_table = nullptr) {
+  transform_checked(
+      checked_meta(tensors, op, DeviceType::CPU, false, true),
+      [&tensors](size_t i) -> const Tensor& { return tensors[i]; }, kernel, read_table);
 }
 
 // tensors *= coef; nothing is written when coef >= 1 (multiplying by 1 changes nothing; a nan
 // coef still writes).
+template <typename TensorAt>
+void scale_checked(const TensorMetaList& meta, const TensorAt& tensor_at, double coef,
+                   const TensorTable* read_table = nullptr) {
+  if (coef >= 1.0) return;
+  const SegmentKernels& kernels = segment_kernels();
+  transform_checked(meta, tensor_at, [&kernels, coef](const Segment& s) { kernels.scale(s, coef); }, read_table);
+}
+
 inline void scale_writable(const TensorList& tensors, double coef, const char* op,
                            const TensorTable* read_table = nullptr) {
   if (coef >= 1.0) return;
-  const SegmentKernels& kernels = segment_kernels();
-  transform_writable(tensors, [&kernels, coef](const Segment& s) { kernels.scale(s, coef); }, op, read_table);
+  scale_checked(
+      checked_meta(tensors, op, DeviceType::CPU, false, true),
+      [&tensors](size_t i) -> const Tensor& { return tensors[i]; }, coef, read_table);
 }
 
 }  // namespace fusedclip::cpu

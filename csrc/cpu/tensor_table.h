@@ -25,13 +25,28 @@ constexpr int64_t kChunkElements = int64_t{1} << 15;
 // tensors to dense temporaries that write_back() copies into the originals.
 enum class Access { kRead, kWrite };
 
-// The kernels' dtype of a real floating-point tensor.
+// The kernels' dtype of a real floating-point tensor (or dtype).
 DType dtype_of(const Tensor& t);
+DType dtype_of(ScalarType dtype);
 
 class TensorTable {
  public:
   // Checks the tensors first (check_tensors, for CPU tensors); op names the operator in errors.
   TensorTable(const TensorList& tensors, Access access, const char* op);
+  // Of tensors already checked, from their metadata as checked_meta read it with_data (one entry
+  // per tensor): no accessor is asked again but of complex and non-dense tensors.
+  TensorTable(const TensorList& tensors, const TensorMetaList& meta, Access access);
+  TensorTable(TensorListArg& tensors, const TensorMetaList& meta, Access access);
+  // The same, with tensor_at(i) the stable tensor i (a const Tensor&), asked only for a complex
+  // or non-dense one.
+  template <typename TensorAt>
+  TensorTable(const TensorMetaList& meta, Access access, const TensorAt& tensor_at) {
+    start(meta.size());
+    for (size_t i = 0; i < meta.size(); ++i) {
+      if (!add_direct(meta[i], static_cast<int64_t>(i))) add_through(tensor_at(i), access, static_cast<int64_t>(i));
+    }
+    chunk_begin_.push_back(static_cast<int64_t>(segments_.size()));
+  }
 
   const std::vector<Segment>& segments() const { return segments_; }
   int64_t num_chunks() const { return static_cast<int64_t>(chunk_begin_.size()) - 1; }
@@ -56,6 +71,11 @@ class TensorTable {
   void write_back();
 
  private:
+  void start(size_t num_tensors);
+  // Appends tensor i when it is real and dense (or empty): false when it needs its stable tensor.
+  bool add_direct(const TensorMeta& meta, int64_t tensor_index);
+  // Appends a complex or non-dense tensor through a temporary.
+  void add_through(const Tensor& t, Access access, int64_t tensor_index);
   void append(void* data, int64_t numel, int64_t element_size, DType dtype, int64_t tensor_index);
 
   std::vector<Segment> segments_;

@@ -30,19 +30,32 @@ std::tuple<Tensor, Tensor> unscaled_statistic(const TensorTable& table, double n
 
 namespace {
 
-std::tuple<Tensor, Tensor> multi_tensor_unscale_norm(TensorList tensors, Tensor inv_scale, double norm_type) {
+std::tuple<Tensor, Tensor> multi_tensor_unscale_norm(TensorListArg& tensors, const Tensor& inv_scale,
+                                                     double norm_type) {
   check_norm_type(norm_type);
   check_scalar(inv_scale, "multi_tensor_unscale_norm", "inv_scale");
   FUSEDCLIP_CHECK_TYPE(inv_scale.is_cpu(), "multi_tensor_unscale_norm: inv_scale must be a CPU tensor for CPU ",
                        "tensors, got one on ", device_name(inv_scale));
-  const TensorTable table(tensors, Access::kRead, "multi_tensor_unscale_norm");
+  const TensorMetaList meta = checked_meta(tensors, "multi_tensor_unscale_norm", DeviceType::CPU, false, true);
+  const TensorTable table(tensors, meta, Access::kRead);
   return unscaled_statistic(table, norm_type, cpu_value(inv_scale));
+}
+
+// TORCH_BOX's boxing, but for the Tensor[] argument (see TensorListArg).
+void multi_tensor_unscale_norm_boxed(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity(num_args, 3, num_outputs, 2);
+  TensorListArg tensors(stack[0]);
+  const Tensor inv_scale = torch::stable::detail::to<Tensor>(stack[1]);
+  const auto [statistic, found_inf] =
+      multi_tensor_unscale_norm(tensors, inv_scale, torch::stable::detail::to<double>(stack[2]));
+  stack[0] = torch::stable::detail::from(statistic);
+  stack[1] = torch::stable::detail::from(found_inf);
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
-  m.impl("multi_tensor_unscale_norm", TORCH_BOX(&multi_tensor_unscale_norm));
+  m.impl("multi_tensor_unscale_norm", &multi_tensor_unscale_norm_boxed);
 }
 
 }  // namespace fusedclip::cpu
