@@ -42,12 +42,15 @@ bool accepted_dtype(int32_t code, ScalarType* dtype, int64_t* element_size) {
 
 constexpr AOTITorchError kOk = AOTI_TORCH_SUCCESS;
 
-// non_overlapping's rule on a shape: no dimension of more than one element has stride 0.
+// non_overlapping's rule on a shape: no dimension of more than one element has stride 0, or no
+// element at all (an empty tensor overlaps nothing, whatever its strides).
 bool no_zero_stride_overlap(const int64_t* sizes, const int64_t* strides, int64_t dims) {
+  bool zero_stride = false;
   for (int64_t d = 0; d < dims; ++d) {
-    if (strides[d] == 0 && sizes[d] > 1) return false;
+    if (sizes[d] == 0) return true;
+    zero_stride = zero_stride || (strides[d] == 0 && sizes[d] > 1);
   }
-  return true;
+  return !zero_stride;
 }
 
 // non_overlapping_and_dense's rule on a shape. Sorted by stride, the dimensions of more than one
@@ -194,6 +197,7 @@ void check_tensors_one_by_one(const TensorList& tensors, const char* op, DeviceT
 }
 
 bool non_overlapping_one_by_one(const Tensor& t) {
+  if (t.numel() == 0) return true;  // no element to overlap
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (t.stride(d) == 0 && t.size(d) > 1) return false;
   }

@@ -179,7 +179,7 @@ def check_writable(i: int, g: Tensor) -> None:
         # Dynamo cannot put these checks' Python bools in a graph; a zero stride on a dimension
         # of size > 1 is the overlap of an expanded tensor, and the operators check again at run
         # time, before writing.
-        if any(stride == 0 and size > 1 for size, stride in zip(g.shape, g.stride())):
+        if g.numel() > 0 and any(stride == 0 and size > 1 for size, stride in zip(g.shape, g.stride())):
             raise ValueError(f"gradient {i} has internally overlapping memory (an expanded tensor)")
         return
     if torch._debug_has_internal_overlap(g) == 1:

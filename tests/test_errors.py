@@ -420,3 +420,14 @@ def test_a_native_refusal_through_torch_ops_is_a_marked_runtime_error():
         torch.ops.fusedclip.multi_tensor_scale_(grads + [torch.randn(1, 5).expand(4, 5)], torch.tensor(0.5))
     assert type(fusedclip.operators.refusal_of(info.value)) is ValueError
     assert fusedclip.operators.refusal_of(RuntimeError("CUDA error: out of memory")) is None
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_expanded_tensor_without_elements_is_written_as_torch_writes_it(backend):
+    """An empty tensor with a stride-0 dimension of size 2 overlaps nothing (torch writes it in
+    place): it is taken, not refused as an expanded tensor."""
+    empty = torch.zeros(1, 0, 1).expand(2, 0, 1)
+    params = params_with([torch.randn(4) * 10, empty])
+    fusedclip.clip_grad_value_(params, 0.5, backend=backend)
+    fusedclip.clip_grad_norm_(params, 0.1, backend=backend)
+    assert float(params[0].grad.norm()) == pytest.approx(0.1, rel=1e-4)
