@@ -267,7 +267,7 @@ def glue_command(out_dir: str) -> Optional[list[str]]:
         return None
     includes = cpp_extension.include_paths()
     # The stable ABI of torch 2.10 (setup.py's TORCH_TARGET_VERSION) and the limited C API.
-    command = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+    command = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden",
                "-DTORCH_TARGET_VERSION=0x020a000000000000", "-DPy_LIMITED_API=0x030a0000",
                "-I", os.path.join(ROOT, "csrc")]
     for path in includes + [cuda_include, sysconfig.get_paths()["include"]]:

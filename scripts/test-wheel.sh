@@ -48,7 +48,7 @@ for PY in "$@"; do
     fi
     echo "$where"
     case "$(head -n 1 <<<"$where")" in
-        "$ROOT"/*) echo "FAILED: fusedclip was imported from the repository, not the wheel" >&2
+        "$ROOT"/fusedclip/*) echo "FAILED: fusedclip was imported from the repository, not the wheel" >&2
                    status=1; continue ;;
     esac
     in_work "$PY" -m pytest -q -p no:cacheprovider --rootdir "$WORK" "${TESTS[@]/#/tests/}" \
