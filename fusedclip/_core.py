@@ -307,13 +307,6 @@ def run_as_one_group(tensors: list, foreach: Optional[bool], backend: str, write
         raise
 
 
-def _one_group(grads: list[Tensor], foreach: Optional[bool], backend: str) -> Group:
-    """Checked grads of one device as a group, with the backend that runs them."""
-    device = grads[0].device
-    check_foreach(foreach, device)
-    return device, _backends.resolve_backend(backend, device), grads
-
-
 # --- norms ----------------------------------------------------------------------------------------
 
 
