@@ -7,8 +7,8 @@
 // Conversions: float16 through F16C/AVX-512 instructions where present, else exact integer
 // arithmetic; bfloat16 by shifts (to float32) and round-to-nearest-even on the bits (from it).
 //
-// The includer includes <cstdint>, <cstring> and (with F16C or AVX-512) <immintrin.h> first, at
-// global scope.
+// The includer includes <cstdint>, <cstring> and (with AVX2, F16C or AVX-512) <immintrin.h>
+// first, at global scope.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -165,5 +165,12 @@ inline void store_bfloat16(uint16_t* p, const vfloat& v) {
   const vuint32 u = (vuint32)v;
   const vuint32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const vuint32 out = (u & 0x7fffffffu) > 0x7f800000u ? splat<vuint32>(0x7fc0u) : rounded;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // AVX2 has no 32-to-16-bit narrowing (GCC's generic one is a long shuffle sequence): a
+  // saturating pack (every value is at most 0xffff, so exact) and a lane permute instead.
+  const __m256i packed = _mm256_packus_epi32((__m256i)out, (__m256i)out);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0xd8)));
+#else
   store(p, __builtin_convertvector(out, vuint16_half));
+#endif
 }
