@@ -471,11 +471,11 @@ def test_clip_grad_value_single_tensor_and_generator(backend):
     assert_bitwise_equal(grads, expected)
 
 
-# --- the C++ entry that reads grads of plain CPU parameters itself ------------------------------
+# --- parameters of a Tensor subclass (their grads are plain tensors) --------------------------------
 
 
 class _TaggedTensor(torch.Tensor):
-    """A Tensor subclass: the C++ entry must leave it to the Python path."""
+    """A Tensor subclass parameter: its grad is read as any other's."""
 
 
 @pytest.mark.parametrize("entry", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])

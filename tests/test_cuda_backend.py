@@ -99,7 +99,7 @@ def test_kernels_run_on_this_gpu_and_auto_takes_them():
 
 
 def test_gpu_backend_is_resolved_per_device_not_for_the_cpu(monkeypatch):
-    # Naming a GPU backend must not be checked against the CPU fast path: the grads' own device
+    # Naming a GPU backend is checked against the grads' own device, not the CPU's: their device
     # decides (here a meta device, which the cuda backend refuses with the grads' device named).
     monkeypatch.setattr(_backends, "_CUDA_ERROR", None)
     grads = [torch.randn(4, device="meta")]

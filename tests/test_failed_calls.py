@@ -23,7 +23,7 @@ def _grads(seed=70):
     return make_grads([(40,), (7, 9), (), (300,)], torch.float32, seed=seed, scale=4.0)
 
 
-# --- the fast path: refusal or failure ------------------------------------------------------------
+# --- the one-group route: refusal or failure -------------------------------------------------------
 
 
 def _fails_after_writing(fn):

@@ -144,7 +144,7 @@ def test_without_host_decisions_every_tensor_a_call_may_write_is_bumped(monkeypa
     assert [g._version for g in grads] == [v + 1 for v in versions]
 
 
-# --- backend "triton" through the fast path ----------------------------------------------------------
+# --- backend "triton" through the one-group route ------------------------------------------------------
 
 
 class OpLog(TorchDispatchMode):
