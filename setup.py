@@ -150,6 +150,14 @@ class BuildWithIsaObjects(BuildExtension):
     compiled with each ISA_BUILDS flag set (setuptools gives all sources of an extension the same
     flags), linked into the library beside the rest."""
 
+    def run(self):
+        # A library of the build before the stable ABI (fusedclip/_C.cpython-*.so) would be imported
+        # instead of _C.abi3.so (its suffix comes first): an in-place build removes it.
+        if self.inplace:
+            for stale in glob.glob(os.path.join(ROOT, "fusedclip", "_C.cpython-*.so")):
+                os.remove(stale)
+        super().run()
+
     def build_extension(self, ext):
         if ext.name == "fusedclip._C":
             ext.extra_objects = self._isa_objects()
