@@ -43,6 +43,7 @@ struct Traits<DType::kFloat32> {
   using acc = float;
   static vfloat load(const float* p) { return ::fusedclip::cpu::FUSEDCLIP_ISA_NAMESPACE(FUSEDCLIP_ISA)::load<vfloat>(p); }
   static void store(float* p, const vfloat& v) { ::fusedclip::cpu::FUSEDCLIP_ISA_NAMESPACE(FUSEDCLIP_ISA)::store(p, v); }
+  static void store2(float* p, const vfloat& a, const vfloat& b) { store(p, a), store(p + Vec<float>::kLanes, b); }
   static float widen(float x) { return x; }
   static float narrow(float x) { return x; }
 };
@@ -53,6 +54,7 @@ struct Traits<DType::kFloat64> {
   using acc = double;
   static vdouble load(const double* p) { return ::fusedclip::cpu::FUSEDCLIP_ISA_NAMESPACE(FUSEDCLIP_ISA)::load<vdouble>(p); }
   static void store(double* p, const vdouble& v) { ::fusedclip::cpu::FUSEDCLIP_ISA_NAMESPACE(FUSEDCLIP_ISA)::store(p, v); }
+  static void store2(double* p, const vdouble& a, const vdouble& b) { store(p, a), store(p + Vec<double>::kLanes, b); }
   static double widen(double x) { return x; }
   static double narrow(double x) { return x; }
 };
@@ -63,6 +65,7 @@ struct Traits<DType::kFloat16> {
   using acc = float;
   static vfloat load(const uint16_t* p) { return load_half(p); }
   static void store(uint16_t* p, const vfloat& v) { store_half(p, v); }
+  static void store2(uint16_t* p, const vfloat& a, const vfloat& b) { store(p, a), store(p + Vec<float>::kLanes, b); }
   static float widen(uint16_t x) { return half_to_float(x); }
   static uint16_t narrow(float x) { return float_to_half(x); }
 };
@@ -73,6 +76,7 @@ struct Traits<DType::kBFloat16> {
   using acc = float;
   static vfloat load(const uint16_t* p) { return load_bfloat16(p); }
   static void store(uint16_t* p, const vfloat& v) { store_bfloat16(p, v); }
+  static void store2(uint16_t* p, const vfloat& a, const vfloat& b) { store_bfloat16_pair(p, a, b); }
   static float widen(uint16_t x) { return bfloat16_to_float(x); }
   static uint16_t narrow(float x) { return float_to_bfloat16(x); }
 };
@@ -260,7 +264,9 @@ void transform(void* data, int64_t n, const Op& op) {
   auto* x = static_cast<typename T::storage*>(data);
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
-    for (int k = 0; k < 4; ++k) T::store(x + i + k * kLanes, op.vec(T::load(x + i + k * kLanes)));
+    for (int k = 0; k < 4; k += 2) {  // in pairs: bfloat16 packs two vectors at once
+      T::store2(x + i + k * kLanes, op.vec(T::load(x + i + k * kLanes)), op.vec(T::load(x + i + (k + 1) * kLanes)));
+    }
   }
   for (; i < n; ++i) x[i] = T::narrow(op.scalar(T::widen(x[i])));
 }

@@ -42,12 +42,11 @@ struct Vec<double> {
   static constexpr int kLanes = kVecBytes / 8;
 };
 
-// Every lane value (a broadcast; not V{} + value, which turns -0.0 into +0.0).
+// Every lane value: a broadcast. value - 0 keeps every value's bits (-0.0 - 0.0 is -0.0), where
+// V{} + value would turn -0.0 into +0.0, and compiles to the broadcast alone.
 template <typename V, typename S>
 inline V splat(S value) {
-  V v;
-  for (size_t l = 0; l < sizeof(V) / sizeof(v[0]); ++l) v[l] = value;
-  return v;
+  return value - V{};
 }
 
 template <typename V>
@@ -158,19 +157,34 @@ inline uint16_t float_to_bfloat16(float f) {
 }
 
 inline vfloat load_bfloat16(const uint16_t* p) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  // One widening load (GCC's generic conversion takes two halves and an insert).
+  return (vfloat)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
   return (vfloat)(__builtin_convertvector(load<vuint16_half>(p), vuint32) << 16);
+#endif
+}
+
+// The bits of v rounded to bfloat16 (to nearest even; nan the canonical quiet nan), in the low 16
+// bits of each 32-bit lane.
+inline vuint32 bfloat16_bits(const vfloat& v) {
+  const vuint32 u = (vuint32)v;
+  const vuint32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? splat<vuint32>(0x7fc0u) : rounded;
 }
 
 inline void store_bfloat16(uint16_t* p, const vfloat& v) {
-  const vuint32 u = (vuint32)v;
-  const vuint32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const vuint32 out = (u & 0x7fffffffu) > 0x7f800000u ? splat<vuint32>(0x7fc0u) : rounded;
+  store(p, __builtin_convertvector(bfloat16_bits(v), vuint16_half));
+}
+
+// Two vectors' worth, at p and p + the lane count: on AVX2 one saturating pack of both (every value
+// is at most 0xffff, so exact) and a lane permute, where one vector alone would waste half a pack.
+inline void store_bfloat16_pair(uint16_t* p, const vfloat& a, const vfloat& b) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  // AVX2 has no 32-to-16-bit narrowing (GCC's generic one is a long shuffle sequence): a
-  // saturating pack (every value is at most 0xffff, so exact) and a lane permute instead.
-  const __m256i packed = _mm256_packus_epi32((__m256i)out, (__m256i)out);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0xd8)));
+  const __m256i packed = _mm256_packus_epi32((__m256i)bfloat16_bits(a), (__m256i)bfloat16_bits(b));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(packed, 0xd8));
 #else
-  store(p, __builtin_convertvector(out, vuint16_half));
+  store_bfloat16(p, a);
+  store_bfloat16(p + Vec<float>::kLanes, b);
 #endif
 }
