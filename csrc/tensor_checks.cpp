@@ -42,8 +42,9 @@ bool accepted_dtype(int32_t code, ScalarType* dtype, int64_t* element_size) {
 
 constexpr AOTITorchError kOk = AOTI_TORCH_SUCCESS;
 
-// non_overlapping's rule on a shape: no dimension of more than one element has stride 0, or no
-// element at all (an empty tensor overlaps nothing, whatever its strides).
+// check_writable's overlap rule on a shape, as torch's in-place ops decide it: no dimension of more
+// than one element has stride 0, or no element at all (an empty tensor overlaps nothing, whatever
+// its strides).
 bool no_zero_stride_overlap(const int64_t* sizes, const int64_t* strides, int64_t dims) {
   bool zero_stride = false;
   for (int64_t d = 0; d < dims; ++d) {
@@ -327,19 +328,6 @@ const TensorList& TensorListArg::tensors() {
   }
   return tensors_;
 }
-
-bool non_overlapping(const Tensor& t) {
-  // As torch's in-place ops decide it: memory overlaps where a dimension of more than one element
-  // has stride 0 (an expanded tensor). Other overlapping strides are too rare to pay a sort for;
-  // the kernels write such a tensor through a dense copy (see cpu/tensor_table.h), as torch does.
-  int64_t dims = 0;
-  const int64_t* sizes = nullptr;
-  const int64_t* strides = nullptr;
-  if (!read_shape(t.get(), &dims, &sizes, &strides)) return non_overlapping_one_by_one(t);
-  return no_zero_stride_overlap(sizes, strides, dims);
-}
-
-bool non_overlapping(const TensorMeta& t) { return no_zero_stride_overlap(t.sizes, t.strides, t.dim); }
 
 bool non_overlapping_and_dense(const Tensor& t) {
   int64_t dims = 0;

@@ -17,9 +17,6 @@ void check_tensors(const TensorList& tensors, const char* op, DeviceType device_
 // written in place.
 void check_writable(const TensorList& tensors, const char* op, DeviceType device_type);
 
-// Whether t's elements are at distinct addresses (every strided tensor but an expanded one).
-bool non_overlapping(const Tensor& t);
-
 // Whether t's elements fill one block of memory with no gap and no overlap, in any order of its
 // dimensions (contiguous, transposed, channels-last).
 bool non_overlapping_and_dense(const Tensor& t);
@@ -99,8 +96,7 @@ class TensorListArg {
 TensorMetaList checked_meta(TensorListArg& tensors, const char* op, DeviceType device_type, bool writable,
                             bool with_data);
 
-// non_overlapping and non_overlapping_and_dense of a tensor from its metadata.
-bool non_overlapping(const TensorMeta& t);
+// non_overlapping_and_dense of a tensor from its metadata.
 bool non_overlapping_and_dense(const TensorMeta& t);
 
 // any_memory_shared of tensors from their metadata (read with_data).
