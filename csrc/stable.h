@@ -84,6 +84,15 @@ inline std::string device_name(const Tensor& t) {
   return name;
 }
 
+// A tensor's sizes as torch prints them: [2, 3].
+inline std::string shape_name(const Tensor& t) {
+  std::ostringstream out;
+  out << "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out << (d > 0 ? ", " : "") << t.size(d);
+  out << "]";
+  return out.str();
+}
+
 // aten::<op>.<overload>(t) through the dispatcher, for the one-tensor ATen ops that the stable
 // ops.h does not wrap (abs, view_as_real).
 inline Tensor aten_unary(const char* op, const char* overload, const Tensor& t) {

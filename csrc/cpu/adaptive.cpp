@@ -148,15 +148,6 @@ bool is_floating_point(ScalarType t) {
   }
 }
 
-// A shape as torch prints one: [2, 3].
-std::string shape_string(const Tensor& t) {
-  std::ostringstream out;
-  out << "[";
-  for (int64_t d = 0; d < t.dim(); ++d) out << (d > 0 ? ", " : "") << t.size(d);
-  out << "]";
-  return out.str();
-}
-
 // tensors[i] *= coefs[i] in place; tensor i is not written when coefs[i] >= 1.
 void multi_tensor_scale_per_tensor_(TensorList tensors, Tensor coefs) {
   FUSEDCLIP_CHECK_TYPE(is_floating_point(coefs.scalar_type()) && coefs.is_cpu(),
@@ -164,7 +155,7 @@ void multi_tensor_scale_per_tensor_(TensorList tensors, Tensor coefs) {
                        dtype_name(coefs.scalar_type()), " on ", device_name(coefs));
   FUSEDCLIP_CHECK_VALUE(coefs.dim() == 1 && coefs.numel() == static_cast<int64_t>(tensors.size()),
                         "multi_tensor_scale_per_tensor_: coefs must be 1-dim with one "
-                        "coefficient per tensor (", tensors.size(), "), got shape ", shape_string(coefs));
+                        "coefficient per tensor (", tensors.size(), "), got shape ", shape_name(coefs));
   check_writable(tensors, "multi_tensor_scale_per_tensor_", DeviceType::CPU);
   // A CPU tensor: no sync. Converted (and made contiguous) only when it is not already so.
   const Tensor as_double = coefs.scalar_type() == ScalarType::Double && coefs.is_contiguous()

@@ -104,15 +104,6 @@ NormKind norm_kind(double norm_type) {
   return fusedclip::norm_kind(norm_type);
 }
 
-// A tensor's sizes as torch prints them: [2, 3].
-std::string shape_of(const Tensor& t) {
-  std::ostringstream out;
-  out << "[";
-  for (int64_t d = 0; d < t.dim(); ++d) out << (d > 0 ? ", " : "") << t.size(d);
-  out << "]";
-  return out.str();
-}
-
 // --- devices and streams ---------------------------------------------------------------------
 
 // The shim's aoti_torch_get_current_cuda_stream, looked up once. It lives in libtorch_cuda, which
@@ -431,7 +422,7 @@ void multi_tensor_scale_per_tensor_(TensorList tensors, Tensor coefs) {
                        device_name(coefs));
   FUSEDCLIP_CHECK_VALUE(coefs.dim() == 1 && coefs.numel() == static_cast<int64_t>(tensors.size()), op,
                         ": coefs must be 1-dim with one coefficient per tensor (", tensors.size(), "), got shape ",
-                        shape_of(coefs));
+                        shape_name(coefs));
   if (tensors.empty()) return;
   check_writable(tensors, op);
   FUSEDCLIP_CHECK_TYPE(coefs.device() == tensors[0].device(), op, ": coefs is on ", device_name(coefs),
