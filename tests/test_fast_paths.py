@@ -47,6 +47,61 @@ def test_grads_of_reads_the_defined_grads_in_order():
         _core.grads_of([params[0], object()])
 
 
+@pytest.fixture(params=["native", "python"])
+def readers(request, monkeypatch):
+    """grads_of and plain_tensors as fusedclip._C runs them, and as Python runs them (without the
+    native library, and under torch.compile): both must give the same answers."""
+    if request.param == "python":
+        monkeypatch.setattr(_backends, "_C", None)
+    return request.param
+
+
+class _GradProperty(torch.Tensor):
+    """A tensor subclass whose .grad is a Python property that empties the list being read."""
+
+    victims: list = []
+
+    @property
+    def grad(self):
+        _GradProperty.victims.clear()
+        return torch.ones(2)
+
+
+def test_grads_of_reads_as_python_reads(readers):
+    grads = [torch.randn(3), torch.randn(2).to(torch.bfloat16)]
+    params = params_of(grads)
+    params.insert(0, torch.nn.Parameter(torch.randn(5)))  # no grad: skipped
+    params.append(torch.randn(4))  # a plain tensor without grad
+    collected = _core.grads_of(params)
+    assert len(collected) == 2 and all(c is g for c, g in zip(collected, grads))
+    assert _core.grads_of([]) == []
+    assert _core.grads_of([torch.nn.Parameter(torch.randn(1))]) == []
+    # A non-leaf tensor's .grad warns, once per read, as torch's attribute does.
+    non_leaf = torch.randn(3, requires_grad=True) * 2
+    with pytest.warns(UserWarning, match="not a leaf Tensor"):
+        assert _core.grads_of([non_leaf]) == []
+    with pytest.raises(TypeError, match=r"parameters\[2\] must be a torch.Tensor, got str"):
+        _core.grads_of([params[1], params[2], "w"])
+    # A .grad that runs Python and changes the list under the read.
+    victims = [torch.randn(2).as_subclass(_GradProperty) for _ in range(4)]
+    _GradProperty.victims = victims
+    collected = _core.grads_of(victims)
+    assert len(collected) == 1 and torch.equal(collected[0], torch.ones(2))
+
+
+def test_plain_tensors_as_python_asks(readers):
+    plain = [torch.randn(3), torch.nn.Parameter(torch.randn(2))]
+    with torch.inference_mode():
+        frozen = torch.randn(3)
+    subclass = torch.randn(3).as_subclass(_GradProperty)
+    assert _core.plain_tensors(plain, writable=True)
+    assert _core.plain_tensors([], writable=True)
+    assert not _core.plain_tensors(plain + [subclass], writable=False)
+    assert _core.plain_tensors(plain + [frozen], writable=False)  # read, not written
+    assert not _core.plain_tensors(plain + [frozen], writable=True)
+    assert not _core.plain_tensors([frozen] + plain, writable=True)
+
+
 def test_one_group_is_the_list_itself_on_the_first_grads_device():
     grads = [torch.randn(3), torch.randn(4, dtype=torch.float64)]
     device, backend, group = _core.one_group(grads, None, "auto", writes=True)

@@ -8,17 +8,94 @@
 
 namespace {
 
+PyObject* grad_name = nullptr;     // "grad", interned
+PyObject* version_name = nullptr;  // "_version", interned
+
+// grads_of(parameters: list) -> list: the .grad of every parameter whose .grad is not None, in
+// order; whatever a .grad read raises propagates. fusedclip/_core.py's grads_of in C: the
+// same reads, without the interpreter's cost per element.
+PyObject* grads_of(PyObject*, PyObject* parameters) {
+  if (!PyList_Check(parameters)) {
+    PyErr_SetString(PyExc_TypeError, "grads_of: parameters must be a list");
+    return nullptr;
+  }
+  const Py_ssize_t size = PyList_Size(parameters);
+  PyObject* grads = PyList_New(size);
+  if (grads == nullptr) return nullptr;
+  Py_ssize_t count = 0;
+  // A .grad read may run Python (a property of a subclass) that changes the list: its size is
+  // read again at each step, and each parameter is held while its .grad is read.
+  for (Py_ssize_t i = 0; i < size && i < PyList_Size(parameters); ++i) {
+    PyObject* parameter = PyList_GetItem(parameters, i);
+    Py_INCREF(parameter);
+    PyObject* grad = PyObject_GetAttr(parameter, grad_name);
+    Py_DECREF(parameter);
+    if (grad == nullptr) {
+      Py_DECREF(grads);
+      return nullptr;
+    }
+    if (grad == Py_None) {
+      Py_DECREF(grad);
+      continue;
+    }
+    PyList_SetItem(grads, count++, grad);  // steals grad
+  }
+  if (count < size && PyList_SetSlice(grads, count, size, nullptr) < 0) {
+    Py_DECREF(grads);
+    return nullptr;
+  }
+  return grads;
+}
+
+// plain_tensors(tensors: list, types: tuple, writable: bool) -> bool: whether the type of every
+// tensor is one of types (compared as objects: no subclass) and, when writable, none is an
+// inference tensor (the stable ABI cannot ask the operators' kernels). An inference tensor is
+// found by its version counter, which it lacks: reading ._version raises for it alone.
+PyObject* plain_tensors(PyObject*, PyObject* args) {
+  PyObject* tensors = nullptr;
+  PyObject* types = nullptr;
+  int writable = 0;
+  if (!PyArg_ParseTuple(args, "O!O!p", &PyList_Type, &tensors, &PyTuple_Type, &types, &writable)) return nullptr;
+  const Py_ssize_t type_count = PyTuple_Size(types);
+  for (Py_ssize_t i = 0; i < PyList_Size(tensors); ++i) {
+    PyObject* tensor = PyList_GetItem(tensors, i);
+    PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(tensor));
+    bool plain = false;
+    for (Py_ssize_t k = 0; k < type_count && !plain; ++k) plain = type == PyTuple_GetItem(types, k);
+    if (!plain) Py_RETURN_FALSE;
+    if (writable) {
+      PyObject* version = PyObject_GetAttr(tensor, version_name);
+      if (version == nullptr) {
+        PyErr_Clear();
+        Py_RETURN_FALSE;
+      }
+      Py_DECREF(version);
+    }
+  }
+  Py_RETURN_TRUE;
+}
+
+PyMethodDef methods[] = {
+    {"grads_of", grads_of, METH_O, "The .grad of every parameter that has one, in order."},
+    {"plain_tensors", plain_tensors, METH_VARARGS,
+     "Whether every tensor's type is one of types and, when writable, none is an inference tensor."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "fusedclip's CPU kernels on PyTorch's stable ABI; importing it registers them.",
     -1,
-    nullptr,
+    methods,
 };
 
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C() {
+  grad_name = PyUnicode_InternFromString("grad");
+  version_name = PyUnicode_InternFromString("_version");
+  if (grad_name == nullptr || version_name == nullptr) return nullptr;
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   // cpu_isa: the instruction set the kernels run; widest_cpu_isa: the widest this CPU and build
