@@ -15,10 +15,16 @@ Rows (median over 15 repetitions of the mean of a batch of calls, in microsecond
                            every call before its operator
   python_collect_us        fusedclip's general path for the same list: grads read in Python,
                            checked one by one and grouped
+  grads_read_us            fusedclip._core.grads_of(params): every .grad read (fusedclip._C)
+  plain_scan_us            fusedclip._core.plain_tensors(grads, writable=True): the types and the
+                           inference-tensor scan of a list to write
   cpp_operator_us          a C++ operator called as fusedclip calls it (through the dispatcher,
                            the stable ABI's boxed call, the kernel's checks), with nothing to
                            write: multi_tensor_scale_ by 1 on the CPU; the CUDA library does the
                            same before its launches
+  stable_abi_floor_us      the same route to an operator that only reads each tensor's dtype
+                           (benchmarks/stable_abi_floor.cpp, built here at run time; --no-floor
+                           skips it): what any stable-ABI operator given this list costs
   cpu_api_us               fusedclip.clip_grad_norm_(params, 1.0) on CPU, kernels included
   torch_cpu_us             torch.nn.utils.clip_grad_norm_(params, 1.0) on CPU, kernels included
                            (both with one intra-op thread)
@@ -33,6 +39,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
@@ -68,10 +75,26 @@ def parameters(count: int) -> list[torch.nn.Parameter]:
     return params
 
 
+def stable_abi_floor():
+    """torch.ops.fusedclip_floor.read_dtypes, built from benchmarks/stable_abi_floor.cpp for the
+    stable ABI of torch 2.10 (as fusedclip's libraries are)."""
+    from torch.utils import cpp_extension
+
+    cpp_extension.load(
+        name="fusedclip_floor",
+        sources=[str(Path(__file__).with_name("stable_abi_floor.cpp"))],
+        extra_cflags=["-O2", "-DTORCH_TARGET_VERSION=0x020a000000000000"],
+        is_python_module=False,
+    )
+    return torch.ops.fusedclip_floor.read_dtypes.default
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=1000)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip stable_abi_floor_us (it compiles a small extension)")
     args = parser.parse_args()
     # Host cost is one thread's work; one intra-op thread also keeps the rows with kernels from
     # waiting on a busy second core.
@@ -94,8 +117,13 @@ def main() -> None:
             "collect_us": (lambda: _core.one_group(_core.grads_of(params), None, "triton", writes=True), 500),
             "python_collect_us": (
                 lambda: _core.group_by_device(_core.grads_of(params), None, "triton", writes=True), 100),
+            "grads_read_us": (lambda: _core.grads_of(params), 500),
+            "plain_scan_us": (lambda: _core.plain_tensors(grads, writable=True), 500),
             "cpp_operator_us": (lambda: _ops.multi_tensor_scale_("cpu", grads, one), 500),
         }
+        if args.floor:
+            floor = stable_abi_floor()
+            rows["stable_abi_floor_us"] = (lambda: floor(grads), 500)
         results = {name: median_us(fn, calls) for name, (fn, calls) in rows.items()}
     finally:
         launch.run_kernel = kernels

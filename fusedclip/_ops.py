@@ -5,7 +5,7 @@ tensors' device (fusedclip/_backends.py: resolve_backend). Backends "cpu" and "c
 ``torch.ops.fusedclip.<op>`` (the dispatcher picks the CPU or CUDA kernel), "triton" is
 ``torch.ops.fusedclip_triton.<op>``, "torch" is fusedclip/reference.py. The native and Triton
 operators go through fusedclip.operators.call: refusals raised as TypeError or ValueError, version
-counters bumped for what was written. Schemas and fake kernels: fusedclip/operators.py.
+counters bumped for what was written (by every operator of the three: none bumps its own). Schemas and fake kernels: fusedclip/operators.py.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def _kernels_of(name: str) -> dict[str, object]:
         kernels["cpu"] = _dispatched("fusedclip", name, exact_writes=True)
     if "cuda" in native:
         kernels["cuda"] = _dispatched("fusedclip", name, exact_writes=False)
-    if "triton" in native:  # bumps its own versions (fusedclip/triton/ops.py)
-        kernels["triton"] = getattr(torch.ops.fusedclip_triton, name).default
+    if "triton" in native:  # decides on the device, as CUDA does
+        kernels["triton"] = _dispatched("fusedclip_triton", name, exact_writes=False)
     return kernels
 
 

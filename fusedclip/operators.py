@@ -187,14 +187,21 @@ OPERATORS: dict[str, Operator] = {
 
 NAMES = tuple(OPERATORS)
 
+# Not a clipping operator: fusedclip::tensor_spans reads what backend "triton" keys its cached
+# operands on (fusedclip/triton/tables.py key_of), two int64 words per tensor; its one kernel is
+# csrc/cpu/tensor_spans.cpp, for tensors of every device.
+TENSOR_SPANS_SCHEMA = "tensor_spans(Tensor[] tensors) -> Tensor"
+
 
 def define(namespace: str) -> torch.library.Library:
-    """Defines every operator as ``namespace::<name>`` with its fake kernel; returns the library,
-    which the caller keeps (the definitions last as long as it does)."""
+    """Defines every operator as ``namespace::<name>`` with its fake kernel, and
+    ``namespace::tensor_spans``; returns the library, which the caller keeps (the definitions
+    last as long as it does)."""
     library = torch.library.Library(namespace, "DEF")
     for name, operator in OPERATORS.items():
         library.define(name + operator.schema)
         torch.library.register_fake(f"{namespace}::{name}", operator.fake, lib=library)
+    library.define(TENSOR_SPANS_SCHEMA)
     return library
 
 

@@ -201,6 +201,44 @@ def test_table_cache_follows_addresses(triton_backend):
                           oracle_norm(cpu(other), 2.0), 1e-5)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["tensor_spans", "python"])
+def test_cache_key_tells_apart_what_changes_the_operands(native, monkeypatch):
+    """The table cache's key, read by fusedclip::tensor_spans (csrc/cpu/tensor_spans.cpp) or in
+    Python: equal for lists whose operands are the same (a dense tensor is one span whatever its
+    strides), different when an address, a size, a dtype or the density differs; no key (so no
+    hit, which would skip the checks) for a tensor without an address or an inference tensor to
+    write outside inference mode."""
+    from fusedclip.triton import tables as triton_tables
+
+    if native and not triton_tables._native_spans():
+        pytest.skip("fusedclip._C is not loaded")
+    monkeypatch.setattr(triton_tables, "_has_native_spans", native)
+
+    def key(tensors, writes=False):
+        return triton_tables.key_of(tensors, writes)
+
+    a = torch.randn(3, 4)
+    z = torch.randn(8)
+    b = torch.randn(5).to(torch.bfloat16)
+    assert key([a, b]) == key([a, b]) and key([a, b]) != key([b, a])
+    assert key([a]) == key([a.t()]) == key([a.view(12)])  # dense: one span, any strides
+    assert key([a]) != key([a[:, ::2]])  # fewer elements, not dense
+    assert key([z[:4]]) != key([z[::2]])  # same address and size: dense against strided
+    assert key([z[:4]]) != key([z.view(torch.int32)[:4]])  # same span, another dtype
+    assert key([z[:4]]) != key([z[1:5]])  # another address
+    assert key([a], writes=True) != key([a], writes=False)
+    with torch.inference_mode():
+        frozen = torch.randn(4)
+        assert key([a, frozen], writes=True) is not None  # written inside inference mode: allowed
+    assert key([a, frozen], writes=True) is None
+    assert key([a, frozen], writes=False) is not None
+    assert key([a, torch.ones(3).to_sparse()]) is None
+    if native:
+        spans = torch.ops.fusedclip.tensor_spans.default([a, z[::2], torch.empty(0)]).tolist()
+        assert [s[0] for s in spans[:2]] == [a.data_ptr(), z.data_ptr()]
+        assert [(s[1] >> 16, s[1] & 1) for s in spans] == [(12, 1), (4, 0), (0, 1)]
+
+
 def test_cache_hit_skips_checks_and_table(triton_backend, monkeypatch):
     """A list seen before takes its operands from the cache: nothing is checked or built."""
     from fusedclip.triton import tables as triton_tables

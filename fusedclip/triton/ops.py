@@ -12,15 +12,15 @@ one to the other in device memory: no host sync anywhere. AGC has a table of its
 tensors, tables.build_agc_table); GradientMonitor's update is one element-wise launch.
 
 The operators are defined with ``torch.library.Library`` (one kernel for every device, fake
-kernels for torch.compile and opcheck, and an ADInplaceOrView kernel that bumps the written
-tensors' version counters in one call), not as triton_ops: a triton_op's body must be
+kernels for torch.compile and opcheck), not as triton_ops: a triton_op's body must be
 traceable with fake tensors (that is how torch.compile sees its kernels), and a table of raw
 addresses cannot be built from fake tensors, which have none. With fake kernels,
 torch.compile(fullgraph=True) puts them in its graph as single nodes, as it does the C++
-operators. (``torch.library.custom_op`` would bump version counters one tensor at a time in
-Python: ~0.35 ms at 1,000 tensors.) An in-place operator bumps every tensor it may write: which
-ones a per-tensor scale leaves alone is known only on the device. Its kernel refuses bad input
-with the TypeError or ValueError itself, before writing.
+operators. As the C++ operators, they bump no version counter: fusedclip.operators.call bumps
+every tensor a call may write (which ones a per-tensor scale leaves alone is known only on the
+device), in one call, where an ADInplaceOrView kernel in Python would add a second crossing of
+the dispatcher (~60 us at 1,000 tensors). Each kernel refuses bad input with the TypeError or
+ValueError itself, before writing.
 """
 
 
@@ -66,39 +66,18 @@ def _check_float(t: Tensor, op: str, name: str, device: torch.device, one_elemen
 _library = torch.library.Library("fusedclip_triton", "DEF")
 
 
-def _operator(mutates: Union[bool, tuple[int, ...]] = False):
+def _operator(kernel):
     """Defines ``fusedclip_triton::<name>`` (the decorated function's name, the schema of
     fusedclip/operators.py) with the function as its kernel for every device and the operator's
-    fake kernel. An in-place operator's ADInplaceOrView kernel bumps the version counters of what
-    it may write in one call before running: ``mutates=True`` for its first argument, a list;
-    else the positions of the tensor arguments it writes."""
-    written = (0,) if mutates is True else tuple(mutates or ())
-
-    def written_by(args) -> list[Tensor]:
-        if mutates is True:
-            return args[0] if type(args[0]) is list else list(args[0])
-        return [args[i] for i in written]
-
-    def define(kernel):
-        name = kernel.__name__
-        _library.define(name + operators.OPERATORS[name].schema)
-        _library.impl(name, kernel, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"fusedclip_triton::{name}", operators.OPERATORS[name].fake, lib=_library)
-        op = getattr(torch.ops.fusedclip_triton, name)
-        if written:
-            below = torch._C._after_ADInplaceOrView_keyset
-
-            def bump_versions(keyset, *args):
-                torch._C._increment_version(written_by(args))
-                return op.default.redispatch(keyset & below, *args)
-
-            _library.impl(name, bump_versions, "ADInplaceOrView", with_keyset=True)
-        return kernel
-
-    return define
+    fake kernel."""
+    name = kernel.__name__
+    _library.define(name + operators.OPERATORS[name].schema)
+    _library.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fusedclip_triton::{name}", operators.OPERATORS[name].fake, lib=_library)
+    return kernel
 
 
-@_operator()
+@_operator
 def multi_tensor_norm(
     tensors: list[Tensor], norm_type: float, per_tensor: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -114,7 +93,7 @@ def multi_tensor_norm(
     return statistic, per
 
 
-@_operator()
+@_operator
 def multi_tensor_unscale_norm(tensors: list[Tensor], inv_scale: Tensor, norm_type: float) -> tuple[Tensor, Tensor]:
     """The statistic of tensors * inv_scale (the products rounded to float32, float64 for float64
     tensors, as torch's unscale_ computes them) and found_inf (float32 1. when any element of the
@@ -129,7 +108,7 @@ def multi_tensor_unscale_norm(tensors: list[Tensor], inv_scale: Tensor, norm_typ
     return results.statistic, results.found_inf
 
 
-@_operator(mutates=True)
+@_operator
 def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
     """tensors *= coef in place, in float32 (float64 for float64 tensors), rounded once; coef is
     read on the device, and nothing is written when coef >= 1."""
@@ -149,7 +128,7 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor) -> None:
               PER_TENSOR=False)
 
 
-@_operator(mutates=True)
+@_operator
 def multi_tensor_scale_per_tensor_(tensors: list[Tensor], coefs: Tensor) -> None:
     """tensors[i] *= coefs[i] in place, as multi_tensor_scale_ scales by one coefficient: one
     launch per dtype, each chunk reading its tensor's coefficient on the device; a chunk whose
@@ -166,7 +145,7 @@ def multi_tensor_scale_per_tensor_(tensors: list[Tensor], coefs: Tensor) -> None
               args_of=lambda i: (coefs[i], 0), PER_TENSOR=True)
 
 
-@_operator(mutates=True)
+@_operator
 def multi_tensor_clamp_(tensors: list[Tensor], min: float, max: float) -> None:  # noqa: A002
     """tensors = min(max(tensors, min), max) in place, one pass; nan stays nan."""
     if not tensors:
@@ -196,7 +175,7 @@ def _clip(tensors: list[Tensor], max_norm: float, norm_type: float, op: str, per
     return results
 
 
-@_operator(mutates=True)
+@_operator
 def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
     """Norm, coefficient min(max_norm / (norm + 1e-6), 1) and scale, in one norm launch and one
     scale launch per dtype, with no host sync; returns the norm."""
@@ -206,7 +185,7 @@ def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) ->
     return _clip(tensors, max_norm, norm_type, "clip_grad_norm_", False).total
 
 
-@_operator(mutates=True)
+@_operator
 def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type: float) -> tuple[Tensor, Tensor]:
     """clip_grad_norm_, also returning each tensor's norm before clipping (0 for a tensor with no
     elements) from the same read: the per-tensor statistics and their roots are one more launch."""
@@ -217,7 +196,7 @@ def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type
     return results.total, results.per
 
 
-@_operator(mutates=True)
+@_operator
 def multi_tensor_agc_(grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float) -> tuple[Tensor, Tensor]:
     """Unit-wise AGC in place (launch.agc: one launch per dtype that clips every row of at most a
     chunk where it is read, and three more when rows are longer); returns the sums of squares of
@@ -240,7 +219,7 @@ def multi_tensor_agc_(grads: list[Tensor], params: list[Tensor], clip_factor: fl
     return numerics.combine_statistics(per, 2.0), per
 
 
-@_operator(mutates=(1, 2, 3, 4, 5, 6, 7))
+@_operator
 def monitor_update_(norms: Tensor, mean: Tensor, var: Tensor, count: Tensor, below: Tensor, explosions: Tensor,
                     exploding: Tensor, vanishing: Tensor, alpha: float, warmup_steps: int, z_threshold: float,
                     explode_threshold: Optional[float], vanish_eps: float, vanish_steps: int) -> None:
