@@ -5,7 +5,8 @@ tensors' device (fusedclip/_backends.py: resolve_backend). Backends "cpu" and "c
 ``torch.ops.fusedclip.<op>`` (the dispatcher picks the CPU or CUDA kernel), "triton" is
 ``torch.ops.fusedclip_triton.<op>``, "torch" is fusedclip/reference.py. The native and Triton
 operators go through fusedclip.operators.call: refusals raised as TypeError or ValueError, version
-counters bumped for what was written (by every operator of the three: none bumps its own). Schemas and fake kernels: fusedclip/operators.py.
+counters bumped for what was written (none of these operators bumps its own). Schemas and fake
+kernels: fusedclip/operators.py.
 """
 
 from __future__ import annotations

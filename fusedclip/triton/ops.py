@@ -27,7 +27,7 @@ ValueError itself, before writing.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
