@@ -14,13 +14,13 @@ namespace {
 // not 0 for p = -inf or p < 0). sqrt in float64 then rounded to float32 is float32's sqrt.
 // A norm whose sum overflowed while every |x| of its tensor is finite is taken again, of that
 // tensor alone (rescaled_if_overflowed).
-template <typename T>
-void take_roots(T* value, const TensorList& tensors, double norm_type) {
+template <typename T, typename TensorAt>
+void take_roots(T* value, const TensorMetaList& meta, const TensorAt& tensor_at, double norm_type) {
   constexpr ScalarType dtype = std::is_same_v<T, double> ? ScalarType::Double : ScalarType::Float;
   const bool is_root = !(norm_type == 0.0 || norm_type == 1.0 || std::isinf(norm_type));
   const bool may_overflow = fusedclip::sum_may_overflow(fusedclip::norm_kind(norm_type));
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].numel() == 0) {
+  for (size_t i = 0; i < meta.size(); ++i) {
+    if (meta[i].numel == 0) {
       value[i] = T(0);
     } else if (norm_type == 2.0) {
       value[i] = static_cast<T>(std::sqrt(static_cast<double>(value[i])));
@@ -28,7 +28,8 @@ void take_roots(T* value, const TensorList& tensors, double norm_type) {
       value[i] = static_cast<T>(std::pow(static_cast<double>(value[i]), 1.0 / norm_type));
     }
     if (may_overflow && std::isinf(value[i])) {
-      const TensorTable one(TensorList{tensors[i]}, Access::kRead, "clip_grad_norm_with_norms_");
+      const TensorTable one(TensorMetaList{meta[i]}, Access::kRead,
+                            [&tensor_at, i](size_t) -> const Tensor& { return tensor_at(i); });
       const Tensor norm = cpu_scalar(static_cast<double>(value[i]), dtype);
       value[i] = static_cast<T>(cpu_value(rescaled_if_overflowed(one, norm, norm_type)));
     }
@@ -37,36 +38,49 @@ void take_roots(T* value, const TensorList& tensors, double norm_type) {
 
 // In place on the statistics, which the norm pass returned as a new contiguous tensor: no copy and
 // no conversion on the per-step path of a GradientMonitor.
-Tensor per_tensor_roots(const Tensor& statistics, const TensorList& tensors, double norm_type) {
-  if (!(statistics.is_contiguous() && statistics.numel() == static_cast<int64_t>(tensors.size()))) {
+template <typename TensorAt>
+Tensor per_tensor_roots(const Tensor& statistics, const TensorMetaList& meta, const TensorAt& tensor_at,
+                        double norm_type) {
+  if (!(statistics.is_contiguous() && statistics.numel() == static_cast<int64_t>(meta.size()))) {
     fail("clip_grad_norm_with_norms_: the per-tensor statistics are not a contiguous tensor of one entry per "
          "tensor (internal error)");
   }
   if (statistics.scalar_type() == ScalarType::Double) {
-    take_roots(static_cast<double*>(statistics.mutable_data_ptr()), tensors, norm_type);
+    take_roots(static_cast<double*>(statistics.mutable_data_ptr()), meta, tensor_at, norm_type);
   } else {
-    take_roots(static_cast<float*>(statistics.mutable_data_ptr()), tensors, norm_type);
+    take_roots(static_cast<float*>(statistics.mutable_data_ptr()), meta, tensor_at, norm_type);
   }
   return statistics;
 }
 
-std::tuple<Tensor, Tensor> clip_grad_norm_with_norms_(TensorList tensors, double max_norm, double norm_type) {
+std::tuple<Tensor, Tensor> clip_grad_norm_with_norms_(TensorListArg& tensors, double max_norm, double norm_type) {
   check_norm_type(norm_type);
-  check_writable(tensors, "clip_grad_norm_with_norms_", DeviceType::CPU);
-  const TensorTable table(tensors, Access::kRead, "clip_grad_norm_with_norms_");
+  // check_writable, the table, the roots and the scale from one read of each tensor's metadata.
+  const TensorMetaList meta = checked_meta(tensors, "clip_grad_norm_with_norms_", DeviceType::CPU, true, true);
+  const TensorTable table(tensors, meta, Access::kRead);
   const auto [statistic, per_statistic] = norm_statistic(table, norm_type, true);
   const Tensor total = rescaled_if_overflowed(
       table, total_norm_from_statistic(statistic, norm_type, table.numel() == 0), norm_type);
   // The roots before the scale: an overflowed norm is taken again of its tensor as it was.
-  const Tensor per_tensor = per_tensor_roots(per_statistic, tensors, norm_type);
-  scale_writable(tensors, clip_coefficient(total, max_norm), "clip_grad_norm_with_norms_", &table);
+  const Tensor per_tensor = per_tensor_roots(per_statistic, meta, tensor_of(tensors), norm_type);
+  scale_checked(meta, tensor_of(tensors), clip_coefficient(total, max_norm), &table);
   return {total, per_tensor};
+}
+
+// TORCH_BOX's boxing, but for the Tensor[] argument (see TensorListArg).
+void clip_grad_norm_with_norms_boxed(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity(num_args, 3, num_outputs, 2);
+  TensorListArg tensors(stack[0]);
+  const auto [total, per] = clip_grad_norm_with_norms_(tensors, torch::stable::detail::to<double>(stack[1]),
+                                                       torch::stable::detail::to<double>(stack[2]));
+  stack[0] = torch::stable::detail::from(total);
+  stack[1] = torch::stable::detail::from(per);
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
-  m.impl("clip_grad_norm_with_norms_", TORCH_BOX(&clip_grad_norm_with_norms_));
+  m.impl("clip_grad_norm_with_norms_", &clip_grad_norm_with_norms_boxed);
 }
 
 }  // namespace fusedclip::cpu

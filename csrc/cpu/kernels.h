@@ -127,15 +127,6 @@ void transform_checked(const TensorMetaList& meta, const TensorAt& tensor_at, co
   }
 }
 
-// transform_checked of a list (op names the operator in errors).
-template <typename Kernel>
-void transform_writable(const TensorList& tensors, const Kernel& kernel, const char* op,
-                        const TensorTable* read_table = nullptr) {
-  transform_checked(
-      checked_meta(tensors, op, DeviceType::CPU, false, true),
-      [&tensors](size_t i) -> const Tensor& { return tensors[i]; }, kernel, read_table);
-}
-
 // tensors *= coef; nothing is written when coef >= 1 (multiplying by 1 changes nothing; a nan
 // coef still writes).
 template <typename TensorAt>
@@ -144,14 +135,6 @@ void scale_checked(const TensorMetaList& meta, const TensorAt& tensor_at, double
   if (coef >= 1.0) return;
   const SegmentKernels& kernels = segment_kernels();
   transform_checked(meta, tensor_at, [&kernels, coef](const Segment& s) { kernels.scale(s, coef); }, read_table);
-}
-
-inline void scale_writable(const TensorList& tensors, double coef, const char* op,
-                           const TensorTable* read_table = nullptr) {
-  if (coef >= 1.0) return;
-  scale_checked(
-      checked_meta(tensors, op, DeviceType::CPU, false, true),
-      [&tensors](size_t i) -> const Tensor& { return tensors[i]; }, coef, read_table);
 }
 
 }  // namespace fusedclip::cpu
