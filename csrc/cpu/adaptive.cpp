@@ -149,51 +149,65 @@ bool is_floating_point(ScalarType t) {
 }
 
 // tensors[i] *= coefs[i] in place; tensor i is not written when coefs[i] >= 1.
-void multi_tensor_scale_per_tensor_(TensorList tensors, Tensor coefs) {
+void multi_tensor_scale_per_tensor_(TensorListArg& tensors, const Tensor& coefs) {
   FUSEDCLIP_CHECK_TYPE(is_floating_point(coefs.scalar_type()) && coefs.is_cpu(),
                        "multi_tensor_scale_per_tensor_: coefs must be a float CPU tensor, got ",
                        dtype_name(coefs.scalar_type()), " on ", device_name(coefs));
   FUSEDCLIP_CHECK_VALUE(coefs.dim() == 1 && coefs.numel() == static_cast<int64_t>(tensors.size()),
                         "multi_tensor_scale_per_tensor_: coefs must be 1-dim with one "
                         "coefficient per tensor (", tensors.size(), "), got shape ", shape_name(coefs));
-  check_writable(tensors, "multi_tensor_scale_per_tensor_", DeviceType::CPU);
+  // check_writable, the tables and the scale from one read of each tensor's metadata.
+  const TensorMetaList meta = checked_meta(tensors, "multi_tensor_scale_per_tensor_", DeviceType::CPU, true, true);
   // A CPU tensor: no sync. Converted (and made contiguous) only when it is not already so.
   const Tensor as_double = coefs.scalar_type() == ScalarType::Double && coefs.is_contiguous()
                                ? coefs
                                : torch::stable::contiguous(torch::stable::to(coefs, ScalarType::Double));
   const auto* coef = static_cast<const double*>(as_double.const_data_ptr());
-  TensorList written;
+  TensorMetaList written;
+  std::vector<size_t> written_index;
   std::vector<double> written_coef;
-  for (size_t i = 0; i < tensors.size(); ++i) {
+  for (size_t i = 0; i < meta.size(); ++i) {
     if (!(coef[i] >= 1.0)) {  // a nan coefficient still writes
-      written.push_back(tensors[i]);
+      written.push_back(meta[i]);
+      written_index.push_back(i);
       written_coef.push_back(coef[i]);
     }
   }
   if (written.empty()) return;
   const SegmentKernels& kernels = segment_kernels();
-  const auto scale_list = [&kernels](const TensorList& list, const double* list_coef) {
-    TensorTable table(list, Access::kWrite, "multi_tensor_scale_per_tensor_");
+  // Scales written[first, first + count): a segment's tensor index is its place in that range.
+  const auto scale_range = [&](size_t first, size_t count) {
+    const TensorMetaList range(written.begin() + first, written.begin() + first + count);
+    TensorTable table(range, Access::kWrite, [&](size_t k) -> const Tensor& {
+      return tensors.tensors()[written_index[first + k]];
+    });
     const auto& segments = table.segments();
     parallel_over_chunks(table.num_chunks(), [&](int64_t begin, int64_t end) {
       for_each_segment(table, begin, end, !table.memory_descending(), [&](int64_t s) {
-        kernels.scale(segments[s], list_coef[segments[s].tensor]);
+        kernels.scale(segments[s], written_coef[first + segments[s].tensor]);
       });
     });
     table.write_back();
   };
   if (any_memory_shared(written)) {
-    for (size_t i = 0; i < written.size(); ++i) scale_list(TensorList{written[i]}, &written_coef[i]);
+    for (size_t k = 0; k < written.size(); ++k) scale_range(k, 1);
   } else {
-    scale_list(written, written_coef.data());
+    scale_range(0, written.size());
   }
+}
+
+// TORCH_BOX's boxing, but for the Tensor[] argument (see TensorListArg).
+void multi_tensor_scale_per_tensor_boxed(StableIValue* stack, uint64_t num_args, uint64_t num_outputs) {
+  check_arity(num_args, 2, num_outputs, 0);
+  TensorListArg tensors(stack[0]);
+  multi_tensor_scale_per_tensor_(tensors, torch::stable::detail::to<Tensor>(stack[1]));
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
   m.impl("multi_tensor_agc_", TORCH_BOX(&multi_tensor_agc_));
-  m.impl("multi_tensor_scale_per_tensor_", TORCH_BOX(&multi_tensor_scale_per_tensor_));
+  m.impl("multi_tensor_scale_per_tensor_", &multi_tensor_scale_per_tensor_boxed);
 }
 
 }  // namespace fusedclip::cpu
