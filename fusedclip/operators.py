@@ -106,7 +106,12 @@ def _scaled_per_tensor(args, result, exact) -> list[Tensor]:
     tensors, coefs = args
     if not exact:
         return tensors
-    return [t for t, c in zip(tensors, coefs.tolist()) if not c >= 1.0]
+    kept = coefs >= 1.0  # nan is written
+    if not kept.any():  # one tensor op each, before a Python loop over every tensor
+        return tensors
+    if kept.all():
+        return []
+    return [t for t, k in zip(tensors, kept.tolist()) if not k]
 
 
 def _clipped(args, result, exact) -> list[Tensor]:
