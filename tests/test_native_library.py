@@ -143,3 +143,19 @@ def test_the_cuda_library_registers_every_operator_under_a_cuda_torch():
     if not torch.cuda.is_available():
         assert _backends._C_CUDA.kernels_run_on(0) is False
         assert "cuda" in fusedclip.available_backends()
+
+
+def test_tensor_spans_reads_each_tensors_address_size_dtype_and_density():
+    """fusedclip::tensor_spans (backend "triton"'s table-cache key, csrc/cpu/tensor_spans.cpp):
+    one kernel for every device, registered by the CPU library; two int64 words a tensor."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fusedclip::tensor_spans", "CompositeExplicitAutograd")
+    z = torch.randn(8)
+    tensors = [torch.randn(3, 4).t(), z[::2], torch.empty(0), torch.randn(5).to(torch.bfloat16)]
+    spans = torch.ops.fusedclip.tensor_spans.default(tensors)
+    assert spans.dtype == torch.int64 and spans.shape == (4, 2)
+    assert [int(a) for a in spans[:, 0]] == [tensors[0].data_ptr(), z.data_ptr(), 0, tensors[3].data_ptr()]
+    words = [int(w) for w in spans[:, 1]]
+    assert [w >> 16 for w in words] == [12, 4, 0, 5]  # numel
+    assert [w & 1 for w in words] == [1, 0, 1, 1]  # dense: one block of memory, any strides
+    assert len({(w >> 8) & 0xFF for w in words}) == 2  # float32 and bfloat16 codes
+    assert (words[0] >> 8) & 0xFF == (words[1] >> 8) & 0xFF
