@@ -82,6 +82,10 @@ def test_grads_of_reads_as_python_reads(readers):
         assert _core.grads_of([non_leaf]) == []
     with pytest.raises(TypeError, match=r"parameters\[2\] must be a torch.Tensor, got str"):
         _core.grads_of([params[1], params[2], "w"])
+    # An instance __dict__ entry does not shadow torch's grad (a data descriptor), in C or Python.
+    shadowed = params_of([torch.randn(2)])[0]
+    shadowed.__dict__["grad"] = "not the grad"
+    assert _core.grads_of([shadowed])[0] is shadowed.grad
     # A .grad that runs Python and changes the list under the read.
     victims = [torch.randn(2).as_subclass(_GradProperty) for _ in range(4)]
     _GradProperty.victims = victims
