@@ -90,19 +90,6 @@ bool dense_layout(const int64_t* sizes, const int64_t* strides, int64_t dims) {
   return true;
 }
 
-// The shape of a tensor through the raw shim (three calls); false when a call fails.
-bool read_shape(AtenTensorHandle h, int64_t* dims, const int64_t** sizes, const int64_t** strides) {
-  int64_t* s = nullptr;
-  int64_t* st = nullptr;
-  if (aoti_torch_get_dim(h, dims) != kOk || aoti_torch_get_sizes(h, &s) != kOk ||
-      aoti_torch_get_strides(h, &st) != kOk) {
-    return false;
-  }
-  *sizes = s;
-  *strides = st;
-  return true;
-}
-
 // check_tensors' (with writable, check_writable's) checks and the metadata of every tensor in one
 // pass of eight shim calls a tensor: true when every tensor passes every check and every call
 // succeeds (out, when given, then holds the metadata). False says nothing about which tensor or
@@ -197,41 +184,14 @@ void check_tensors_one_by_one(const TensorList& tensors, const char* op, DeviceT
   }
 }
 
-bool non_overlapping_one_by_one(const Tensor& t) {
-  if (t.numel() == 0) return true;  // no element to overlap
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.stride(d) == 0 && t.size(d) > 1) return false;
-  }
-  return true;
-}
-
 void check_writable_one_by_one(const TensorList& tensors, const char* op, DeviceType device_type) {
   check_tensors_one_by_one(tensors, op, device_type);
   for (size_t i = 0; i < tensors.size(); ++i) {
-    FUSEDCLIP_CHECK_VALUE(non_overlapping_one_by_one(tensors[i]), op, ": tensor ", i,
+    const Tensor& t = tensors[i];
+    FUSEDCLIP_CHECK_VALUE(no_zero_stride_overlap(t.sizes().data(), t.strides().data(), t.dim()), op, ": tensor ", i,
                           " has internally overlapping memory (an expanded tensor) and cannot be "
                           "modified in place; clone it first");
   }
-}
-
-bool non_overlapping_and_dense_one_by_one(const Tensor& t) {
-  const int64_t dims = t.dim();
-  if (dims == 0) return true;
-  if (dims == 1) return t.size(0) < 2 || t.stride(0) == 1;
-  if (t.is_contiguous()) return true;
-  std::vector<std::pair<int64_t, int64_t>> by_stride;  // (stride, size) of dims of size > 1
-  by_stride.reserve(static_cast<size_t>(dims));
-  for (int64_t d = 0; d < dims; ++d) {
-    if (t.size(d) == 0) return true;  // no elements: nothing to overlap
-    if (t.size(d) > 1) by_stride.emplace_back(t.stride(d), t.size(d));
-  }
-  std::sort(by_stride.begin(), by_stride.end());
-  int64_t expected = 1;
-  for (const auto& [stride, size] : by_stride) {
-    if (stride != expected) return false;
-    expected *= size;
-  }
-  return true;
 }
 
 bool any_memory_shared_one_by_one(const TensorList& tensors) {
@@ -239,10 +199,8 @@ bool any_memory_shared_one_by_one(const TensorList& tensors) {
   ranges.reserve(tensors.size());
   for (const Tensor& t : tensors) {
     if (t.numel() == 0) continue;
-    int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    ranges.emplace_back(begin, begin + (last + 1) * t.element_size());
+    append_range(ranges, t.data_ptr(), t.sizes().data(), t.strides().data(), t.dim(),
+                 static_cast<int64_t>(t.element_size()));
   }
   return ranges_overlap(ranges);
 }
@@ -329,12 +287,20 @@ const TensorList& TensorListArg::tensors() {
   return tensors_;
 }
 
+bool read_shape(AtenTensorHandle h, int64_t* dims, const int64_t** sizes, const int64_t** strides) {
+  int64_t* s = nullptr;
+  int64_t* st = nullptr;
+  if (aoti_torch_get_dim(h, dims) != kOk || aoti_torch_get_sizes(h, &s) != kOk ||
+      aoti_torch_get_strides(h, &st) != kOk) {
+    return false;
+  }
+  *sizes = s;
+  *strides = st;
+  return true;
+}
+
 bool non_overlapping_and_dense(const Tensor& t) {
-  int64_t dims = 0;
-  const int64_t* sizes = nullptr;
-  const int64_t* strides = nullptr;
-  if (!read_shape(t.get(), &dims, &sizes, &strides)) return non_overlapping_and_dense_one_by_one(t);
-  return dense_layout(sizes, strides, dims);
+  return dense_layout(t.sizes().data(), t.strides().data(), t.dim());
 }
 
 bool non_overlapping_and_dense(const TensorMeta& t) { return dense_layout(t.sizes, t.strides, t.dim); }

@@ -96,6 +96,10 @@ class TensorListArg {
 TensorMetaList checked_meta(TensorListArg& tensors, const char* op, DeviceType device_type, bool writable,
                             bool with_data);
 
+// The shape of a tensor through the raw shim (three calls, no stable tensor); false when a call
+// fails. The arrays are borrowed from the tensor: valid while it lives, unresized.
+bool read_shape(AtenTensorHandle h, int64_t* dims, const int64_t** sizes, const int64_t** strides);
+
 // non_overlapping_and_dense of a tensor from its metadata.
 bool non_overlapping_and_dense(const TensorMeta& t);
 

@@ -21,9 +21,7 @@ Tensor tensor_spans(TensorListArg& tensors) {
     TensorMeta m;
     void* data = nullptr;
     STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dtype(h, &dtype));
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_dim(h, &m.dim));
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_sizes(h, const_cast<int64_t**>(&m.sizes)));
-    STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_strides(h, const_cast<int64_t**>(&m.strides)));
+    STD_TORCH_CHECK(read_shape(h, &m.dim, &m.sizes, &m.strides), "tensor_spans: tensor ", i, " has no shape");
     STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_data_ptr(h, &data));
     int64_t numel = 1;
     for (int64_t d = 0; d < m.dim; ++d) numel *= m.sizes[d];

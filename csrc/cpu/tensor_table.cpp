@@ -16,12 +16,6 @@ DType dtype_of(ScalarType dtype) {
 
 DType dtype_of(const Tensor& t) { return dtype_of(t.scalar_type()); }
 
-TensorTable::TensorTable(const TensorList& tensors, Access access, const char* op)
-    : TensorTable(tensors, checked_meta(tensors, op, DeviceType::CPU, false, true), access) {}
-
-TensorTable::TensorTable(const TensorList& tensors, const TensorMetaList& meta, Access access)
-    : TensorTable(meta, access, [&tensors](size_t i) -> const Tensor& { return tensors[i]; }) {}
-
 TensorTable::TensorTable(TensorListArg& tensors, const TensorMetaList& meta, Access access)
     : TensorTable(meta, access, [&tensors](size_t i) -> const Tensor& { return tensors.tensors()[i]; }) {}
 

@@ -31,11 +31,8 @@ DType dtype_of(ScalarType dtype);
 
 class TensorTable {
  public:
-  // Checks the tensors first (check_tensors, for CPU tensors); op names the operator in errors.
-  TensorTable(const TensorList& tensors, Access access, const char* op);
   // Of tensors already checked, from their metadata as checked_meta read it with_data (one entry
   // per tensor): no accessor is asked again but of complex and non-dense tensors.
-  TensorTable(const TensorList& tensors, const TensorMetaList& meta, Access access);
   TensorTable(TensorListArg& tensors, const TensorMetaList& meta, Access access);
   // The same, with tensor_at(i) the stable tensor i (a const Tensor&), asked only for a complex
   // or non-dense one.
