@@ -280,7 +280,6 @@ def _refused_by_dispatcher(error: RuntimeError) -> bool:
     return "mutable TensorLists with" in str(error)
 
 
-_PLAIN_TYPE_TUPLE = tuple(_PLAIN_TYPES)
 _is_inference = Tensor.is_inference
 
 
@@ -290,7 +289,7 @@ def plain_tensors(tensors: list, writable: bool) -> bool:
     which the stable ABI cannot recognise. Asked of fusedclip._C where it loaded (~40 ns a
     tensor to write, 5 to read), else in Python (~90 and 20)."""
     if _backends._C is not None and type(tensors) is list:
-        return _backends._C.plain_tensors(tensors, _PLAIN_TYPE_TUPLE, writable)
+        return _backends._C.plain_tensors(tensors, writable)
     return set(map(type, tensors)) <= _PLAIN_TYPES and not (writable and any(map(_is_inference, tensors)))
 
 

@@ -113,24 +113,20 @@ PyObject* grads_of(PyObject*, PyObject* parameters) {
   return grads;
 }
 
-// plain_tensors(tensors: list, types: tuple, writable: bool) -> bool: whether the type of every
-// tensor is one of types (compared as objects: no subclass) and, when writable, none is an
+// plain_tensors(tensors: list, writable: bool) -> bool: whether the type of every tensor is
+// exactly torch.Tensor or torch.nn.Parameter (no subclass) and, when writable, none is an
 // inference tensor (the stable ABI cannot ask the operators' kernels). An inference tensor is
 // found by its version counter, which it lacks: reading ._version raises for it alone.
 PyObject* plain_tensors(PyObject*, PyObject* args) {
   PyObject* tensors = nullptr;
-  PyObject* types = nullptr;
   int writable = 0;
-  if (!PyArg_ParseTuple(args, "O!O!p", &PyList_Type, &tensors, &PyTuple_Type, &types, &writable)) return nullptr;
+  if (!PyArg_ParseTuple(args, "O!p", &PyList_Type, &tensors, &writable)) return nullptr;
   const TensorAttributes* attributes = tensor_attributes();
   if (attributes == nullptr) return nullptr;
-  const Py_ssize_t type_count = PyTuple_Size(types);
   for (Py_ssize_t i = 0; i < PyList_Size(tensors); ++i) {
     PyObject* tensor = PyList_GetItem(tensors, i);
     PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(tensor));
-    bool plain = false;
-    for (Py_ssize_t k = 0; k < type_count && !plain; ++k) plain = type == PyTuple_GetItem(types, k);
-    if (!plain) Py_RETURN_FALSE;
+    if (type != attributes->tensor_type && type != attributes->parameter_type) Py_RETURN_FALSE;
     if (writable) {
       PyObject* version = read_attribute(*attributes, tensor, attributes->version, version_name);
       if (version == nullptr) {
@@ -146,7 +142,7 @@ PyObject* plain_tensors(PyObject*, PyObject* args) {
 PyMethodDef methods[] = {
     {"grads_of", grads_of, METH_O, "The .grad of every parameter that has one, in order."},
     {"plain_tensors", plain_tensors, METH_VARARGS,
-     "Whether every tensor's type is one of types and, when writable, none is an inference tensor."},
+     "Whether every tensor is a plain Tensor or Parameter and, when writable, none is an inference tensor."},
     {nullptr, nullptr, 0, nullptr},
 };
 
