@@ -36,7 +36,7 @@ LIMITED_API = "0x030a0000"
 
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
-# The instruction sets of csrc/cpu/isa_kernels.cpp: (name, compiler flags). The name is the one
+# The instruction sets of the files of csrc/cpu/isa/: (name, compiler flags). The name is the one
 # FUSEDCLIP_CPU_ISA and `python -m fusedclip info` use.
 ISA_BUILDS = (
     [
@@ -79,9 +79,7 @@ def _cuda_arch_flags() -> list:
 
 
 def _cpu_extension() -> CppExtension:
-    sources = ["csrc/tensor_checks.cpp"] + sorted(
-        s for s in glob.glob("csrc/cpu/*.cpp") if os.path.basename(s) != "isa_kernels.cpp"
-    )
+    sources = ["csrc/tensor_checks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     return CppExtension(
         name="fusedclip._C",
         sources=sources,
@@ -146,9 +144,9 @@ def _cuda_extension() -> CppExtension:
 
 
 class BuildWithIsaObjects(BuildExtension):
-    """torch's BuildExtension, plus the per-instruction-set objects of fusedclip._C: one source
-    compiled with each ISA_BUILDS flag set (setuptools gives all sources of an extension the same
-    flags), linked into the library beside the rest."""
+    """torch's BuildExtension, plus the per-instruction-set objects of fusedclip._C: each file of
+    csrc/cpu/isa/ compiled with each ISA_BUILDS flag set (setuptools gives all sources of an
+    extension the same flags), linked into the library beside the rest."""
 
     def run(self):
         # A library of the build before the stable ABI (fusedclip/_C.cpython-*.so) would be imported
@@ -164,22 +162,27 @@ class BuildWithIsaObjects(BuildExtension):
         super().build_extension(ext)
 
     def _isa_objects(self) -> list:
-        source = os.path.join(ROOT, "csrc", "cpu", "isa_kernels.cpp")
-        headers = [os.path.join(ROOT, "csrc", "cpu", name) for name in ("vec.h", "segment_kernels.h")]
-        headers.append(os.path.join(ROOT, "csrc", "numerics.h"))
-        newest_input = max(os.path.getmtime(p) for p in [source, __file__] + headers)
+        isa_dir = os.path.join(ROOT, "csrc", "cpu", "isa")
+        sources = sorted(glob.glob(os.path.join(isa_dir, "*.cpp")))
+        # What every one of them includes: a change there rebuilds them all.
+        headers = glob.glob(os.path.join(isa_dir, "*.h")) + [
+            os.path.join(ROOT, "csrc", "cpu", "segment_kernels.h"), os.path.join(ROOT, "csrc", "numerics.h")]
+        newest_shared = max(os.path.getmtime(p) for p in [__file__] + headers)
         out_dir = os.path.join(os.path.abspath(self.build_temp), "isa")
         os.makedirs(out_dir, exist_ok=True)
         compiler = os.environ.get("CXX", "c++")
         objects = []
-        for name, flags in ISA_BUILDS:
-            obj = os.path.join(out_dir, f"isa_kernels_{name}.o")
-            if not os.path.exists(obj) or os.path.getmtime(obj) < newest_input:
-                command = [compiler, "-c", source, "-o", obj, "-fPIC", f"-I{os.path.join(ROOT, 'csrc')}",
-                           f"-DFUSEDCLIP_ISA={name}"] + COMMON_CXX + flags + ["-ffp-contract=fast"]
-                print(" ".join(command), file=sys.stderr)
-                subprocess.check_call(command)
-            objects.append(obj)
+        for source in sources:
+            stem = os.path.splitext(os.path.basename(source))[0]
+            newest_input = max(newest_shared, os.path.getmtime(source))
+            for name, flags in ISA_BUILDS:
+                obj = os.path.join(out_dir, f"{stem}_{name}.o")
+                if not os.path.exists(obj) or os.path.getmtime(obj) < newest_input:
+                    command = [compiler, "-c", source, "-o", obj, "-fPIC", f"-I{os.path.join(ROOT, 'csrc')}",
+                               f"-DFUSEDCLIP_ISA={name}"] + COMMON_CXX + flags + ["-ffp-contract=fast"]
+                    print(" ".join(command), file=sys.stderr)
+                    subprocess.check_call(command)
+                objects.append(obj)
         return objects
 
 

@@ -22,14 +22,14 @@ struct Unit {
 // Clips one unit in place; returns the sum of squares of its gradient before clipping.
 // W* = clip_factor * max(||W||, eps); when not ||G|| < W*, G *= W* / max(||G||, 1e-6). A nan
 // norm fails the comparison, so a nan gradient is scaled by nan, as timm's torch.where does.
-double clip_unit(const SegmentKernels& kernels, const Unit& unit, double clip_factor, double eps) {
-  const double param_sq = kernels.statistic(NormKind::kSquareSum, unit.param, 2.0);
-  const double grad_sq = kernels.statistic(NormKind::kSquareSum, unit.grad, 2.0);
+double clip_unit(StatisticKernel* statistic, ScaleKernel* scale, const Unit& unit, double clip_factor, double eps) {
+  const double param_sq = statistic(NormKind::kSquareSum, unit.param, 2.0);
+  const double grad_sq = statistic(NormKind::kSquareSum, unit.grad, 2.0);
   double coef = 1.0;
   if (agc_scales(grad_sq, param_sq, clip_factor, eps, &coef)) {  // the rule of csrc/numerics.h
     // The row was just read: the scale runs from the cache, so the gradient is read from memory
     // once and written once.
-    kernels.scale(unit.grad, coef);
+    scale(unit.grad, coef);
   }
   return grad_sq;
 }
@@ -77,12 +77,13 @@ void clip_pass(const TensorList& grads, const TensorList& params, size_t first, 
   }
   if (task_numel > 0) task_end.push_back(static_cast<int64_t>(units.size()));
 
-  const SegmentKernels& kernels = segment_kernels();
+  StatisticKernel* const statistic = statistic_kernel.chosen();
+  ScaleKernel* const scale = scale_kernel.chosen();
   std::vector<double> unit_sq(units.size());
   parallel_over_chunks(static_cast<int64_t>(task_end.size()), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t u = t == 0 ? 0 : task_end[t - 1]; u < task_end[t]; ++u) {
-        unit_sq[u] = clip_unit(kernels, units[u], clip_factor, eps);
+        unit_sq[u] = clip_unit(statistic, scale, units[u], clip_factor, eps);
       }
     }
   });
@@ -174,7 +175,7 @@ void multi_tensor_scale_per_tensor_(TensorListArg& tensors, const Tensor& coefs)
     }
   }
   if (written.empty()) return;
-  const SegmentKernels& kernels = segment_kernels();
+  ScaleKernel* const scale = scale_kernel.chosen();
   // Scales written[first, first + count): a segment's tensor index is its place in that range.
   const auto scale_range = [&](size_t first, size_t count) {
     const TensorMetaList range(written.begin() + first, written.begin() + first + count);
@@ -184,7 +185,7 @@ void multi_tensor_scale_per_tensor_(TensorListArg& tensors, const Tensor& coefs)
     const auto& segments = table.segments();
     parallel_over_chunks(table.num_chunks(), [&](int64_t begin, int64_t end) {
       for_each_segment(table, begin, end, !table.memory_descending(), [&](int64_t s) {
-        kernels.scale(segments[s], written_coef[first + segments[s].tensor]);
+        scale(segments[s], written_coef[first + segments[s].tensor]);
       });
     });
     table.write_back();

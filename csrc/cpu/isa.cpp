@@ -8,43 +8,45 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "segment_kernels.h"
-
 namespace fusedclip::cpu {
 namespace {
 
-// The tables this CPU can run, widest first.
-int supported(const SegmentKernels* out[3]) {
+constexpr const char* kNames[] = {"baseline", "avx2", "avx512"};
+
+// The instruction sets this build has and this CPU can run, widest first.
+int supported(Isa out[3]) {
   int n = 0;
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    out[n++] = &isa_avx512::kernels();
+    out[n++] = Isa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-    out[n++] = &isa_avx2::kernels();
+    out[n++] = Isa::kAvx2;
   }
 #endif
-  out[n++] = &isa_baseline::kernels();
+  out[n++] = Isa::kBaseline;
   return n;
 }
 
+const char* name_of(Isa isa) { return kNames[static_cast<int>(isa)]; }
+
 struct Choice {
-  const SegmentKernels* kernels;
+  Isa isa;
   const char* widest;
   bool request_ignored;  // FUSEDCLIP_CPU_ISA named something this CPU or build does not have
 };
 
 Choice choose() {
-  const SegmentKernels* tables[3];
-  const int n = supported(tables);
+  Isa isas[3];
+  const int n = supported(isas);
   const char* requested = std::getenv("FUSEDCLIP_CPU_ISA");
-  if (requested == nullptr || requested[0] == '\0') return {tables[0], tables[0]->isa, false};
+  if (requested == nullptr || requested[0] == '\0') return {isas[0], name_of(isas[0]), false};
   for (int i = 0; i < n; ++i) {
-    if (std::strcmp(tables[i]->isa, requested) == 0) return {tables[i], tables[0]->isa, false};
+    if (std::strcmp(name_of(isas[i]), requested) == 0) return {isas[i], name_of(isas[0]), false};
   }
-  return {tables[0], tables[0]->isa, true};
+  return {isas[0], name_of(isas[0]), true};
 }
 
 const Choice& choice() {
@@ -54,9 +56,8 @@ const Choice& choice() {
 
 }  // namespace
 
-const SegmentKernels& segment_kernels() { return *choice().kernels; }
-
-const char* chosen_isa() { return choice().kernels->isa; }
+Isa chosen_isa_level() { return choice().isa; }
+const char* chosen_isa() { return name_of(choice().isa); }
 const char* widest_isa() { return choice().widest; }
 bool isa_request_ignored() { return choice().request_ignored; }
 

@@ -6,12 +6,12 @@ namespace fusedclip::cpu {
 
 std::tuple<Tensor, Tensor> norm_statistic(const TensorTable& table, double norm_type, bool per_tensor) {
   const NormKind kind = norm_kind(norm_type);
-  const SegmentKernels& kernels = segment_kernels();
+  StatisticKernel* const statistic = statistic_kernel.chosen();
   const auto& segments = table.segments();
   std::vector<double> partial(segments.size());
   parallel_over_chunks(table.num_chunks(), [&](int64_t begin, int64_t end) {
     for_each_segment(table, begin, end, table.memory_descending(), [&](int64_t s) {
-      partial[s] = kernels.statistic(kind, segments[s], norm_type);
+      partial[s] = statistic(kind, segments[s], norm_type);
     });
   });
   double total = identity_of(kind);
@@ -93,8 +93,8 @@ void multi_tensor_clamp_(TensorListArg& tensors, double lo, double hi) {
     FUSEDCLIP_CHECK_TYPE(!is_complex(meta[i].dtype), "multi_tensor_clamp_: tensor ", i,
                          " is complex; clamping is not defined for complex values");
   }
-  const SegmentKernels& kernels = segment_kernels();
-  transform_checked(meta, tensor_of(tensors), [&kernels, lo, hi](const Segment& s) { kernels.clamp(s, lo, hi); });
+  ClampKernel* const clamp = clamp_kernel.chosen();
+  transform_checked(meta, tensor_of(tensors), [clamp, lo, hi](const Segment& s) { clamp(s, lo, hi); });
 }
 
 Tensor clip_grad_norm_(TensorListArg& tensors, double max_norm, double norm_type) {

@@ -133,8 +133,8 @@ template <typename TensorAt>
 void scale_checked(const TensorMetaList& meta, const TensorAt& tensor_at, double coef,
                    const TensorTable* read_table = nullptr) {
   if (coef >= 1.0) return;
-  const SegmentKernels& kernels = segment_kernels();
-  transform_checked(meta, tensor_at, [&kernels, coef](const Segment& s) { kernels.scale(s, coef); }, read_table);
+  ScaleKernel* const scale = scale_kernel.chosen();
+  transform_checked(meta, tensor_at, [scale, coef](const Segment& s) { scale(s, coef); }, read_table);
 }
 
 }  // namespace fusedclip::cpu

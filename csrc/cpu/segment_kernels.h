@@ -1,8 +1,8 @@
-// The vector kernels of the CPU operators, as a table of functions over one Segment (a run of
-// elements of one tensor): csrc/cpu/isa_kernels.cpp is compiled once per instruction set
-// (baseline x86-64, AVX2, AVX-512; setup.py), and csrc/cpu/isa.cpp picks the table the running
-// CPU supports when the library loads. Plain C++, no torch: the instruction-set objects include
-// nothing that another object could share (see isa_kernels.cpp).
+// The per-segment vector kernels that the CPU operators share, over one Segment (a run of elements
+// of one tensor): defined in csrc/cpu/isa/segment_kernels.cpp, compiled once per instruction set
+// (baseline x86-64, AVX2, AVX-512; setup.py), the build the running CPU supports picked when the
+// library loads (csrc/cpu/isa.cpp). The types are plain C++, no torch: the per-instruction-set
+// objects include them too; the declarations below are for the glue.
 #pragma once
 
 #include <cstdint>
@@ -21,32 +21,30 @@ struct Segment {
   DType dtype;
 };
 
-// One instruction set's kernels. Each reads (or writes) one segment, accumulates in float32
-// (float64 for float64 segments, and always for p other than 0, 1, 2 and inf) and returns the
-// statistic of the norm kind in float64.
-struct SegmentKernels {
-  const char* isa;  // "baseline", "avx2" or "avx512"
-  // sum |x|^p (kSquareSum, kAbsSum, kPowerSum), max |x|, min |x| or the count of x != 0; max and
-  // min propagate nan.
-  double (*statistic)(NormKind kind, const Segment& segment, double p);
-  // statistic() of x * inv_scale (the product rounded to the accumulator type), and whether any
-  // x itself is inf or nan (*non_finite set, never cleared).
-  double (*unscaled_statistic)(NormKind kind, const Segment& segment, double p, double inv_scale, bool* non_finite);
-  // x *= coef, in the accumulator type, rounded once.
-  void (*scale)(const Segment& segment, double coef);
-  // x = min(max(x, lo), hi) in place; nan stays nan.
-  void (*clamp)(const Segment& segment, double lo, double hi);
-};
-
-// The tables of each instruction set this build has (isa_kernels.cpp, one object each).
-namespace isa_baseline { const SegmentKernels& kernels(); }
-#if defined(__x86_64__) || defined(_M_X64)
-namespace isa_avx2 { const SegmentKernels& kernels(); }
-namespace isa_avx512 { const SegmentKernels& kernels(); }
-#endif
-
-// The table chosen when the library loaded: the widest instruction set the CPU supports, or a
-// lower one forced by FUSEDCLIP_CPU_ISA (csrc/cpu/isa.cpp).
-const SegmentKernels& segment_kernels();
+// Each reads (or writes) one segment, accumulates in float32 (float64 for float64 segments, and
+// always for p other than 0, 1, 2 and inf) and returns the statistic of the norm kind in float64.
+//
+// sum |x|^p (kSquareSum, kAbsSum, kPowerSum), max |x|, min |x| or the count of x != 0; max and min
+// propagate nan.
+using StatisticKernel = double(NormKind kind, const Segment& segment, double p);
+// The statistic of x * inv_scale (the product rounded to the accumulator type), and whether any x
+// itself is inf or nan (*non_finite set, never cleared).
+using UnscaledStatisticKernel = double(NormKind kind, const Segment& segment, double p, double inv_scale,
+                                       bool* non_finite);
+// x *= coef, in the accumulator type, rounded once.
+using ScaleKernel = void(const Segment& segment, double coef);
+// x = min(max(x, lo), hi) in place; nan stays nan.
+using ClampKernel = void(const Segment& segment, double lo, double hi);
 
 }  // namespace fusedclip::cpu
+
+#ifndef FUSEDCLIP_ISA  // the glue: each kernel's builds, and the one the running CPU runs
+#include "isa.h"
+
+namespace fusedclip::cpu {
+FUSEDCLIP_ISA_KERNEL(StatisticKernel, statistic)
+FUSEDCLIP_ISA_KERNEL(UnscaledStatisticKernel, unscaled_statistic)
+FUSEDCLIP_ISA_KERNEL(ScaleKernel, scale)
+FUSEDCLIP_ISA_KERNEL(ClampKernel, clamp)
+}  // namespace fusedclip::cpu
+#endif

@@ -1,85 +1,17 @@
-// The vector kernels of one instruction set (csrc/cpu/segment_kernels.h). setup.py compiles this
-// file once per instruction set, each with its own flags and FUSEDCLIP_ISA naming it; everything
-// it defines lives in namespace isa_<FUSEDCLIP_ISA>, and it calls no inline function that another
-// object also defines (compiler builtins instead of <cmath>; numerics.h only for NormKind), so
-// the AVX2 and AVX-512 objects cannot lend code to the baseline one at link time.
+// The per-segment kernels that the CPU operators share (declared in csrc/cpu/segment_kernels.h),
+// for one instruction set: setup.py compiles this file once per instruction set (see isa_object.h).
 //
 // Each kernel keeps four vector accumulators (the FMA and add pipelines stay busy), folds them
 // lane by lane, then adds the scalar tail: the same order for a given segment, whatever the thread
 // count. The order depends on the vector width, so each instruction set rounds a float32 sum in
 // its own (fixed) way.
-#include <cstdint>
-#include <cstring>
-#include <type_traits>
+#include "isa_object.h"
 
-#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-
-#include "segment_kernels.h"
-
-#ifndef FUSEDCLIP_ISA
-#error "FUSEDCLIP_ISA must name the instruction set of this object (setup.py defines it)"
-#endif
-#define FUSEDCLIP_ISA_NAMESPACE_(name) isa_##name
-#define FUSEDCLIP_ISA_NAMESPACE(name) FUSEDCLIP_ISA_NAMESPACE_(name)
-#define FUSEDCLIP_STRINGIZE_(name) #name
-#define FUSEDCLIP_STRINGIZE(name) FUSEDCLIP_STRINGIZE_(name)
-
-namespace fusedclip::cpu::FUSEDCLIP_ISA_NAMESPACE(FUSEDCLIP_ISA) {
+namespace FUSEDCLIP_ISA_NAMESPACE {
 
 #include "vec.h"
 
 namespace {
-
-// --- the four dtypes: storage, accumulator, and their loads and stores ----------------------------
-
-template <DType dtype>
-struct Traits;
-
-template <>
-struct Traits<DType::kFloat32> {
-  using storage = float;
-  using acc = float;
-  static vfloat load(const float* p) { return ::fusedclip::cpu::FUSEDCLIP_ISA_NAMESPACE(FUSEDCLIP_ISA)::load<vfloat>(p); }
-  static void store(float* p, const vfloat& v) { ::fusedclip::cpu::FUSEDCLIP_ISA_NAMESPACE(FUSEDCLIP_ISA)::store(p, v); }
-  static void store2(float* p, const vfloat& a, const vfloat& b) { store(p, a), store(p + Vec<float>::kLanes, b); }
-  static float widen(float x) { return x; }
-  static float narrow(float x) { return x; }
-};
-
-template <>
-struct Traits<DType::kFloat64> {
-  using storage = double;
-  using acc = double;
-  static vdouble load(const double* p) { return ::fusedclip::cpu::FUSEDCLIP_ISA_NAMESPACE(FUSEDCLIP_ISA)::load<vdouble>(p); }
-  static void store(double* p, const vdouble& v) { ::fusedclip::cpu::FUSEDCLIP_ISA_NAMESPACE(FUSEDCLIP_ISA)::store(p, v); }
-  static void store2(double* p, const vdouble& a, const vdouble& b) { store(p, a), store(p + Vec<double>::kLanes, b); }
-  static double widen(double x) { return x; }
-  static double narrow(double x) { return x; }
-};
-
-template <>
-struct Traits<DType::kFloat16> {
-  using storage = uint16_t;
-  using acc = float;
-  static vfloat load(const uint16_t* p) { return load_half(p); }
-  static void store(uint16_t* p, const vfloat& v) { store_half(p, v); }
-  static void store2(uint16_t* p, const vfloat& a, const vfloat& b) { store(p, a), store(p + Vec<float>::kLanes, b); }
-  static float widen(uint16_t x) { return half_to_float(x); }
-  static uint16_t narrow(float x) { return float_to_half(x); }
-};
-
-template <>
-struct Traits<DType::kBFloat16> {
-  using storage = uint16_t;
-  using acc = float;
-  static vfloat load(const uint16_t* p) { return load_bfloat16(p); }
-  static void store(uint16_t* p, const vfloat& v) { store_bfloat16(p, v); }
-  static void store2(uint16_t* p, const vfloat& a, const vfloat& b) { store_bfloat16_pair(p, a, b); }
-  static float widen(uint16_t x) { return bfloat16_to_float(x); }
-  static uint16_t narrow(float x) { return float_to_bfloat16(x); }
-};
 
 // --- the reductions ---------------------------------------------------------------------------------
 // Max and min propagate nan (IEEE maximum/minimum), which plain max/min instructions do not.
@@ -218,14 +150,6 @@ double statistic_of_kind(NormKind kind, const Segment& s, double p, double inv_s
   return statistic_of_segment<NormKind::kPowerSum, unscale>(s, p, inv_scale, non_finite);
 }
 
-double statistic(NormKind kind, const Segment& s, double p) {
-  return statistic_of_kind<false>(kind, s, p, 1.0, nullptr);
-}
-
-double unscaled_statistic(NormKind kind, const Segment& s, double p, double inv_scale, bool* non_finite) {
-  return statistic_of_kind<true>(kind, s, p, inv_scale, non_finite);
-}
-
 // --- in-place element-wise kernels ------------------------------------------------------------------
 
 // x * coef, coef in the accumulator type.
@@ -281,14 +205,17 @@ void transform_segment(const Segment& s, const Op& op) {
   }
 }
 
+}  // namespace
+
+double statistic(NormKind kind, const Segment& s, double p) {
+  return statistic_of_kind<false>(kind, s, p, 1.0, nullptr);
+}
+
+double unscaled_statistic(NormKind kind, const Segment& s, double p, double inv_scale, bool* non_finite) {
+  return statistic_of_kind<true>(kind, s, p, inv_scale, non_finite);
+}
+
 void scale(const Segment& s, double coef) { transform_segment(s, ScaleOp{coef}); }
 void clamp(const Segment& s, double lo, double hi) { transform_segment(s, ClampOp{lo, hi}); }
 
-}  // namespace
-
-const SegmentKernels& kernels() {
-  static const SegmentKernels table{FUSEDCLIP_STRINGIZE(FUSEDCLIP_ISA), &statistic, &unscaled_statistic, &scale, &clamp};
-  return table;
-}
-
-}  // namespace fusedclip::cpu::FUSEDCLIP_ISA_NAMESPACE(FUSEDCLIP_ISA)
+}  // namespace FUSEDCLIP_ISA_NAMESPACE

@@ -1,14 +1,12 @@
 // The vector types of the CPU kernels: GCC/Clang vector extensions as wide as the instruction set
 // the including object is compiled for (16 bytes for baseline x86-64, 32 for AVX2, 64 for
-// AVX-512), with the loads, stores and conversions of the four dtypes. Included only by
-// csrc/cpu/isa_kernels.cpp, inside its per-instruction-set namespace: every function here is a
-// distinct symbol in each object, so no AVX2 code can stand in for a baseline one at link time.
+// AVX-512), with the loads, stores and conversions of the four dtypes (Traits). Included only by
+// the files of csrc/cpu/isa/, inside their per-instruction-set namespace (isa_object.h): every
+// function here is a distinct symbol in each object, so no AVX2 code can stand in for a baseline
+// one at link time.
 //
 // Conversions: float16 through F16C/AVX-512 instructions where present, else exact integer
 // arithmetic; bfloat16 by shifts (to float32) and round-to-nearest-even on the bits (from it).
-//
-// The includer includes <cstdint>, <cstring> and (with AVX2, F16C or AVX-512) <immintrin.h>
-// first, at global scope.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -188,3 +186,52 @@ inline void store_bfloat16_pair(uint16_t* p, const vfloat& a, const vfloat& b) {
   store_bfloat16(p + Vec<float>::kLanes, b);
 #endif
 }
+
+// --- the four dtypes: storage, accumulator, and their loads and stores ----------------------------
+
+template <DType dtype>
+struct Traits;
+
+template <>
+struct Traits<DType::kFloat32> {
+  using storage = float;
+  using acc = float;
+  static vfloat load(const float* p) { return ::FUSEDCLIP_ISA_NAMESPACE::load<vfloat>(p); }
+  static void store(float* p, const vfloat& v) { ::FUSEDCLIP_ISA_NAMESPACE::store(p, v); }
+  static void store2(float* p, const vfloat& a, const vfloat& b) { store(p, a), store(p + Vec<float>::kLanes, b); }
+  static float widen(float x) { return x; }
+  static float narrow(float x) { return x; }
+};
+
+template <>
+struct Traits<DType::kFloat64> {
+  using storage = double;
+  using acc = double;
+  static vdouble load(const double* p) { return ::FUSEDCLIP_ISA_NAMESPACE::load<vdouble>(p); }
+  static void store(double* p, const vdouble& v) { ::FUSEDCLIP_ISA_NAMESPACE::store(p, v); }
+  static void store2(double* p, const vdouble& a, const vdouble& b) { store(p, a), store(p + Vec<double>::kLanes, b); }
+  static double widen(double x) { return x; }
+  static double narrow(double x) { return x; }
+};
+
+template <>
+struct Traits<DType::kFloat16> {
+  using storage = uint16_t;
+  using acc = float;
+  static vfloat load(const uint16_t* p) { return load_half(p); }
+  static void store(uint16_t* p, const vfloat& v) { store_half(p, v); }
+  static void store2(uint16_t* p, const vfloat& a, const vfloat& b) { store(p, a), store(p + Vec<float>::kLanes, b); }
+  static float widen(uint16_t x) { return half_to_float(x); }
+  static uint16_t narrow(float x) { return float_to_half(x); }
+};
+
+template <>
+struct Traits<DType::kBFloat16> {
+  using storage = uint16_t;
+  using acc = float;
+  static vfloat load(const uint16_t* p) { return load_bfloat16(p); }
+  static void store(uint16_t* p, const vfloat& v) { store_bfloat16(p, v); }
+  static void store2(uint16_t* p, const vfloat& a, const vfloat& b) { store_bfloat16_pair(p, a, b); }
+  static float widen(uint16_t x) { return bfloat16_to_float(x); }
+  static uint16_t narrow(float x) { return float_to_bfloat16(x); }
+};
