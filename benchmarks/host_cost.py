@@ -8,7 +8,7 @@ Rows (median over 15 repetitions of the mean of a batch of calls, in microsecond
   triton_api_us            fusedclip.clip_grad_norm_(params, 1.0, backend="triton")
   triton_value_api_us      fusedclip.clip_grad_value_(params, 0.1, backend="triton")
   triton_with_norm_api_us  fusedclip.clip_grads_with_norm_(params, 1.0, norm, backend="triton")
-  triton_operator_us       the operator fusedclip calls (fusedclip._ops.clip_grad_norm_("triton", ...))
+  triton_operator_us       the operator fusedclip calls (fusedclip._ops.run("clip_grad_norm_", "triton", ...))
   triton_dispatcher_us     torch.ops.fusedclip_triton.clip_grad_norm_ (the path torch.compile takes)
   collect_us               the one-group route's collection: grads read, their types and (to
                            write) inference flags scanned (fusedclip._C), the backend resolved;
@@ -112,14 +112,14 @@ def main() -> None:
             "triton_value_api_us": (lambda: fusedclip.clip_grad_value_(params, 0.1, backend="triton"), 200),
             "triton_with_norm_api_us": (
                 lambda: fusedclip.clip_grads_with_norm_(params, 1.0, norm, backend="triton"), 200),
-            "triton_operator_us": (lambda: _ops.clip_grad_norm_("triton", grads, 1.0, 2.0), 200),
+            "triton_operator_us": (lambda: _ops.run("clip_grad_norm_", "triton", grads, 1.0, 2.0), 200),
             "triton_dispatcher_us": (lambda: torch.ops.fusedclip_triton.clip_grad_norm_(grads, 1.0, 2.0), 200),
             "collect_us": (lambda: _core.one_group(_core.grads_of(params), None, "triton", writes=True), 500),
             "python_collect_us": (
                 lambda: _core.group_by_device(_core.grads_of(params), None, "triton", writes=True), 100),
             "grads_read_us": (lambda: _core.grads_of(params), 500),
             "plain_scan_us": (lambda: _core.plain_tensors(grads, writable=True), 500),
-            "cpp_operator_us": (lambda: _ops.multi_tensor_scale_("cpu", grads, one), 500),
+            "cpp_operator_us": (lambda: _ops.run("multi_tensor_scale_", "cpu", grads, one), 500),
         }
         if args.floor:
             floor = stable_abi_floor()

@@ -333,7 +333,7 @@ def run_as_one_group(tensors: list, foreach: Optional[bool], backend: str, write
 
 def group_statistics(groups: list[Group], norm_type: float) -> list[Tensor]:
     """The norm statistic (before the root) of each group, on its own device."""
-    return [_ops.multi_tensor_norm(backend, ts, norm_type)[0] for _, backend, ts in groups]
+    return [_ops.run("multi_tensor_norm", backend, ts, norm_type)[0] for _, backend, ts in groups]
 
 
 def combined_statistic(statistics: list[Tensor], first_device: torch.device, norm_type: float) -> Tensor:
@@ -388,7 +388,7 @@ def raise_if_nonfinite(total_norm: Tensor, norm_type: float) -> None:
 
 def scale_groups(groups: list[Group], coef: Tensor) -> None:
     for device, backend, ts in groups:
-        _ops.multi_tensor_scale_(backend, ts, coef.to(device))
+        _ops.run("multi_tensor_scale_", backend, ts, coef.to(device))
 
 
 # --- running grouped grads -----------------------------------------------------------------------
@@ -408,7 +408,7 @@ def norms_of_groups(groups: list[Group], tensors: list[Tensor], norm_type: float
     """(global norm, per-tensor norms in the order of ``tensors``) in one read of every tensor."""
     statistics, per_group = [], []
     for _, backend, ts in groups:
-        statistic, per_statistic = _ops.multi_tensor_norm(backend, ts, norm_type, per_tensor=True)
+        statistic, per_statistic = _ops.run("multi_tensor_norm", backend, ts, norm_type, True)
         statistics.append(statistic)
         per_group.append(reference.per_tensor_norms(per_statistic, ts, norm_type))
     total = norm_of_group_statistics(groups, statistics, norm_type)

@@ -157,7 +157,7 @@ class AGC:
         # below says why, or regroups.
         result = _core.run_as_one_group(
             grads, None, self.backend, True,
-            lambda group: _ops.multi_tensor_agc_(group[1], group[2], params, self.clip_factor, self.eps))
+            lambda group: _ops.run("multi_tensor_agc_", group[1], group[2], params, self.clip_factor, self.eps))
         if result is not None:
             return result[0]
         groups = _core.group_by_device(grads, None, self.backend, writes=True)
@@ -165,7 +165,7 @@ class AGC:
         statistics = []
         for device, backend, ts in groups:
             group_params = [p for g, p in pairs if g.device == device]
-            statistic, _ = _ops.multi_tensor_agc_(backend, ts, group_params, self.clip_factor, self.eps)
+            statistic, _ = _ops.run("multi_tensor_agc_", backend, ts, group_params, self.clip_factor, self.eps)
             statistics.append(statistic)
         first = statistics[0]
         if len(statistics) == 1:
@@ -334,11 +334,11 @@ class PerTensorClip:
     def _clip_groups(self, groups: list[_core.Group]) -> Tensor:
         statistics, coefs = [], []
         for _, backend, ts in groups:
-            statistic, per_statistic = _ops.multi_tensor_norm(backend, ts, self.norm_type, per_tensor=True)
+            statistic, per_statistic = _ops.run("multi_tensor_norm", backend, ts, self.norm_type, True)
             statistics.append(statistic)
             norms = reference.per_tensor_norms(per_statistic, ts, self.norm_type)
             coefs.append(numerics.clip_coefficient(norms, self.max_norm))
         total = _core.norm_of_group_statistics(groups, statistics, self.norm_type)
         for (_, backend, ts), coef in zip(groups, coefs):
-            _ops.multi_tensor_scale_per_tensor_(backend, ts, coef)
+            _ops.run("multi_tensor_scale_per_tensor_", backend, ts, coef)
         return total

@@ -71,7 +71,7 @@ def _scale_by(backend: str, grads: list[Tensor], factor: Tensor, inv_scale: Tens
     might skip without the host reading the factor, multiply with torch, every element.
     """
     if factor.device.type == "cpu" and not bool(inv_scale > 1.0):
-        _ops.multi_tensor_scale_(backend, grads, factor)
+        _ops.run("multi_tensor_scale_", backend, grads, factor)
     else:
         reference.multiply_(grads, factor)
 
@@ -145,7 +145,7 @@ def unscale_and_clip_grad_norm_(
             to_clip = [g for g in grads if id(g) in clipped_ids]
             others = [g for g in grads if id(g) not in clipped_ids]
             if to_clip:
-                statistic, found_inf = _ops.multi_tensor_unscale_norm(
+                statistic, found_inf = _ops.run("multi_tensor_unscale_norm", 
                     group_backend, to_clip, device_inv_scale, norm_type
                 )
                 statistics.append(statistic)

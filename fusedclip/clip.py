@@ -146,7 +146,7 @@ def _scale_one_group(group: _core.Group, coef: Tensor) -> Optional[bool]:
     device, backend, grads = group
     if coef.device != device:
         return None
-    _ops.multi_tensor_scale_(backend, grads, coef)
+    _ops.run("multi_tensor_scale_", backend, grads, coef)
     return True
 
 
@@ -223,7 +223,7 @@ def clip_grad_norm_(
         grads = _core.grads_of(params)
         if process_group is None and fused:
             total = _core.run_as_one_group(
-                grads, foreach, backend, True, lambda group: _ops.clip_grad_norm_(group[1], group[2], max_norm, norm_type)
+                grads, foreach, backend, True, lambda group: _ops.run("clip_grad_norm_", group[1], group[2], max_norm, norm_type)
             )
             if total is not None:
                 return total
@@ -236,7 +236,7 @@ def clip_grad_norm_(
         groups = _core.group_by_device(grads, foreach, backend, writes=True)
         if len(groups) == 1 and fused and not torch.compiler.is_compiling():
             _, group_backend, ts = groups[0]
-            return _ops.clip_grad_norm_(group_backend, ts, max_norm, norm_type)
+            return _ops.run("clip_grad_norm_", group_backend, ts, max_norm, norm_type)
         total = _core.total_norm(groups, norm_type)
         if error_if_nonfinite:
             _core.raise_if_nonfinite(total, norm_type)
@@ -262,7 +262,7 @@ def clip_grad_value_(
         grads = _core.grads_of(_core.as_list(parameters))
         if not grads:
             return
-        clamp = lambda group: _ops.multi_tensor_clamp_(group[1], group[2], -clip_value, clip_value) or True  # noqa: E731
+        clamp = lambda group: _ops.run("multi_tensor_clamp_", group[1], group[2], -clip_value, clip_value) or True  # noqa: E731
         if _core.run_as_one_group(grads, foreach, backend, True, clamp):
             return
         if _is_distributed(grads, None):  # DTensor grads: clamp their local tensors
@@ -275,4 +275,4 @@ def clip_grad_value_(
         # graph guards on, and a clip_value schedule would recompile at every value.
         compiling = torch.compiler.is_compiling()
         for _, group_backend, ts in groups:
-            _ops.multi_tensor_clamp_("torch" if compiling else group_backend, ts, -clip_value, clip_value)
+            _ops.run("multi_tensor_clamp_", "torch" if compiling else group_backend, ts, -clip_value, clip_value)

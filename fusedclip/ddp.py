@@ -55,7 +55,7 @@ class NormHookState:
     def record(self, index: int, bucket_buffer: Tensor) -> None:
         """Takes the statistic of a reduced bucket (called by the hook's callback)."""
         backend = _backends.resolve_backend(self.backend, bucket_buffer.device)
-        statistic, _ = _ops.multi_tensor_norm(backend, [bucket_buffer], self.norm_type)
+        statistic, _ = _ops.run("multi_tensor_norm", backend, [bucket_buffer], self.norm_type)
         self._statistics[index] = statistic
 
     def total_norm(self, process_group: Optional[_core.ProcessGroups] = None) -> Tensor:

@@ -1,7 +1,7 @@
 """Clipping across processes: process groups, DTensor grads (FSDP2, tensor parallel), DDP.
 
 A global norm is a reduction of a per-rank statistic taken *before* the root (see
-``_ops.multi_tensor_norm``): the sum of :math:`|x|^p` (a count for p = 0) adds across ranks
+``multi_tensor_norm``): the sum of :math:`|x|^p` (a count for p = 0) adds across ranks
 holding disjoint shards, the max (p = inf) takes the max, the min (p = -inf) the min. So each
 rank reduces its own shards in one local pass, and one scalar all-reduce per group gives every
 rank the global statistic; the root, the clip coefficient and the scale then run on the device,
@@ -261,7 +261,7 @@ def _local_statistic(
     """The statistic of tensors on this rank. A list of plain tensors goes to the operator whole,
     which validates it itself; the general path validates in Python and groups by device."""
     result = _core.run_as_one_group(tensors, foreach, backend, False,
-                                    lambda group: _ops.multi_tensor_norm(group[1], group[2], norm_type))
+                                    lambda group: _ops.run("multi_tensor_norm", group[1], group[2], norm_type))
     if result is not None:
         return result[0]
     groups = _core.group_by_device(tensors, foreach, backend, writes=False)
@@ -358,7 +358,7 @@ def _scale_on_its_device(group: _core.Group, coef: Tensor) -> Optional[bool]:
     device, backend, tensors = group
     if coef.device != device:  # the general path moves coef to each device
         return None
-    _ops.multi_tensor_scale_(backend, tensors, coef)
+    _ops.run("multi_tensor_scale_", backend, tensors, coef)
     return True
 
 

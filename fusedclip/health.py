@@ -65,13 +65,13 @@ def _clip_with_norms(params: list, max_norm: float, norm_type: float, backend: s
     if not grads:
         return torch.tensor(0.0), torch.zeros(len(params))
     result = _core.run_as_one_group(
-        grads, None, backend, True, lambda group: _ops.clip_grad_norm_with_norms_(group[1], group[2], max_norm, norm_type))
+        grads, None, backend, True, lambda group: _ops.run("clip_grad_norm_with_norms_", group[1], group[2], max_norm, norm_type))
     if result is not None:
         return result[0], _per_parameter(result[1], [g is not None for g in param_grads])
     groups = _core.group_by_device(grads, None, backend, writes=True)
     if len(groups) == 1:
         _, group_backend, ts = groups[0]
-        total, per = _ops.clip_grad_norm_with_norms_(group_backend, ts, max_norm, norm_type)
+        total, per = _ops.run("clip_grad_norm_with_norms_", group_backend, ts, max_norm, norm_type)
     else:
         total, per = _core.norms_of_groups(groups, grads, norm_type)
         _core.scale_groups(groups, numerics.clip_coefficient(total, max_norm))
@@ -302,7 +302,7 @@ class GradientMonitor:
         if s["mean"].dtype != norms.dtype:  # float32 and float64 steps: the statistics go float64
             s["mean"], s["var"] = s["mean"].double(), s["var"].double()
             norms = norms.double()
-        _ops.monitor_update_(
+        _ops.run("monitor_update_", 
             self._update_backend, norms, s["mean"], s["var"], s["count"], s["below"], s["explosions"],
             s["exploding"], s["vanishing"], self.alpha, self.warmup_steps, self.z_threshold,
             self.explode_threshold, self.vanish_eps, self.vanish_steps)

@@ -329,7 +329,7 @@ def _unscaled_norm(
     groups = _core.group_by_device(grads, None, backend, writes=False)
     statistics, found = [], []
     for device, group_backend, ts in groups:
-        statistic, found_inf = _ops.multi_tensor_unscale_norm(group_backend, ts, inv_scale.to(device), norm_type)
+        statistic, found_inf = _ops.run("multi_tensor_unscale_norm", group_backend, ts, inv_scale.to(device), norm_type)
         statistics.append(statistic)
         found.append(found_inf.to(groups[0][0]))
     empty = not any(t.numel() for t in grads)

@@ -14,7 +14,7 @@ import math
 from typing import Callable, NamedTuple, Optional
 
 import fusedclip.patch
-from fusedclip import _ops
+from helpers import operator, patch_operator
 
 TORCH = "torch"
 FUSEDCLIP = "fusedclip"
@@ -59,7 +59,7 @@ class ClipRoute:
                 if not fusedclip.is_torch_patched():
                     monkeypatch.setattr(module, name, recording)
         for name, (norm, max_norm_at) in _FUSED_FUNCTIONS.items():
-            monkeypatch.setattr(_ops, name, self._recording(FUSEDCLIP, name, norm, max_norm_at, getattr(_ops, name)))
+            patch_operator(monkeypatch, name, self._recording(FUSEDCLIP, name, norm, max_norm_at, operator(name)))
 
     def _recording(self, layer: str, name: str, norm: bool, max_norm_at: Optional[int], original: Callable):
         def recorded(*args, **kwargs):

@@ -257,20 +257,40 @@ def assert_scaled_like_oracle(actual, originals, oracle_total: float, max_norm: 
         )
 
 
+def patch_operator(monkeypatch, name: str, replacement) -> None:
+    """Routes the calls of operator `name` through fusedclip._ops.run to replacement(backend, *args)
+    for the test's duration; the calls of the other operators run as before."""
+    from fusedclip import _ops
+
+    run = _ops.run
+
+    def routed(op: str, *args):
+        return replacement(*args) if op == name else run(op, *args)
+
+    monkeypatch.setattr(_ops, "run", routed)
+
+
+def operator(name: str):
+    """Operator `name` as (backend, *args) -> result, through fusedclip._ops.run as it is now (a
+    patch_operator replacement wraps it to reach the operator)."""
+    from fusedclip import _ops
+
+    run = _ops.run
+    return lambda *args: run(name, *args)
+
+
 class OpsSpy:
-    """Counts the calls of one fusedclip._ops function (patched for the test's duration)."""
+    """Counts the calls of one operator through fusedclip._ops.run (patched for the test's duration)."""
 
     def __init__(self, monkeypatch, name: str):
-        from fusedclip import _ops
-
         self.calls = 0
-        original = getattr(_ops, name)
+        original = operator(name)
 
-        def counted(*args, **kwargs):
+        def counted(*args):
             self.calls += 1
-            return original(*args, **kwargs)
+            return original(*args)
 
-        monkeypatch.setattr(_ops, name, counted)
+        patch_operator(monkeypatch, name, counted)
 
 
 def assert_norm_close(actual: torch.Tensor, expected: float, rtol: float) -> None:
@@ -415,21 +435,6 @@ def monitor_state(size: int, dtype: torch.dtype, device=None) -> list[torch.Tens
     """Zeroed (mean, var, count, below, explosions, exploding, vanishing)."""
     return [torch.zeros(size, dtype=d, device=device or "cpu")
             for d in [dtype] * 2 + [torch.int64] * 3 + [torch.bool] * 2]
-
-
-def small_calls(device, seed: int, count: int = 3):
-    """(name, args, written) of each of the five operators on `count` small float32 tensors (rows
-    included), written being the tensors it writes."""
-    grads = [t.to(device) for t in make_grads([(3, 4)] * count, torch.float32, seed=seed)]
-    params = [t.to(device) for t in make_grads([(3, 4)] * count, torch.float32, seed=seed + 1, scale=0.01)]
-    state = monitor_state(count, torch.float32, device)
-    return [
-        ("multi_tensor_unscale_norm", (grads, torch.tensor(0.5, device=device), 2.0), []),
-        ("multi_tensor_agc_", (grads, params, 0.01, 1e-3), grads),
-        ("multi_tensor_scale_per_tensor_", (grads, torch.linspace(0.1, 1.5, count, device=device)), grads),
-        ("clip_grad_norm_with_norms_", (grads, 0.1, 2.0), grads),
-        ("monitor_update_", (torch.rand(count, device=device), *state, 0.9, 2, 2.0, 1.0, 1e-6, 2), state),
-    ]
 
 
 class AtenCount:

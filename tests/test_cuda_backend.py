@@ -194,7 +194,7 @@ def test_no_host_sync(backend, single):
             fusedclip.clip_grads_with_norm_(params, 0.1, fusedclip.get_total_norm(grads, backend=backend),
                                             backend=backend)
             fusedclip.clip_grad_value_(params, 0.01, backend=backend)
-            _ops.multi_tensor_norm(name, grads, 2.0, per_tensor=True)
+            _ops.run("multi_tensor_norm", name, grads, 2.0, True)
         finally:
             torch.cuda.set_sync_debug_mode(previous)
 
@@ -225,7 +225,7 @@ def test_single_launch_equals_two_launches(case, norm_type):
     for single in (False, True):
         grads = CUDA.on(originals)
         with single_launch(single):
-            total = _ops.clip_grad_norm_("cuda", grads, 0.5 * truth, norm_type)
+            total = _ops.run("clip_grad_norm_", "cuda", grads, 0.5 * truth, norm_type)
         assert total.dtype == expected_dtype([g.dtype for g in originals]), single
         assert_norm_close(total.cpu(), truth, norm_rtol(1e-5, norm_type))
         assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(originals, total.cpu(), 0.5 * truth))
@@ -235,7 +235,7 @@ def test_single_launch_equals_two_launches(case, norm_type):
     for single in (False, True):  # no clipping: nothing written either way
         grads = CUDA.on(originals)
         with single_launch(single):
-            _ops.clip_grad_norm_("cuda", grads, 1e30, norm_type)
+            _ops.run("clip_grad_norm_", "cuda", grads, 1e30, norm_type)
         assert_bitwise_equal(cpu(grads), originals)
 
 
@@ -250,7 +250,7 @@ def test_no_write_outside_each_tensor_on_either_launch_path(dtype):
     for single in (False, True):
         poisoned = poisoned_buffer(BOUNDARY_SIZES, dtype, seed=159, device=CUDA.device)
         with single_launch(single):
-            assert not _ops.clip_grad_norm_("cuda", poisoned.tensors(), 0.01, 2.0).isnan()
+            assert not _ops.run("clip_grad_norm_", "cuda", poisoned.tensors(), 0.01, 2.0).isnan()
         assert poisoned.poison_intact(), f"a write landed outside a tensor (single launch: {single})"
 
 
@@ -263,7 +263,7 @@ def test_scale_takes_a_cpu_coefficient(dtype):
     originals = make_grads(SHAPES, dtype, seed=150)
     grads = CUDA.on(originals)
     for coef in (1.0, 1.5, math.inf):
-        _ops.multi_tensor_scale_("cuda", grads, torch.tensor(coef))
+        _ops.run("multi_tensor_scale_", "cuda", grads, torch.tensor(coef))
         assert_bitwise_equal(cpu(grads), originals)
 
 

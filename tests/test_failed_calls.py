@@ -16,7 +16,8 @@ from torch.amp.grad_scaler import OptState
 
 import fusedclip
 from fusedclip import _ops, reference
-from helpers import CPU_BACKENDS, assert_bitwise_equal, clone_all, make_grads, oracle_norm, params_with
+from helpers import (CPU_BACKENDS, assert_bitwise_equal, clone_all, make_grads, operator, oracle_norm, params_with,
+                     patch_operator)
 
 
 def _grads(seed=70):
@@ -46,7 +47,7 @@ def _fails_after_writing(fn):
 def test_failure_after_writes_is_not_run_again(monkeypatch, entry, call):
     grads = _grads()
     params = params_with(clone_all(grads))
-    monkeypatch.setattr(_ops, entry, _fails_after_writing(getattr(_ops, entry)))
+    patch_operator(monkeypatch, entry, _fails_after_writing(operator(entry)))
     with pytest.raises(RuntimeError, match="a failure after writes began"):
         call(params)
     assert_bitwise_equal([p.grad for p in params], [g * 0.5 for g in grads])  # once, not again
@@ -58,7 +59,7 @@ def test_refusal_falls_back_to_the_general_path(monkeypatch, error):
     expected = params_with(clone_all(grads))
     total_expected = fusedclip.clip_grad_norm_(expected, 0.1, backend="torch")
 
-    original, calls = _ops.clip_grad_norm_, []
+    original, calls = operator("clip_grad_norm_"), []
 
     def refuses_once(*args):  # the one-group route refused; the general path's call runs
         calls.append(args)
@@ -66,7 +67,7 @@ def test_refusal_falls_back_to_the_general_path(monkeypatch, error):
             raise error("refused before any write")
         return original(*args)
 
-    monkeypatch.setattr(_ops, "clip_grad_norm_", refuses_once)
+    patch_operator(monkeypatch, "clip_grad_norm_", refuses_once)
     params = params_with(clone_all(grads))
     total = fusedclip.clip_grad_norm_(params, 0.1)
     torch.testing.assert_close(total, total_expected, rtol=1e-6, atol=0)
@@ -82,10 +83,10 @@ def test_cpu_operator_refusals_are_type_or_value_errors(op):
     calls them), the refusal that the one-group route may take back."""
     expanded = torch.randn(1, 5).expand(4, 5)
     call = {
-        "multi_tensor_scale_": lambda ts: _ops.multi_tensor_scale_("cpu", ts, torch.tensor(0.5)),
-        "multi_tensor_clamp_": lambda ts: _ops.multi_tensor_clamp_("cpu", ts, -0.1, 0.1),
-        "clip_grad_norm_": lambda ts: _ops.clip_grad_norm_("cpu", ts, 0.1, 2.0),
-        "multi_tensor_norm": lambda ts: _ops.multi_tensor_norm("cpu", ts, 2.0, False),
+        "multi_tensor_scale_": lambda ts: _ops.run("multi_tensor_scale_", "cpu", ts, torch.tensor(0.5)),
+        "multi_tensor_clamp_": lambda ts: _ops.run("multi_tensor_clamp_", "cpu", ts, -0.1, 0.1),
+        "clip_grad_norm_": lambda ts: _ops.run("clip_grad_norm_", "cpu", ts, 0.1, 2.0),
+        "multi_tensor_norm": lambda ts: _ops.run("multi_tensor_norm", "cpu", ts, 2.0, False),
     }[op]
     with pytest.raises((TypeError, ValueError)):
         call([torch.randn(3), torch.arange(4)])  # an integer tensor
@@ -168,14 +169,14 @@ def _assigning_kernel(params):
 def test_with_norms_general_path_reads_each_grad_once(monkeypatch):
     grads = _grads(seed=75)
     params = params_with(clone_all(grads) + [None])
-    real = _ops.clip_grad_norm_with_norms_
+    real = operator("clip_grad_norm_with_norms_")
 
     def assigning(backend, tensors, max_norm, norm_type):
         result = real(backend, tensors, max_norm, norm_type)
         params[0].grad = None
         return result
 
-    monkeypatch.setattr(_ops, "clip_grad_norm_with_norms_", assigning)
+    patch_operator(monkeypatch, "clip_grad_norm_with_norms_", assigning)
     total, per = fusedclip.clip_grad_norm_with_norms_(params, 1e6, backend="torch")
     assert per[-1] == 0.0
     for got, g in zip(per.tolist(), grads):

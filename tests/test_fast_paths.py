@@ -155,7 +155,7 @@ def test_what_the_operators_refuse_goes_to_the_general_path(case):
     before = grads[0].clone()
     version = grads[0]._version
     result = _core.run_as_one_group(grads, None, "auto", True,
-                                    lambda group: _ops.multi_tensor_scale_(group[1], group[2], torch.tensor(0.5)))
+                                    lambda group: _ops.run("multi_tensor_scale_", group[1], group[2], torch.tensor(0.5)))
     assert result is None
     assert torch.equal(grads[0], before) and grads[0]._version == version
 
@@ -183,14 +183,14 @@ def test_public_calls_make_one_operator_call_and_never_the_general_path(monkeypa
 def test_versions_are_bumped_exactly_for_what_the_cpu_kernels_wrote():
     grads = [torch.randn(40) for _ in range(3)]
     versions = [g._version for g in grads]
-    _ops.clip_grad_norm_("cpu", grads, 1e9, 2.0)  # the coefficient is 1: nothing written
-    _ops.multi_tensor_scale_("cpu", grads, torch.tensor(1.0))
+    _ops.run("clip_grad_norm_", "cpu", grads, 1e9, 2.0)  # the coefficient is 1: nothing written
+    _ops.run("multi_tensor_scale_", "cpu", grads, torch.tensor(1.0))
     assert [g._version for g in grads] == versions
-    _ops.clip_grad_norm_("cpu", grads, 1e-3, 2.0)
+    _ops.run("clip_grad_norm_", "cpu", grads, 1e-3, 2.0)
     assert [g._version for g in grads] == [v + 1 for v in versions]
-    _ops.multi_tensor_scale_per_tensor_("cpu", grads, torch.tensor([1.0, 0.5, 2.0]))
+    _ops.run("multi_tensor_scale_per_tensor_", "cpu", grads, torch.tensor([1.0, 0.5, 2.0]))
     assert [g._version for g in grads] == [versions[0] + 1, versions[1] + 2, versions[2] + 1]
-    _ops.multi_tensor_clamp_("cpu", grads, -1.0, 1.0)
+    _ops.run("multi_tensor_clamp_", "cpu", grads, -1.0, 1.0)
     assert [g._version for g in grads] == [versions[0] + 2, versions[1] + 3, versions[2] + 2]
 
 
@@ -199,7 +199,7 @@ def test_without_host_decisions_every_tensor_a_call_may_write_is_bumped(monkeypa
     monkeypatch.setattr(fusedclip.operators, "DECIDE_WRITES_ON_HOST", False)
     grads = [torch.randn(40) for _ in range(3)]
     versions = [g._version for g in grads]
-    _ops.clip_grad_norm_("cpu", grads, 1e9, 2.0)
+    _ops.run("clip_grad_norm_", "cpu", grads, 1e9, 2.0)
     assert [g._version for g in grads] == [v + 1 for v in versions]
 
 
@@ -246,10 +246,10 @@ def test_triton_public_calls_skip_the_python_checks(monkeypatch):
 def test_triton_operators_run_through_torch_ops():
     grads = [torch.randn(30) for _ in range(5)]
     with OpLog() as log:
-        _ops.clip_grad_norm_("triton", grads, 1.0, 2.0)
+        _ops.run("clip_grad_norm_", "triton", grads, 1.0, 2.0)
     assert "fusedclip_triton.clip_grad_norm_.default" in log.ops
     versions = [g._version for g in grads]
-    _ops.multi_tensor_scale_("triton", grads, torch.tensor(0.5))
+    _ops.run("multi_tensor_scale_", "triton", grads, torch.tensor(0.5))
     assert [g._version for g in grads] == [v + 1 for v in versions]
 
 
@@ -281,7 +281,7 @@ def test_group_by_device_names_what_it_refuses_and_groups_devices():
 def test_cpu_operators_go_through_torch_ops():
     grads = [torch.randn(10) for _ in range(3)]
     with OpLog() as log:
-        _ops.multi_tensor_scale_("cpu", grads, torch.tensor(0.5))
+        _ops.run("multi_tensor_scale_", "cpu", grads, torch.tensor(0.5))
     assert "fusedclip.multi_tensor_scale_.default" in log.ops
 
 

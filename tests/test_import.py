@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fusedclip
-from fusedclip import _backends, _ops
-from helpers import make_grads, oracle_norm, params_with
+from fusedclip import _backends
+from helpers import make_grads, operator, oracle_norm, params_with, patch_operator
 
 
 def _run(code: str, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
@@ -70,7 +70,7 @@ import logging, math
 logging.basicConfig(level=logging.WARNING)
 import torch
 import fusedclip
-from fusedclip import _backends, _ops
+from fusedclip import _backends
 
 assert _backends._C is None and "hidden by the test" in _backends._C_ERROR
 available = fusedclip.available_backends()
@@ -131,13 +131,13 @@ else:
 def _spy_backend(monkeypatch):
     """Records the backend each fused clip_grad_norm_ call runs with."""
     seen = []
-    real = _ops.clip_grad_norm_
+    real = operator("clip_grad_norm_")
 
     def spy(backend, tensors, max_norm, norm_type):
         seen.append(backend)
         return real(backend, tensors, max_norm, norm_type)
 
-    monkeypatch.setattr(_ops, "clip_grad_norm_", spy)
+    patch_operator(monkeypatch, "clip_grad_norm_", spy)
     return seen
 
 

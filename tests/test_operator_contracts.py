@@ -45,7 +45,6 @@ from helpers import (
     scaled_by_coef,
     scaled_by_returned_norm,
     seeded,
-    small_calls,
 )
 from test_adaptive import agc_case, assert_close_to, reference_agc
 
@@ -80,7 +79,7 @@ def both(backend, name: str, *args):
     """((name on the backend with args copied to its device, the args it ran on), (the same on
     backend "cpu", torch.ops.fusedclip, with args copied to the CPU))."""
     ours, theirs = copied(args, backend.device), copied(args, torch.device("cpu"))
-    return (getattr(_ops, name)(backend.name, *ours), ours), (getattr(CPU, name)(*theirs), theirs)
+    return (_ops.run(name, backend.name, *ours), ours), (getattr(CPU, name)(*theirs), theirs)
 
 
 def assert_close_values(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
@@ -147,7 +146,7 @@ def test_unscale_norm_matches_cpu_and_oracle(backend, dtype, norm_type):
 def test_unscale_norm_reads_only(backend):
     grads = backend.on(make_grads(SHAPES, torch.float32, seed=73))
     before, versions = clone_all(cpu(grads)), [g._version for g in grads]
-    _ops.multi_tensor_unscale_norm(backend.name, grads, backend.tensor(0.25), 2.0)
+    _ops.run("multi_tensor_unscale_norm", backend.name, grads, backend.tensor(0.25), 2.0)
     assert_bitwise_equal(cpu(grads), before)
     assert [g._version for g in grads] == versions
 
@@ -193,7 +192,7 @@ def test_unscale_norm_finite_overflow_and_zero_scale(backend):
 
 
 def test_unscale_norm_of_no_tensors(backend):
-    statistic, found = _ops.multi_tensor_unscale_norm(backend.name, [], backend.tensor(0.5), -math.inf)
+    statistic, found = _ops.run("multi_tensor_unscale_norm", backend.name, [], backend.tensor(0.5), -math.inf)
     assert float(statistic) == math.inf and float(found) == 0.0
 
 
@@ -235,7 +234,7 @@ def test_clip_with_norms_nan_inf_and_no_elements(backend):
     assert float(total) == float(cpu_total) == math.inf and float(per[1]) == math.inf
     assert_bitwise_equal(cpu(ran[0]), cpu_ran[0], any_nan=True)
     empty = backend.on([torch.empty(0), torch.empty(3, 0, dtype=torch.float64)])
-    total, per = _ops.clip_grad_norm_with_norms_(backend.name, empty, 1.0, -math.inf)
+    total, per = _ops.run("clip_grad_norm_with_norms_", backend.name, empty, 1.0, -math.inf)
     assert float(total) == 0.0 and per.tolist() == [0.0, 0.0] and per.dtype == torch.float64
 
 
@@ -287,11 +286,11 @@ def test_scale_per_tensor_strided_coefs_shared_and_non_dense_grads(backend):
     want_list, want = _aliased_grads("cpu", 250)
     CPU.multi_tensor_scale_per_tensor_(want_list, coefs.contiguous())
     got_list, got = _aliased_grads(backend.device, 250)
-    _ops.multi_tensor_scale_per_tensor_(backend.name, got_list, coefs.to(backend.device))
+    _ops.run("multi_tensor_scale_per_tensor_", backend.name, got_list, coefs.to(backend.device))
     assert_bitwise_equal(cpu(got), list(want))
     values = make_grads([(6, 4)], torch.float32, seed=116, scale=2.0)[0]
     storage = backend.on([values])[0]
-    _ops.multi_tensor_scale_per_tensor_(backend.name, [storage, storage[2:5], storage],
+    _ops.run("multi_tensor_scale_per_tensor_", backend.name, [storage, storage[2:5], storage],
                                         backend.tensor([0.5, 0.25, 0.9]))
     expected = values.clone()
     for view, c in ((expected, 0.5), (expected[2:5], 0.25), (expected, 0.9)):
@@ -316,7 +315,7 @@ def test_scale_per_tensor_many_tensors(backend, dtype, count):
     expected = [scaled_by_coef([g], c)[0] if float(c) < 1.0 or math.isnan(float(c)) else g.clone()
                 for g, c in zip(grads, coefs)]
     on_device = backend.on(grads)
-    _ops.multi_tensor_scale_per_tensor_(backend.name, on_device, coefs.to(backend.device))
+    _ops.run("multi_tensor_scale_per_tensor_", backend.name, on_device, coefs.to(backend.device))
     assert_bitwise_equal(cpu(on_device), expected, any_nan=True)
 
 
@@ -365,7 +364,7 @@ def assert_agc_like_cpu(backend, grads, params, clip_factor=0.05, eps=1e-3, view
     params), when given, makes the tensors each backend runs on from copies of the inputs on its
     device. Returns the grads of both."""
     runs = []
-    for run, where in ((lambda *a: _ops.multi_tensor_agc_(backend.name, *a), backend.device),
+    for run, where in ((lambda *a: _ops.run("multi_tensor_agc_", backend.name, *a), backend.device),
                        (CPU.multi_tensor_agc_, torch.device("cpu"))):
         ours = copied([grads, params], where)
         ours = ours if views is None else views(*ours)
@@ -414,7 +413,7 @@ def test_agc_against_timm_loop(backend, dtype):
     originals = [p.grad.clone() for p in params]
     expected = reference_agc(params, 0.01, 1e-3)
     grads = backend.on(originals)
-    total, per = _ops.multi_tensor_agc_(backend.name, grads, backend.on([p.detach() for p in params]), 0.01, 1e-3)
+    total, per = _ops.run("multi_tensor_agc_", backend.name, grads, backend.on([p.detach() for p in params]), 0.01, 1e-3)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert total.dtype == per.dtype == acc and per.shape == (len(params),)
     want_per = [float(o.double().square().sum()) for o in originals]
@@ -463,7 +462,7 @@ def test_agc_shared_and_non_dense_gradients(backend):
     want_list, want = _aliased_grads("cpu", 264)
     want_total, want_per = CPU.multi_tensor_agc_(want_list, params, 0.01, 1e-3)
     got_list, got = _aliased_grads(backend.device, 264)
-    total, per = _ops.multi_tensor_agc_(backend.name, got_list, backend.on(params), 0.01, 1e-3)
+    total, per = _ops.run("multi_tensor_agc_", backend.name, got_list, backend.on(params), 0.01, 1e-3)
     assert_close_values(total, want_total, 1e-5)
     assert_close_values(per, want_per, 1e-5)
     for a, b in zip(cpu(got), want):
@@ -474,7 +473,7 @@ def test_agc_shared_and_non_dense_gradients(backend):
     values = make_grads([(6, 4)], torch.float32, seed=116, scale=2.0)[0]
     units = [torch.full((6, 4), 1.0), torch.full((3, 4), 1.0), torch.full((6, 4), 1.0)]
     results = []
-    for run, where in ((lambda *a: _ops.multi_tensor_agc_(backend.name, *a), backend.device),
+    for run, where in ((lambda *a: _ops.run("multi_tensor_agc_", backend.name, *a), backend.device),
                        (CPU.multi_tensor_agc_, torch.device("cpu"))):
         storage = values.to(where, copy=True)
         results.append((storage, run([storage, storage[2:5], storage], copied([units], where)[0], 0.1, 1e-3)))
@@ -527,7 +526,7 @@ def test_monitor_update_is_the_cpu_bitwise(backend, dtype, settings):
     ours, theirs = backend.on(monitor_state(size, dtype)), monitor_state(size, dtype)
     flags = {"exploding": 0, "vanishing": 0}
     for norms in norm_steps(60, size, dtype, seed=21):
-        _ops.monitor_update_(backend.name, norms.to(backend.device), *ours, *args)
+        _ops.run("monitor_update_", backend.name, norms.to(backend.device), *ours, *args)
         CPU.monitor_update_(norms, *theirs, *args)
         assert_bitwise_equal(cpu(ours), theirs)  # the state holds no nan
         flags["exploding"] += int(theirs[5].sum())
@@ -536,6 +535,22 @@ def test_monitor_update_is_the_cpu_bitwise(backend, dtype, settings):
 
 
 # --- what the five operators share ---------------------------------------------------------------------
+
+
+def small_calls(device, seed: int, count: int = 3):
+    """(name, args, written) of each of the five operators (an entry here gives an operator the
+    shared tests below and those of test_triton_operators.py) on `count` small float32 tensors (rows
+    included), written being the tensors it writes."""
+    grads = [t.to(device) for t in make_grads([(3, 4)] * count, torch.float32, seed=seed)]
+    params = [t.to(device) for t in make_grads([(3, 4)] * count, torch.float32, seed=seed + 1, scale=0.01)]
+    state = monitor_state(count, torch.float32, device)
+    return [
+        ("multi_tensor_unscale_norm", (grads, torch.tensor(0.5, device=device), 2.0), []),
+        ("multi_tensor_agc_", (grads, params, 0.01, 1e-3), grads),
+        ("multi_tensor_scale_per_tensor_", (grads, torch.linspace(0.1, 1.5, count, device=device)), grads),
+        ("clip_grad_norm_with_norms_", (grads, 0.1, 2.0), grads),
+        ("monitor_update_", (torch.rand(count, device=device), *state, 0.9, 2, 2.0, 1.0, 1e-6, 2), state),
+    ]
 
 
 def test_opcheck(backend):
@@ -586,7 +601,7 @@ def test_version_counters_follow_the_writes(backend, name):
     tensors = [t for t in tree_leaves(list(args)) if isinstance(t, torch.Tensor)]
     versions = {id(t): t._version for t in tensors}
     before = {id(t): t.clone() for t in tensors}
-    getattr(_ops, name)(backend.name, *args)
+    _ops.run(name, backend.name, *args)
     for i, t in enumerate(tensors):
         bumped, may_write = t._version > versions[id(t)], any(t is w for w in written)
         if not may_write:
@@ -611,7 +626,7 @@ def test_bitwise_repeatable(backend):
         runs = []
         for _ in range(2):
             ours = copied(args, backend.device)
-            out = getattr(_ops, name)(backend.name, *ours)
+            out = _ops.run(name, backend.name, *ours)
             runs.append([t for t in tree_leaves([out, ours[0]]) if isinstance(t, torch.Tensor)])
         assert_bitwise_equal(cpu(runs[0]), cpu(runs[1])), name
 
@@ -710,7 +725,7 @@ def test_refused_calls_modify_nothing(backend):
     ]
     for name, args in calls:
         with pytest.raises((RuntimeError, ValueError, TypeError)):
-            getattr(_ops, name)(backend.name, *args)
+            _ops.run(name, backend.name, *args)
         assert_bitwise_equal(cpu(grads + state), originals), name
 
 
@@ -725,7 +740,7 @@ def test_refused_calls_modify_nothing(backend):
 def test_refusals_say_why(backend, name, args, exc, match):
     _refuses(backend)
     with pytest.raises(exc, match=match):
-        getattr(_ops, name)(backend.name, *args(backend.device))
+        _ops.run(name, backend.name, *args(backend.device))
 
 
 @pytest.mark.parametrize("field, bad, exc, match", [
@@ -748,7 +763,7 @@ def test_monitor_update_refuses_before_writing(backend, field, bad, exc, match):
     state = [t.to(backend.device) for t in state]  # .to keeps the strided view strided on the CPU
     originals = clone_all(cpu(state))
     with pytest.raises(exc, match=match):
-        _ops.monitor_update_(backend.name, norms, *state, *args)
+        _ops.run("monitor_update_", backend.name, norms, *state, *args)
     assert all(torch.equal(a, b) for a, b in zip(cpu(state), originals))
 
 
@@ -762,7 +777,7 @@ def test_operators_issue_fewer_aten_ops_than_tensors(backend, monkeypatch):
     if backend.name == "torch":
         pytest.skip("backend 'torch' is reference.py: the loop the kernels are counted against")
     for name, args, _ in small_calls(backend.device, seed=120, count=COUNT):
-        modes = [count_aten(monkeypatch, lambda: getattr(_ops, name)(backend.name, *args)) for _ in range(2)]
+        modes = [count_aten(monkeypatch, lambda: _ops.run(name, backend.name, *args)) for _ in range(2)]
         assert all(name in mode.fused for mode in modes), (name, [mode.fused for mode in modes])
         counts = [len(mode.aten) for mode in modes]
         before = len(count_aten(monkeypatch, lambda: getattr(reference, name)(*args)).aten)

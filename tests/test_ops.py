@@ -130,7 +130,7 @@ def test_statistics_total_and_per_tensor(backend, dtype, norm_type):
     originals = make_grads(SHAPES, dtype, seed=45)
     originals[0][::5] = 0  # exact zeros for the 0-norm (and an infinite |x|^-2)
     grads = backend.on(originals)
-    total, per = _ops.multi_tensor_norm(backend.name, grads, norm_type, per_tensor=True)
+    total, per = _ops.run("multi_tensor_norm", backend.name, grads, norm_type, True)
     acc = expected_dtype([dtype])
     assert total.dtype == per.dtype == acc and total.shape == () and per.shape == (len(grads),)
     assert total.device == per.device == grads[0].device
@@ -143,7 +143,7 @@ def test_statistics_total_and_per_tensor(backend, dtype, norm_type):
     assert float(total) == pytest.approx(combined, rel=rtol, abs=0)
     assert_bitwise_equal(cpu(grads), originals)
     # without per_tensor the second result is empty and the total the same bits
-    total2, per2 = _ops.multi_tensor_norm(backend.name, grads, norm_type)
+    total2, per2 = _ops.run("multi_tensor_norm", backend.name, grads, norm_type)
     assert per2.numel() == 0 and torch.equal(total2, total)
 
 
@@ -159,17 +159,17 @@ def test_statistic_is_before_the_root(backend):
         (-math.inf, float(vector.abs().min())),
         (0.0, float(vector.count_nonzero())),
     ]:
-        total, _ = _ops.multi_tensor_norm(backend.name, backend.on(grads), norm_type)
+        total, _ = _ops.run("multi_tensor_norm", backend.name, backend.on(grads), norm_type)
         assert float(total) == pytest.approx(want, rel=1e-12), norm_type
 
 
 @pytest.mark.parametrize("norm_type", STAT_NORM_TYPES, ids=norm_id)
 def test_statistic_of_no_elements_is_the_identity(backend, norm_type):
     grads = backend.on([torch.empty(0), torch.empty(3, 0), torch.empty(0, dtype=torch.float16)])
-    total, per = _ops.multi_tensor_norm(backend.name, grads, norm_type, per_tensor=True)
+    total, per = _ops.run("multi_tensor_norm", backend.name, grads, norm_type, True)
     identity = math.inf if norm_type == -math.inf else 0.0
     assert float(total) == identity and per.tolist() == [identity] * 3
-    total = _ops.clip_grad_norm_(backend.name, grads, 1.0, norm_type)
+    total = _ops.run("clip_grad_norm_", backend.name, grads, 1.0, norm_type)
     assert float(total) == 0.0
 
 
@@ -184,12 +184,12 @@ def test_per_tensor_statistics_many_tensors(backend, count):
     sizes = torch.randint(0, 60, (count,), generator=gen).tolist()
     grads = [rand_tensor((n,), torch.float32, gen) for n in sizes]
     for norm_type in (2.0, -math.inf, math.inf):
-        total, per = _ops.multi_tensor_norm(backend.name, backend.on(grads), norm_type, per_tensor=True)
+        total, per = _ops.run("multi_tensor_norm", backend.name, backend.on(grads), norm_type, True)
         expected = torch.tensor([oracle_statistic(g, norm_type) for g in grads], dtype=torch.float64)
         torch.testing.assert_close(per.cpu().double(), expected, rtol=1e-5, atol=0)
     truth = oracle_norm(grads, 2.0)
     on_device = backend.on(grads)
-    total = _ops.clip_grad_norm_(backend.name, on_device, 0.5 * truth, 2.0)
+    total = _ops.run("clip_grad_norm_", backend.name, on_device, 0.5 * truth, 2.0)
     assert_norm_close(total.cpu(), truth, 1e-5)
     assert_bitwise_equal(cpu(on_device), scaled_by_returned_norm(grads, total.cpu(), 0.5 * truth))
     params = params_with(backend.on(grads))
@@ -204,14 +204,14 @@ def test_nan_and_inf_through_every_statistic(backend):
         for position in (0, 31, 32, 2047, 2048, TRITON_CHUNK + 5, 40000, 70000):
             grads = make_grads([(70001,), (5,)], torch.float32, seed=48)
             grads[0][position] = float("nan")
-            total, per = _ops.multi_tensor_norm(backend.name, backend.on(grads), norm_type, per_tensor=True)
+            total, per = _ops.run("multi_tensor_norm", backend.name, backend.on(grads), norm_type, True)
             assert total.isnan() and per[0].isnan() and not per[1].isnan(), (norm_type, position)
     grads = make_grads([(100,), (7,)], torch.float32, seed=49)
     grads[1][3] = float("inf")
     for norm_type, want in ((2.0, math.inf), (math.inf, math.inf), (1.0, math.inf)):
         assert float(fusedclip.get_total_norm(backend.on(grads), norm_type, backend=backend.name)) == want
     grads[0][5] = float("nan")
-    total, _ = _ops.multi_tensor_norm(backend.name, backend.on(grads), 0.0)
+    total, _ = _ops.run("multi_tensor_norm", backend.name, backend.on(grads), 0.0)
     assert float(total) == float(torch.count_nonzero(torch.cat(grads)))  # nan != 0: counted
 
 
@@ -221,7 +221,7 @@ def test_zero_size_tensor_at_every_position(backend, where):
     grads.insert(where, torch.empty(0, 4, dtype=torch.bfloat16))
     originals = clone_all(grads)
     for norm_type in (2.0, math.inf, -math.inf, 0.0):
-        total, per = _ops.multi_tensor_norm(backend.name, backend.on(grads), norm_type, per_tensor=True)
+        total, per = _ops.run("multi_tensor_norm", backend.name, backend.on(grads), norm_type, True)
         assert per.tolist()[where] == (math.inf if norm_type == -math.inf else 0.0)
         assert_norm_close(total.cpu(), sum(oracle_statistic(g, norm_type) for g in originals)
                           if math.isfinite(norm_type) else oracle_norm(originals, norm_type), 1e-5)
@@ -237,14 +237,14 @@ def test_mixed_dtypes_accumulate_each_chunk_in_its_own_dtype(backend):
     float32 (a tie, to even), and would stay 1 + 2^-24 in float64."""
     grads = [torch.tensor([1.0, 2.0**-12]), torch.zeros(3, dtype=torch.float64)]
     cpu_statistic, _ = ops.multi_tensor_norm(clone_all(grads), 2.0, False)
-    statistic, _ = _ops.multi_tensor_norm(backend.name, backend.on(grads), 2.0, False)
+    statistic, _ = _ops.run("multi_tensor_norm", backend.name, backend.on(grads), 2.0, False)
     assert statistic.dtype == torch.float64
     assert float(statistic) == float(cpu_statistic) == 1.0
     dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16] * 3
     grads = make_grads([(TRITON_CHUNK + 77,), (500,), (3000,), (TRITON_CHUNK - 3,)] * 3, dtypes, seed=43)
     for norm_type in (2.0, 1.0, 3.0):
         cpu_statistic, _ = ops.multi_tensor_norm(clone_all(grads), norm_type, False)
-        statistic, _ = _ops.multi_tensor_norm(backend.name, backend.on(grads), norm_type, False)
+        statistic, _ = _ops.run("multi_tensor_norm", backend.name, backend.on(grads), norm_type, False)
         assert float(statistic) == pytest.approx(float(cpu_statistic), rel=1e-6, abs=0)
 
 
@@ -256,16 +256,16 @@ def test_multi_tensor_scale_(backend, dtype):
     originals = make_grads(SHAPES, dtype, seed=50)
     grads = backend.on(originals)
     for coef in (1.0, 1.5, math.inf):  # coef >= 1: nothing is written
-        _ops.multi_tensor_scale_(backend.name, grads, backend.tensor(coef))
+        _ops.run("multi_tensor_scale_", backend.name, grads, backend.tensor(coef))
         assert_bitwise_equal(cpu(grads), originals)
     for coef_dtype in (torch.float32, torch.float64, torch.bfloat16):
         grads = backend.on(originals)
         coef = torch.tensor(0.3721, dtype=coef_dtype)
-        _ops.multi_tensor_scale_(backend.name, grads, coef.to(backend.device))
+        _ops.run("multi_tensor_scale_", backend.name, grads, coef.to(backend.device))
         # applied in float32 (float64 for float64 grads): a float64 coefficient is rounded first
         assert_bitwise_equal(cpu(grads), scaled_by_coef(originals, coef.double()))
     grads = backend.on(originals)
-    _ops.multi_tensor_scale_(backend.name, grads, backend.tensor(float("nan")))
+    _ops.run("multi_tensor_scale_", backend.name, grads, backend.tensor(float("nan")))
     assert all(g.isnan().all() for g in grads)
 
 
@@ -277,7 +277,7 @@ def test_multi_tensor_clamp_(backend, dtype):
     originals[11][::3] = float("inf")  # (TRITON_CHUNK,)
     expected = [g.clone().clamp_(-0.25, 1.5) for g in originals]
     grads = backend.on(originals)
-    _ops.multi_tensor_clamp_(backend.name, grads, -0.25, 1.5)
+    _ops.run("multi_tensor_clamp_", backend.name, grads, -0.25, 1.5)
     assert_bitwise_equal(cpu(grads), expected, any_nan=True)  # nan stays nan (its payload may not)
 
 
@@ -296,7 +296,7 @@ def test_fused_clip_grad_norm_op(backend, mix, norm_type):
     assert len(originals) == len(SHAPES)
     truth = oracle_norm(originals, norm_type)
     grads = backend.on(originals)
-    total = _ops.clip_grad_norm_(backend.name, grads, 0.5 * truth, norm_type)
+    total = _ops.run("clip_grad_norm_", backend.name, grads, 0.5 * truth, norm_type)
     assert total.dtype == expected_dtype(dtypes) and total.device == grads[0].device
     assert_norm_close(total.cpu(), truth, norm_rtol(1e-5, norm_type))
     assert_bitwise_equal(cpu(grads), scaled_by_returned_norm(originals, total.cpu(), 0.5 * truth))
@@ -305,11 +305,11 @@ def test_fused_clip_grad_norm_op(backend, mix, norm_type):
 def test_scale_and_clamp_agree_bitwise_with_backend_torch(backend):
     grads = make_grads(SHAPES, torch.bfloat16, seed=54, scale=2.0)
     a, b = backend.on(grads), backend.on(grads)
-    _ops.multi_tensor_scale_(backend.name, a, backend.tensor(0.61))
-    _ops.multi_tensor_scale_("torch", b, backend.tensor(0.61))
+    _ops.run("multi_tensor_scale_", backend.name, a, backend.tensor(0.61))
+    _ops.run("multi_tensor_scale_", "torch", b, backend.tensor(0.61))
     assert_bitwise_equal(cpu(a), cpu(b))
-    _ops.multi_tensor_clamp_(backend.name, a, -0.3, 0.2)
-    _ops.multi_tensor_clamp_("torch", b, -0.3, 0.2)
+    _ops.run("multi_tensor_clamp_", backend.name, a, -0.3, 0.2)
+    _ops.run("multi_tensor_clamp_", "torch", b, -0.3, 0.2)
     assert_bitwise_equal(cpu(a), cpu(b))
 
 
@@ -320,7 +320,7 @@ def test_grads_sharing_memory_scaled_once_per_occurrence(backend):
     expected.mul_(coef)
     expected.mul_(coef)
     expected[10:20].mul_(coef)
-    _ops.multi_tensor_scale_(backend.name, [g, g, g[10:20]], coef.to(backend.device))
+    _ops.run("multi_tensor_scale_", backend.name, [g, g, g[10:20]], coef.to(backend.device))
     assert_bitwise_equal([g.cpu()], [expected])
 
 
@@ -334,7 +334,7 @@ def test_clip_of_non_contiguous_complex_and_shared_grads(backend):
 
     truth = oracle_norm(grads_of(base, complex_grad, shared), 2.0)
     on_device = backend.on([base, complex_grad, shared])
-    total = _ops.clip_grad_norm_(backend.name, grads_of(*on_device), 0.5 * truth, 2.0)
+    total = _ops.run("clip_grad_norm_", backend.name, grads_of(*on_device), 0.5 * truth, 2.0)
     assert float(total) == pytest.approx(truth, rel=1e-5)
     # torch's order: tensor by tensor, so shared bytes are scaled once per occurrence
     coef = ((total.cpu() + 1e-6).reciprocal() * (0.5 * truth)).clamp(max=1.0)
@@ -352,14 +352,14 @@ def test_in_place_operators_bump_version_counters(backend):
                        ("multi_tensor_scale_", (backend.tensor(0.5),)),
                        ("multi_tensor_clamp_", (-0.1, 0.1))):
         versions = [g._version for g in grads]
-        getattr(_ops, name)(backend.name, grads, *args)
+        _ops.run(name, backend.name, grads, *args)
         bumped = [g._version > v for g, v in zip(grads, versions)]
         if backend.name == "torch":  # reference.py leaves a zero-size tensor alone, its counter too
             assert bumped == [True, True, False], name
         else:  # the kernels bump every tensor of the list, zero-size ones included
             assert all(bumped), name
     versions = [g._version for g in grads]
-    _ops.multi_tensor_norm(backend.name, grads, 2.0)
+    _ops.run("multi_tensor_norm", backend.name, grads, 2.0)
     assert [g._version for g in grads] == versions
 
 
@@ -389,22 +389,22 @@ def test_no_access_outside_each_tensor(backend, dtype):
     tensors = poisoned.tensors()
     originals = clone_all(cpu(tensors))
     for norm_type in (2.0, 1.0, 3.5, math.inf, -math.inf, 0.0):
-        total, per = _ops.multi_tensor_norm(backend.name, tensors, norm_type, per_tensor=True)
+        total, per = _ops.run("multi_tensor_norm", backend.name, tensors, norm_type, True)
         assert not total.isnan() and not per.isnan().any(), norm_type
         expected = [oracle_statistic(t, norm_type) for t in originals]
         rtol = 1e-5 if norm_type in (0.0, 1.0, 2.0) or math.isinf(norm_type) else 1e-4
         for value, want in zip(per.tolist(), expected):
             assert value == pytest.approx(want, rel=rtol)
-    _ops.multi_tensor_scale_(backend.name, tensors, backend.tensor(0.43))
+    _ops.run("multi_tensor_scale_", backend.name, tensors, backend.tensor(0.43))
     assert poisoned.poison_intact(), "scale wrote outside a tensor"
     # the float32 coefficient, widened for float64 tensors
     scaled = scaled_by_coef(originals, torch.tensor(0.43))
     assert_bitwise_equal(cpu(tensors), scaled)
-    _ops.multi_tensor_clamp_(backend.name, tensors, -0.5, 0.5)
+    _ops.run("multi_tensor_clamp_", backend.name, tensors, -0.5, 0.5)
     assert poisoned.poison_intact(), "clamp wrote outside a tensor"
     clamped = [t.clamp(-0.5, 0.5) for t in scaled]
     assert_bitwise_equal(cpu(tensors), clamped)
-    total = _ops.clip_grad_norm_(backend.name, tensors, 0.01, 2.0)
+    total = _ops.run("clip_grad_norm_", backend.name, tensors, 0.01, 2.0)
     assert not total.isnan()
     assert poisoned.poison_intact(), "clip_grad_norm_ wrote outside a tensor"
     assert_norm_close(total.cpu(), oracle_norm(clamped, 2.0), 1e-5)
@@ -420,8 +420,8 @@ def test_norm_bits_do_not_depend_on_memory_order(backend, norm_type):
     backward = [None] * len(values)
     for i in reversed(range(len(values))):
         backward[i] = values[i].to(backend.device, copy=True)
-    a, _ = _ops.multi_tensor_norm(backend.name, forward, norm_type)
-    b, _ = _ops.multi_tensor_norm(backend.name, backward, norm_type)
+    a, _ = _ops.run("multi_tensor_norm", backend.name, forward, norm_type)
+    b, _ = _ops.run("multi_tensor_norm", backend.name, backward, norm_type)
     assert torch.equal(a, b)
 
 
@@ -429,13 +429,13 @@ def test_norm_bits_do_not_depend_on_memory_order(backend, norm_type):
 def test_bitwise_repeatable(backend, dtype):
     grads = backend.on(make_grads(SHAPES + [(3 * TRITON_CHUNK + 11,)], dtype, seed=12))
     for norm_type in (2.0, 3.5, math.inf, 0.0):
-        first, per = _ops.multi_tensor_norm(backend.name, grads, norm_type, per_tensor=True)
+        first, per = _ops.run("multi_tensor_norm", backend.name, grads, norm_type, True)
         for _ in range(2):
-            again, per_again = _ops.multi_tensor_norm(backend.name, clone_all(grads), norm_type, per_tensor=True)
+            again, per_again = _ops.run("multi_tensor_norm", backend.name, clone_all(grads), norm_type, True)
             assert torch.equal(first, again) and torch.equal(per, per_again)
     a, b = clone_all(grads), clone_all(grads)
-    ta = _ops.clip_grad_norm_(backend.name, a, 0.1, 2.0)
-    tb = _ops.clip_grad_norm_(backend.name, b, 0.1, 2.0)
+    ta = _ops.run("clip_grad_norm_", backend.name, a, 0.1, 2.0)
+    tb = _ops.run("clip_grad_norm_", backend.name, b, 0.1, 2.0)
     assert torch.equal(ta, tb)
     assert_bitwise_equal(cpu(a), cpu(b))
 

@@ -414,7 +414,7 @@ def test_kernels_compile_for_sm90():
     """Every kernel compiles (Triton's own ptxas, no GPU needed) for an H100's sm_90 in the
     variants the launchers use; whole blocks of aligned bf16 are loaded and stored 16 bytes at a
     time (the norm, its unscaled form, the scales, AGC's rows); general p takes float64 pow; and
-    GradientMonitor's update, compiled as launch.monitor compiles it, has no fused multiply-add
+    GradientMonitor's update, compiled as fusedclip_triton::monitor_update_ compiles it, has no fused multiply-add
     (which it would have with fusion on)."""
     import triton.language as tl
     from triton.backends.compiler import GPUTarget

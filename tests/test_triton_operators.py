@@ -38,9 +38,8 @@ from helpers import (
     rand_tensor,
     scaled_by_returned_norm,
     seeded,
-    small_calls,
 )
-from test_operator_contracts import agc_inputs
+from test_operator_contracts import agc_inputs, small_calls
 
 _IN_SUBPROCESS = "runs in the TRITON_INTERPRET=1 subprocess of test_triton.py::test_interpreted_suite"
 

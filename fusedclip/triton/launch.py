@@ -1,7 +1,8 @@
-"""The launchers of backend "triton": the norm (one launch per dtype, the last program of the
-last launch finishing the total, the coefficient and found_inf in device memory; one more for
-per-tensor statistics), the in-place transforms (scale, clamp: one launch per dtype), AGC and
-GradientMonitor's update. No host sync anywhere.
+"""The launches of backend "triton" that several operators share: the norm (one launch per
+dtype, the last program of the last launch finishing the total, the coefficient and found_inf in
+device memory; one more for per-tensor statistics) and the in-place transforms (scale, clamp: one
+launch per dtype), and run_kernel, through which every launch goes. An operator's own launches
+(AGC's, GradientMonitor's update) are in its function in ops.py. No host sync anywhere.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from torch import Tensor
 
 from fusedclip import numerics
 from fusedclip.triton import kernels
-from fusedclip.triton.tables import INTERPRETED, TRITON_DTYPES, AgcOperands, Operands, operands_of
+from fusedclip.triton.tables import INTERPRETED, TRITON_DTYPES, Operands, operands_of
 
 BLOCK = 2048  # elements per step of a program's loop
 FINAL_BLOCK = 1024  # lanes of the reductions of partials
-MONITOR_BLOCK = 1024  # entries per program of GradientMonitor's update
 NUM_WARPS = 8  # GPU only
 
 
@@ -130,66 +130,3 @@ def transform(tensors: list[Tensor], op: str, kernel, *args, operands: Optional[
         )
     for original, dense in operands.write_back:
         original.copy_(dense)
-
-
-def agc(operands: AgcOperands, device: torch.device, out: torch.dtype, clip_factor: float,
-        eps: float) -> tuple[Tensor, Tensor]:
-    """Unit-wise AGC of the operands' gradients in place; returns the sums of squares of the
-    gradients before clipping (total, per tensor) in ``out``.
-
-    One agc_pieces launch per (grad dtype, param dtype, alignment) measures every unit and clips
-    those of whole rows; rows longer than a chunk then take two more launches, one for their
-    coefficients (agc_long_rows) and one scale per launch that holds such rows (scale_chunks,
-    one coefficient per row); last, one launch sums the units per tensor and in total."""
-    t = operands.table
-    per = torch.empty((t.n_tensors,), dtype=out, device=device)
-    total = torch.empty((), dtype=out, device=device)
-    if t.n_pieces == 0:
-        per.zero_()
-        total.zero_()
-        return total, per
-    unit_sq = torch.empty((t.n_units,), dtype=torch.float64, device=device)
-    parts = torch.empty((max(1, 2 * t.n_parts),), dtype=torch.float64, device=device)
-    factors = bits(clip_factor), bits(eps)
-    for launch in t.launches:
-        run_kernel(
-            kernels.agc_pieces, device, launch.n_chunks,
-            t.table, t.n_pieces, launch.first_chunk, unit_sq, parts, t.n_parts, *factors,
-            DTYPE=TRITON_DTYPES[launch.dtype], ACC=accumulate(launch.dtype),
-            PDTYPE=TRITON_DTYPES[launch.param_dtype], PACC=accumulate(launch.param_dtype),
-            ALIGNED=launch.aligned, BLOCK=BLOCK,
-        )
-    if t.n_long:
-        coefs = torch.empty((t.n_long,), dtype=torch.float64, device=device)
-        run_kernel(kernels.agc_long_rows, device, t.n_long, t.table, 6 * t.n_pieces, t.n_long,
-                   unit_sq, parts, t.n_parts, coefs, *factors, BLOCK=FINAL_BLOCK)
-        for launch in t.long_launches:
-            run_kernel(
-                kernels.scale_chunks, device, launch.n_chunks,
-                t.table, t.n_pieces, launch.first_chunk, coefs, 1,
-                DTYPE=TRITON_DTYPES[launch.dtype], ACC=accumulate(launch.dtype),
-                ALIGNED=launch.aligned, BLOCK=BLOCK, PER_TENSOR=True,
-            )
-    run_kernel(
-        kernels.per_tensor, device, t.n_tensors,
-        t.table, 6 * t.n_pieces + 4 * t.n_long, t.n_tensors, unit_sq, t.n_units, per, total, 0,
-        KIND=kernels.SQUARE_SUM, ACC=TRITON_DTYPES[out], ROOT=False, TOTAL=True, BLOCK=FINAL_BLOCK,
-    )
-    for original, dense in operands.write_back:
-        original.copy_(dense)
-    return total, per
-
-
-def monitor(norms: Tensor, state: list[Tensor], alpha: float, warmup_steps: int, z_threshold: float,
-            explode_threshold: Optional[float], vanish_eps: float, vanish_steps: int) -> None:
-    """GradientMonitor's update (kernels.monitor_update) of contiguous 1-dim state tensors
-    (mean, var, count, below, explosions, exploding, vanishing), one launch; compiled without
-    fused multiply-adds, as the CPU kernel and the reference round every op."""
-    n = norms.numel()
-    run_kernel(
-        kernels.monitor_update, norms.device, -(-n // MONITOR_BLOCK), norms, *state, n,
-        bits(1.0 - alpha), bits(z_threshold * z_threshold),
-        bits(0.0 if explode_threshold is None else explode_threshold), bits(vanish_eps), warmup_steps,
-        vanish_steps, T=TRITON_DTYPES[norms.dtype], HAS_EXPLODE=explode_threshold is not None,
-        BLOCK=MONITOR_BLOCK, enable_fp_fusion=False,
-    )

@@ -9,7 +9,8 @@ tensor (tables.py), then launches one kernel per dtype present (launch.py): the 
 of 10,000 float32 tensors is one launch, plus one for the per-tensor statistics when asked. The
 fused clip is one norm launch and one scale launch per dtype, with the coefficient passed from
 one to the other in device memory: no host sync anywhere. AGC has a table of its own (rows of
-tensors, tables.build_agc_table); GradientMonitor's update is one element-wise launch.
+tensors, tables.build_agc_table) and launches of its own (_agc, here); GradientMonitor's update
+is one element-wise launch, in its operator.
 
 The operators are defined with ``torch.library.Library`` (one kernel for every device, fake
 kernels for torch.compile and opcheck), not as triton_ops: a triton_op's body must be
@@ -34,8 +35,10 @@ from torch import Tensor
 
 from fusedclip import numerics, operators
 from fusedclip.triton import kernels, launch
-from fusedclip.triton.launch import NormResults, bits, norm, transform
-from fusedclip.triton.tables import agc_operands_of, check, operands_of, prepare
+from fusedclip.triton.launch import BLOCK, FINAL_BLOCK, NormResults, accumulate, bits, norm, transform
+from fusedclip.triton.tables import TRITON_DTYPES, AgcOperands, agc_operands_of, check, operands_of, prepare
+
+MONITOR_BLOCK = 1024  # entries per program of GradientMonitor's update
 
 __all__ = ["multi_tensor_norm", "multi_tensor_scale_", "multi_tensor_clamp_", "clip_grad_norm_",
            "multi_tensor_agc_", "multi_tensor_scale_per_tensor_", "clip_grad_norm_with_norms_",
@@ -196,9 +199,57 @@ def clip_grad_norm_with_norms_(tensors: list[Tensor], max_norm: float, norm_type
     return results.total, results.per
 
 
+def _agc(operands: AgcOperands, device: torch.device, out: torch.dtype, clip_factor: float,
+         eps: float) -> tuple[Tensor, Tensor]:
+    """Unit-wise AGC of the operands' gradients in place; returns the sums of squares of the
+    gradients before clipping (total, per tensor) in ``out``.
+
+    One agc_pieces launch per (grad dtype, param dtype, alignment) measures every unit and clips
+    those of whole rows; rows longer than a chunk then take two more launches, one for their
+    coefficients (agc_long_rows) and one scale per launch that holds such rows (scale_chunks,
+    one coefficient per row); last, one launch sums the units per tensor and in total."""
+    t = operands.table
+    per = torch.empty((t.n_tensors,), dtype=out, device=device)
+    total = torch.empty((), dtype=out, device=device)
+    if t.n_pieces == 0:
+        per.zero_()
+        total.zero_()
+        return total, per
+    unit_sq = torch.empty((t.n_units,), dtype=torch.float64, device=device)
+    parts = torch.empty((max(1, 2 * t.n_parts),), dtype=torch.float64, device=device)
+    factors = bits(clip_factor), bits(eps)
+    for batch in t.launches:
+        launch.run_kernel(
+            kernels.agc_pieces, device, batch.n_chunks,
+            t.table, t.n_pieces, batch.first_chunk, unit_sq, parts, t.n_parts, *factors,
+            DTYPE=TRITON_DTYPES[batch.dtype], ACC=accumulate(batch.dtype),
+            PDTYPE=TRITON_DTYPES[batch.param_dtype], PACC=accumulate(batch.param_dtype),
+            ALIGNED=batch.aligned, BLOCK=BLOCK,
+        )
+    if t.n_long:
+        coefs = torch.empty((t.n_long,), dtype=torch.float64, device=device)
+        launch.run_kernel(kernels.agc_long_rows, device, t.n_long, t.table, 6 * t.n_pieces, t.n_long,
+                   unit_sq, parts, t.n_parts, coefs, *factors, BLOCK=FINAL_BLOCK)
+        for batch in t.long_launches:
+            launch.run_kernel(
+                kernels.scale_chunks, device, batch.n_chunks,
+                t.table, t.n_pieces, batch.first_chunk, coefs, 1,
+                DTYPE=TRITON_DTYPES[batch.dtype], ACC=accumulate(batch.dtype),
+                ALIGNED=batch.aligned, BLOCK=BLOCK, PER_TENSOR=True,
+            )
+    launch.run_kernel(
+        kernels.per_tensor, device, t.n_tensors,
+        t.table, 6 * t.n_pieces + 4 * t.n_long, t.n_tensors, unit_sq, t.n_units, per, total, 0,
+        KIND=kernels.SQUARE_SUM, ACC=TRITON_DTYPES[out], ROOT=False, TOTAL=True, BLOCK=FINAL_BLOCK,
+    )
+    for original, dense in operands.write_back:
+        original.copy_(dense)
+    return total, per
+
+
 @_operator
 def multi_tensor_agc_(grads: list[Tensor], params: list[Tensor], clip_factor: float, eps: float) -> tuple[Tensor, Tensor]:
-    """Unit-wise AGC in place (launch.agc: one launch per dtype that clips every row of at most a
+    """Unit-wise AGC in place (_agc: one launch per dtype that clips every row of at most a
     chunk where it is read, and three more when rows are longer); returns the sums of squares of
     the gradients before clipping, in total and per tensor. Gradients that share memory are
     clipped one tensor at a time in list order, as torch's loop clips them."""
@@ -213,8 +264,8 @@ def multi_tensor_agc_(grads: list[Tensor], params: list[Tensor], clip_factor: fl
     device = grads[0].device
     operands = agc_operands_of(grads, params, op)
     if not operands.shares_memory:
-        return launch.agc(operands, device, out, clip_factor, eps)
-    per = torch.cat([launch.agc(agc_operands_of([g], [p], op), device, out, clip_factor, eps)[1]
+        return _agc(operands, device, out, clip_factor, eps)
+    per = torch.cat([_agc(agc_operands_of([g], [p], op), device, out, clip_factor, eps)[1]
                      for g, p in zip(grads, params)])
     return numerics.combine_statistics(per, 2.0), per
 
@@ -241,6 +292,13 @@ def monitor_update_(norms: Tensor, mean: Tensor, var: Tensor, count: Tensor, bel
         if t.shape != norms.shape or not t.is_contiguous():
             raise ValueError(f"fusedclip_triton.{op}: {name} must be a contiguous 1-dim tensor of size "
                              f"{norms.numel()}, got shape {tuple(t.shape)} and strides {t.stride()}")
-    if norms.numel():
-        launch.monitor(norms, state, alpha, warmup_steps, z_threshold, explode_threshold, vanish_eps, vanish_steps)
+    n = norms.numel()
+    if n:  # one launch, compiled without fused multiply-adds: the CPU kernel and the reference round every op
+        launch.run_kernel(
+            kernels.monitor_update, norms.device, -(-n // MONITOR_BLOCK), norms, *state, n,
+            bits(1.0 - alpha), bits(z_threshold * z_threshold),
+            bits(0.0 if explode_threshold is None else explode_threshold), bits(vanish_eps), warmup_steps,
+            vanish_steps, T=TRITON_DTYPES[norms.dtype], HAS_EXPLODE=explode_threshold is not None,
+            BLOCK=MONITOR_BLOCK, enable_fp_fusion=False,
+        )
 
