@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
 """Compile-checks the CUDA sources without a GPU: ``python scripts/check_cuda.py``.
 
-1. Every csrc/cuda/*.cu and *.cuh includes only the CUDA toolkit's runtime headers, the C++
-   standard library and project headers (so nvcc builds them against a CPU-only torch), and
-   every kernel is declared with __launch_bounds__(kBlockThreads, kMinBlocksPerSm).
-2. nvcc compiles every csrc/cuda/*.cu to an object (``nvcc -c``: the host launch code too, with
-   the host compiler's -Wall -Wextra -Werror) for each architecture (sm_80 and sm_90 by default)
-   with ``-Xptxas -v`` and ``-Werror all-warnings``, without torch's include paths; any warning,
-   any register spill and any stack frame fails the check.
+1. Every csrc/cuda/*.cuh includes only the CUDA toolkit's runtime headers, the C++ standard
+   library and torch-free project headers (the host test builds them with no torch). Every
+   csrc/cuda/*.cu, whose operators' glue is on torch's stable ABI, may also include the stable
+   ABI (torch/csrc/stable, torch/headeronly, the C shim) and the project headers that wrap it
+   (csrc/cuda/glue.h, csrc/stable.h, csrc/tensor_checks.h, held to the same rule): no ATen or c10
+   C++ header, so a CPU-only torch's headers build them. Every kernel is declared with
+   __launch_bounds__(kBlockThreads, kMinBlocksPerSm).
+2. nvcc compiles every csrc/cuda/*.cu to an object (``nvcc -c``: the host code too, launches and
+   stable-ABI glue, with the host compiler's -Wall -Wextra -Werror) for each architecture (sm_80
+   and sm_90 by default) with ``-Xptxas -v`` and ``-Werror all-warnings``, against the installed
+   torch's headers (as system headers, at setup.py's TORCH_TARGET_VERSION); any warning, any
+   register spill and any stack frame fails the check.
 3. From ptxas's register and shared-memory figures, every kernel fits kMinBlocksPerSm blocks of
    kBlockThreads threads (csrc/cuda/kernels.cuh: two of 512) on one SM of each architecture
    (65536 registers, allocated per warp in units of 256; the SM's shared memory, 1 KB of it
    reserved per block); ``--report`` prints the figures of every kernel.
-4. The stable-ABI glue (csrc/cuda/*.cpp) passes ``g++ -fsyntax-only -Wall -Wextra`` against the
+4. The shared stable-ABI glue and the Python module (csrc/cuda/*.cpp) pass ``g++ -fsyntax-only -Wall -Wextra`` against the
    installed torch's headers and the CUDA toolkit's, when both are present. A CPU-only torch ships
    c10/cuda but not its generated cuda_cmake_macros.h; an empty stand-in is written for that one
    (in a temporary folder, like every other output of this script).
@@ -109,26 +114,37 @@ def cu_sources() -> list[str]:
     return sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu")))
 
 
-# Torch-free headers shared by the CPU and CUDA kernels (the numeric rules): a .cu may include
+# Torch-free headers shared by the CPU and CUDA kernels (the numeric rules): a .cuh may include
 # them, and they are held to the same rule.
 SHARED_HEADERS = (os.path.join(ROOT, "csrc", "numerics.h"),)
+# The project headers of torch's stable ABI that a .cu may include (csrc/cuda/glue.h, the shared
+# glue, and the two headers of every operator file it includes), held to the .cu rule.
+STABLE_HEADERS = (os.path.join(ROOT, "csrc", "stable.h"), os.path.join(ROOT, "csrc", "tensor_checks.h"))
+# torch's stable ABI: its header-only wrappers and the C shim (no ATen or c10 C++ symbol).
+_STABLE_ABI_HEADER = re.compile(r"^torch/(csrc/stable|headeronly|csrc/inductor/aoti_torch/c)/[\w/]+\.h$")
 
 
 def include_violations() -> list[str]:
-    """Includes of the .cu/.cuh files (and the shared headers) that are neither CUDA runtime,
-    standard library nor project."""
+    """Includes of the .cu/.cuh files (and the headers they may include) that are neither CUDA
+    runtime, standard library nor project; of the .cu files and the stable-ABI headers, also
+    torch's stable ABI."""
     problems = []
-    sources = glob.glob(os.path.join(CUDA_DIR, "*.cu")) + glob.glob(os.path.join(CUDA_DIR, "*.cuh"))
-    for path in sorted(sources) + list(SHARED_HEADERS):
+    glue_headers = sorted(glob.glob(os.path.join(CUDA_DIR, "*.h"))) + list(STABLE_HEADERS)
+    torch_free = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cuh"))) + list(SHARED_HEADERS)
+    on_stable_abi = sorted(glob.glob(os.path.join(CUDA_DIR, "*.cu"))) + glue_headers
+    for path in sorted(torch_free + on_stable_abi):
+        stable = path in on_stable_abi
         with open(path) as f:
             text = f.read()
         for kind, name in _INCLUDE.findall(text):
             if kind == '"':
                 target = os.path.normpath(os.path.join(os.path.dirname(path), name))
                 in_cuda_dir = name.endswith(".cuh") and os.path.dirname(target) == CUDA_DIR
-                ok = os.path.isfile(target) and (in_cuda_dir or target in SHARED_HEADERS)
+                ok = os.path.isfile(target) and (in_cuda_dir or target in SHARED_HEADERS or
+                                                 (stable and target in glue_headers))
             else:
-                ok = name in ALLOWED_SYSTEM_HEADERS or bool(_STD_HEADER.match(name))
+                ok = (name in ALLOWED_SYSTEM_HEADERS or bool(_STD_HEADER.match(name)) or
+                      (stable and bool(_STABLE_ABI_HEADER.match(name))))
             if not ok:
                 problems.append(f"{os.path.relpath(path, ROOT)} includes {kind}{name}")
     return problems
@@ -212,13 +228,31 @@ TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSION
                     "--expt-relaxed-constexpr"]
 
 
+# The stable ABI of torch 2.10 (setup.py's TORCH_TARGET_VERSION).
+TORCH_TARGET_VERSION = "-DTORCH_TARGET_VERSION=0x020a000000000000"
+
+
+def torch_include_paths() -> Optional[list[str]]:
+    """The installed torch's include folders, or None without torch."""
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    except ImportError:
+        return None
+    return cpp_extension.include_paths()
+
+
 def compile_cu(nvcc: str, source: str, arch: str, out_dir: str) -> tuple[int, str]:
     """nvcc's exit status and output for one source and architecture: an object file, host code
     included (as the real build compiles it)."""
+    includes = torch_include_paths()
+    if includes is None:
+        return 1, "torch is not installed: the .cu files include its stable ABI (csrc/cuda/glue.h)"
     out = os.path.join(out_dir, f"{os.path.basename(source)}.{arch}.o")
-    command = [nvcc, "-std=c++17", "-O3", *TORCH_NVCC_FLAGS, "-I", os.path.join(ROOT, "csrc"), "-c",
-               f"-arch={arch}", "-Xptxas", "-v", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror",
-               "-o", out, source]
+    command = [nvcc, "-std=c++17", "-O3", *TORCH_NVCC_FLAGS, TORCH_TARGET_VERSION, "-I", os.path.join(ROOT, "csrc")]
+    for path in includes:
+        command += ["-isystem", path]  # torch's own headers warn under -Wextra
+    command += ["-c", f"-arch={arch}", "-Xptxas", "-v", "-Werror", "all-warnings", "-Xcompiler",
+                "-Wall,-Wextra,-Werror", "-o", out, source]
     result = subprocess.run(command, capture_output=True, text=True)
     return result.returncode, result.stdout + result.stderr
 
@@ -256,19 +290,15 @@ def glue_command(out_dir: str) -> Optional[list[str]]:
     """g++ -fsyntax-only over the glue, or None without g++, torch or the CUDA headers."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     nvcc = find_nvcc()
-    try:
-        import torch.utils.cpp_extension as cpp_extension
-    except ImportError:
-        return None
-    if cxx is None or nvcc is None:
+    includes = torch_include_paths()
+    if cxx is None or nvcc is None or includes is None:
         return None
     cuda_include = cuda_include_dir(nvcc)
     if cuda_include is None:
         return None
-    includes = cpp_extension.include_paths()
-    # The stable ABI of torch 2.10 (setup.py's TORCH_TARGET_VERSION) and the limited C API.
+    # The stable ABI (TORCH_TARGET_VERSION) and the limited C API.
     command = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden",
-               "-DTORCH_TARGET_VERSION=0x020a000000000000", "-DPy_LIMITED_API=0x030a0000",
+               TORCH_TARGET_VERSION, "-DPy_LIMITED_API=0x030a0000",
                "-I", os.path.join(ROOT, "csrc")]
     for path in includes + [cuda_include, sysconfig.get_paths()["include"]]:
         command += ["-isystem", path]  # torch's own headers warn under -Wextra

@@ -4,11 +4,28 @@
 // partials, the last block's finish) into the total and per-tensor outputs. Rows longer than a
 // chunk are reduced piece by piece; a second launch clips them, each block combining its row's
 // piece partials in a fixed order. Everything is combined in a fixed order: the same bits run to
-// run.
+// run. The kernels, their launcher, and the operator's stable-ABI glue and registration.
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
 #include "device.cuh"
+#include "glue.h"
 
 namespace fusedclip::cuda {
 namespace {
+
+// multi_tensor_agc_ (table.cuh: AgcTable): the norm's machinery sums the items' sums of squares
+// of the gradients into the outputs (norm.kind is kSquareSum, norm.chunk_partials are by item).
+struct AgcParams {
+  NormParams norm;
+  double clip_factor;
+  double eps;
+  double* piece_grad_sq;     // by item: the sums of squares of the pieces of long rows, or null
+  double* piece_param_sq;    // when the call has no long row
+};
+
+static_assert(sizeof(AgcParams) <= kParamBytesBesidesTable, "the scalar arguments do not fit beside the table");
 
 // The item's rows of at most kAgcGroupRowLimit elements: a group of lanes per row (the smallest
 // power of two >= row_numel, at most 32; the groups of a warp take consecutive rows), which sums
@@ -137,8 +154,8 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
             dtype, scale_op(coef));
 }
 
-}  // namespace
-
+// AGC of one table: reduces every item, clips the rows that fit an item and writes the outputs as
+// launch_norm does; then, when the table has long rows, a second launch clips those.
 cudaError_t launch_agc(const FullAgcTable& full, const AgcParams& params, cudaStream_t stream) {
   const cudaError_t error = with_smallest_tier(full, [&](const auto& table) {
     const unsigned int blocks = table.grads.num_chunks > 0 ? table.grads.num_chunks : 1;
@@ -151,6 +168,91 @@ cudaError_t launch_agc(const FullAgcTable& full, const AgcParams& params, cudaSt
     agc_long_rows_kernel<<<table.grads.num_chunks, kBlockThreads, 0, stream>>>(table, params);
     return cudaGetLastError();
   });
+}
+
+// --- the operator ------------------------------------------------------------------------------
+
+// AGC of one list in one pass (a launch per table, and one more for a table with long rows):
+// total and per receive the sums of squares of the gradients before clipping. Units are rows of
+// the row-major layout: other layouts go through contiguous temporaries, written back after.
+void agc_list(const TensorList& grads, const TensorList& params, double clip_factor, double eps, bool acc_double,
+              const Tensor& total, const Tensor& per, cudaStream_t stream) {
+  TensorList row_major;  // (grad, param) per tensor: the temporaries live until queued
+  TableList<FullAgcTable> list;
+  bool long_rows = false;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const Tensor grad = torch::stable::contiguous(grads[i]);
+    const Tensor param = torch::stable::contiguous(params[i]);
+    row_major.push_back(grad);
+    row_major.push_back(param);
+    const int64_t numel = grad.numel();
+    const int64_t row_numel = numel == 0 ? 0 : numel / (grad.dim() > 1 ? grad.size(0) : 1);
+    long_rows = long_rows || (numel > 0 && agc_geometry(row_numel).items_per_row > 1);
+    if (!list.append_agc(numel > 0 ? grad.data_ptr() : nullptr, numel > 0 ? param.data_ptr() : nullptr, numel,
+                         row_numel, dtype_of(grad.scalar_type()), dtype_of(param.scalar_type()))) {
+      fail("too many elements for one call");
+    }
+  }
+  AgcParams agc{};
+  agc.norm.kind = NormKind::kSquareSum;
+  agc.norm.p = 2.0;
+  agc.norm.acc_double = acc_double;
+  agc.norm.statistic = total.data_ptr();
+  agc.norm.per_tensor = per.data_ptr();
+  agc.norm.num_launches = static_cast<int32_t>(list.tables.size());
+  agc.clip_factor = clip_factor;
+  agc.eps = eps;
+  const Tensor& like = grads[0];
+  NormScratch scratch(list.num_chunks, agc.norm.num_launches, like, stream, agc.norm);
+  Tensor pieces;
+  if (long_rows) {
+    pieces = empty_on(like, {2 * list.num_chunks}, ScalarType::Double);
+    agc.piece_grad_sq = static_cast<double*>(pieces.data_ptr());
+    agc.piece_param_sq = agc.piece_grad_sq + list.num_chunks;
+  }
+  for (size_t l = 0; l < list.tables.size(); ++l) {
+    agc.norm.launch = static_cast<int32_t>(l);
+    FUSEDCLIP_CUDA_CHECK(launch_agc(list.tables[l], agc, stream));
+  }
+  // A grad that contiguous() returned as it is (the same data) was written in place; a copy is
+  // written back.
+  for (size_t i = 0; i < grads.size(); ++i) {
+    Tensor grad = grads[i];
+    if (grad.numel() > 0 && row_major[2 * i].data_ptr() != grad.data_ptr()) {
+      torch::stable::copy_(grad, row_major[2 * i]);
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor> multi_tensor_agc_(TensorList grads, TensorList params, double clip_factor, double eps) {
+  check_not_empty(grads, "multi_tensor_agc_");
+  check_agc_arguments(grads, params, clip_factor, eps, DeviceType::CUDA);
+  const DeviceOf device(grads[0]);
+  const bool acc_double = std::any_of(grads.begin(), grads.end(),
+                                      [](const Tensor& g) { return g.scalar_type() == ScalarType::Double; });
+  const ScalarType acc = acc_dtype(acc_double);
+  const auto num_tensors = static_cast<int64_t>(grads.size());
+  Tensor per = empty_on(grads[0], {num_tensors}, acc);
+  if (!any_memory_shared(grads)) {
+    Tensor total = empty_on(grads[0], {}, acc);
+    agc_list(grads, params, clip_factor, eps, acc_double, total, per, device.stream);
+    return {total, per};
+  }
+  // Gradients that share memory are clipped one tensor at a time in list order, as torch's
+  // per-tensor loop clips them: each write-back lands before the next tensor is read, so a later
+  // occurrence sees the earlier clips. The total then sums the per-tensor results in order.
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const auto at = static_cast<size_t>(i);
+    agc_list(TensorList{grads[at]}, TensorList{params[at]}, clip_factor, eps, acc_double, empty_on(grads[0], {}, acc),
+             torch::stable::narrow(per, 0, i, 1), device.stream);
+  }
+  return {torch::stable::to(torch::stable::sum(per, std::nullopt, false, ScalarType::Double), acc), per};
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
+  m.impl("multi_tensor_agc_", TORCH_BOX(&multi_tensor_agc_));
 }
 
 }  // namespace fusedclip::cuda

@@ -1,7 +1,11 @@
-// The interface between the CUDA kernels (csrc/cuda/*.cu) and their stable-ABI glue (csrc/cuda/ops.cpp).
+// What the CUDA kernels of several files share (csrc/cuda/*.cu, and the shared glue of
+// csrc/cuda/glue.h): the block size, the tables' capacities and tiers, the norm's and the scale's
+// parameters, and the launchers that run beyond their own file (launch_norm, launch_scale,
+// kernel_image_status). What only one operator uses (its parameters, its launchers) stays in its
+// .cu file.
 //
-// Plain C++ and the CUDA runtime only: the .cu files include nothing of torch, so nvcc compiles
-// them on a machine with a CPU-only torch (tests/test_cuda_compile.py does, for sm_80 and sm_90).
+// Plain C++ and the CUDA runtime only, nothing of torch: the host test of the tables
+// (tests/cuda_table_test.cpp) builds it with g++ alone.
 //
 // A launch sees its tensors as a table (table.cuh) passed by value as the kernel argument (up to
 // the 32 KB kernel-argument limit of CUDA 12.1+ on sm_70+, 4 KB before): no device table to
@@ -33,8 +37,8 @@ constexpr int kKernelParamBytes = 32764;  // the CUDA 12.1+ limit on sm_70 and n
 #else
 constexpr int kKernelParamBytes = 4096;
 #endif
-// What the kernels take besides the table (NormParams, AgcParams or an op's scalars), with room
-// to spare.
+// What the kernels take besides the table (NormParams, agc.cu's AgcParams or an op's scalars),
+// with room to spare.
 constexpr int kParamBytesBesidesTable = 512;
 
 // The statistic before the root: sum |x| (p = 1), sum x^2 (p = 2), sum |x|^p (other p),
@@ -92,43 +96,11 @@ struct NormParams {
   float* found_inf;          // unscale: 0-dim output, 1 when some x is inf or nan, else 0
 };
 
-// multi_tensor_agc_ (table.cuh: AgcTable): the norm's machinery sums the items' sums of squares
-// of the gradients into the outputs (norm.kind is kSquareSum, norm.chunk_partials are by item).
-struct AgcParams {
-  NormParams norm;
-  double clip_factor;
-  double eps;
-  double* piece_grad_sq;     // by item: the sums of squares of the pieces of long rows, or null
-  double* piece_param_sq;    // when the call has no long row
-};
-
-// monitor_update_ (fusedclip.reference.monitor_update_): one entry per thread.
-struct MonitorParams {
-  const void* norms;         // float32, or float64 when is_double; mean and var alike
-  void* mean;
-  void* var;
-  int64_t* count;
-  int64_t* below;
-  int64_t* explosions;
-  bool* exploding;
-  bool* vanishing;
-  int64_t size;
-  bool is_double;
-  bool has_explode;
-  double ema_weight;         // 1 - alpha, in float64 (the kernel rounds it to the norms' dtype)
-  double z_squared;          // z_threshold^2, in float64
-  double explode_threshold;
-  double vanish_eps;
-  int64_t warmup_steps;
-  int64_t vanish_steps;
-};
-
 static_assert(sizeof(FullTable) + kParamBytesBesidesTable <= kKernelParamBytes,
               "the tensor table does not fit the kernel argument space");
 static_assert(sizeof(FullAgcTable) + kParamBytesBesidesTable <= kKernelParamBytes,
               "the AGC table does not fit the kernel argument space");
-static_assert(sizeof(NormParams) + sizeof(Coef) <= kParamBytesBesidesTable &&
-                  sizeof(AgcParams) <= kParamBytesBesidesTable,
+static_assert(sizeof(NormParams) + sizeof(Coef) <= kParamBytesBesidesTable,
               "the scalar arguments do not fit beside the table");
 static_assert(kSmallTier < kMediumTier, "the tiers grow");
 
@@ -155,29 +127,19 @@ cudaError_t with_smallest_tier(const Full& full, const F& f) {
   return f(full);
 }
 
-// Launchers: each enqueues on stream and returns the launch's error (cudaSuccess when it started).
+// Launchers used beyond their own file: each enqueues on stream and returns the launch's error
+// (cudaSuccess when it started). A launcher only its own file calls is declared there.
 
-// The norm of one table (params.unscale: of x * inv_scale, and found_inf).
+// The norm of one table (params.unscale: of x * inv_scale, and found_inf); norm.cu. The glue's
+// run_norm runs it for the norm operators and the fused clip's two-launch path.
 cudaError_t launch_norm(const FullTable& table, const NormParams& params, cudaStream_t stream);
 // tensors *= coef in float32 (float64 for float64 tensors); every block returns at once when its
-// coef >= 1.
+// coef >= 1; elementwise.cu. The fused clip's two-launch path scales with it.
 cudaError_t launch_scale(const FullTable& table, const Coef& coef, cudaStream_t stream);
-// tensors = min(max(tensors, lo), hi); nan stays nan.
-cudaError_t launch_clamp(const FullTable& table, double lo, double hi, cudaStream_t stream);
-// AGC of one table: reduces every item, clips the rows that fit an item and writes the outputs as
-// launch_norm does; then, when the table has long rows, a second launch clips those.
-cudaError_t launch_agc(const FullAgcTable& table, const AgcParams& params, cudaStream_t stream);
-cudaError_t launch_monitor_update(const MonitorParams& params, cudaStream_t stream);
 
 // cudaSuccess when this build holds machine code or PTX that the current device can run; a GPU
-// older than the build's architectures gives an error (no kernel image).
+// older than the build's architectures gives an error (no kernel image); elementwise.cu, for the
+// glue's kernels_run_on.
 cudaError_t kernel_image_status();
-
-// The single-launch clip: a persistent cooperative kernel that computes the norm (params as for
-// launch_norm, with one launch, total and coef set), syncs the grid, finishes the norm in block 0,
-// syncs again and scales, walking the chunks in reverse so that what the norm read last, still in
-// L2, is scaled first. The table must hold every tensor of the call and must point into the
-// tensors themselves. Returns cudaErrorNotSupported where the device has no cooperative launch.
-cudaError_t launch_clip_single(const FullTable& table, const NormParams& params, cudaStream_t stream);
 
 }  // namespace fusedclip::cuda

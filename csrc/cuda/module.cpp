@@ -1,7 +1,8 @@
 // fusedclip._C_cuda: the Python module of the CUDA library. Importing it loads the library, whose
-// static initializers register the CUDA kernels of the fusedclip operators (csrc/cuda/ops.cpp:
-// STABLE_TORCH_LIBRARY_IMPL); the Python layer defines the operators' schemas before the import.
-// The module itself holds the settings of csrc/cuda/ops.h and the CUDA version of the build.
+// static initializers register the CUDA kernels of the fusedclip operators (the
+// STABLE_TORCH_LIBRARY_IMPL block of each csrc/cuda/*.cu); the Python layer defines the operators'
+// schemas before the import. The module itself holds the settings of csrc/cuda/glue.h and the CUDA
+// version of the build.
 //
 // The limited C API only (abi3, CPython 3.10 on: setup.py passes the same Py_LIMITED_API): no
 // pybind11 and no torch Python header, so the library links neither libtorch_python nor a
@@ -15,7 +16,7 @@
 #include <cstdint>
 #include <exception>
 
-#include "cuda/ops.h"
+#include "cuda/glue.h"
 
 namespace {
 

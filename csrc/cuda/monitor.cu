@@ -2,11 +2,36 @@
 // one thread per entry. Every step is one ATen op of fusedclip.reference.monitor_update_ (the
 // definition) in the norms' dtype, each product, sum and quotient rounded on its own (the _rn
 // intrinsics, which nvcc never contracts into fused multiply-adds), so the results are bitwise
-// those of the reference and of the CPU kernel (csrc/cpu/monitor.cpp).
+// those of the reference and of the CPU kernel (csrc/cpu/monitor.cpp). The kernel, its launcher,
+// and the operator's stable-ABI glue and registration.
+#include <optional>
+
 #include "device.cuh"
+#include "glue.h"
 
 namespace fusedclip::cuda {
 namespace {
+
+// monitor_update_ (fusedclip.reference.monitor_update_): one entry per thread.
+struct MonitorParams {
+  const void* norms;         // float32, or float64 when is_double; mean and var alike
+  void* mean;
+  void* var;
+  int64_t* count;
+  int64_t* below;
+  int64_t* explosions;
+  bool* exploding;
+  bool* vanishing;
+  int64_t size;
+  bool is_double;
+  bool has_explode;
+  double ema_weight;         // 1 - alpha, in float64 (the kernel rounds it to the norms' dtype)
+  double z_squared;          // z_threshold^2, in float64
+  double explode_threshold;
+  double vanish_eps;
+  int64_t warmup_steps;
+  int64_t vanish_steps;
+};
 
 // a op b rounded once to nearest even: the _rn intrinsics, which nvcc never contracts into fused
 // multiply-adds (a plain a * b + c may become one, with one rounding instead of two).
@@ -59,14 +84,46 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) monitor_kernel
   else update_entry<float>(params, i);
 }
 
-}  // namespace
-
 cudaError_t launch_monitor_update(const MonitorParams& params, cudaStream_t stream) {
   if (params.size == 0) return cudaSuccess;
   const int64_t blocks = (params.size + kBlockThreads - 1) / kBlockThreads;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
   monitor_kernel<<<static_cast<unsigned int>(blocks), kBlockThreads, 0, stream>>>(params);
   return cudaGetLastError();
+}
+
+// --- the operator ------------------------------------------------------------------------------
+
+void monitor_update_(Tensor norms, Tensor mean, Tensor var, Tensor count, Tensor below, Tensor explosions,
+                     Tensor exploding, Tensor vanishing, double alpha, int64_t warmup_steps, double z_threshold,
+                     std::optional<double> explode_threshold, double vanish_eps, int64_t vanish_steps) {
+  check_monitor_state(norms, mean, var, count, below, explosions, exploding, vanishing, DeviceType::CUDA);
+  const DeviceOf device(norms);
+  MonitorParams params{};
+  params.norms = norms.data_ptr();
+  params.mean = mean.data_ptr();
+  params.var = var.data_ptr();
+  params.count = static_cast<int64_t*>(count.data_ptr());
+  params.below = static_cast<int64_t*>(below.data_ptr());
+  params.explosions = static_cast<int64_t*>(explosions.data_ptr());
+  params.exploding = static_cast<bool*>(exploding.data_ptr());
+  params.vanishing = static_cast<bool*>(vanishing.data_ptr());
+  params.size = norms.size(0);
+  params.is_double = norms.scalar_type() == ScalarType::Double;
+  params.has_explode = explode_threshold.has_value();
+  params.ema_weight = 1.0 - alpha;
+  params.z_squared = z_threshold * z_threshold;
+  params.explode_threshold = explode_threshold.value_or(0.0);
+  params.vanish_eps = vanish_eps;
+  params.warmup_steps = warmup_steps;
+  params.vanish_steps = vanish_steps;
+  FUSEDCLIP_CUDA_CHECK(launch_monitor_update(params, device.stream));
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
+  m.impl("monitor_update_", TORCH_BOX(&monitor_update_));
 }
 
 }  // namespace fusedclip::cuda

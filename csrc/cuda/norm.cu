@@ -1,7 +1,15 @@
-// The multi-tensor norm statistic (and, with params.unscale, multi_tensor_unscale_norm's statistic
-// of x * inv_scale and its found_inf): one block per chunk writes the chunk's partial; the last
-// block to finish (a ticket counter) reduces the partials in chunk order (see NormParams).
+// The operators of the multi-tensor norm: multi_tensor_norm (the statistic, and per-tensor
+// statistics) and multi_tensor_unscale_norm (with params.unscale: the statistic of x * inv_scale
+// and its found_inf). One block per chunk writes the chunk's partial; the last block to finish (a
+// ticket counter) reduces the partials in chunk order (see NormParams). The kernel, launch_norm
+// (which the fused clip's two-launch path also runs, through run_norm of glue.h), and the
+// operators' stable-ABI glue and registration.
+#include <cmath>
+#include <optional>
+#include <tuple>
+
 #include "device.cuh"
+#include "glue.h"
 
 namespace fusedclip::cuda {
 namespace {
@@ -37,6 +45,55 @@ cudaError_t launch_norm(const FullTable& full, const NormParams& params, cudaStr
                             : launch<decltype(kind)::value, false>(table, params, stream);
     });
   });
+}
+
+namespace {
+
+// --- the operators -----------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> multi_tensor_norm(TensorList tensors, double norm_type, bool per_tensor) {
+  check_inputs(tensors, "multi_tensor_norm");
+  norm_kind(norm_type);
+  const DeviceOf device(tensors[0]);
+  const DenseTensors dense(tensors, Access::kRead);
+  const ScalarType acc = acc_dtype(dense.acc_double);
+  NormOutputs out;
+  out.statistic = empty_on(tensors[0], {}, acc);
+  out.per_tensor = empty_on(tensors[0], {per_tensor ? static_cast<int64_t>(tensors.size()) : 0}, acc);
+  run_norm(Tables(dense.tensors), norm_params(dense, norm_type, out, 0.0), tensors[0], device.stream);
+  return {out.statistic, out.per_tensor};
+}
+
+std::tuple<Tensor, Tensor> multi_tensor_unscale_norm(TensorList tensors, Tensor inv_scale, double norm_type) {
+  const char* op = "multi_tensor_unscale_norm";
+  const NormKind kind = norm_kind(norm_type);
+  check_scalar(inv_scale, op, "inv_scale");
+  if (tensors.empty()) {  // reached through a CUDA inv_scale: the statistic of no elements
+    return {torch::stable::full({}, kind == NormKind::kMin ? INFINITY : 0.0, ScalarType::Float, std::nullopt,
+                                inv_scale.device()),
+            torch::stable::new_zeros(inv_scale, {}, ScalarType::Float)};
+  }
+  check_inputs(tensors, op);
+  const Tensor& like = tensors[0];
+  const Coef inv = scalar_arg(inv_scale, like, op, "inv_scale");
+  const DeviceOf device(like);
+  const DenseTensors dense(tensors, Access::kRead);
+  NormOutputs out;
+  out.statistic = empty_on(like, {}, acc_dtype(dense.acc_double));
+  Tensor found_inf = empty_on(like, {}, ScalarType::Float);
+  NormParams params = norm_params(dense, norm_type, out, 0.0);
+  params.unscale = true;
+  params.inv_scale = inv;
+  params.found_inf = static_cast<float*>(found_inf.data_ptr());
+  run_norm(Tables(dense.tensors), params, like, device.stream);
+  return {out.statistic, found_inf};
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
+  m.impl("multi_tensor_norm", TORCH_BOX(&multi_tensor_norm));
+  m.impl("multi_tensor_unscale_norm", TORCH_BOX(&multi_tensor_unscale_norm));
 }
 
 }  // namespace fusedclip::cuda
