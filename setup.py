@@ -94,7 +94,7 @@ def _cuda_extension() -> CppExtension:
     """fusedclip._C_cuda, linked against nothing of torch's CUDA: a CppExtension (libc10, libtorch,
     libtorch_cpu, which every torch has; the linker keeps only what the library calls), not a
     CUDAExtension, which links libc10_cuda, libtorch_cuda and libcudart. The one CUDA entry of the
-    shim the kernels call is looked up in the loaded libtorch_cuda (csrc/cuda/ops.cpp). The CUDA
+    shim the kernels call is looked up in the loaded libtorch_cuda (csrc/cuda/glue.cpp). The CUDA
     runtime is linked statically (no libcudart soname to match), its symbols kept inside the library
     (--exclude-libs): the library's calls cannot bind to torch's libcudart, loaded RTLD_GLOBAL."""
     import shutil
@@ -136,7 +136,10 @@ def _cuda_extension() -> CppExtension:
         libraries=["cudart_static", "rt", "dl", "pthread"],
         extra_compile_args={
             "cxx": COMMON_CXX + STABLE_ABI,
-            "nvcc": ["-O3", "-std=c++17", "-Xcompiler", "-fvisibility=hidden"] + STABLE_ABI + _cuda_arch_flags(),
+            # The host code of the .cu files (each operator's glue) contracts no multiply-add, as the
+            # rest of the host code (COMMON_CXX); the device code keeps nvcc's own rule.
+            "nvcc": ["-O3", "-std=c++17", "-Xcompiler", "-fvisibility=hidden", "-Xcompiler", "-ffp-contract=off"]
+            + STABLE_ABI + _cuda_arch_flags(),
         },
         extra_link_args=["-Wl,--exclude-libs,libcudart_static.a"] + ([] if DEBUG else ["-s"]),
         py_limited_api=True,

@@ -1,9 +1,10 @@
 """The CUDA sources compile without a GPU: scripts/check_cuda.py's checks under pytest.
 
 nvcc compiles every csrc/cuda/*.cu to an object (host launch code included) for sm_80 and sm_90
-with -Xptxas -v and -Werror all-warnings, against nothing of torch; a register spill, a stack
-frame, a warning, or a kernel that fits fewer than two 512-thread blocks per SM fails. The ATen
-glue gets a g++ syntax check against the installed torch's headers, and the host test of the
+with -Xptxas -v and -Werror all-warnings, against the installed torch's stable-ABI headers only
+(each .cu holds its operators' glue); a register spill, a stack frame, a warning, or a kernel that
+fits fewer than two 512-thread blocks per SM fails. The shared glue gets a g++ syntax check
+against the same headers, and the host test of the
 table arithmetic (tests/cuda_table_test.cpp) is built and run. Skipped, saying why, without nvcc.
 """
 
