@@ -25,6 +25,8 @@ CASES = [
     pytest.param([[1e20] * 3, [2.5e19, -1.0], []], 2.0, id="three-tensors"),
     pytest.param([[], [7e19] * 1000, [1e-3] * 5, []], 2.0, id="long-with-empties"),
     pytest.param([[1e13] * 40000], 3.5, id="p=3.5-many"),
+    # p < 0: each |x|^p underflows to 0, and the root of a zero sum is inf
+    pytest.param([[1e25] * 3, [4e25]], -2.0, id="p=-2-sum-underflows"),
 ]
 
 
@@ -93,6 +95,28 @@ def test_agrees_with_torch_where_torch_is_finite(backend):
         assert torch.isfinite(expected)
         torch.testing.assert_close(total, expected, rtol=1e-6, atol=0)
         torch.testing.assert_close(ours[0].grad, theirs[0].grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("norm_type", [2.0, 3.5, -2.0, -3.5])
+def test_error_if_nonfinite_raises_only_for_a_non_finite_norm(backend, norm_type):
+    """PyTorch's own error_if_nonfinite test expects a raise for float64 grads of 2e200, whose sum
+    of |x|^p overflows (p > 0) or underflows to 0 (p < 0) and whose norm torch returns as inf. The
+    true norm fits in float64: fusedclip returns it, raises nothing, and clips to max_norm."""
+    values = [[2e200] * 10]
+    truth = _oracle(values, norm_type)
+    theirs = params_with(_grads(values, torch.float64))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type, error_if_nonfinite=True)
+    ours = params_with(_grads(values, torch.float64))
+    total = fusedclip.clip_grad_norm_(ours, 1.0, norm_type, error_if_nonfinite=True, backend=backend)
+    assert math.isclose(float(total), truth, rel_tol=1e-12), (float(total), truth)
+    assert math.isclose(_oracle([ours[0].grad.tolist()], norm_type), 1.0, rel_tol=1e-12)
+    # a nan norm still raises, before any write
+    ours = params_with(_grads([[2e200, math.nan]], torch.float64))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fusedclip.clip_grad_norm_(ours, 1.0, norm_type, error_if_nonfinite=True, backend=backend)
+    assert ours[0].grad[0].item() == 2e200 and math.isnan(ours[0].grad[1].item())
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
