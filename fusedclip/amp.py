@@ -145,9 +145,8 @@ def unscale_and_clip_grad_norm_(
             to_clip = [g for g in grads if id(g) in clipped_ids]
             others = [g for g in grads if id(g) not in clipped_ids]
             if to_clip:
-                statistic, found_inf = _ops.run("multi_tensor_unscale_norm", 
-                    group_backend, to_clip, device_inv_scale, norm_type
-                )
+                statistic, found_inf = _ops.run(
+                    "multi_tensor_unscale_norm", group_backend, to_clip, device_inv_scale, norm_type)
                 statistics.append(statistic)
                 to_clip_per_group.append((group_backend, to_clip))
                 first_device = first_device or device

@@ -302,9 +302,9 @@ class GradientMonitor:
         if s["mean"].dtype != norms.dtype:  # float32 and float64 steps: the statistics go float64
             s["mean"], s["var"] = s["mean"].double(), s["var"].double()
             norms = norms.double()
-        _ops.run("monitor_update_", 
-            self._update_backend, norms, s["mean"], s["var"], s["count"], s["below"], s["explosions"],
-            s["exploding"], s["vanishing"], self.alpha, self.warmup_steps, self.z_threshold,
+        _ops.run(
+            "monitor_update_", self._update_backend, norms, s["mean"], s["var"], s["count"], s["below"],
+            s["explosions"], s["exploding"], s["vanishing"], self.alpha, self.warmup_steps, self.z_threshold,
             self.explode_threshold, self.vanish_eps, self.vanish_steps)
 
     # --- reading (synchronises) ---------------------------------------------------------------
