@@ -163,6 +163,20 @@ def max_norm(value: Union[float, Tensor]) -> Union[float, Tensor]:
     return value
 
 
+def clip_value(value: Union[float, Tensor]) -> float:
+    """clip_value as a float, read as torch reads it (``float()``).
+
+    A tensor under torch.compile is checked where it lives (``torch._assert_async``) and read
+    as a symbolic float, as torch's ``float(clip_value)`` traces: a Python check of its value
+    would be a guard on data the graph cannot know.
+    """
+    if isinstance(value, Tensor) and torch.compiler.is_compiling():
+        _check_scalar_tensor(value, "clip_value")
+        torch._assert_async(value.reshape(()) >= 0, "clip_value must be a non-negative number")
+        return float(value)
+    return non_negative(value, "clip_value")
+
+
 def norm_type(norm_type: Union[float, str]) -> float:
     if isinstance(norm_type, Tensor) and norm_type.is_meta:
         raise ValueError("norm_type is a meta tensor, which holds no value")
@@ -191,7 +205,10 @@ def check_writable(i: int, g: Tensor) -> None:
     if torch.compiler.is_compiling():
         # Dynamo cannot put these checks' Python bools in a graph; a zero stride on a dimension
         # of size > 1 is the overlap of an expanded tensor, and the operators check again at run
-        # time, before writing.
+        # time, before writing. Dynamo cannot read the strides of a view read from .grad (a
+        # bucket view of DDP, a transposed grad): a view's check is left to the operators.
+        if g._base is not None:
+            return
         if g.numel() > 0 and any(stride == 0 and size > 1 for size, stride in zip(g.shape, g.stride())):
             raise ValueError(f"gradient {i} has internally overlapping memory (an expanded tensor)")
         return

@@ -258,7 +258,7 @@ def clip_grad_value_(
     complex gradients are refused (clamping is not defined for them).
     """
     with torch.no_grad():
-        clip_value = _core.non_negative(clip_value, "clip_value")
+        clip_value = _core.clip_value(clip_value)
         grads = _core.grads_of(_core.as_list(parameters))
         if not grads:
             return

@@ -156,6 +156,54 @@ def test_compiled_negative_tensor_max_norm_raises_before_any_write():
         assert_bitwise_equal([p.grad for p in params], grads)
 
 
+def _view_grads(flat_size: int = 24 + 9 + 5):
+    """Grads that are views: slices of one flat buffer, as DDP's gradient_as_bucket_view and
+    flat-buffer trainers make them, and a transposed view."""
+    generator = torch.Generator().manual_seed(67)
+    flat = torch.randn(flat_size, generator=generator) * 3
+    return [flat[:24].view(6, 4), flat[24:33], flat[33:], (torch.randn(4, 6, generator=generator) * 3).t()]
+
+
+def _params_with_view_grads():
+    params = []
+    for g in _view_grads():
+        p = torch.nn.Parameter(torch.zeros(g.shape))
+        p.grad = g
+        params.append(p)
+    return params
+
+
+@pytest.mark.parametrize("api", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
+def test_view_grads_compile_fullgraph(api):
+    """Dynamo cannot read the strides of a view read from .grad; the compiled call leaves a view's
+    check to the operators and gives eager's bits, views' strides kept."""
+    calls = {
+        "clip_grad_norm_": lambda ps: fusedclip.clip_grad_norm_(ps, 0.5),
+        "clip_grads_with_norm_": lambda ps: fusedclip.clip_grads_with_norm_(ps, 0.5, torch.tensor(9.0)),
+        "clip_grad_value_": lambda ps: fusedclip.clip_grad_value_(ps, 1.0),
+    }
+    eager, traced = _params_with_view_grads(), _params_with_view_grads()
+    expected = calls[api](eager)
+    result = torch.compile(calls[api], fullgraph=True)(traced)
+    if expected is not None:
+        assert torch.equal(result, expected)
+    assert_bitwise_equal([p.grad for p in traced], [p.grad for p in eager])
+    assert [p.grad.stride() for p in traced] == [g.stride() for g in _view_grads()]
+    assert not torch.equal(traced[0].grad, _view_grads()[0])  # it clipped
+
+
+def test_compiled_clip_of_an_expanded_grad_raises_before_any_write():
+    """An expanded grad (a view with a zero stride) is refused at run time (by inductor's
+    functionalized write-back, or by the operator), before any grad is written."""
+    params = params_with([torch.randn(5) * 3, torch.randn(4)])
+    params[1].grad = torch.randn(1).mul(3).expand(4)
+    before = [p.grad.clone() for p in params]
+    compiled = torch.compile(lambda ps: fusedclip.clip_grad_norm_(ps, 0.5), fullgraph=True)
+    with pytest.raises(RuntimeError, match="overlapping memory|single memory location"):
+        compiled(params)
+    assert_bitwise_equal([p.grad for p in params], before)
+
+
 def test_clip_value_schedule_compiles_at_most_twice():
     """clip_grad_value_ with a clip_value that changes every call compiles as torch's does."""
     grads = make_grads([(64, 3), (100,)], torch.float32, seed=65, scale=3.0)
@@ -168,6 +216,23 @@ def test_clip_value_schedule_compiles_at_most_twice():
         compiled(traced, value)
         assert_bitwise_equal([p.grad for p in traced], [p.grad for p in eager])
     assert len(compiles) <= 2, len(compiles)
+
+
+def test_tensor_clip_value_compiles_fullgraph():
+    """A 0-d tensor clip_value (read as torch reads it, float()) traces without a guard on its
+    value, as torch's clip_grad_value_ does; a negative or nan one is refused before any write."""
+    grads = make_grads([(20, 3), (9,)], torch.float32, seed=68, scale=3.0)
+    compiled = torch.compile(lambda ps, v: fusedclip.clip_grad_value_(ps, v), fullgraph=True)
+    for value in (1.5, 0.25):
+        eager, traced = params_with(clone_all(grads)), params_with(clone_all(grads))
+        fusedclip.clip_grad_value_(eager, torch.tensor(value))
+        compiled(traced, torch.tensor(value))
+        assert_bitwise_equal([p.grad for p in traced], [p.grad for p in eager])
+    params = params_with(clone_all(grads))
+    for bad in (-1.0, math.nan):
+        with pytest.raises(RuntimeError, match="clip_value must be a non-negative number"):
+            compiled(params, torch.tensor(bad))
+        assert_bitwise_equal([p.grad for p in params], grads)
 
 
 def test_backend_torch_compiles_fullgraph():
