@@ -145,35 +145,39 @@ def non_negative(value: Any, name: str) -> float:
 def max_norm(value: Union[float, Tensor]) -> Union[float, Tensor]:
     """max_norm as a float, or as a 0-d tensor when given as a tensor.
 
-    A tensor is checked without a host sync: read on the CPU (free) in eager mode, else checked
-    where it lives (``torch._assert_async``: on a GPU the device raises, asynchronously), so
-    torch.compile traces it without a guard on its value. Its coefficient, computed on the
+    A tensor is checked without a host sync (_non_negative_tensor). Its coefficient, computed on the
     device from the tensor (numerics.clip_coefficient: torch's bits, as if read as a float),
     runs outside the fused operators, whose max_norm is a float. A float under torch.compile
     stays symbolic (a schedule that changes it every step compiles twice, as torch's does).
     """
     if not isinstance(value, Tensor):
         return non_negative(value, "max_norm")
-    _check_scalar_tensor(value, "max_norm")
+    return _non_negative_tensor(value, "max_norm")
+
+
+def _non_negative_tensor(value: Tensor, name: str) -> Tensor:
+    """A one-element tensor argument as a 0-d tensor, checked non-negative without a host sync:
+    read on the CPU (free) in eager mode, else checked where it lives (``torch._assert_async``;
+    on a GPU the device raises, asynchronously), which torch.compile traces without a guard on
+    its value."""
+    _check_scalar_tensor(value, name)
     value = value.reshape(())
     if value.device.type == "cpu" and not torch.compiler.is_compiling():
-        non_negative(value, "max_norm")
+        non_negative(value, name)
     else:  # nan fails `>= 0` too
-        torch._assert_async(value >= 0, "max_norm must be a non-negative number")
+        torch._assert_async(value >= 0, f"{name} must be a non-negative number")
     return value
 
 
 def clip_value(value: Union[float, Tensor]) -> float:
     """clip_value as a float, read as torch reads it (``float()``).
 
-    A tensor under torch.compile is checked where it lives (``torch._assert_async``) and read
-    as a symbolic float, as torch's ``float(clip_value)`` traces: a Python check of its value
-    would be a guard on data the graph cannot know.
+    A tensor under torch.compile is checked as a tensor max_norm is (where it lives) and read as a
+    symbolic float, as torch's ``float(clip_value)`` traces: a Python check of its value would be
+    a guard on data the graph cannot know.
     """
     if isinstance(value, Tensor) and torch.compiler.is_compiling():
-        _check_scalar_tensor(value, "clip_value")
-        torch._assert_async(value.reshape(()) >= 0, "clip_value must be a non-negative number")
-        return float(value)
+        return float(_non_negative_tensor(value, "clip_value"))
     return non_negative(value, "clip_value")
 
 

@@ -8,14 +8,14 @@ namespace fusedclip::cpu {
 // As norm_statistic: segment statistics in parallel over chunks, combined in segment order.
 std::tuple<Tensor, Tensor> unscaled_statistic(const TensorTable& table, double norm_type, double inv_scale) {
   const NormKind kind = norm_kind(norm_type);
-  UnscaledStatisticKernel* const unscaled_statistic = unscaled_statistic_kernel.chosen();
+  UnscaledStatisticKernel* const statistic = unscaled_statistic_kernel.chosen();
   const auto& segments = table.segments();
   std::vector<double> partial(segments.size());
   std::vector<char> non_finite(segments.size());
   parallel_over_chunks(table.num_chunks(), [&](int64_t begin, int64_t end) {
     for_each_segment(table, begin, end, table.memory_descending(), [&](int64_t s) {
       bool found = false;
-      partial[s] = unscaled_statistic(kind, segments[s], norm_type, inv_scale, &found);
+      partial[s] = statistic(kind, segments[s], norm_type, inv_scale, &found);
       non_finite[s] = found ? 1 : 0;
     });
   });

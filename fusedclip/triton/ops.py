@@ -229,7 +229,7 @@ def _agc(operands: AgcOperands, device: torch.device, out: torch.dtype, clip_fac
     if t.n_long:
         coefs = torch.empty((t.n_long,), dtype=torch.float64, device=device)
         launch.run_kernel(kernels.agc_long_rows, device, t.n_long, t.table, 6 * t.n_pieces, t.n_long,
-                   unit_sq, parts, t.n_parts, coefs, *factors, BLOCK=FINAL_BLOCK)
+                          unit_sq, parts, t.n_parts, coefs, *factors, BLOCK=FINAL_BLOCK)
         for batch in t.long_launches:
             launch.run_kernel(
                 kernels.scale_chunks, device, batch.n_chunks,
