@@ -45,18 +45,30 @@ FUSEDCLIP_HOST_DEVICE A root_of_statistic(A statistic, double p, bool empty) {
   else return statistic;
 }
 
-// Whether a norm's statistic is a sum that can overflow its accumulator while every |x| is finite
-// (then the norm is taken again of x / max|x|: rescaled_norm).
+// Whether a norm's statistic is a sum of |x|^p, which can leave its accumulator's range while
+// every |x| is finite.
 FUSEDCLIP_HOST_DEVICE inline bool sum_may_overflow(NormKind kind) {
   return kind == NormKind::kSquareSum || kind == NormKind::kAbsSum || kind == NormKind::kPowerSum;
 }
 
-// The norm from the statistic of x / largest (largest = max|x|, finite and nonzero):
-// largest * statistic^(1/p), in float64 (fusedclip.numerics.rescaled_norm).
-FUSEDCLIP_HOST_DEVICE inline double rescaled_norm(double largest, double scaled_statistic, double p) {
-  if (p == 1.0) return largest * scaled_statistic;
-  if (p == 2.0) return largest * sqrt(scaled_statistic);
-  return largest * pow(scaled_statistic, 1.0 / p);
+// Whether a norm taken from its sum may be wrong only because the sum left its accumulator's
+// range, and is taken again of x / pivot (rescaled_norm): for p > 0 a sum that overflowed (a norm
+// of inf); for p < 0 a sum that underflowed to 0 (inf) or overflowed (0, which is also the true
+// norm when an element is 0: the pivot is then 0, and the norm stays).
+inline bool norm_out_of_range(double norm, double p) {
+  return sum_may_overflow(norm_kind(p)) && (std::isinf(norm) || (p < 0 && norm == 0));
+}
+
+// The norm type whose norm is the pivot: max|x| for p > 0, min|x| for p < 0. Each |x / pivot|^p is
+// then at most 1 and the pivot's own is 1, so their sum lies in [1, n] and cannot leave the range.
+inline double pivot_norm_type(double p) { return p > 0 ? INFINITY : -INFINITY; }
+
+// The norm from the pivot (finite, nonzero) and the statistic of x / pivot:
+// pivot * statistic^(1/p), in float64 (fusedclip.numerics.rescaled_norm).
+FUSEDCLIP_HOST_DEVICE inline double rescaled_norm(double pivot, double scaled_statistic, double p) {
+  if (p == 1.0) return pivot * scaled_statistic;
+  if (p == 2.0) return pivot * sqrt(scaled_statistic);
+  return pivot * pow(scaled_statistic, 1.0 / p);
 }
 
 // min(max_norm * (1 / (total + kClipEps)), 1) with the operations and roundings of torch's

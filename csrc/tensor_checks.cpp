@@ -42,18 +42,6 @@ bool accepted_dtype(int32_t code, ScalarType* dtype, int64_t* element_size) {
 
 constexpr AOTITorchError kOk = AOTI_TORCH_SUCCESS;
 
-// check_writable's overlap rule on a shape, as torch's in-place ops decide it: no dimension of more
-// than one element has stride 0, or no element at all (an empty tensor overlaps nothing, whatever
-// its strides).
-bool no_zero_stride_overlap(const int64_t* sizes, const int64_t* strides, int64_t dims) {
-  bool zero_stride = false;
-  for (int64_t d = 0; d < dims; ++d) {
-    if (sizes[d] == 0) return true;
-    zero_stride = zero_stride || (strides[d] == 0 && sizes[d] > 1);
-  }
-  return !zero_stride;
-}
-
 // non_overlapping_and_dense's rule on a shape. Sorted by stride, the dimensions of more than one
 // element must each step over exactly the block of the ones before: 1, then size * stride of the
 // previous. A tensor with no elements is dense. (A contiguous tensor passes the sorted test too:
@@ -88,6 +76,55 @@ bool dense_layout(const int64_t* sizes, const int64_t* strides, int64_t dims) {
     expected *= by_stride[k].second;
   }
   return true;
+}
+
+// check_writable's overlap rule on a shape: no two elements share memory, so that writing each
+// element once has one result (torch's in-place ops refuse a zero stride, an expanded tensor, and
+// scale an element that appears k times k times). An empty tensor overlaps nothing, whatever its
+// strides; a row-major one neither (one pass, the common case). Else, sorted by stride,
+// dimensions that each step past the farthest offset of the ones before cannot overlap (any dense
+// layout, slices, transposes); a layout that fails this (an as_strided view) is decided exactly,
+// by marking each element's offset.
+bool no_internal_overlap(const int64_t* sizes, const int64_t* strides, int64_t dims) {
+  int64_t expected = 1;
+  bool row_major = true;
+  bool zero_stride = false;
+  for (int64_t d = dims - 1; d >= 0; --d) {
+    if (sizes[d] == 0) return true;
+    if (sizes[d] == 1) continue;
+    zero_stride = zero_stride || strides[d] == 0;
+    row_major = row_major && strides[d] == expected;
+    expected *= sizes[d];
+  }
+  if (row_major) return true;
+  if (zero_stride) return false;
+  std::vector<std::pair<int64_t, int64_t>> by_stride;  // (stride, size) of dims of size > 1
+  for (int64_t d = 0; d < dims; ++d) {
+    if (sizes[d] > 1) by_stride.emplace_back(strides[d], sizes[d]);
+  }
+  std::sort(by_stride.begin(), by_stride.end());
+  int64_t reach = 0;  // the farthest offset of the dimensions before
+  bool separated = true;
+  for (const auto& [stride, size] : by_stride) {
+    separated = separated && stride > reach;
+    reach += stride * (size - 1);
+  }
+  if (separated) return true;
+  std::vector<bool> taken(static_cast<size_t>(reach) + 1, false);
+  std::vector<int64_t> index(by_stride.size(), 0);
+  int64_t offset = 0;
+  while (true) {
+    if (taken[static_cast<size_t>(offset)]) return false;
+    taken[static_cast<size_t>(offset)] = true;
+    size_t k = 0;
+    for (; k < by_stride.size(); ++k) {  // the next element, the first dimension fastest
+      offset += by_stride[k].first;
+      if (++index[k] < by_stride[k].second) break;
+      offset -= by_stride[k].first * by_stride[k].second;
+      index[k] = 0;
+    }
+    if (k == by_stride.size()) return true;
+  }
 }
 
 // check_tensors' (with writable, check_writable's) checks and the metadata of every tensor in one
@@ -125,7 +162,7 @@ bool read_checked(size_t n, const HandleAt& handle_at, DeviceType device_type, b
     }
     m.device_index = index;
     if (!read_shape(h, &m.dim, &m.sizes, &m.strides)) return false;
-    if (writable && !no_zero_stride_overlap(m.sizes, m.strides, m.dim)) return false;
+    if (writable && !no_internal_overlap(m.sizes, m.strides, m.dim)) return false;
     int64_t numel = 1;
     for (int64_t d = 0; d < m.dim; ++d) numel *= m.sizes[d];
     m.numel = numel;
@@ -188,9 +225,9 @@ void check_writable_one_by_one(const TensorList& tensors, const char* op, Device
   check_tensors_one_by_one(tensors, op, device_type);
   for (size_t i = 0; i < tensors.size(); ++i) {
     const Tensor& t = tensors[i];
-    FUSEDCLIP_CHECK_VALUE(no_zero_stride_overlap(t.sizes().data(), t.strides().data(), t.dim()), op, ": tensor ", i,
-                          " has internally overlapping memory (an expanded tensor) and cannot be "
-                          "modified in place; clone it first");
+    FUSEDCLIP_CHECK_VALUE(no_internal_overlap(t.sizes().data(), t.strides().data(), t.dim()), op, ": tensor ", i,
+                          " has internally overlapping memory (elements that share memory: an expanded "
+                          "tensor, an as_strided view) and cannot be modified in place; clone it first");
   }
 }
 

@@ -13,8 +13,8 @@ namespace fusedclip {
 // and float32, float64, float16, bfloat16 or complex. op names the operator in the messages.
 void check_tensors(const TensorList& tensors, const char* op, DeviceType device_type);
 
-// check_tensors, and no tensor has internally overlapping memory (an expanded tensor): each can be
-// written in place.
+// check_tensors, and no tensor has internally overlapping memory (elements that share memory: an
+// expanded tensor, an as_strided view): each can be written in place.
 void check_writable(const TensorList& tensors, const char* op, DeviceType device_type);
 
 // Whether t's elements fill one block of memory with no gap and no overlap, in any order of its

@@ -20,6 +20,7 @@ device, each device with its own backend, and each tensor-subclass grad in a gro
 from __future__ import annotations
 
 import numbers
+import sys
 import types
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -216,10 +217,10 @@ def check_writable(i: int, g: Tensor) -> None:
         if g.numel() > 0 and any(stride == 0 and size > 1 for size, stride in zip(g.shape, g.stride())):
             raise ValueError(f"gradient {i} has internally overlapping memory (an expanded tensor)")
         return
-    if torch._debug_has_internal_overlap(g) == 1:
+    if numerics.internal_overlap(g):
         raise ValueError(
-            f"gradient {i} has internally overlapping memory (an expanded tensor) and cannot be "
-            "modified in place"
+            f"gradient {i} has internally overlapping memory (elements that share memory: an "
+            "expanded tensor, an as_strided view) and cannot be modified in place; clone it first"
         )
     if g.is_conj() or g.is_neg():
         raise ValueError(
@@ -241,9 +242,20 @@ def group_by_device(
 
     Every grad is checked here in Python, which names what it refuses."""
     groups: dict[Any, list[Tensor]] = {}
+    dtensor = dtensor_type()
     for i, g in enumerate(grads):
         if not isinstance(g, Tensor):
             raise TypeError(f"gradient {i} must be a torch.Tensor, got {type(g).__name__}")
+        if dtensor is not None and isinstance(g, dtensor):
+            # The four functions, AutoClip, ZClip and ClipOptimizer take DTensor grads through
+            # fusedclip.distributed before grouping; a per-tensor norm would need a reduction of
+            # each tensor's statistic over its mesh.
+            raise TypeError(
+                f"gradient {i} is a DTensor, which this function does not take: per-tensor norms "
+                "(get_norms, clip_grad_norm_with_norms_, PerTensorClip, AGC, GradientMonitor) are "
+                "not reduced across a mesh; clip_grad_norm_, get_total_norm, clip_grads_with_norm_, "
+                "clip_grad_value_, AutoClip, ZClip and ClipOptimizer take DTensor grads"
+            )
         if g.layout != torch.strided:
             raise TypeError(
                 f"gradient {i} has layout {g.layout}; fusedclip clips dense gradients only "
@@ -263,6 +275,12 @@ def group_by_device(
         check_foreach(foreach, device)
         result.append((device, _backends.resolve_backend(backend, device), ts))
     return result
+
+
+def dtensor_type() -> Optional[type]:
+    """DTensor, when torch.distributed.tensor has been imported (no DTensor exists before)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 def is_dispatch_subclass(t: Tensor) -> bool:
@@ -383,8 +401,8 @@ def norm_of_group_statistics(
     groups: list[Group], statistics: list[Tensor], norm_type: float
 ) -> Tensor:
     """The global norm from one norm statistic per group, on the first group's device; taken
-    again of x / max|x| when the sum overflowed while every |x| is finite, where deciding it is
-    free (numerics.rescale_decided_on_host: every group on the CPU)."""
+    again when its sum left the accumulator's range (numerics.norm_out_of_range), where deciding
+    it is free (numerics.rescale_decided_on_host: every group on the CPU)."""
     empty = not any(t.numel() for _, _, ts in groups for t in ts)
     total = norm_from_statistics(statistics, groups[0][0], empty, norm_type)
     if all(device.type == "cpu" for device, _, _ in groups):

@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from fusedclip import _core, _ops, clip, numerics, reference
+from fusedclip import _core, _ops, clip, distributed, numerics, reference
 
 __all__ = ["AGC", "AutoClip", "ZClip", "PerTensorClip"]
 
@@ -68,7 +68,14 @@ class _GlobalNormClipper:
                 _core.scale_groups(groups, coef)
                 return total, state
 
-            total, state = _core.run_grouped(grads, self.backend, True, run)
+            if distributed.has_dtensor(grads):
+                # The global norm over the grads' meshes, a replicated DTensor as clip_grad_norm_
+                # returns it; the state is kept as a plain tensor.
+                total = clip.get_total_norm(grads, self.norm_type, backend=self.backend)
+                coef, state = self._coefficient(distributed.as_tensor(total))
+                clip.scale_grads_(grads, coef, None, self.backend)
+            else:
+                total, state = _core.run_grouped(grads, self.backend, True, run)
             for name, value in zip(self._STATE, state):
                 setattr(self, name, value)
             return total

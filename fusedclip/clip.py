@@ -129,15 +129,21 @@ def clip_grads_with_norm_(
         if total_norm.is_meta:
             _check_meta_total_norm(params)
         coef = numerics.clip_coefficient(total_norm, max_norm)
-        grads = _core.grads_of(params)
-        if not grads:
-            return
-        if _core.run_as_one_group(grads, foreach, backend, True, lambda group: _scale_one_group(group, coef)):
-            return
-        if _is_distributed(grads, None):
-            distributed.scale_dtensor_grads_(grads, coef, foreach, backend)
-            return
-        _core.scale_groups(_core.group_by_device(grads, foreach, backend, writes=True), coef)
+        scale_grads_(_core.grads_of(params), coef, foreach, backend)
+
+
+def scale_grads_(grads: list, coef: Tensor, foreach: Optional[bool], backend: str) -> None:
+    """grads *= coef in place (coef a 0-dim tensor): plain grads, DTensor grads shard by shard
+    (fusedclip.distributed), a tensor-subclass grad in a list of its own. Nothing is written
+    where coef is 1 (the operators read it), and nothing at all when a grad is refused."""
+    if not grads:
+        return
+    if _core.run_as_one_group(grads, foreach, backend, True, lambda group: _scale_one_group(group, coef)):
+        return
+    if _is_distributed(grads, None):
+        distributed.scale_dtensor_grads_(grads, coef, foreach, backend)
+        return
+    _core.scale_groups(_core.group_by_device(grads, foreach, backend, writes=True), coef)
 
 
 def _scale_one_group(group: _core.Group, coef: Tensor) -> Optional[bool]:

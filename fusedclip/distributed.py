@@ -29,7 +29,6 @@ clipping needs no reduction at all; fusedclip.ddp's hook takes the norm while ba
 """
 
 import math
-import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -47,20 +46,14 @@ ProcessGroups = _core.ProcessGroups  # a ProcessGroup or a sequence of them
 # --- DTensor grads --------------------------------------------------------------------------------
 
 
-def _dtensor_type() -> Optional[type]:
-    """DTensor, when torch.distributed.tensor has been imported (no DTensor exists before)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
-
-
 def has_dtensor(tensors: Sequence[Any]) -> bool:
-    dtensor = _dtensor_type()
+    dtensor = _core.dtensor_type()
     return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
 
 
 def as_tensor(total_norm: Tensor) -> Tensor:
     """A norm given as a DTensor (replicated, or partial as torch.nn.utils returns it), whole."""
-    dtensor = _dtensor_type()
+    dtensor = _core.dtensor_type()
     if dtensor is not None and isinstance(total_norm, dtensor):
         return total_norm.full_tensor()
     return total_norm
@@ -93,7 +86,7 @@ class _Parts:
     """
 
     def __init__(self, grads: Sequence[Tensor]) -> None:
-        dtensor = _dtensor_type()
+        dtensor = _core.dtensor_type()
         self.plain: list[Tensor] = []
         self.sharded: dict[tuple[Any, tuple[int, ...]], list[Tensor]] = {}
         self.local: list[Tensor] = []
@@ -231,6 +224,7 @@ def process_groups(process_group: Optional[ProcessGroups]) -> list:
         return []
     if isinstance(process_group, dist.ProcessGroup):
         return [process_group]
+    _check_member(process_group, "process_group")
     if not isinstance(process_group, Sequence) or isinstance(process_group, (str, bytes)):
         raise TypeError(
             "process_group must be a torch.distributed.ProcessGroup or a sequence of them, got "
@@ -242,6 +236,7 @@ def process_groups(process_group: Optional[ProcessGroups]) -> list:
         )
     groups = list(process_group)
     for i, group in enumerate(groups):
+        _check_member(group, f"process_group[{i}]")
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(
                 f"process_group[{i}] must be a torch.distributed.ProcessGroup, got "
@@ -253,6 +248,15 @@ def process_groups(process_group: Optional[ProcessGroups]) -> list:
                 "count its ranks' statistics twice"
             )
     return groups
+
+
+def _check_member(group: Any, name: str) -> None:
+    """Refuses what torch.distributed.new_group returns on a rank outside the new group."""
+    if isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            f"{name} is torch.distributed.GroupMember.NON_GROUP_MEMBER: this rank is not a member of "
+            "the group (new_group returns it on the other ranks); only the group's ranks reduce over it"
+        )
 
 
 def _local_statistic(

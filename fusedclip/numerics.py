@@ -8,10 +8,13 @@ kernels' are in csrc/numerics.h, and tests/test_numerics.py checks that they agr
   combine in a fixed order, float64 for sums (:func:`combine_statistics`).
 * The norm from the statistic: the p-th root for finite p other than 0 and 1
   (:func:`total_norm_from_statistic`).
-* A norm whose sum overflowed while every |x| is finite is taken again of x / max|x|
-  (:func:`rescale_decided_on_host`, :func:`rescaled_norm`).
+* A norm whose sum left its accumulator's range while the true norm fits is taken again of
+  x / pivot, pivot = max|x| for p > 0, min|x| for p < 0 (:func:`norm_out_of_range`,
+  :func:`pivot_norm_type`, :func:`rescale_decided_on_host`, :func:`rescaled_norm`).
 * The clip coefficient ``min(max_norm / (norm + CLIP_EPS), 1)`` computed as torch computes it
   (:func:`clip_coefficient`).
+* A tensor written in place has no two elements that share memory (:func:`internal_overlap`;
+  csrc/tensor_checks.cpp's no_internal_overlap).
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ __all__ = [
     "statistic_identity",
     "combine_statistics",
     "total_norm_from_statistic",
+    "norm_out_of_range",
+    "pivot_norm_type",
     "rescale_decided_on_host",
     "rescaled_norm",
     "clip_coefficient",
+    "internal_overlap",
 ]
 
 CLIP_EPS = 1e-6  # torch's: the coefficient is max_norm / (norm + 1e-6)
@@ -53,7 +59,8 @@ class NormKind(enum.IntEnum):
     COUNT = 5  # p = 0: the count of nonzero elements
 
 
-# The statistics that are sums of |x|^p, which can overflow while every |x| is finite.
+# The statistics that are sums of |x|^p, which can leave their accumulator's range while every |x|
+# is finite.
 SUM_KINDS = (NormKind.SQUARE_SUM, NormKind.ABS_SUM, NormKind.POWER_SUM)
 
 
@@ -130,31 +137,45 @@ def _(statistic: Tensor, norm_type: float) -> Tensor:
     return torch.empty_like(statistic)
 
 
+def norm_out_of_range(norm: float, norm_type: float) -> bool:
+    """Whether a norm taken from its sum of |x|^p may be wrong only because the sum left its
+    accumulator's range, so that it is taken again of x / pivot (:func:`rescaled_norm`): for
+    p > 0 a sum that overflowed (a norm of inf: x^2 of a float32 x above 1.8e19); for p < 0 a sum
+    that underflowed to 0 (inf) or overflowed (0, which is also the true norm when an element is
+    0: the pivot is then 0 and the norm stays). csrc/numerics.h's norm_out_of_range."""
+    return norm_kind(norm_type) in SUM_KINDS and (math.isinf(norm) or (norm_type < 0 and norm == 0))
+
+
+def pivot_norm_type(norm_type: float) -> float:
+    """The norm type whose norm is the pivot: max|x| (inf) for p > 0, min|x| (-inf) for p < 0.
+    Each |x / pivot|^p is then at most 1 and the pivot's own is 1, so their sum lies in [1, n]."""
+    return math.inf if norm_type > 0 else -math.inf
+
+
 def rescale_decided_on_host(total: Tensor, norm_type: float) -> bool:
-    """Whether to take a norm (or any of a vector of norms) again of x / max|x|: its statistic is
-    a sum (p other than 0 and +-inf) and the norm came out inf, read on the host only where that
-    is free (a CPU tensor, eagerly; not under torch.compile, where it would break the graph).
-    A sum of |x|^p overflows its accumulator long before any |x| is inf (x^2 of a float32 x
-    above 1.8e19); taken of x / max|x|, whose terms are at most 1, it cannot."""
+    """Whether to take a norm (or any of a vector of norms) again (:func:`norm_out_of_range`),
+    read on the host only where that is free: a CPU tensor, eagerly; not under torch.compile,
+    where it would break the graph."""
     if norm_kind(norm_type) not in SUM_KINDS or total.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     if total.dim() == 0:
-        return math.isinf(total.item())  # a microsecond; isinf().any() takes two ATen ops
-    return bool(total.isinf().any())
+        return norm_out_of_range(total.item(), norm_type)  # a microsecond; ATen's isinf().any() takes two ops
+    out_of_range = total.isinf() | (total == 0) if norm_type < 0 else total.isinf()  # norm_out_of_range's rule
+    return bool(out_of_range.any())
 
 
-def rescaled_norm(largest: Tensor, scaled_statistic: Tensor, norm_type: float, dtype: torch.dtype) -> Tensor:
-    """largest * scaled_statistic^(1/p), in float64, rounded once to dtype: the norm of x from
-    largest = max|x| (finite, nonzero) and the statistic of x / largest (csrc/numerics.h's
-    rescaled_norm)."""
-    largest, scaled = largest.double(), scaled_statistic.double()
+def rescaled_norm(pivot: Tensor, scaled_statistic: Tensor, norm_type: float, dtype: torch.dtype) -> Tensor:
+    """pivot * scaled_statistic^(1/p), in float64, rounded once to dtype: the norm of x from the
+    pivot (:func:`pivot_norm_type`, finite and nonzero) and the statistic of x / pivot
+    (csrc/numerics.h's rescaled_norm)."""
+    pivot, scaled = pivot.double(), scaled_statistic.double()
     if norm_type == 1.0:
         root = scaled
     elif norm_type == 2.0:
         root = scaled.sqrt()
     else:
         root = scaled.pow(1.0 / norm_type)
-    return (largest * root).to(dtype)
+    return (pivot * root).to(dtype)
 
 
 def clip_coefficient(total_norm: Tensor, max_norm: Union[float, Tensor]) -> Tensor:
@@ -191,3 +212,24 @@ def coefficient_below_one(total: float, dtype: torch.dtype, max_norm: float) -> 
         f32 = _float32
         coef = f32(f32(max_norm) * f32(1.0 / f32(total + f32(CLIP_EPS))))
     return not coef >= 1.0
+
+
+def internal_overlap(t: Tensor) -> bool:
+    """Whether two elements of t share memory, so that writing each element once has no single
+    result: torch's in-place ops refuse a zero stride (an expanded tensor) and scale an element
+    that appears k times k times; every backend refuses both. An empty tensor overlaps nothing,
+    whatever its strides; a dense one neither. Sorted by stride, dimensions that each step past
+    the farthest offset of the ones before cannot overlap (slices, transposes); a layout that
+    fails this (an as_strided view) is decided exactly, from its elements' offsets."""
+    if t.numel() == 0 or t.is_contiguous():
+        return False
+    by_stride = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1)
+    reach = 0  # the farthest offset of the dimensions before
+    separated = True
+    for stride, size in by_stride:
+        separated = separated and stride > reach
+        reach += stride * (size - 1)
+    if separated:
+        return False
+    offsets = torch.arange(reach + 1).as_strided(t.shape, t.stride())
+    return offsets.unique().numel() < t.numel()

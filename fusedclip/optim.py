@@ -13,12 +13,14 @@ class's docstring for the bytes). found_inf skips a fused step on a non-finite n
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
-from fusedclip import _backends, _core, _ops, clip, numerics
+from fusedclip import _backends, _core, _ops, clip, distributed, numerics
 
 __all__ = ["ClipOptimizer"]
 
@@ -51,8 +53,19 @@ class ClipOptimizer(torch.optim.Optimizer):
 
     ``param_groups``, ``state``, ``defaults``, ``zero_grad``, ``state_dict``,
     ``load_state_dict`` and ``add_param_group`` are the wrapped optimizer's; learning-rate
-    schedulers take a ClipOptimizer. Step hooks registered on the wrapped optimizer run inside
-    its step, after the norm is taken.
+    schedulers take a ClipOptimizer. Step hooks registered on a ClipOptimizer
+    (``register_step_pre_hook``, ``register_step_post_hook``) run around its ``step()``, the clip
+    included, and receive the ClipOptimizer; those registered on the wrapped optimizer run inside
+    it, after the norm is taken. State-dict hooks (``register_state_dict_pre_hook``, ...) are
+    registered on the wrapped optimizer, whose state dict this is, and receive it. As with
+    torch's optimizers, pickling or copying a ClipOptimizer keeps neither kind of hook, nor a
+    learning-rate scheduler's wrapper of ``step``.
+
+    DTensor gradients (FSDP2, tensor parallelism) are clipped by their global norm over their
+    meshes, as ``clip_grad_norm_`` clips them, and ``step()`` returns that norm as a replicated
+    DTensor. With a ``GradScaler`` and DTensor gradients, call ``scaler.unscale_(optimizer)``
+    before ``scaler.step(optimizer)``: the unscaled norm is otherwise taken in the same read as
+    found_inf, which is not reduced across ranks here.
 
     **A skipped step and the state it made.** torch's fused optimizers make a parameter's state
     on its first step before their kernel reads found_inf: fused SGD with momentum makes the
@@ -102,9 +115,11 @@ class ClipOptimizer(torch.optim.Optimizer):
         fold: with a fused optimizer, apply the coefficient through its grad_scale (True) or
             with fusedclip's scale pass before the step (False: the gradients then round
             exactly as clip_grad_norm_ rounds them); ``"auto"`` (the default): True where the
-            coefficient is on the CPU, False elsewhere (the bytes above). A GradScaler's step
-            always folds: its scale goes through grad_scale, and the kernel writes the
-            gradients back, anyway.
+            coefficient is on the CPU and no gradient is float64, False elsewhere (the bytes
+            above). torch's fused kernels take a float32 grad_scale, so a fold reaches float64
+            gradients with float32's precision of the coefficient (5e-8 relative). A
+            GradScaler's step always folds: its scale goes through grad_scale, and the kernel
+            writes the gradients back, anyway.
         backend: fusedclip's backend for the norm and the scale pass.
     """
 
@@ -135,6 +150,13 @@ class ClipOptimizer(torch.optim.Optimizer):
         if not (isinstance(fold, bool) or (isinstance(fold, str) and fold == "auto")):
             raise TypeError(f"fold must be True, False or 'auto', got {fold!r}")
         self.fold = fold
+        self._init_step_hooks()
+
+    def _init_step_hooks(self) -> None:
+        # torch.optim.Optimizer's names: its register_step_pre_hook and register_step_post_hook
+        # add to these; step() runs them.
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
 
     # --- what the wrapped optimizer owns ---------------------------------------------------------
 
@@ -190,16 +212,49 @@ class ClipOptimizer(torch.optim.Optimizer):
             f"fold={self.fold}, optimizer={self.optimizer!r})"
         )
 
+    def register_state_dict_pre_hook(self, hook: Callable, prepend: bool = False) -> RemovableHandle:
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend)
+
+    def register_state_dict_post_hook(self, hook: Callable, prepend: bool = False) -> RemovableHandle:
+        return self.optimizer.register_state_dict_post_hook(hook, prepend)
+
+    def register_load_state_dict_pre_hook(self, hook: Callable, prepend: bool = False) -> RemovableHandle:
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend)
+
+    def register_load_state_dict_post_hook(self, hook: Callable, prepend: bool = False) -> RemovableHandle:
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend)
+
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__
+        # As torch.optim.Optimizer: no hooks, and no learning-rate scheduler's wrapper of step (an
+        # instance attribute that holds a weak reference to this object, not to a copy).
+        skipped = ("step", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
+        return {k: v for k, v in self.__dict__.items() if k not in skipped}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._init_step_hooks()
 
     # --- the step ---------------------------------------------------------------------------------
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Tensor:  # type: ignore[override]
-        """Runs the closure if given, clips, and steps; returns the total norm before clipping."""
+        """Runs the closure if given, clips, and steps; returns the total norm before clipping.
+        The step hooks registered on this object run before and after, as torch runs them."""
+        args: tuple = () if closure is None else (closure,)
+        kwargs: dict = {}
+        for hook in list(self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"{hook} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                    )
+                args, kwargs = result
+        total = self._clip_and_step(*args, **kwargs)
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, args, kwargs)
+        return total
+
+    def _clip_and_step(self, closure: Optional[Callable[[], Any]] = None) -> Tensor:
         if closure is not None:
             with torch.enable_grad():
                 closure()
@@ -211,36 +266,46 @@ class ClipOptimizer(torch.optim.Optimizer):
             if not grads:
                 self.optimizer.step()
                 return torch.tensor(0.0)
+            if scaler_scale is not None and distributed.has_dtensor(grads):
+                raise TypeError(
+                    "ClipOptimizer with DTensor gradients: call scaler.unscale_(optimizer) before "
+                    "scaler.step(optimizer) (the norm of the scaled DTensor gradients is not "
+                    "taken in the unscale's read)"
+                )
             if scaler_scale is None:
                 total = clip.get_total_norm(grads, self.norm_type, backend=self.backend)
                 found_inf = None
             else:
                 total, found_inf = _unscaled_norm(grads, scaler_scale, self.norm_type, self.backend)
-            coef = numerics.clip_coefficient(total, self.max_norm)
+            norm = distributed.as_tensor(total)  # a DTensor norm (DTensor grads), whole
+            coef = numerics.clip_coefficient(norm, self.max_norm)
             if not self.fused:
                 # A host read of the norm (a sync on a GPU) decides whether to step at all.
-                if bool(torch.isfinite(total)):
-                    _core.scale_groups(_core.group_by_device(grads, None, self.backend, writes=True), coef)
+                if bool(torch.isfinite(norm)):
+                    clip.scale_grads_(grads, coef, None, self.backend)
                     self.optimizer.step()
                 return total
-            non_finite = (~torch.isfinite(total)).to(torch.float32)
+            non_finite = (~torch.isfinite(norm)).to(torch.float32)
             for extra in (found_inf, scaler_found_inf):
                 if extra is not None:
                     non_finite = torch.maximum(non_finite, extra.to(device=non_finite.device, dtype=torch.float32))
-            if scaler_scale is not None or self._folds(coef.device):
+            if scaler_scale is not None or self._folds(coef.device, grads):
                 grad_scale = _grad_scale(coef, scaler_scale)
             else:
                 # The scale pass; coefficient 1 (nothing written) when the step will be skipped.
                 safe_coef = torch.where(non_finite > 0, torch.ones_like(coef), coef)
-                _core.scale_groups(_core.group_by_device(grads, None, self.backend, writes=True), safe_coef)
+                clip.scale_grads_(grads, safe_coef, None, self.backend)
                 grad_scale = None
             self._fused_step(grad_scale, non_finite)
         return total
 
-    def _folds(self, device: torch.device) -> bool:
+    def _folds(self, device: torch.device, grads: list[Tensor]) -> bool:
         """Whether the coefficient goes through the fused kernel's grad_scale (see the class's
-        docstring): fold=True or False as given; "auto" where the coefficient reads for free."""
-        return _auto_folds(device) if self.fold == "auto" else bool(self.fold)
+        docstring): fold=True or False as given; "auto" where the coefficient reads for free and
+        no gradient is float64 (the kernels' grad_scale is float32)."""
+        if self.fold != "auto":
+            return bool(self.fold)
+        return _auto_folds(device) and not any(g.dtype in numerics.FLOAT64_DTYPES for g in grads)
 
     def _fused_step(self, grad_scale: Optional[Tensor], found_inf: Tensor) -> None:
         """The wrapped fused optimizer's step, dividing by grad_scale and skipped on found_inf;

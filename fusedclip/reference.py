@@ -21,6 +21,7 @@ from fusedclip.numerics import (
     accumulate_dtype,
     clip_coefficient,
     combine_statistics,
+    pivot_norm_type,
     rescale_decided_on_host,
     rescaled_norm,
     statistic_identity,
@@ -49,6 +50,12 @@ __all__ = [
 _ROW = 1024
 
 
+def _beyond_float32(norm_type: float) -> bool:
+    """A finite p beyond float32's range, which torch's vector_norm takes as float32's inf and
+    whose root 1 / p as 0: a norm of 1 for any x."""
+    return math.isfinite(norm_type) and abs(norm_type) > torch.finfo(torch.float32).max
+
+
 def _tensor_statistic(t: Tensor, norm_type: float, acc: torch.dtype) -> Tensor:
     if t.numel() == 0:
         return torch.full((), statistic_identity(norm_type), dtype=acc, device=t.device)
@@ -56,6 +63,10 @@ def _tensor_statistic(t: Tensor, norm_type: float, acc: torch.dtype) -> Tensor:
         t = t.abs()
     if norm_type in (math.inf, -math.inf):
         return torch.linalg.vector_norm(t, norm_type, dtype=acc)  # a max or a min: exact
+    if _beyond_float32(norm_type):
+        # Each |x|^p is 0, 1 or inf, as in the kernels; the root (float64) and the rescale
+        # (rescaled_if_overflowed) then give the limit, max|x| or min|x|.
+        return t.abs().to(acc).pow(norm_type).sum()
     flat = t.reshape(-1)
     whole = flat.numel() // _ROW * _ROW
     rows = []
@@ -85,7 +96,7 @@ def multi_tensor_norm(
     # dozen ops each.
     one_row: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
-        if 0 < t.numel() < _ROW and not t.is_complex():
+        if 0 < t.numel() < _ROW and not t.is_complex() and not _beyond_float32(norm_type):
             one_row.setdefault(t.dtype, []).append(i)
         else:
             stats[i] = _tensor_statistic(t, norm_type, accumulate_dtype([t])).to(acc)
@@ -163,16 +174,19 @@ def _bound_in(dtype: torch.dtype, value: float) -> float:
 
 
 def rescaled_if_overflowed(tensors: list[Tensor], total: Tensor, norm_type: float) -> Tensor:
-    """The norm again, of x / max|x|, when its sum overflowed while every |x| is finite (see
-    numerics.rescale_decided_on_host: CPU norms only); else total as it is. A second read of the
-    tensors, only after an overflow (C++'s is csrc/cpu/kernels.h's rescaled_if_overflowed)."""
+    """The norm again, of x / pivot, when its sum left the accumulator's range while the true norm
+    fits (numerics.rescale_decided_on_host: CPU norms only); else total as it is. A second and a
+    third read of the tensors, only then (C++'s is csrc/cpu/kernels.h's rescaled_if_overflowed)."""
     if not rescale_decided_on_host(total, norm_type):
         return total
-    largest = multi_tensor_norm(tensors, math.inf)[0].to(total.dtype)
-    if not bool(torch.isfinite(largest) & (largest > 0)):
+    pivot = multi_tensor_norm(tensors, pivot_norm_type(norm_type))[0].to(total.dtype)
+    inv_scale = pivot.double().reciprocal().to(total.dtype)
+    # A pivot of 0 (p < 0 with an element of 0: the norm is 0), inf or nan, or whose reciprocal is
+    # beyond float32 (a min|x| below 2.9e-39) leaves the norm as it is.
+    if not bool(torch.isfinite(pivot) & (pivot > 0) & torch.isfinite(inv_scale)):
         return total
-    scaled, _ = multi_tensor_unscale_norm(tensors, largest.double().reciprocal().to(total.dtype), norm_type)
-    return rescaled_norm(largest, scaled, norm_type, total.dtype)
+    scaled, _ = multi_tensor_unscale_norm(tensors, inv_scale, norm_type)
+    return rescaled_norm(pivot, scaled, norm_type, total.dtype)
 
 
 def clip_grad_norm_(tensors: list[Tensor], max_norm: float, norm_type: float) -> Tensor:
@@ -223,10 +237,10 @@ def multi_tensor_scale_per_tensor_(tensors: list[Tensor], coefs: Tensor) -> None
 
 def per_tensor_norms(statistics: Tensor, tensors: list[Tensor], norm_type: float) -> Tensor:
     """Norms from per-tensor statistics; a tensor with no elements has norm 0 for every p (the
-    root of the identity is not 0 for p = -inf or p < 0); a norm whose sum overflowed is taken
-    again of its tensor (rescaled_if_overflowed)."""
+    root of the identity is not 0 for p = -inf or p < 0); a norm whose sum left the accumulator's
+    range is taken again of its tensor (rescaled_if_overflowed)."""
     norms = total_norm_from_statistic(statistics, norm_type, empty=False)
-    if rescale_decided_on_host(norms, norm_type):  # a tensor's sum overflowed: that norm again
+    if rescale_decided_on_host(norms, norm_type):  # a tensor's sum left its range: that norm again
         norms = torch.stack([rescaled_if_overflowed([t], n, norm_type) for t, n in zip(tensors, norms.unbind())])
     if any(t.numel() == 0 for t in tensors):
         empty = torch.tensor([t.numel() == 0 for t in tensors]).to(norms.device, non_blocking=True)

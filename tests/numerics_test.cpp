@@ -8,8 +8,9 @@
 //   coef64 TOTAL MAX_NORM       -> clip_coefficient<double>
 //   root32 KIND STATISTIC P E   -> root_of_statistic<KIND, float> (E: 1 when there are no elements)
 //   root64 KIND STATISTIC P E   -> root_of_statistic<KIND, double>
-//   rescaled LARGEST SCALED P   -> rescaled_norm
-//   overflow KIND               -> sum_may_overflow (0 or 1)
+//   rescaled PIVOT SCALED P     -> rescaled_norm
+//   again NORM P                -> norm_out_of_range (0 or 1)
+//   pivot P                     -> pivot_norm_type
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -53,8 +54,10 @@ int main() {
       std::printf("%a\n", root<double>(kind, a, b, empty != 0));
     } else if (!std::strcmp(op, "rescaled") && std::scanf("%la %la %la", &a, &b, &c) == 3) {
       std::printf("%a\n", fusedclip::rescaled_norm(a, b, c));
-    } else if (!std::strcmp(op, "overflow") && std::scanf("%d", &kind) == 1) {
-      std::printf("%d\n", fusedclip::sum_may_overflow(static_cast<NormKind>(kind)) ? 1 : 0);
+    } else if (!std::strcmp(op, "again") && std::scanf("%la %la", &a, &b) == 2) {
+      std::printf("%d\n", fusedclip::norm_out_of_range(a, b) ? 1 : 0);
+    } else if (!std::strcmp(op, "pivot") && std::scanf("%la", &a) == 1) {
+      std::printf("%a\n", fusedclip::pivot_norm_type(a));
     } else {
       std::fprintf(stderr, "bad query: %s\n", op);
       return 2;

@@ -79,7 +79,7 @@ def rtol_of(dtypes, norm_type) -> float:
 
 def whole(t: torch.Tensor) -> torch.Tensor:
     """A DTensor made whole (for checks), a plain tensor as it is."""
-    return t.full_tensor() if isinstance(t, fd._dtensor_type() or ()) else t
+    return t.full_tensor() if isinstance(t, fusedclip._core.dtensor_type() or ()) else t
 
 
 # --- process groups -------------------------------------------------------------------------------
@@ -180,6 +180,12 @@ def bad_arguments_raise_before_any_collective(rank, world_size):
         fusedclip.clip_grad_norm_(params, 0.01, process_group=[dist.group.WORLD, "world"])
     with pytest.raises(ValueError, match=r"process_group\[1\] repeats"):  # would count twice
         fusedclip.get_total_norm(grads, process_group=[world(), world()])
+    # new_group on a rank outside the group returns GroupMember.NON_GROUP_MEMBER (-100)
+    first_only = dist.new_group([0])
+    if rank != 0:
+        for value in (first_only, [world(), first_only]):
+            with pytest.raises(ValueError, match="not a member of"):
+                fusedclip.clip_grad_norm_(params, 0.01, process_group=value)
     sparse = torch.randn(4).to_sparse()
     with pytest.raises(TypeError, match="layout"):
         fusedclip.clip_grad_norm_(params + params_with([sparse]), 0.01, process_group=world())
@@ -306,6 +312,78 @@ def dtensor_fully_sharded_1d(rank, world_size):
         fusedclip.get_total_norm(dgrads, error_if_nonfinite=True)
     with pytest.raises(RuntimeError, match="non-finite"):
         fusedclip.clip_grad_norm_(params_with(dgrads), 1.0, error_if_nonfinite=True)
+
+
+@case(world_sizes=(2,))
+def dtensor_grads_in_the_features(rank, world_size):
+    """FSDP2-style DTensor grads (Shard(0), uneven and empty shards) in the features above the
+    four functions: ClipOptimizer on every path, AutoClip and ZClip clip them as clip_grad_norm_
+    does (against the same feature on the whole tensors in one process); the per-tensor features
+    refuse them before anything is written or reduced."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    shapes = [(7, 5), (1,), (3, 4), (130,)]
+    grads = make_grads(shapes, [torch.float32, torch.float32, torch.float64, torch.float32], seed=9)
+    values = make_grads(shapes, [torch.float32, torch.float32, torch.float64, torch.float32], seed=10)
+    max_norm = 0.3 * oracle_norm(grads, 2.0)
+
+    def dparams():
+        params = [torch.nn.Parameter(distribute_tensor(v.clone(), mesh, [Shard(0)])) for v in values]
+        for p, g in zip(params, grads):
+            p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+        return params
+
+    def plain_params():
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        return params
+
+    # (torch's fused SGD has no DTensor kernel; its fused AdamW has.)
+    for fused, fold in ((False, "auto"), (True, False), (True, True)):
+        ours, theirs = dparams(), plain_params()
+        total = fusedclip.ClipOptimizer(torch.optim.AdamW(ours, lr=0.1, fused=fused), max_norm, fold=fold).step()
+        expected = fusedclip.clip_grad_norm_(theirs, max_norm)
+        torch.optim.AdamW(theirs, lr=0.1).step()
+        assert_norm_close(whole(total), float(expected), 1e-6)
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-6, atol=1e-7)
+    # GradScaler's step with DTensor grads: refused before anything, with what to do instead
+    ours = dparams()
+    opt = fusedclip.ClipOptimizer(torch.optim.AdamW(ours, lr=0.1, fused=True), max_norm)
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+    with pytest.raises(TypeError, match="unscale_"):
+        opt.step()
+    for p, v, g in zip(ours, values, grads):
+        assert torch.equal(p.full_tensor(), v) and torch.equal(p.grad.full_tensor(), g)
+
+    for make in (lambda: fusedclip.AutoClip(percentile=50.0),
+                 lambda: fusedclip.ZClip(max_grad_norm=max_norm, warmup_steps=2)):
+        ours_clip, theirs_clip = make(), make()
+        for _ in range(3):
+            ours, theirs = dparams(), plain_params()
+            total = ours_clip(ours)
+            expected = theirs_clip(theirs)
+            assert_norm_close(whole(total), float(expected), 1e-6)
+            for p, q in zip(ours, theirs):
+                torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-6, atol=1e-7)
+
+    named = lambda params: [(f"p{i}", p) for i, p in enumerate(params)]  # noqa: E731
+    for name, call in (
+        ("get_norms", lambda ps: fusedclip.get_norms([p.grad for p in ps])),
+        ("clip_grad_norm_with_norms_", lambda ps: fusedclip.clip_grad_norm_with_norms_(ps, 0.1)),
+        ("PerTensorClip", lambda ps: fusedclip.PerTensorClip(0.1)(ps)),
+        ("AGC", lambda ps: fusedclip.AGC(0.001)(ps)),
+        ("GradientMonitor", lambda ps: fusedclip.GradientMonitor(named(ps)).clip_grad_norm_(0.1)),
+    ):
+        ours = dparams()
+        with pytest.raises(TypeError, match="DTensor"):
+            call(ours)
+        for p, g in zip(ours, grads):
+            assert torch.equal(p.grad.full_tensor(), g), name
 
 
 def mesh_2d(world_size):

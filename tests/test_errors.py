@@ -274,15 +274,59 @@ def test_foreach_is_accepted_on_cpu(backend, foreach):
     assert_bitwise_equal(grads, originals)
 
 
+def _overlapping_view():
+    """A (4, 3) view of 10 elements whose rows overlap: elements 2 to 7 each appear twice (torch
+    scales them twice in place, the kernels' dense copy once: no defined result)."""
+    return torch.arange(1.0, 11.0).as_strided((4, 3), (2, 1))
+
+
 @pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
-def test_expanded_grads_refused(backend):
+@pytest.mark.parametrize("view", ["expanded", "as_strided"])
+def test_grads_whose_elements_share_memory_refused(backend, view):
     grads = _grads()
     grads[0][3] = 1.0
-    grads.insert(1, torch.randn(1, 5).expand(4, 5))
-    _refused(lambda: fusedclip.clip_grad_norm_(params_with(grads), 1e-3, backend=backend), grads,
-             ValueError, "internally overlapping memory")
-    # reading an expanded tensor is fine
-    fusedclip.get_total_norm(grads, backend=backend)
+    grads.insert(1, torch.randn(1, 5).expand(4, 5) if view == "expanded" else _overlapping_view())
+    for call in (lambda: fusedclip.clip_grad_norm_(params_with(grads), 1e-3, backend=backend),
+                 lambda: fusedclip.clip_grad_value_(params_with(grads), 1e-3, backend=backend),
+                 lambda: fusedclip.clip_grads_with_norm_(params_with(grads), 1e-3, torch.tensor(7.0), backend=backend)):
+        _refused(call, grads, ValueError, "gradient 1 has internally overlapping memory")
+    # reading one is fine, as torch reads it
+    total = fusedclip.get_total_norm(grads, backend=backend)
+    torch.testing.assert_close(total, torch.nn.utils.get_total_norm([g.clone() for g in grads]), rtol=1e-6, atol=0)
+
+
+def test_overlap_rule_is_exact_on_every_small_layout():
+    """numerics.internal_overlap, and the C++ kernels' refusal, against the offsets themselves:
+    every layout of sizes 1 to 3 and strides 0 to 4 in two dimensions, and some in three."""
+    import itertools
+
+    layouts = [(sizes, strides) for sizes in itertools.product((1, 2, 3), repeat=2)
+               for strides in itertools.product(range(5), repeat=2)]
+    layouts += [((2, 3, 2), strides) for strides in itertools.product((1, 2, 3, 5), repeat=3)]
+    native = fusedclip._backends._C is not None
+    for sizes, strides in layouts:
+        offsets = [sum(i * s for i, s in zip(index, strides)) for index in itertools.product(*map(range, sizes))]
+        overlaps = len(set(offsets)) < len(offsets)
+        view = torch.arange(1.0, max(offsets) + 2).as_strided(sizes, strides)
+        assert fusedclip.numerics.internal_overlap(view) == overlaps, (sizes, strides)
+        if native:
+            try:
+                fusedclip._ops.run("multi_tensor_scale_", "cpu", [view], torch.tensor(0.5))
+                refused = False
+            except ValueError:
+                refused = True
+            assert refused == overlaps, (sizes, strides)
+
+
+@pytest.mark.parametrize("backend", AUTO_AND_BACKENDS)
+def test_interleaved_layout_without_shared_memory_is_scaled_in_place(backend):
+    """Offsets 2i + 3j (i < 3, j < 2) are all distinct although the stride of 3 steps inside the
+    reach of the stride of 2: not refused, and scaled as torch scales it."""
+    ours, theirs = torch.arange(1.0, 9.0), torch.arange(1.0, 9.0)
+    fusedclip.clip_grad_norm_(params_with([ours.as_strided((3, 2), (2, 3))]), 1.0, backend=backend)
+    torch.nn.utils.clip_grad_norm_(params_with([theirs.as_strided((3, 2), (2, 3))]), 1.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    assert ours[1] == 2.0 and ours[6] == 7.0  # not part of the view
 
 
 def test_total_norm_must_be_a_tensor():
@@ -371,6 +415,8 @@ def _operator_refusals():
         ("scale int coef", lambda g: ops.multi_tensor_scale_(g, torch.tensor(0)), TypeError, "one-element"),
         ("scale expanded", lambda g: ops.multi_tensor_scale_(g + [expanded], torch.tensor(0.5)), ValueError,
          "internally overlapping"),
+        ("scale overlapping view", lambda g: ops.multi_tensor_scale_(g + [_overlapping_view()], torch.tensor(0.5)),
+         ValueError, "tensor 4 has internally overlapping"),
         ("clamp complex", lambda g: ops.multi_tensor_clamp_(g + [complex_grad], -0.1, 0.1), TypeError, "complex"),
         ("clip nan norm_type", lambda g: ops.clip_grad_norm_(g, 0.01, math.nan), ValueError, "nan"),
         ("clip int tensor", lambda g: ops.clip_grad_norm_(g + [ints], 0.01, 2.0), TypeError, "dtype"),

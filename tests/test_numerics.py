@@ -168,10 +168,16 @@ def test_numerics_h_root_is_the_python_rule(numerics_h, dtype, op):
 def test_numerics_h_kinds_and_rescale_are_the_python_rules(numerics_h):
     ps = [2.0, 1.0, 0.0, math.inf, -math.inf, 3.5, -2.0, 0.5, 1e6]
     assert [int(a) for a in numerics_h([f"kind {_hex(p)}" for p in ps])] == [int(numerics.norm_kind(p)) for p in ps]
-    overflow = numerics_h([f"overflow {int(k)}" for k in numerics.NormKind])
-    assert [a == "1" for a in overflow] == [k in numerics.SUM_KINDS for k in numerics.NormKind]
+    norms = [0.0, 1e-30, 3.0, math.inf, math.nan]
+    again = numerics_h([f"again {_hex(n)} {_hex(p)}" for p in ps for n in norms])
+    assert [a == "1" for a in again] == [numerics.norm_out_of_range(n, p) for p in ps for n in norms]
+    assert sum(a == "1" for a in again) == 7  # inf for the five sums, and 0 for the two negative p
+    pivots = numerics_h([f"pivot {_hex(p)}" for p in ps if numerics.norm_kind(p) in numerics.SUM_KINDS])
+    assert [float.fromhex(a) for a in pivots] == [
+        numerics.pivot_norm_type(p) for p in ps if numerics.norm_kind(p) in numerics.SUM_KINDS
+    ]
     cases = [(1e20, 1.0, 2.0), (3e38, 2.0, 2.0), (300.0, 1.0, 1e6), (7e19, 1003.5, 2.0), (2.5, 17.25, 1.0),
-             (1e13, 39999.0, 3.5)]
+             (1e13, 39999.0, 3.5), (3.0, 1.0, -400.0), (1e-20, 2.5, -2.0)]
     answers = numerics_h([f"rescaled {_hex(m)} {_hex(s)} {_hex(p)}" for m, s, p in cases])
     assert len(answers) == len(cases)
     for (m, s, p), answer in zip(cases, answers):

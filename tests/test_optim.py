@@ -483,3 +483,92 @@ def test_fold_decides_where_the_coefficient_goes(monkeypatch, fold, on_gpu, clip
         assert grad_scale is None
     if not clips:
         assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
+def test_step_hooks_run_around_the_clip_and_state_dict_hooks_on_the_wrapped_optimizer():
+    """torch.optim.Optimizer's hook registrations work on a ClipOptimizer: its step hooks around
+    its step (the clip included), given the ClipOptimizer; a pre-hook may replace the arguments;
+    removing a handle stops its hook. State-dict hooks go to the wrapped optimizer."""
+    params = _params()
+    inner = torch.optim.SGD(params, lr=0.1)
+    opt = fusedclip.ClipOptimizer(inner, max_norm=0.5)
+    seen = []
+
+    def pre(optimizer, args, kwargs):
+        seen.append(("pre", optimizer, float(torch.linalg.vector_norm(params[3].grad))))
+
+    def post(optimizer, args, kwargs):
+        seen.append(("post", optimizer, float(torch.linalg.vector_norm(params[3].grad))))
+
+    handles = [opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)]
+    _set_grads(params, seed=1)
+    before = float(torch.linalg.vector_norm(params[3].grad))
+    opt.step()
+    assert [(kind, o) for kind, o, _ in seen] == [("pre", opt), ("post", opt)]
+    assert seen[0][2] == before and seen[1][2] < before  # the clip ran between them
+    for handle in handles:
+        handle.remove()
+    seen.clear()
+    _set_grads(params, seed=2)
+    opt.step()
+    assert seen == []
+
+    closures = []
+
+    def with_a_closure(optimizer, args, kwargs):
+        return (lambda: closures.append(1),), {}
+
+    opt.register_step_pre_hook(with_a_closure)
+    _set_grads(params, seed=3)
+    opt.step()
+    assert closures == [1]
+    opt.register_step_pre_hook(lambda o, args, kwargs: "not a tuple")
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        opt.step()
+
+    keys = []
+    opt.register_state_dict_post_hook(lambda o, sd: keys.append((o, sorted(sd))))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: keys.append((o, "load")))
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)
+    assert keys == [(inner, ["param_groups", "state"]), (inner, "load")]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_pickle_and_deepcopy_with_a_scheduler(fused):
+    """A learning-rate scheduler wraps step() on the instance, with a weak reference to the
+    object: a copy leaves the wrapper out, as torch's optimizers do, and steps itself."""
+    import copy
+    import pickle
+
+    model = torch.nn.Linear(4, 2)
+    opt = fusedclip.ClipOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused), 1.0)
+    opt.register_step_post_hook(lambda *a: None)
+    torch.optim.lr_scheduler.StepLR(opt, 1)
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        before = model.weight.detach().clone()
+        for p in copied.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        copied.step()
+        assert torch.equal(model.weight, before)  # the original did not move
+        assert not torch.equal(copied.param_groups[0]["params"][0], before)
+        assert copied._optimizer_step_post_hooks == {}
+
+
+@pytest.mark.parametrize("name", ["adamw-fused", "sgd-momentum-fused"])
+def test_float64_gradients_are_not_folded_by_default(name):
+    """torch's fused kernels take a float32 grad_scale: "auto" scales float64 gradients in float64
+    instead, as clip_grad_norm_ does; fold=True still folds (float32's precision of c)."""
+    ref_params, params, folded_params = (_params(dtype=torch.float64) for _ in range(3))
+    ref_opt = OPTIMIZERS[name](ref_params)
+    opt = fusedclip.ClipOptimizer(OPTIMIZERS[name](params), max_norm=0.7)
+    folded = fusedclip.ClipOptimizer(OPTIMIZERS[name](folded_params), max_norm=0.7, fold=True)
+    for ps in (ref_params, params, folded_params):
+        _set_grads(ps, seed=5)
+    torch.nn.utils.clip_grad_norm_(ref_params, 0.7)
+    ref_opt.step()
+    opt.step()
+    folded.step()
+    for p, f, r in zip(params, folded_params, ref_params):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-15, atol=0)
+        torch.testing.assert_close(f.grad, r.grad, rtol=1e-7, atol=0)

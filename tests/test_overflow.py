@@ -3,7 +3,9 @@
 torch returns a finite norm for one element of 1e20 (its norm of one element is |x|) and zeroes
 nothing; a float32 sum of squares overflows there (1e40). fusedclip takes such a norm again of
 x / max|x| on CPU tensors (backends "cpu" and "torch", where reading the norm is free), for every
-length: the norm is finite wherever the true norm fits in its dtype. Backends that decide on a
+length: the norm is finite wherever the true norm fits in its dtype. A negative p is taken again of
+x / min|x| when its sum underflows to 0 (a root of inf) or overflows (a root of 0 while no element
+is 0). Backends that decide on a
 device ("cuda", "triton") would need a host sync for it and keep the overflowed inf.
 """
 
@@ -27,15 +29,27 @@ CASES = [
     pytest.param([[1e13] * 40000], 3.5, id="p=3.5-many"),
     # p < 0: each |x|^p underflows to 0, and the root of a zero sum is inf
     pytest.param([[1e25] * 3, [4e25]], -2.0, id="p=-2-sum-underflows"),
+    pytest.param([[3.0, 4.0]], -400.0, id="p=-400-sum-underflows"),
+    pytest.param([[3.0, 4.0]], -1e39, id="p=-1e39-beyond-float32"),
+    pytest.param([[3.0, 4.0]], 1e39, id="p=1e39-beyond-float32"),
+]
+
+# p < 0 whose sum overflows (the |x|^p of a small |x|), so that its root is 0: the norm is at most
+# min|x|, below 1, and a max_norm of 1 clips nothing.
+SMALL_NORM_CASES = [
+    pytest.param([[1e-3, 1e3]], -20.0, id="p=-20-sum-overflows"),
+    pytest.param([[1e-20] * 3], -2.0, id="p=-2-sum-overflows"),
+    pytest.param([[2e-20, 5.0], [], [1e-19]], -3.0, id="p=-3-sum-overflows-with-empty"),
 ]
 
 
 def _oracle(values, norm_type) -> float:
+    """The norm relative to max|x| (p > 0) or min|x| (p < 0), whose terms are at most 1."""
     flat = [abs(v) for vs in values for v in vs]
-    largest = max(flat)
-    if largest == 0:
+    pivot = max(flat) if norm_type > 0 else min(flat)
+    if pivot == 0:
         return 0.0
-    return largest * math.fsum((v / largest) ** norm_type for v in flat) ** (1.0 / norm_type)
+    return pivot * math.fsum((v / pivot) ** norm_type for v in flat) ** (1.0 / norm_type)
 
 
 def _grads(values, dtype):
@@ -43,12 +57,12 @@ def _grads(values, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("values,norm_type", CASES)
+@pytest.mark.parametrize("values,norm_type", CASES + SMALL_NORM_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norm_finite_where_the_truth_fits(backend, values, norm_type, dtype):
     grads = _grads(values, dtype)
     truth = _oracle([g.double().tolist() for g in grads], norm_type)
-    assert math.isfinite(truth) and truth < torch.finfo(torch.float32).max
+    assert math.isfinite(truth) and 0 < truth < torch.finfo(torch.float32).max
     rtol = 1e-5 if dtype == torch.float32 else 1e-3
     total = fusedclip.get_total_norm(grads, norm_type, error_if_nonfinite=True, backend=backend)
     assert total.dtype == torch.float32
@@ -133,6 +147,12 @@ def test_non_finite_elements_and_norms_beyond_float32_stay_non_finite(backend):
             assert math.isnan(float(total)), values
         else:
             assert float(total) == expected, values
+    # p < 0: an element of 0 makes the norm 0 (its |x|^p is inf), an all-inf list makes it inf
+    for values, expected in (([[1e-20, 0.0], [1e-3]], 0.0), ([[math.inf, -math.inf]], math.inf)):
+        for norm_type in (-2.0, -3.5):
+            total, per_tensor = fusedclip.get_norms(_grads(values, torch.float32), norm_type, backend=backend)
+            assert float(total) == expected, (values, norm_type)
+            assert float(per_tensor[0]) == expected, (values, norm_type)
     # float64 grads hold the same norm
     total = fusedclip.get_total_norm(_grads([[3e38] * 4], torch.float64), 2.0, backend=backend)
     assert math.isclose(float(total), 6e38, rel_tol=1e-12)
@@ -141,7 +161,7 @@ def test_non_finite_elements_and_norms_beyond_float32_stay_non_finite(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("values,norm_type", CASES)
+@pytest.mark.parametrize("values,norm_type", CASES + SMALL_NORM_CASES)
 def test_per_tensor_clip_and_monitor_see_the_rescaled_norms(backend, values, norm_type):
     """PerTensorClip scales each gradient to max_norm instead of zeroing it; GradientMonitor
     records the finite per-parameter norms."""

@@ -12,13 +12,12 @@ namespace {
 // thousand elements enter a parallel region, which costs a scheduler time slice (milliseconds) on
 // a busy machine. A tensor with no elements has norm 0 for every p (the root of the identity is
 // not 0 for p = -inf or p < 0). sqrt in float64 then rounded to float32 is float32's sqrt.
-// A norm whose sum overflowed while every |x| of its tensor is finite is taken again, of that
-// tensor alone (rescaled_if_overflowed).
+// A norm whose sum left the accumulator's range is taken again, of that tensor alone
+// (rescaled_if_overflowed).
 template <typename T, typename TensorAt>
 void take_roots(T* value, const TensorMetaList& meta, const TensorAt& tensor_at, double norm_type) {
   constexpr ScalarType dtype = std::is_same_v<T, double> ? ScalarType::Double : ScalarType::Float;
   const bool is_root = !(norm_type == 0.0 || norm_type == 1.0 || std::isinf(norm_type));
-  const bool may_overflow = fusedclip::sum_may_overflow(fusedclip::norm_kind(norm_type));
   for (size_t i = 0; i < meta.size(); ++i) {
     if (meta[i].numel == 0) {
       value[i] = T(0);
@@ -27,7 +26,7 @@ void take_roots(T* value, const TensorMetaList& meta, const TensorAt& tensor_at,
     } else if (is_root) {
       value[i] = static_cast<T>(std::pow(static_cast<double>(value[i]), 1.0 / norm_type));
     }
-    if (may_overflow && std::isinf(value[i])) {
+    if (meta[i].numel != 0 && fusedclip::norm_out_of_range(static_cast<double>(value[i]), norm_type)) {
       const TensorTable one(TensorMetaList{meta[i]}, Access::kRead,
                             [&tensor_at, i](size_t) -> const Tensor& { return tensor_at(i); });
       const Tensor norm = cpu_scalar(static_cast<double>(value[i]), dtype);

@@ -55,13 +55,15 @@ Tensor total_norm_from_statistic(const Tensor& statistic, double norm_type, bool
 }
 
 Tensor rescaled_if_overflowed(const TensorTable& table, const Tensor& total, double norm_type) {
-  if (!sum_may_overflow(norm_kind(norm_type)) || !std::isinf(cpu_value(total))) return total;
-  const double largest = cpu_value(std::get<0>(norm_statistic(table, INFINITY, false)));
-  if (!std::isfinite(largest) || largest == 0) return total;
+  if (!norm_out_of_range(cpu_value(total), norm_type)) return total;
+  const double pivot = cpu_value(std::get<0>(norm_statistic(table, pivot_norm_type(norm_type), false)));
   const bool wide = total.scalar_type() == ScalarType::Double;
-  const double inv_scale = wide ? 1.0 / largest : static_cast<float>(1.0 / largest);
+  const double inv_scale = wide ? 1.0 / pivot : static_cast<float>(1.0 / pivot);
+  // A pivot of 0 (p < 0 with an element of 0: the norm is 0), inf or nan, or whose reciprocal is
+  // beyond float32 (a min|x| below 2.9e-39) leaves the norm as it is.
+  if (!(std::isfinite(pivot) && pivot > 0 && std::isfinite(inv_scale))) return total;
   const double scaled = cpu_value(std::get<0>(unscaled_statistic(table, norm_type, inv_scale)));
-  return cpu_scalar(rescaled_norm(largest, scaled, norm_type), total.scalar_type());
+  return cpu_scalar(rescaled_norm(pivot, scaled, norm_type), total.scalar_type());
 }
 
 double clip_coefficient(const Tensor& total, double max_norm) {

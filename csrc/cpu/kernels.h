@@ -81,10 +81,10 @@ std::tuple<Tensor, Tensor> unscaled_statistic(const TensorTable& table, double n
 // statistic's dtype), as a 0-dim tensor of that dtype.
 Tensor total_norm_from_statistic(const Tensor& statistic, double norm_type, bool empty);
 
-// The total norm, again, when its sum of |x|^p overflowed the accumulator while every |x| is
-// finite: largest * (sum |x / largest|^p)^(1/p), as fusedclip/reference.py's
-// rescaled_if_overflowed (the rule is fusedclip.numerics.rescaled_norm). A second read of the
-// tensors, only after an overflow; the total as it was otherwise.
+// The total norm, again, when its sum of |x|^p left the accumulator's range while the true norm
+// fits (csrc/numerics.h's norm_out_of_range): pivot * (sum |x / pivot|^p)^(1/p), pivot = max|x|
+// for p > 0, min|x| for p < 0, as fusedclip/reference.py's rescaled_if_overflowed. A second and a
+// third read of the tensors, only then; the total as it was otherwise.
 Tensor rescaled_if_overflowed(const TensorTable& table, const Tensor& total, double norm_type);
 
 // torch's clip coefficient (csrc/numerics.h's rule) in the norm's dtype (float32 or float64).

@@ -239,8 +239,8 @@ def check(tensors: list[Tensor], op: str, writes: bool, device: Optional[torch.d
           dtypes: tuple = SUPPORTED_DTYPES, name: str = "tensor") -> None:
     """Raises, before anything is written, on tensors the kernels do not take: another device
     than ``device`` (tensors[0]'s by default), a layout other than strided, a dtype not in
-    ``dtypes``; and, for tensors written in place, expanded tensors and inference tensors
-    outside inference mode."""
+    ``dtypes``; and, for tensors written in place, tensors whose elements share memory
+    (numerics.internal_overlap) and inference tensors outside inference mode."""
     device = tensors[0].device if device is None else device
     reason = device_supported(device)
     if reason is not None:
@@ -264,10 +264,11 @@ def check(tensors: list[Tensor], op: str, writes: bool, device: Optional[torch.d
                 f"fusedclip_triton.{op}: {name} {i} is an inference tensor, which cannot be "
                 "modified in place outside torch.inference_mode()"
             )
-        if writes and not (t.is_contiguous() or is_dense(t)) and torch._debug_has_internal_overlap(t) == 1:
+        if writes and numerics.internal_overlap(t):
             raise ValueError(
-                f"fusedclip_triton.{op}: {name} {i} has internally overlapping memory (an "
-                "expanded tensor) and cannot be modified in place; clone it first"
+                f"fusedclip_triton.{op}: {name} {i} has internally overlapping memory (elements "
+                "that share memory: an expanded tensor, an as_strided view) and cannot be "
+                "modified in place; clone it first"
             )
 
 
