@@ -52,11 +52,12 @@ FUSEDCLIP_HOST_DEVICE inline bool sum_may_overflow(NormKind kind) {
 }
 
 // Whether a norm taken from its sum may be wrong only because the sum left its accumulator's
-// range, and is taken again of x / pivot (rescaled_norm): for p > 0 a sum that overflowed (a norm
-// of inf); for p < 0 a sum that underflowed to 0 (inf) or overflowed (0, which is also the true
-// norm when an element is 0: the pivot is then 0, and the norm stays).
+// range, and is taken again of x / pivot (rescaled_norm): a norm of inf or 0, from a sum that
+// overflowed or underflowed to 0 (for p < 0, the other way round). Both are also true norms: an
+// inf or nan element keeps its inf or nan, and a norm of 0 stays where the pivot is 0 (every
+// element 0 for p > 0, one of them for p < 0).
 inline bool norm_out_of_range(double norm, double p) {
-  return sum_may_overflow(norm_kind(p)) && (std::isinf(norm) || (p < 0 && norm == 0));
+  return sum_may_overflow(norm_kind(p)) && (std::isinf(norm) || norm == 0);
 }
 
 // The norm type whose norm is the pivot: max|x| for p > 0, min|x| for p < 0. Each |x / pivot|^p is

@@ -139,11 +139,13 @@ def _(statistic: Tensor, norm_type: float) -> Tensor:
 
 def norm_out_of_range(norm: float, norm_type: float) -> bool:
     """Whether a norm taken from its sum of |x|^p may be wrong only because the sum left its
-    accumulator's range, so that it is taken again of x / pivot (:func:`rescaled_norm`): for
-    p > 0 a sum that overflowed (a norm of inf: x^2 of a float32 x above 1.8e19); for p < 0 a sum
-    that underflowed to 0 (inf) or overflowed (0, which is also the true norm when an element is
-    0: the pivot is then 0 and the norm stays). csrc/numerics.h's norm_out_of_range."""
-    return norm_kind(norm_type) in SUM_KINDS and (math.isinf(norm) or (norm_type < 0 and norm == 0))
+    accumulator's range, so that it is taken again of x / pivot (:func:`rescaled_norm`): a norm
+    of inf or 0, from a sum that overflowed (x^2 of a float32 x above 1.8e19) or underflowed to 0
+    (every x^2 below float32's smallest number; for p < 0, the other way round). Both are also
+    true norms: an inf or nan element keeps its inf or nan, and a norm of 0 stays where the pivot
+    is 0 (every element 0 for p > 0, one of them for p < 0). csrc/numerics.h's
+    norm_out_of_range."""
+    return norm_kind(norm_type) in SUM_KINDS and (math.isinf(norm) or norm == 0)
 
 
 def pivot_norm_type(norm_type: float) -> float:
@@ -160,8 +162,7 @@ def rescale_decided_on_host(total: Tensor, norm_type: float) -> bool:
         return False
     if total.dim() == 0:
         return norm_out_of_range(total.item(), norm_type)  # a microsecond; ATen's isinf().any() takes two ops
-    out_of_range = total.isinf() | (total == 0) if norm_type < 0 else total.isinf()  # norm_out_of_range's rule
-    return bool(out_of_range.any())
+    return bool((total.isinf() | (total == 0)).any())  # norm_out_of_range's rule
 
 
 def rescaled_norm(pivot: Tensor, scaled_statistic: Tensor, norm_type: float, dtype: torch.dtype) -> Tensor:
@@ -231,5 +232,8 @@ def internal_overlap(t: Tensor) -> bool:
         reach += stride * (size - 1)
     if separated:
         return False
-    offsets = torch.arange(reach + 1).as_strided(t.shape, t.stride())
+    # The elements' own offsets (numel of them, on the host), not a mark per location they reach.
+    offsets = torch.zeros(t.shape, dtype=torch.int64)
+    for d, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        offsets += torch.arange(size).mul_(stride).view([size if k == d else 1 for k in range(t.dim())])
     return offsets.unique().numel() < t.numel()

@@ -55,8 +55,8 @@ class ClipOptimizer(torch.optim.Optimizer):
     ``load_state_dict`` and ``add_param_group`` are the wrapped optimizer's; learning-rate
     schedulers take a ClipOptimizer. Step hooks registered on a ClipOptimizer
     (``register_step_pre_hook``, ``register_step_post_hook``) run around its ``step()``, the clip
-    included, and receive the ClipOptimizer; those registered on the wrapped optimizer run inside
-    it, after the norm is taken. State-dict hooks (``register_state_dict_pre_hook``, ...) are
+    included, exactly as torch's optimizers run them; those registered on the wrapped optimizer
+    run inside it, after the norm is taken; torch's global optimizer hooks run around both. State-dict hooks (``register_state_dict_pre_hook``, ...) are
     registered on the wrapped optimizer, whose state dict this is, and receive it. As with
     torch's optimizers, pickling or copying a ClipOptimizer keeps neither kind of hook, nor a
     learning-rate scheduler's wrapper of ``step``.
@@ -227,7 +227,7 @@ class ClipOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # As torch.optim.Optimizer: no hooks, and no learning-rate scheduler's wrapper of step (an
         # instance attribute that holds a weak reference to this object, not to a copy).
-        skipped = ("step", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
+        skipped = ("step", "_opt_called", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
         return {k: v for k, v in self.__dict__.items() if k not in skipped}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -236,25 +236,9 @@ class ClipOptimizer(torch.optim.Optimizer):
 
     # --- the step ---------------------------------------------------------------------------------
 
+    @torch.optim.Optimizer.profile_hook_step  # the step hooks, as torch's optimizers run them
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Tensor:  # type: ignore[override]
-        """Runs the closure if given, clips, and steps; returns the total norm before clipping.
-        The step hooks registered on this object run before and after, as torch runs them."""
-        args: tuple = () if closure is None else (closure,)
-        kwargs: dict = {}
-        for hook in list(self._optimizer_step_pre_hooks.values()):
-            result = hook(self, args, kwargs)
-            if result is not None:
-                if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(
-                        f"{hook} must return None or a tuple of (new_args, new_kwargs), but got {result}."
-                    )
-                args, kwargs = result
-        total = self._clip_and_step(*args, **kwargs)
-        for hook in list(self._optimizer_step_post_hooks.values()):
-            hook(self, args, kwargs)
-        return total
-
-    def _clip_and_step(self, closure: Optional[Callable[[], Any]] = None) -> Tensor:
+        """Runs the closure if given, clips, and steps; returns the total norm before clipping."""
         if closure is not None:
             with torch.enable_grad():
                 closure()
@@ -267,6 +251,9 @@ class ClipOptimizer(torch.optim.Optimizer):
                 self.optimizer.step()
                 return torch.tensor(0.0)
             if scaler_scale is not None and distributed.has_dtensor(grads):
+                # GradScaler removes these after a step that returns: a refused one leaves none.
+                self.__dict__.pop("grad_scale", None)
+                self.__dict__.pop("found_inf", None)
                 raise TypeError(
                     "ClipOptimizer with DTensor gradients: call scaler.unscale_(optimizer) before "
                     "scaler.step(optimizer) (the norm of the scaled DTensor gradients is not "

@@ -359,6 +359,8 @@ def dtensor_grads_in_the_features(rank, world_size):
         opt.step()
     for p, v, g in zip(ours, values, grads):
         assert torch.equal(p.full_tensor(), v) and torch.equal(p.grad.full_tensor(), g)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    opt.step()  # without the scaler's scale, the same optimizer steps
 
     for make in (lambda: fusedclip.AutoClip(percentile=50.0),
                  lambda: fusedclip.ZClip(max_grad_norm=max_norm, warmup_steps=2)):

@@ -487,8 +487,9 @@ def test_fold_decides_where_the_coefficient_goes(monkeypatch, fold, on_gpu, clip
 
 def test_step_hooks_run_around_the_clip_and_state_dict_hooks_on_the_wrapped_optimizer():
     """torch.optim.Optimizer's hook registrations work on a ClipOptimizer: its step hooks around
-    its step (the clip included), given the ClipOptimizer; a pre-hook may replace the arguments;
-    removing a handle stops its hook. State-dict hooks go to the wrapped optimizer."""
+    its step (the clip included), given the ClipOptimizer and the arguments as torch gives them; a
+    pre-hook may replace the arguments; removing a handle stops its hook; torch's global hooks
+    run too. State-dict hooks go to the wrapped optimizer."""
     params = _params()
     inner = torch.optim.SGD(params, lr=0.1)
     opt = fusedclip.ClipOptimizer(inner, max_norm=0.5)
@@ -516,15 +517,26 @@ def test_step_hooks_run_around_the_clip_and_state_dict_hooks_on_the_wrapped_opti
     closures = []
 
     def with_a_closure(optimizer, args, kwargs):
-        return (lambda: closures.append(1),), {}
+        assert args == (optimizer,)  # as torch gives them: the optimizer, then step's arguments
+        return (optimizer, lambda: closures.append(1)), {}
 
     opt.register_step_pre_hook(with_a_closure)
     _set_grads(params, seed=3)
     opt.step()
     assert closures == [1]
-    opt.register_step_pre_hook(lambda o, args, kwargs: "not a tuple")
+    handle = opt.register_step_pre_hook(lambda o, args, kwargs: "not a tuple")
     with pytest.raises(RuntimeError, match="must return None or a tuple"):
         opt.step()
+    handle.remove()
+    stepped = []
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda o, args, kwargs: stepped.append(o))
+    try:
+        opt.step()
+    finally:
+        handle.remove()
+    assert stepped == [inner, opt]  # the wrapped optimizer's step, inside the ClipOptimizer's
 
     keys = []
     opt.register_state_dict_post_hook(lambda o, sd: keys.append((o, sorted(sd))))

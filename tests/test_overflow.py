@@ -34,12 +34,16 @@ CASES = [
     pytest.param([[3.0, 4.0]], 1e39, id="p=1e39-beyond-float32"),
 ]
 
-# p < 0 whose sum overflows (the |x|^p of a small |x|), so that its root is 0: the norm is at most
-# min|x|, below 1, and a max_norm of 1 clips nothing.
+# Sums whose root is 0 though no element is: p < 0 whose sum overflows (the |x|^p of a small |x|),
+# p > 0 whose sum underflows. The norms are below 1, and a max_norm of 1 clips nothing.
 SMALL_NORM_CASES = [
     pytest.param([[1e-3, 1e3]], -20.0, id="p=-20-sum-overflows"),
     pytest.param([[1e-20] * 3], -2.0, id="p=-2-sum-overflows"),
     pytest.param([[2e-20, 5.0], [], [1e-19]], -3.0, id="p=-3-sum-overflows-with-empty"),
+    # p > 0 whose |x|^p all underflow to 0
+    pytest.param([[0.5, -0.25]], 1e39, id="p=1e39-below-one"),
+    pytest.param([[1e-30] * 3, [-2e-30]], 2.0, id="p=2-sum-underflows"),
+    pytest.param([[1e-8] * 5], 6.0, id="p=6-sum-underflows"),
 ]
 
 
