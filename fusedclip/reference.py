@@ -95,8 +95,9 @@ def multi_tensor_norm(
     # one dtype take one foreach norm (the same vector_norm per tensor on a CPU) instead of a
     # dozen ops each.
     one_row: dict[torch.dtype, list[int]] = {}
+    foreach_norm = not _beyond_float32(norm_type)  # torch's norm takes such a p as inf
     for i, t in enumerate(tensors):
-        if 0 < t.numel() < _ROW and not t.is_complex() and not _beyond_float32(norm_type):
+        if foreach_norm and 0 < t.numel() < _ROW and not t.is_complex():
             one_row.setdefault(t.dtype, []).append(i)
         else:
             stats[i] = _tensor_statistic(t, norm_type, accumulate_dtype([t])).to(acc)
