@@ -42,38 +42,60 @@ bool accepted_dtype(int32_t code, ScalarType* dtype, int64_t* element_size) {
 
 constexpr AOTITorchError kOk = AOTI_TORCH_SUCCESS;
 
+// Whether a shape is row-major (size-1 dimensions skipped) or has no elements: the common case
+// of both rules below, decided without a sort.
+bool row_major_or_empty(const int64_t* sizes, const int64_t* strides, int64_t dims) {
+  int64_t expected = 1;
+  bool row_major = true;
+  for (int64_t d = dims - 1; d >= 0; --d) {
+    if (sizes[d] == 0) return true;
+    if (sizes[d] == 1) continue;
+    row_major = row_major && strides[d] == expected;
+    expected *= sizes[d];
+  }
+  return row_major;
+}
+
+// The (stride, size) of a shape's dimensions of more than one element, sorted by stride (a zero
+// stride first: strides are never negative); up to 16 without a heap allocation.
+class DimsByStride {
+ public:
+  DimsByStride(const int64_t* sizes, const int64_t* strides, int64_t dims) {
+    if (dims > kInline) {
+      heap_.resize(static_cast<size_t>(dims));
+      data_ = heap_.data();
+    }
+    for (int64_t d = 0; d < dims; ++d) {
+      if (sizes[d] > 1) data_[count_++] = {strides[d], sizes[d]};
+    }
+    std::sort(data_, data_ + count_);
+  }
+  DimsByStride(const DimsByStride&) = delete;
+  DimsByStride& operator=(const DimsByStride&) = delete;
+
+  size_t size() const { return count_; }
+  const std::pair<int64_t, int64_t>& operator[](size_t k) const { return data_[k]; }
+  const std::pair<int64_t, int64_t>* begin() const { return data_; }
+  const std::pair<int64_t, int64_t>* end() const { return data_ + count_; }
+
+ private:
+  static constexpr int64_t kInline = 16;
+  std::pair<int64_t, int64_t> inline_[kInline];
+  std::vector<std::pair<int64_t, int64_t>> heap_;
+  std::pair<int64_t, int64_t>* data_ = inline_;
+  size_t count_ = 0;
+};
+
 // non_overlapping_and_dense's rule on a shape. Sorted by stride, the dimensions of more than one
 // element must each step over exactly the block of the ones before: 1, then size * stride of the
 // previous. A tensor with no elements is dense. (A contiguous tensor passes the sorted test too:
 // the shortcut on is_contiguous() changes no answer.)
 bool dense_layout(const int64_t* sizes, const int64_t* strides, int64_t dims) {
-  // The common case first, without a sort: row-major, size-1 dimensions skipped.
+  if (row_major_or_empty(sizes, strides, dims)) return true;
   int64_t expected = 1;
-  bool row_major = true;
-  for (int64_t d = dims - 1; d >= 0; --d) {
-    if (sizes[d] == 0) return true;  // no elements: nothing to overlap
-    if (sizes[d] == 1) continue;
-    if (strides[d] != expected) row_major = false;
-    expected *= sizes[d];
-  }
-  if (row_major) return true;
-  constexpr int64_t kInline = 16;
-  std::pair<int64_t, int64_t> inline_by_stride[kInline];  // (stride, size) of dims of size > 1
-  std::vector<std::pair<int64_t, int64_t>> heap_by_stride;
-  std::pair<int64_t, int64_t>* by_stride = inline_by_stride;
-  if (dims > kInline) {
-    heap_by_stride.resize(static_cast<size_t>(dims));
-    by_stride = heap_by_stride.data();
-  }
-  int64_t count = 0;
-  for (int64_t d = 0; d < dims; ++d) {
-    if (sizes[d] > 1) by_stride[count++] = {strides[d], sizes[d]};
-  }
-  std::sort(by_stride, by_stride + count);
-  expected = 1;
-  for (int64_t k = 0; k < count; ++k) {
-    if (by_stride[k].first != expected) return false;
-    expected *= by_stride[k].second;
+  for (const auto& [stride, size] : DimsByStride(sizes, strides, dims)) {
+    if (stride != expected) return false;
+    expected *= size;
   }
   return true;
 }
@@ -81,28 +103,14 @@ bool dense_layout(const int64_t* sizes, const int64_t* strides, int64_t dims) {
 // check_writable's overlap rule on a shape: no two elements share memory, so that writing each
 // element once has one result (torch's in-place ops refuse a zero stride, an expanded tensor, and
 // scale an element that appears k times k times). An empty tensor overlaps nothing, whatever its
-// strides; a row-major one neither (one pass, the common case). Else, sorted by stride,
-// dimensions that each step past the farthest offset of the ones before cannot overlap (any dense
-// layout, slices, transposes); a layout that fails this (an as_strided view) is decided exactly,
-// by marking each element's offset.
+// strides; a row-major one neither. Else, sorted by stride, dimensions that each step past the
+// farthest offset of the ones before cannot overlap (any dense layout, slices, transposes); a
+// layout that fails this (an as_strided view) is decided exactly, by marking each element's
+// offset.
 bool no_internal_overlap(const int64_t* sizes, const int64_t* strides, int64_t dims) {
-  int64_t expected = 1;
-  bool row_major = true;
-  bool zero_stride = false;
-  for (int64_t d = dims - 1; d >= 0; --d) {
-    if (sizes[d] == 0) return true;
-    if (sizes[d] == 1) continue;
-    zero_stride = zero_stride || strides[d] == 0;
-    row_major = row_major && strides[d] == expected;
-    expected *= sizes[d];
-  }
-  if (row_major) return true;
-  if (zero_stride) return false;
-  std::vector<std::pair<int64_t, int64_t>> by_stride;  // (stride, size) of dims of size > 1
-  for (int64_t d = 0; d < dims; ++d) {
-    if (sizes[d] > 1) by_stride.emplace_back(strides[d], sizes[d]);
-  }
-  std::sort(by_stride.begin(), by_stride.end());
+  if (row_major_or_empty(sizes, strides, dims)) return true;
+  const DimsByStride by_stride(sizes, strides, dims);
+  if (by_stride[0].first == 0) return false;  // not row-major: some dimension has more than one element
   int64_t reach = 0;  // the farthest offset of the dimensions before
   bool separated = true;
   for (const auto& [stride, size] : by_stride) {
