@@ -45,9 +45,9 @@ FUSEDCLIP_HOST_DEVICE A root_of_statistic(A statistic, double p, bool empty) {
   else return statistic;
 }
 
-// Whether a norm's statistic is a sum of |x|^p, which can leave its accumulator's range while
-// every |x| is finite.
-FUSEDCLIP_HOST_DEVICE inline bool sum_may_overflow(NormKind kind) {
+// Whether a norm's statistic is a sum of |x|^p (fusedclip.numerics.SUM_KINDS), which can leave
+// its accumulator's range while every |x| is finite.
+FUSEDCLIP_HOST_DEVICE inline bool is_sum_kind(NormKind kind) {
   return kind == NormKind::kSquareSum || kind == NormKind::kAbsSum || kind == NormKind::kPowerSum;
 }
 
@@ -57,7 +57,7 @@ FUSEDCLIP_HOST_DEVICE inline bool sum_may_overflow(NormKind kind) {
 // inf or nan element keeps its inf or nan, and a norm of 0 stays where the pivot is 0 (every
 // element 0 for p > 0, one of them for p < 0).
 inline bool norm_out_of_range(double norm, double p) {
-  return sum_may_overflow(norm_kind(p)) && (std::isinf(norm) || norm == 0);
+  return is_sum_kind(norm_kind(p)) && (std::isinf(norm) || norm == 0);
 }
 
 // The norm type whose norm is the pivot: max|x| for p > 0, min|x| for p < 0. Each |x / pivot|^p is
